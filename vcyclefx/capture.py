@@ -1,0 +1,160 @@
+"""Capture: an ``nn.Module`` -> a level GraphModule in ATen IR with shapes on every node.
+
+Front-ends:
+
+- ``"export"`` (default): ``torch.export.export(strict=False)``; every dimension of every input
+  is marked ``Dim.AUTO`` so batch and sequence stay symbolic wherever the model allows and the
+  rest are specialised by export itself.
+- ``"fx"``: ``torch.fx.symbolic_trace`` first (with optional ``concrete_args`` to remove Python
+  control flow), then the traced module goes through the same export normalisation, so both
+  front-ends give one internal form: the unlifted ``ExportedProgram.module()`` GraphModule with
+  ``get_attr`` parameters named as in the user's model and ``meta["val"]`` on every node.
+
+The model is captured in training mode (so dropout probabilities are recorded) and the level is
+then switched to the mode the model was in.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+
+import torch
+from torch.export import Dim
+
+from .errors import CaptureError
+from .level import LevelInfo, make_level
+
+log = logging.getLogger("vcyclefx.capture")
+
+FRONTENDS = ("export", "fx")
+
+
+def _check_inputs(model, example_inputs) -> tuple:
+    if not isinstance(model, torch.nn.Module):
+        raise CaptureError(f"capture expects an nn.Module, got {type(model).__name__}")
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if not isinstance(example_inputs, (tuple, list)):
+        raise CaptureError(
+            "example_inputs must be a tuple of tensors for the model's forward(), "
+            f"got {type(example_inputs).__name__}"
+        )
+    for i, x in enumerate(example_inputs):
+        if not isinstance(x, torch.Tensor):
+            raise CaptureError(
+                f"example_inputs[{i}] is a {type(x).__name__}; only tensors are supported as "
+                "positional example inputs (bind other arguments with functools.partial or a "
+                "wrapper module)"
+            )
+    bad = [n for n, p in model.named_parameters() if not p.dtype.is_floating_point]
+    if bad:
+        raise CaptureError(
+            f"parameter {bad[0]!r} has dtype {dict(model.named_parameters())[bad[0]].dtype}: "
+            "vcyclefx maps float weights only (dequantize the model first)"
+        )
+    return tuple(example_inputs)
+
+
+def _auto_dims(example_inputs: tuple):
+    return tuple({d: Dim.AUTO for d in range(x.dim())} for x in example_inputs)
+
+
+def _export(module, args, dynamic: bool):
+    shapes = _auto_dims(args) if dynamic else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.export.export(module, args, dynamic_shapes=shapes, strict=False)
+
+
+def _symbolic_trace(model, concrete_args):
+    try:
+        return torch.fx.symbolic_trace(model, concrete_args=concrete_args)
+    except Exception as e:  # noqa: BLE001 - any tracing failure is reported with its cause
+        raise CaptureError(
+            f"front-end 'fx' (torch.fx.symbolic_trace) failed on {type(model).__name__}: "
+            f"{type(e).__name__}: {_first_line(e)}. Try frontend='export' (torch.export handles "
+            "Python control flow on shapes), or pass concrete_args={...} to fix the arguments "
+            "that drive control flow."
+        ) from e
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else ""
+
+
+def _dynamic_dims(gm) -> tuple:
+    dims = []
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for i, node in enumerate(placeholders):
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            for d, s in enumerate(val.shape):
+                if isinstance(s, torch.SymInt):
+                    dims.append((i, d))
+    return tuple(dims)
+
+
+def capture(
+    model: torch.nn.Module,
+    example_inputs,
+    *,
+    frontend: str = "export",
+    dynamic: bool = True,
+    concrete_args: dict | None = None,
+):
+    """Capture ``model`` with ``example_inputs`` as a level GraphModule.
+
+    ``dynamic=True`` keeps every input dimension symbolic that the model allows (batch, sequence);
+    if export rejects that, the model is captured with static shapes and a note says why.
+    """
+    if frontend not in FRONTENDS:
+        raise CaptureError(f"frontend={frontend!r} is not one of {FRONTENDS}")
+    args = _check_inputs(model, example_inputs)
+    was_training = model.training
+    start = time.perf_counter()
+    notes: list[str] = []
+    model.train()
+    try:
+        target = _symbolic_trace(model, concrete_args) if frontend == "fx" else model
+        try:
+            ep = _export(target, args, dynamic)
+        except Exception as dyn_err:  # noqa: BLE001
+            if not dynamic:
+                raise _export_error(frontend, model, dyn_err) from dyn_err
+            try:
+                ep = _export(target, args, False)
+            except Exception as static_err:  # noqa: BLE001
+                raise _export_error(frontend, model, static_err) from static_err
+            notes.append(
+                f"captured with static shapes: dynamic capture failed ({_first_line(dyn_err)})"
+            )
+    finally:
+        model.train(was_training)
+    gm = ep.module()
+    info = LevelInfo(
+        example_inputs=tuple(x.detach().clone() for x in args),
+        frontend=frontend,
+        source_class=f"{type(model).__module__}.{type(model).__qualname__}",
+        dynamic_dims=_dynamic_dims(gm),
+        notes=tuple(notes),
+    )
+    make_level(gm, info, training=was_training)
+    log.info("captured %s with %s in %.2fs", type(model).__name__, frontend, time.perf_counter() - start)
+    return gm
+
+
+def _export_error(frontend: str, model, e: Exception) -> CaptureError:
+    via = "torch.export (non-strict)" if frontend == "export" else "torch.export of the fx-traced module"
+    hint = (
+        "Try frontend='fx' with concrete_args for arguments that drive Python control flow"
+        if frontend == "export"
+        else "Try frontend='export'"
+    )
+    return CaptureError(
+        f"front-end {frontend!r} failed: {via} could not capture {type(model).__name__}: "
+        f"{type(e).__name__}: {_first_line(e)}. {hint}; make sure forward() runs on the example "
+        "inputs as given (call model(*example_inputs) to check)."
+    )

@@ -1,0 +1,250 @@
+"""Chains: runs of structurally identical blocks that feed each other in sequence.
+
+Candidates come from the module structure recorded on every node (``meta["nn_module_stack"]``):
+the children of one container (``transformer.h.0``, ``transformer.h.1``, ...), in the order the
+graph runs them. A run of consecutive children is a chain when (1) their subgraphs are
+isomorphic, node for node, including parameter shapes and relative parameter names (checked with
+networkx), and (2) each block reads a value the previous block produced. No model, module or
+class name is looked at.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import networkx as nx
+import torch
+from torch.fx import GraphModule, Node
+
+
+@dataclass
+class Chain:
+    container: str  # module path holding the blocks, e.g. "transformer.h"
+    blocks: list[str]  # module path of each block, in execution order
+    nodes: list[list[Node]] = field(repr=False)  # call_function nodes each block owns
+    params: list[dict[str, str]] = field(repr=False)  # per block: relative name -> tensor name
+    shared_inputs: list[Node] = field(repr=False)  # values every block reads from outside
+    chained: list[tuple[int, int]] = field(repr=False)  # (input slot, producing node position)
+    inputs0: list[Node] = field(repr=False)  # block 0's external inputs, by slot
+    exits: list[tuple[int, list[Node]]] = field(repr=False)  # last block's (position, users)
+    depth_ok: bool = True
+    reason: str = ""  # why depth changes are not possible, if so
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def params_per_block(self) -> int:
+        return len(self.params[0]) if self.params else 0
+
+    def name_pattern(self) -> tuple[str, int] | None:
+        """(prefix, first index) when block paths are ``<container>.<prefix><int>``."""
+        tails = [b[len(self.container) + 1 :] if self.container else b for b in self.blocks]
+        m = [re.fullmatch(r"(.*?)(\d+)", t) for t in tails]
+        if not all(m) or len({x.group(1) for x in m}) != 1:
+            return None
+        idx = [int(x.group(2)) for x in m]
+        if idx != list(range(idx[0], idx[0] + len(idx))):
+            return None
+        return m[0].group(1), idx[0]
+
+    def block_name(self, j: int) -> str:
+        pat = self.name_pattern()
+        assert pat is not None
+        prefix, first = pat
+        base = f"{self.container}." if self.container else ""
+        return f"{base}{prefix}{first + j}"
+
+
+def _stack_paths(node: Node) -> list[str]:
+    stack = node.meta.get("nn_module_stack") or {}
+    return [v[0] for v in stack.values() if isinstance(v, tuple) and v[0]]
+
+
+def _container(path: str) -> str:
+    return path.rsplit(".", 1)[0] if "." in path else ""
+
+
+def _tensor_names(gm: GraphModule) -> dict[str, torch.Tensor]:
+    out = dict(gm.named_parameters(remove_duplicate=False))
+    out.update(gm.named_buffers(remove_duplicate=False))
+    return out
+
+
+def _is_size_value(n: Node) -> bool:
+    """SymInt arithmetic is shared across blocks by export (CSE), so no block owns it."""
+    v = n.meta.get("val")
+    return isinstance(v, (torch.SymInt, int)) and not isinstance(v, bool)
+
+
+def find_chains(gm: GraphModule) -> list[Chain]:
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and not _is_size_value(n)]
+    owner_nodes: dict[str, list[Node]] = {}
+    children: dict[str, list[str]] = {}
+    for n in nodes:
+        for p in _stack_paths(n):
+            owner_nodes.setdefault(p, []).append(n)
+            kids = children.setdefault(_container(p), [])
+            if p not in kids:
+                kids.append(p)
+    tensors = _tensor_names(gm)
+    get_attrs = {n.target: n for n in gm.graph.nodes if n.op == "get_attr"}
+    chains: list[Chain] = []
+    taken: list[str] = []
+    for container in sorted(children, key=lambda c: (c.count("."), c) if c else (-1, "")):
+        kids = children[container]
+        if len(kids) < 2 or any(_inside(container, t) for t in taken):
+            continue
+        sigs = [_signature(owner_nodes[k], k, tensors) for k in kids]
+        i = 0
+        while i < len(kids):
+            j = i + 1
+            while j < len(kids) and sigs[j] == sigs[i]:
+                j += 1
+            if j - i >= 2:
+                run = kids[i:j]
+                chain = _make_chain(gm, container, run, owner_nodes, tensors, get_attrs)
+                if chain is not None:
+                    chains.append(chain)
+                    taken.extend(run)
+            i = j
+    return chains
+
+
+def _inside(path: str, block: str) -> bool:
+    return path == block or path.startswith(block + ".")
+
+
+def _relname(target: str, block: str) -> str | None:
+    return target[len(block) + 1 :] if target.startswith(block + ".") else None
+
+
+def _signature(nodes: list[Node], block: str, tensors) -> tuple:
+    index = {n: i for i, n in enumerate(nodes)}
+    sig = []
+    for n in nodes:
+        args = []
+        for a in n.all_input_nodes:
+            if a in index:
+                args.append(("int", index[a]))
+            elif a.op == "get_attr":
+                rel = _relname(a.target, block)
+                t = tensors.get(a.target)
+                args.append(("param", rel if rel is not None else a.target,
+                             tuple(t.shape) if t is not None else None))
+            else:
+                args.append(("ext",))
+        lits = tuple(repr(x) for x in _literals(n))
+        sig.append((str(n.target), tuple(args), lits, _shape_of(n)))
+    return tuple(sig)
+
+
+def _literals(n: Node) -> list:
+    out = []
+    torch.fx.node.map_aggregate(n.args, lambda x: out.append(x) if not isinstance(x, Node) else None)
+    return out
+
+
+def _shape_of(n: Node):
+    v = n.meta.get("val")
+    if isinstance(v, torch.Tensor):
+        return tuple(str(s) for s in v.shape)
+    return None
+
+
+def _graph(nodes: list[Node], block: str, tensors) -> nx.DiGraph:
+    g = nx.DiGraph()
+    index = {n: i for i, n in enumerate(nodes)}
+    for n in nodes:
+        label = (str(n.target), _shape_of(n))
+        g.add_node(index[n], label=label)
+    for n in nodes:
+        for a in n.all_input_nodes:
+            if a in index:
+                g.add_edge(index[a], index[n])
+            elif a.op == "get_attr" and _relname(a.target, block) is not None:
+                key = ("param", _relname(a.target, block))
+                if key not in g:
+                    t = tensors.get(a.target)
+                    g.add_node(key, label=("param", key[1], tuple(t.shape) if t is not None else None))
+                g.add_edge(key, index[n])
+    return g
+
+
+def _isomorphic(a: nx.DiGraph, b: nx.DiGraph) -> bool:
+    if a.number_of_nodes() != b.number_of_nodes() or a.number_of_edges() != b.number_of_edges():
+        return False
+    return nx.vf2pp_is_isomorphic(a, b, node_label="label")
+
+
+def _external_inputs(nodes: list[Node], block: str) -> list[Node]:
+    own = set(nodes)
+    out: list[Node] = []
+    for n in nodes:
+        for a in n.all_input_nodes:
+            if a in own or a in out:
+                continue
+            if a.op == "get_attr" and _relname(a.target, block) is not None:
+                continue
+            out.append(a)
+    return out
+
+
+def _make_chain(gm, container, run, owner_nodes, tensors, get_attrs) -> Chain | None:
+    block_nodes = [owner_nodes[b] for b in run]
+    g0 = _graph(block_nodes[0], run[0], tensors)
+    for b, ns in zip(run[1:], block_nodes[1:]):
+        if not _isomorphic(g0, _graph(ns, b, tensors)):
+            return None
+    ins = [_external_inputs(ns, b) for b, ns in zip(run, block_nodes)]
+    if len({len(x) for x in ins}) != 1:
+        return None
+    shared, chained = [], []
+    for slot in range(len(ins[0])):
+        if all(x[slot] is ins[0][slot] for x in ins):
+            shared.append(ins[0][slot])
+            continue
+        # chained slot: block k+1 reads a node block k produced, at the same position each time
+        pos = None
+        for k in range(len(run) - 1):
+            src = ins[k + 1][slot]
+            if src not in block_nodes[k]:
+                return None
+            p = block_nodes[k].index(src)
+            if pos is not None and p != pos:
+                return None
+            pos = p
+        chained.append((slot, pos))
+    if not chained:
+        return None  # blocks that do not feed each other are not a chain
+    params = []
+    for b in run:
+        rel = {}
+        for target, tensor in tensors.items():
+            r = _relname(target, b)
+            if r is not None:
+                rel[r] = target
+        params.append(rel)
+    # who uses each block's values outside the chain
+    everything = set(n for ns in block_nodes for n in ns)
+    depth_ok, reason = True, ""
+    exits = []
+    for k, ns in enumerate(block_nodes):
+        nxt = set(block_nodes[k + 1]) if k + 1 < len(block_nodes) else set()
+        for pos, n in enumerate(ns):
+            outside = [u for u in n.users if u not in everything or (u not in ns and u not in nxt)]
+            outside = [u for u in outside if u not in everything]
+            if not outside:
+                continue
+            if k == len(run) - 1:
+                exits.append((pos, outside))
+            else:
+                depth_ok, reason = False, (
+                    f"{n.name} of block {run[k]} is used outside the chain by {outside[0].name}"
+                )
+    return Chain(
+        container=container, blocks=list(run), nodes=block_nodes, params=params,
+        shared_inputs=shared, chained=chained, inputs0=ins[0], exits=exits,
+        depth_ok=depth_ok, reason=reason,
+    )

@@ -1,0 +1,315 @@
+"""The axis algebra the analysis is built on.
+
+Every tensor axis in a graph gets a :class:`Dim`. Op rules *unify* dims that must always have
+the same length and index meaning; a union-find keeps the classes. A dim can be *refined*: a
+reshape that splits 768 into (12, 64) refines the dim into a row-major product of two child
+dims; a split/slice/cat refines it into a concatenation of segment dims. Refinements live on the
+class root and are merged when classes are unified, so the structure found at one node holds
+everywhere the axis is used. Leaf dims (never refined) are the atoms spaces are made of.
+
+Sizes are ``int`` or, for symbolic dims (batch, sequence), a sympy expression. Axes of size 1
+are inert: they are never unified with anything and never resized.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Union
+
+import sympy
+import torch
+
+Size = Union[int, sympy.Expr]
+
+PROD = "prod"
+CAT = "cat"
+
+
+def as_size(s) -> Size:
+    """An int for static sizes (also a SymInt whose expression is a number), else sympy."""
+    if isinstance(s, torch.SymInt):
+        expr = s.node.expr
+        if getattr(expr, "is_number", False):
+            return int(expr)
+        return expr
+    if isinstance(s, sympy.Expr):
+        return int(s) if s.is_number else s
+    return int(s)
+
+
+def is_static(s: Size) -> bool:
+    return isinstance(s, int)
+
+
+def _mul(a: Size, b: Size) -> Size:
+    r = a * b
+    return as_size(r) if isinstance(r, sympy.Expr) else r
+
+
+def _div(a: Size, b: Size) -> Size | None:
+    """a / b when it is a whole number (or an integer-valued expression), else None."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a // b if b and a % b == 0 else None
+    r = sympy.sympify(a) / sympy.sympify(b)  # monomials cancel automatically
+    num, den = sympy.fraction(r)
+    if den == 1 and (r.is_integer or num.is_integer):
+        return as_size(r)
+    return None
+
+
+def _eq(a: Size, b: Size) -> bool:
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    if a == b:
+        return True
+    return sympy.expand(sympy.sympify(a) - sympy.sympify(b)) == 0
+
+
+class Dim:
+    __slots__ = ("id", "size", "parent", "kind", "children", "pins", "flags")
+
+    def __init__(self, id_: int, size: Size):
+        self.id = id_
+        self.size = size
+        self.parent: Dim = self
+        self.kind: str | None = None  # PROD | CAT | None (leaf)
+        self.children: list[Dim] = []
+        self.pins: list[str] = []  # reasons this dim may never be resized
+        self.flags: dict[str, str] = {}  # e.g. {"normalized": "<node>"}
+
+    def __repr__(self) -> str:
+        return f"Dim#{self.id}({self.size})"
+
+
+class DimConflict(Exception):
+    pass
+
+
+class DimTable:
+    """Union-find over dims with structural refinement."""
+
+    def __init__(self) -> None:
+        self.dims: list[Dim] = []
+
+    # -- creation / lookup -------------------------------------------------------------------
+    def new(self, size) -> Dim:
+        d = Dim(len(self.dims), as_size(size))
+        self.dims.append(d)
+        return d
+
+    def find(self, d: Dim) -> Dim:
+        root = d
+        while root.parent is not root:
+            root = root.parent
+        while d.parent is not root:  # path compression
+            d.parent, d = root, d.parent
+        return root
+
+    def roots(self) -> Iterator[Dim]:
+        return (d for d in self.dims if d.parent is d)
+
+    # -- pins and flags ------------------------------------------------------------------------
+    def pin(self, d: Dim, reason: str) -> None:
+        r = self.find(d)
+        if r.size == 1:
+            return
+        if reason not in r.pins:
+            r.pins.append(reason)
+
+    def flag(self, d: Dim, key: str, value: str) -> None:
+        self.find(d).flags.setdefault(key, value)
+
+    # -- unification -----------------------------------------------------------------------------
+    def unify(self, a: Dim, b: Dim, where: str = "") -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra is rb:
+            return
+        if not _eq(ra.size, rb.size):
+            raise DimConflict(f"{where}: cannot unify axes of size {ra.size} and {rb.size}")
+        if ra.size == 1:
+            return
+        if rb.id < ra.id:
+            ra, rb = rb, ra
+        rb.parent = ra
+        for p in rb.pins:
+            if p not in ra.pins:
+                ra.pins.append(p)
+        for k, v in rb.flags.items():
+            ra.flags.setdefault(k, v)
+        self._merge_structure(ra, rb.kind, rb.children, where)
+
+    def refine(self, d: Dim, kind: str, parts: list[Dim], where: str = "") -> list[Dim]:
+        """Declare that ``d`` is the ``kind`` (PROD or CAT) of ``parts``; returns the children
+        the class root ends up with (they may be a finer structure than ``parts``)."""
+        r = self.find(d)
+        total = _mul_all([p.size for p in parts]) if kind == PROD else _sum_all([p.size for p in parts])
+        if not _eq(total, r.size):
+            raise DimConflict(f"{where}: {kind} of sizes {[p.size for p in parts]} != {r.size}")
+        if len(parts) == 1:
+            self.unify(r, parts[0], where)
+            return [self.find(parts[0])]
+        self._merge_structure(r, kind, parts, where)
+        return list(self.find(r).children)
+
+    def refine_sizes(self, d: Dim, kind: str, sizes: list, where: str = "") -> list[Dim]:
+        return self.refine(d, kind, [self.new(s) for s in sizes], where)
+
+    def _merge_structure(self, r: Dim, kind: str | None, parts: list[Dim], where: str) -> None:
+        if kind is None:
+            return
+        if r.kind is None:
+            r.kind, r.children = kind, list(parts)
+            return
+        mine = [c.size for c in r.children]
+        theirs = [p.size for p in parts]
+        if r.kind == kind and len(mine) == len(theirs) and all(map(_eq, mine, theirs)):
+            for c, p in zip(r.children, parts):
+                self.unify(c, p, where)
+            return
+        try:
+            self._common_refinement(r, kind, parts, where)
+        except DimConflict as e:
+            reason = f"viewed in incompatible ways ({r.kind}{mine} vs {kind}{theirs}) at {where}"
+            for leaf in list(self.leaves(r)) + [x for p in parts for x in self.leaves(p)]:
+                self.pin(leaf, reason)
+            del e
+
+    def _common_refinement(self, r: Dim, kind: str, parts: list[Dim], where: str) -> None:
+        if r.kind == PROD and kind == PROD:
+            self.match_products(list(r.children), list(parts), where)
+        elif r.kind == CAT and kind == CAT:
+            self._match_concats(list(r.children), list(parts), where)
+        else:
+            segs, prod = (r.children, parts) if r.kind == CAT else (parts, r.children)
+            # cat of n equal segments == prod(n, rest): unify each segment with the rest
+            if len(prod) >= 2 and prod[0].size == len(segs) and all(_eq(s.size, segs[0].size) for s in segs):
+                rest = prod[1] if len(prod) == 2 else self._prod_of(prod[1:], where)
+                for s in segs:
+                    self.unify(s, rest, where)
+                self.pin(prod[0], f"index over {len(segs)} fused segments at {where}")
+            else:
+                raise DimConflict(where)
+
+    def _prod_of(self, parts: list[Dim], where: str) -> Dim:
+        d = self.new(_mul_all([p.size for p in parts]))
+        self.refine(d, PROD, parts, where)
+        return d
+
+    def match_products(self, a: list[Dim], b: list[Dim], where: str) -> None:
+        """Unify two row-major factorisations of the same total (reshape semantics), refining
+        factors into common atoms where the boundaries nest; raises DimConflict otherwise."""
+        a = [d for d in a if d.size != 1]
+        b = [d for d in b if d.size != 1]
+        atoms_a: list[list[Size]] = [[] for _ in a]
+        atoms_b: list[list[Size]] = [[] for _ in b]
+        links: list[tuple[int, int, int, int]] = []  # (ia, pos in a, ib, pos in b) per atom
+        i, j = len(a) - 1, len(b) - 1
+        ra = a[i].size if i >= 0 else 1
+        rb = b[j].size if j >= 0 else 1
+        while i >= 0 and j >= 0:
+            if _eq(ra, rb):
+                atom = ra
+            elif (q := _div(ra, rb)) is not None:
+                atom = rb
+            elif _div(rb, ra) is not None:
+                atom = ra
+            else:
+                raise DimConflict(f"{where}: cannot match sizes {[d.size for d in a]} with {[d.size for d in b]}")
+            atoms_a[i].insert(0, atom)
+            atoms_b[j].insert(0, atom)
+            links.append((i, j))
+            ra = _div(ra, atom)
+            rb = _div(rb, atom)
+            if ra == 1:
+                i -= 1
+                ra = a[i].size if i >= 0 else 1
+            if rb == 1:
+                j -= 1
+                rb = b[j].size if j >= 0 else 1
+        if i >= 0 or j >= 0:
+            raise DimConflict(f"{where}: sizes {[d.size for d in a]} and {[d.size for d in b]} differ")
+        # materialise: each factor is itself (one atom) or refined into its atoms
+        kids_a = [self._atomise(d, atoms_a[k], where) for k, d in enumerate(a)]
+        kids_b = [self._atomise(d, atoms_b[k], where) for k, d in enumerate(b)]
+        # atoms were emitted right to left; pair them in the same order
+        pos_a = [len(k) for k in kids_a]
+        pos_b = [len(k) for k in kids_b]
+        for ia, ib in links:
+            pos_a[ia] -= 1
+            pos_b[ib] -= 1
+            self.unify(kids_a[ia][pos_a[ia]], kids_b[ib][pos_b[ib]], where)
+
+    def _atomise(self, d: Dim, atoms: list[Size], where: str) -> list[Dim]:
+        if len(atoms) == 1:
+            return [d]
+        return self.refine_sizes(d, PROD, atoms, where)
+
+    def _match_concats(self, a: list[Dim], b: list[Dim], where: str) -> None:
+        sizes_a = [d.size for d in a]
+        sizes_b = [d.size for d in b]
+        if not all(isinstance(s, int) for s in sizes_a + sizes_b):
+            raise DimConflict(where)
+        cuts = sorted(set(_cumsum(sizes_a)) | set(_cumsum(sizes_b)))
+        pieces_a = [self._split_segment(d, off, cuts, where) for d, off in zip(a, _offsets(sizes_a))]
+        pieces_b = [self._split_segment(d, off, cuts, where) for d, off in zip(b, _offsets(sizes_b))]
+        flat_a = [p for ps in pieces_a for p in ps]
+        flat_b = [p for ps in pieces_b for p in ps]
+        for x, y in zip(flat_a, flat_b):
+            self.unify(x, y, where)
+
+    def _split_segment(self, d: Dim, offset: int, cuts: list[int], where: str) -> list[Dim]:
+        inner = [c - offset for c in cuts if offset < c < offset + d.size]
+        if not inner:
+            return [d]
+        sizes = [b - a for a, b in zip([0] + inner, inner + [d.size])]
+        return self.refine_sizes(d, CAT, sizes, where)
+
+    # -- structure queries -----------------------------------------------------------------
+    def leaves(self, d: Dim) -> Iterator[Dim]:
+        r = self.find(d)
+        if r.kind is None:
+            yield r
+            return
+        for c in r.children:
+            yield from self.leaves(c)
+
+    def layout(self, d: Dim):
+        """The axis' structure as nested tuples: a leaf root ``Dim`` | (PROD|CAT, [layouts])."""
+        r = self.find(d)
+        if r.kind is None:
+            return r
+        return (r.kind, [self.layout(c) for c in r.children])
+
+
+def _mul_all(sizes) -> Size:
+    out: Size = 1
+    for s in sizes:
+        out = _mul(out, s)
+    return out
+
+
+def _sum_all(sizes) -> Size:
+    out = 0
+    for s in sizes:
+        out = out + s
+    return as_size(out) if isinstance(out, sympy.Expr) else out
+
+
+def _cumsum(sizes: list[int]) -> list[int]:
+    out, acc = [], 0
+    for s in sizes:
+        acc += s
+        out.append(acc)
+    return out[:-1]
+
+
+def _offsets(sizes: list[int]) -> list[int]:
+    return [0] + _cumsum(sizes)
+
+
+def new_size(table: DimTable, d: Dim, leaf_sizes: dict[int, int]) -> Size:
+    """The size of ``d`` once leaves are resized (``leaf_sizes``: root id -> new size)."""
+    r = table.find(d)
+    if r.kind is None:
+        return leaf_sizes.get(r.id, r.size)
+    sizes = [new_size(table, c, leaf_sizes) for c in r.children]
+    return _mul_all(sizes) if r.kind == PROD else _sum_all(sizes)
