@@ -1,0 +1,196 @@
+"""Configuration of the training driver: one typed, frozen dataclass and its presets.
+
+Every field carries a one-line reason (``metadata["help"]``); the command line is built from
+these fields (``driver/cli.py``), so ``vcyclefx train --help`` explains every option. Unknown keys
+are rejected with the closest known name. Checks that need the runtime (is CUDA there, how many
+processes) live in ``check_runtime`` and fail at start-up with a message that says the fix.
+
+This module imports only the standard library: the CLI imports it to build ``--help``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import warnings
+from dataclasses import dataclass, field
+
+from ..errors import VCycleError
+
+SCHEDULES = ("vcycle", "baseline", "compare")
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+class ConfigError(VCycleError):
+    """A training option is unknown, out of range, or unsupported with the others given."""
+
+
+def _f(default, help: str, **extra):
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # --- model (a GPT-2 style causal LM, vcyclefx.gpt.GPT) ---
+    n_layer: int = _f(4, "transformer blocks of level 0 (the model you want at the end)")
+    n_head: int = _f(4, "attention heads of level 0; n_embd must be a multiple of it")
+    n_embd: int = _f(128, "residual stream width of level 0")
+    dropout: float = _f(0.0, "dropout probability (0 as in nanoGPT pre-training)")
+    bias: bool = _f(True, "biases in Linear and LayerNorm, as GPT-2")
+    vocab_size: int = _f(0, "vocabulary size; 0 = from the data (256 for bytes, max id + 1 "
+                            "rounded up to 64 for token files)")
+    # --- data ---
+    data: str = _f("", "text file, folder of text files, or token file (.npy uint8/16/32; .bin "
+                       "raw uint16, or uint8/uint32 when the name contains that word); empty = the "
+                       "Python standard library source as bytes")
+    cache_dir: str = _f("", "where the tokenised corpus is cached; empty = $VCYCLEFX_CACHE or "
+                            "~/.cache/vcyclefx")
+    val_fraction: float = _f(0.05, "share of files (or of the tail of a single file) held out for "
+                                   "validation")
+    seq_len: int = _f(128, "tokens per training sequence (also the model's position table size)")
+    batch_size: int = _f(32, "sequences per micro-batch on each process")
+    grad_accum: int = _f(1, "micro-batches per optimizer step over ALL processes (divided by the "
+                            "world size), so global batch = batch_size * grad_accum")
+    # --- optimisation (nanoGPT: AdamW, cosine with warm-up, clipping) ---
+    steps: int = _f(600, "optimizer steps of each schedule (the V-cycle splits them among its "
+                         "stages)")
+    lr: float = _f(1e-3, "peak learning rate of level 0 (stage lr = lr * the stage's lr scale)")
+    min_lr: float = _f(1e-4, "learning rate at the end of the cosine decay")
+    warmup: int = _f(50, "linear warm-up steps at the start of a schedule")
+    stage_warmup: int = _f(0, "warm-up steps at the start of every later V-cycle stage (0 as the "
+                              "paper: the optimizer is reset but not warmed up)")
+    weight_decay: float = _f(0.01, "AdamW weight decay on matrices, as the paper")
+    beta1: float = _f(0.9, "AdamW beta1")
+    beta2: float = _f(0.95, "AdamW beta2 (nanoGPT)")
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this; 0 = off")
+    # --- schedule ---
+    schedule: str = _f("vcycle", "vcycle, baseline, or compare (both, same data order and init)",
+                       choices=SCHEDULES)
+    levels: int = _f(2, "levels of the V-cycle (2 = one coalesced level below the model)")
+    width: float = _f(0.5, "width factor from one level to the next smaller one")
+    depth: float = _f(0.5, "depth factor from one level to the next smaller one")
+    alpha: float = _f(0.25, "interpolation weight of the de-coalesced model (paper: 0.25 for GPT)")
+    # --- runtime ---
+    out: str = _f("", "output directory; empty = runs/<timestamp>", short="-o")
+    resume: str = _f("", "resume the run in this directory from its latest checkpoint")
+    seed: int = _f(1337, "seed of the initial weights and of the data order")
+    device: str = _f("auto", "cpu, cuda, cuda:N, or auto (cuda when available; LOCAL_RANK picks "
+                             "the GPU under torchrun)")
+    dtype: str = _f("auto", "float32 or bfloat16 autocast; auto = bfloat16 on CUDA, float32 on CPU",
+                    choices=DTYPES)
+    compile: bool | None = _f(None, "torch.compile the module being trained (default: on CUDA yes, "
+                                    "on CPU no)")
+    eval_every: int = _f(50, "evaluate the validation loss every this many steps (and at the end "
+                             "of every stage)")
+    eval_batches: int = _f(10, "micro-batches per validation estimate (the same batches every "
+                               "time)")
+    log_every: int = _f(10, "write a training record every this many steps")
+    ckpt_every: int = _f(200, "write a checkpoint every this many steps (and at every stage end); "
+                              "0 = only at stage ends")
+    peak_flops: float = _f(989e12, "peak FLOP/s of one device for MFU (H100 SXM bf16 dense)")
+    quiet: bool = _f(False, "no progress bar")
+
+    def __post_init__(self):
+        _check_ranges(self)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        """Build a config from a dict; unknown keys are an error that names the closest key."""
+        names = cls.field_names()
+        for key in d:
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(f"unknown training option {key!r}{hint}; known: {', '.join(names)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> "TrainConfig":
+        return TrainConfig.from_dict({**self.to_dict(), **changes})
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, sort_keys=True)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.grad_accum * self.seq_len
+
+
+# Presets: overrides of the dataclass defaults. `tiny` is the dataclass default itself, sized so
+# that `--schedule compare` (baseline + V-cycle) finishes in about 12 minutes on 2 CPU cores.
+PRESETS: dict[str, dict] = {
+    "tiny": {},
+    "small": dict(n_layer=6, n_head=6, n_embd=384, seq_len=256, batch_size=32, steps=5000,
+                  lr=1e-3, min_lr=1e-4, warmup=200, eval_every=250, eval_batches=20,
+                  ckpt_every=1000),
+    # GPT-2 124M; global batch 512 x 1024 as the authors' recipe: 16 x 32 micro-batches.
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, seq_len=1024, batch_size=16, grad_accum=32,
+                 steps=100_000, lr=1e-4, min_lr=1e-5, warmup=5000, eval_every=1000,
+                 eval_batches=50, ckpt_every=2000, log_every=10),
+}
+
+
+def preset(name: str, **overrides) -> TrainConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return TrainConfig.from_dict({**PRESETS[name], **overrides})
+
+
+def _check_ranges(c: TrainConfig) -> None:
+    def need(ok: bool, msg: str):
+        if not ok:
+            raise ConfigError(msg)
+
+    for name in ("n_layer", "n_head", "n_embd", "seq_len", "batch_size", "grad_accum", "steps",
+                 "eval_batches", "log_every"):
+        need(getattr(c, name) >= 1, f"--{_opt(name)} must be at least 1, got {getattr(c, name)}")
+    for name in ("warmup", "stage_warmup", "eval_every", "ckpt_every", "vocab_size"):
+        need(getattr(c, name) >= 0, f"--{_opt(name)} must be >= 0, got {getattr(c, name)}")
+    need(c.n_embd % c.n_head == 0,
+         f"--n-embd {c.n_embd} is not a multiple of --n-head {c.n_head}: pick n_embd = k * n_head")
+    need(c.schedule in SCHEDULES, f"--schedule {c.schedule!r}: choose one of {', '.join(SCHEDULES)}")
+    need(c.dtype in DTYPES, f"--dtype {c.dtype!r}: choose one of {', '.join(DTYPES)}")
+    need(0.0 <= c.dropout < 1.0, f"--dropout must be in [0, 1), got {c.dropout}")
+    need(0.0 < c.val_fraction < 1.0, f"--val-fraction must be in (0, 1), got {c.val_fraction}")
+    need(c.lr > 0 and 0 <= c.min_lr <= c.lr,
+         f"need 0 <= --min-lr <= --lr and --lr > 0, got lr={c.lr}, min_lr={c.min_lr}")
+    need(c.weight_decay >= 0 and c.grad_clip >= 0, "--weight-decay and --grad-clip must be >= 0")
+    need(0 <= c.beta1 < 1 and 0 <= c.beta2 < 1, "--beta1/--beta2 must be in [0, 1)")
+    need(c.levels >= 1, f"--levels must be at least 1 (1 = no coarse level), got {c.levels}")
+    need(0 < c.width <= 1 and 0 < c.depth <= 1,
+         f"--width/--depth are shrink factors in (0, 1], got width={c.width}, depth={c.depth}")
+    need(0 <= c.alpha <= 1, f"--alpha must be in [0, 1], got {c.alpha}")
+    need(c.peak_flops > 0, "--peak-flops must be positive")
+    need(c.vocab_size == 0 or c.vocab_size >= 2, "--vocab-size must be 0 (from data) or >= 2")
+
+
+def _opt(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def check_runtime(c: TrainConfig, device_type: str, world_size: int) -> None:
+    """Start-up checks that depend on the machine; each failure says the fix."""
+    if c.grad_accum % world_size:
+        raise ConfigError(
+            f"--grad-accum {c.grad_accum} is not divisible by the {world_size} processes: use a "
+            f"multiple of {world_size} (grad_accum counts micro-batches over all processes)"
+        )
+    if c.dtype == "bfloat16" and device_type == "cpu":
+        # Allowed: CPU autocast supports bfloat16, and it is the way to try the GPU numerics on a
+        # laptop. It is slow on CPUs without bf16 matrix units, hence the warning.
+        warnings.warn("--dtype bfloat16 on CPU runs under CPU autocast: usually slower than "
+                      "float32 unless the CPU has bf16 units (AMX/AVX512-BF16)", stacklevel=2)
+    if c.compile and device_type == "cpu":
+        warnings.warn("--compile on CPU uses inductor's C++ backend: the first steps of every "
+                      "level spend tens of seconds compiling; use --no-compile for short runs",
+                      stacklevel=2)
+    if c.schedule != "baseline" and c.levels >= 2 and c.steps < 3 * (c.levels - 1) + 1:
+        raise ConfigError(f"--steps {c.steps} is too few for a {c.levels}-level V-cycle: every "
+                          "stage needs at least one step; raise --steps or use --schedule baseline")

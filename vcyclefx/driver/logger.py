@@ -1,0 +1,92 @@
+"""Metrics out of the training loop: one JSONL logger and one progress bar.
+
+The logger has the small interface of torchtune's metric loggers (``log_dict``, ``close``) and
+writes one JSON object per line, flushed at once, so a killed run leaves whole lines. A
+checkpoint records ``logger.offset()``; resuming truncates the file back to it, so records
+written after the checkpoint by the killed run do not appear twice.
+
+Only rank 0 writes; the other ranks get a logger that drops everything.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+
+class MetricLogger:
+    def __init__(self, path: Path | None, *, truncate_to: int | None = None):
+        self.path = path
+        self._f = None
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if truncate_to is not None and path.exists():
+            with path.open("r+b") as f:
+                f.truncate(truncate_to)
+        self._f = path.open("ab")
+
+    def log_dict(self, record: dict) -> None:
+        if self._f is None:
+            return
+        line = json.dumps({k: _plain(v) for k, v in record.items()}, allow_nan=False)
+        self._f.write(line.encode() + b"\n")
+        self._f.flush()
+
+    def offset(self) -> int:
+        if self._f is None:
+            return 0
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        return self._f.tell()
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+def _plain(v):
+    """JSON-safe value: floats that are not finite become strings ("nan", "inf")."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with path.open() as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class ProgressBar:
+    """A tqdm bar on stderr (step, level, loss, tokens/s); silent when not a TTY or --quiet."""
+
+    def __init__(self, total: int, initial: int, desc: str, enabled: bool):
+        self._bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, initial=initial, desc=desc, file=sys.stderr,
+                             dynamic_ncols=True, leave=True)
+
+    def update(self, step: int, level: int, loss: float, tok_s: float) -> None:
+        if self._bar is None:
+            return
+        self._bar.n = step
+        self._bar.set_postfix_str(f"level={level} loss={loss:.4f} tok/s={tok_s:,.0f}",
+                                  refresh=False)
+        self._bar.refresh()
+
+    def write(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.write(text, file=sys.stderr)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

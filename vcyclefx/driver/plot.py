@@ -1,0 +1,121 @@
+"""The end of a training run: summary.json, the table on stdout, and the PNG plot.
+
+Everything is computed from ``metrics.jsonl`` alone, so a resumed run and ``vcyclefx train``'s
+caller see the same numbers, and a finished run can be summarised again (``finish(out)``).
+
+"Reached the baseline" = the first validation estimate **of level 0** (the model the user
+wants) whose loss is at or below the baseline's final validation loss; coarse levels are
+different, smaller models and do not count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .logger import read_metrics
+
+
+def summarize(records: list[dict]) -> dict:
+    ends = {r["schedule"]: r for r in records if r["event"] == "end"}
+    base = ends.get("baseline")
+    target = base["val_loss"] if base else None
+    out: dict = {"baseline_final_val_loss": target, "schedules": {}}
+    for name, end in ends.items():
+        evals = [r for r in records if r["event"] == "eval" and r["schedule"] == name]
+        hit = next((r for r in evals if r["level"] == 0 and target is not None
+                    and r["val_loss"] <= target), None)
+        stages = [r for r in records if r["event"] == "stage" and r["schedule"] == name]
+        out["schedules"][name] = {
+            "final_val_loss": end["val_loss"],
+            "total_flops": end["flops"],
+            "wall_seconds": end["wall"],
+            "tokens": end["tokens"],
+            "steps": end["step"],
+            "flops_to_baseline_loss": hit["flops"] if hit else None,
+            "wall_to_baseline_loss": hit["wall"] if hit else None,
+            "stages": [{k: s[k] for k in ("stage", "level", "step", "steps", "lr_scale", "params",
+                                          "flops_per_token")} for s in stages],
+        }
+    if base and "vcycle" in out["schedules"]:
+        v = out["schedules"]["vcycle"]
+        out["vcycle_saving"] = {
+            "flops": None if v["flops_to_baseline_loss"] is None
+            else 1 - v["flops_to_baseline_loss"] / base["flops"],
+            "wall": None if v["wall_to_baseline_loss"] is None
+            else 1 - v["wall_to_baseline_loss"] / max(1e-9, base["wall"]),
+        }
+    return out
+
+
+def _fmt(x, spec):
+    return "never" if x is None else format(x, spec)
+
+
+def table(summary: dict) -> str:
+    head = ("schedule", "final val loss", "train FLOPs", "wall s", "FLOPs to baseline loss",
+            "wall s to baseline loss")
+    rows = [head]
+    for name, s in summary["schedules"].items():
+        rows.append((name, f"{s['final_val_loss']:.4f}", f"{s['total_flops']:.3e}",
+                     f"{s['wall_seconds']:.1f}", _fmt(s["flops_to_baseline_loss"], ".3e"),
+                     _fmt(s["wall_to_baseline_loss"], ".1f")))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    saving = summary.get("vcycle_saving")
+    if saving:
+        lines.append("V-cycle saving at the baseline's final loss: FLOPs "
+                     + _fmt(None if saving["flops"] is None else 100 * saving["flops"], ".1f")
+                     + "%, wall " + _fmt(None if saving["wall"] is None else 100 * saving["wall"],
+                                          ".1f") + "%")
+    return "\n".join(lines)
+
+
+def plot(records: list[dict], path: Path, target: float | None = None) -> None:
+    """Validation loss against training FLOPs and against wall seconds, one line per schedule,
+    dotted vertical lines where a schedule enters a new stage (labelled with its level)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    names = list(dict.fromkeys(r["schedule"] for r in records))
+    for color, name in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], names):
+        evals = [r for r in records if r["event"] == "eval" and r["schedule"] == name]
+        stages = [r for r in records if r["event"] == "stage" and r["schedule"] == name]
+        for ax, key in zip(axes, ("flops", "wall")):
+            ax.plot([r[key] for r in evals], [r["val_loss"] for r in evals], "o-", ms=3,
+                    color=color, label=name)
+            for s in stages[1:]:
+                ax.axvline(s[key], color=color, ls=":", lw=1)
+                ax.annotate(f"L{s['level']}", (s[key], 1.0), xycoords=("data", "axes fraction"),
+                            color=color, fontsize=8, ha="left", va="top")
+    for ax, xlabel in zip(axes, ("training FLOPs", "wall seconds (training)")):
+        if target is not None:
+            ax.axhline(target, color="gray", lw=0.8, ls="--", label="baseline final")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("validation loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def finish(out: Path, cfg=None) -> dict:
+    """Write summary.json and loss.png for the run in ``out`` and print the table."""
+    records = read_metrics(Path(out) / "metrics.jsonl")
+    summary = summarize(records)
+    if cfg is not None:
+        summary["config"] = cfg.to_dict()
+    tmp = Path(out) / ".summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=1))
+    os.replace(tmp, Path(out) / "summary.json")
+    plot(records, Path(out) / "loss.png", summary["baseline_final_val_loss"])
+    print(table(summary), flush=True)
+    return summary

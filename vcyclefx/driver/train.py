@@ -1,0 +1,610 @@
+"""The training recipe: ``main(cfg)`` -> setup -> train -> cleanup (nanoGPT loop, torchtune shape).
+
+One function trains any module, the plain GPT (baseline) or a V-cycle stage's level:
+``run_stage(rt, module, steps, lr_scale, level, state)``. Per stage it makes a fresh AdamW (the
+paper resets the optimizer at every stage), measures the training FLOPs per token of that module
+from its graph (``training_flops_per_token``), compiles it on CUDA, wraps it in DDP when several
+processes run, and steps it with cosine LR, gradient accumulation and clipping.
+
+Learning rate at optimizer step ``s`` of a schedule (global over its stages)::
+
+    lr(s) = lr_scale(stage) * ramp(stage step) * cosine(s)
+    cosine(s) = lr * (s+1)/(warmup+1)                                  while s < warmup
+              = min_lr + (lr - min_lr) * (1 + cos(pi * (s - warmup) / (steps - warmup))) / 2
+    ramp(k)   = min(1, (k+1)/(stage_warmup+1)) for stages after the first, else 1
+
+so baseline and V-cycle share one envelope and a coarse stage runs at ``lr_scale`` times it.
+
+MFU (per device) = training FLOPs per token * tokens/s over all processes
+                   / (world size * --peak-flops).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import datetime as _dt
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils import flop_counter
+
+from ..gpt import GPT, GPTConfig
+from .config import ConfigError, TrainConfig, check_runtime
+from .data import Batches, TokenData, load_data
+from .logger import MetricLogger, ProgressBar
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+
+def _sdpa_cpu_fwd(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_flop_count(query, key, value)
+
+
+def _sdpa_cpu_bwd(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# FlopCounterMode knows the CUDA attention kernels but not the CPU flash kernel; without these
+# two formulas attention would count as zero FLOPs on CPU.
+_EXTRA_FLOP_FORMULAS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_fwd,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_bwd,
+}
+
+
+def training_flops_per_token(module: torch.nn.Module, example_input_ids: torch.Tensor) -> float:
+    """FLOPs of one training step (forward, cross-entropy, backward) per input token, counted
+    by ``torch.utils.flop_counter.FlopCounterMode`` on ``module`` itself.
+
+    Pure: gradients are returned by ``torch.autograd.grad`` (``.grad`` is not touched) and the
+    RNG state is restored, so calling it never changes a training run.
+    """
+    params = [p for p in module.parameters() if p.requires_grad]
+    devices = [example_input_ids.device] if example_input_ids.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), \
+            flop_counter.FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as fc:
+        logits = module(example_input_ids)  # (B, T, vocab)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), example_input_ids.flatten())
+        torch.autograd.grad(loss, params, allow_unused=True)
+    return fc.get_total_flops() / example_input_ids.numel()
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+@dataclass
+class Runtime:
+    """What setup() builds and every stage uses."""
+
+    cfg: TrainConfig
+    out: Path
+    device: torch.device
+    autocast_dtype: torch.dtype | None  # None = float32, no autocast
+    compile: bool
+    rank: int
+    world: int
+    local_rank: int
+    data: TokenData
+    train_batches: Batches
+    val_batches: Batches
+    logger: MetricLogger
+    resume_point: Point | None = None
+    done: dict = field(default_factory=dict)  # schedule -> its end record (for summary/resume)
+
+    @property
+    def ddp(self) -> bool:
+        return self.world > 1
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+
+@dataclass
+class RunState:
+    """Progress of one schedule; JSON-serialisable, saved in every checkpoint."""
+
+    schedule: str
+    step: int = 0  # optimizer steps done, over all stages
+    stage: int = 0  # index of the stage in progress
+    stage_step: int = 0  # steps done in that stage
+    tokens: int = 0
+    flops: float = 0.0
+    wall: float = 0.0  # seconds spent training (not evaluating or checkpointing)
+    val_loss: float | None = None  # latest validation loss
+
+
+def _device(cfg: TrainConfig, local_rank: int) -> torch.device:
+    want = cfg.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(want)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {cfg.device}: CUDA is not available here; use --device cpu")
+        if dev.index is None:
+            dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    elif dev.type != "cpu":
+        raise ConfigError(f"--device {cfg.device}: use cpu, cuda, cuda:N or auto")
+    return dev
+
+
+def _autocast_dtype(cfg: TrainConfig, dev: torch.device) -> torch.dtype | None:
+    if cfg.dtype == "float32" or (cfg.dtype == "auto" and dev.type == "cpu"):
+        return None
+    if dev.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("this GPU has no bfloat16: use --dtype float32")
+    return torch.bfloat16
+
+
+def _out_dir(cfg: TrainConfig, rank: int, world: int) -> Path:
+    name = cfg.resume or cfg.out or f"runs/{_dt.datetime.now():%Y%m%d-%H%M%S}"
+    if world > 1:  # every rank must write to the directory rank 0 named
+        box = [name]
+        dist.broadcast_object_list(box, src=0)
+        name = box[0]
+    return Path(name)
+
+
+def setup(cfg: TrainConfig) -> Runtime:
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    dev = _device(cfg, local_rank)
+    check_runtime(cfg, dev.type, world)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
+                                device_id=dev if dev.type == "cuda" else None)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.enable_flash_sdp(True)  # bf16 SDPA dispatches to flash attention
+    out = _out_dir(cfg, rank, world)
+    point = None
+    if cfg.resume:
+        cfg, point = resume_config(cfg, out)
+    elif rank == 0:
+        if out.exists() and any(out.iterdir()):
+            raise ConfigError(f"output directory {out} exists and is not empty: choose another "
+                              f"--out, or continue it with --resume {out}")
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.json", cfg.to_json())
+    data = _load_data_once(cfg, rank, world)
+    vocab = cfg.vocab_size or data.vocab_size
+    if cfg.vocab_size == 0:
+        cfg = cfg.replace(vocab_size=vocab)
+    top = max(int(data.train.max()), int(data.val.max())) if data.vocab_size != 256 else 255
+    if top >= vocab:
+        raise ConfigError(f"--vocab-size {vocab} is too small for token id {top} in the data")
+    compile_ = cfg.compile if cfg.compile is not None else dev.type == "cuda"
+    logger = MetricLogger(out / "metrics.jsonl" if rank == 0 else None,
+                          truncate_to=point.metrics_offset if point else (0 if cfg.resume else None))
+    return Runtime(
+        cfg=cfg, out=out, device=dev, autocast_dtype=_autocast_dtype(cfg, dev), compile=compile_,
+        rank=rank, world=world, local_rank=local_rank, data=data,
+        train_batches=Batches(data.train, "train", cfg.batch_size, cfg.seq_len, cfg.seed, dev),
+        val_batches=Batches(data.val, "val", cfg.batch_size, cfg.seq_len, cfg.seed, dev),
+        logger=logger, resume_point=point, done=dict(point.done) if point else {},
+    )
+
+
+def _load_data_once(cfg: TrainConfig, rank: int, world: int) -> TokenData:
+    """Rank 0 builds the cache first; the others then only map it."""
+    if world > 1 and rank != 0:
+        dist.barrier()
+    data = load_data(cfg.data, cfg.val_fraction, cfg.cache_dir, cfg.vocab_size)
+    if world > 1 and rank == 0:
+        dist.barrier()
+    return data
+
+
+def cleanup(rt: Runtime | None) -> None:
+    if rt is not None:
+        rt.logger.close()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def new_model(rt: Runtime) -> GPT:
+    """Level 0 with the run's initial weights (the same for every schedule of a run)."""
+    c = rt.cfg
+    torch.manual_seed(c.seed)
+    return GPT(GPTConfig(block_size=c.seq_len, vocab_size=c.vocab_size, n_layer=c.n_layer,
+                         n_head=c.n_head, n_embd=c.n_embd, dropout=c.dropout, bias=c.bias))
+
+
+def make_optimizer(module: torch.nn.Module, cfg: TrainConfig, lr: float,
+                   device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (nanoGPT); fused on CUDA."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2),
+                             fused=device.type == "cuda")
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """The schedule's envelope (module docstring); stage scale and ramp come on top."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / (cfg.warmup + 1)
+    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+@torch.no_grad()
+def evaluate(rt: Runtime, module: torch.nn.Module) -> float:
+    """Mean validation loss over the same ``eval_batches`` batches every time (shared by ranks).
+
+    The uncompiled module is used. With dropout 0 a GPT computes the same function in train and
+    eval mode, and switching a level's mode regenerates its code (which would make
+    torch.compile recompile after every evaluation), so the mode is switched only when
+    dropout > 0.
+    """
+    switch = rt.cfg.dropout > 0
+    if switch:
+        module.eval()
+    total = torch.zeros((), device=rt.device, dtype=torch.float64)
+    for i in range(rt.rank, rt.cfg.eval_batches, rt.world):
+        x, y = rt.val_batches.get(0, i)
+        with rt.autocast():
+            logits = module(x)  # (B, T, vocab)
+        total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()).double()
+    if rt.ddp:
+        dist.all_reduce(total)
+    if switch:
+        module.train()
+    return total.item() / rt.cfg.eval_batches
+
+
+class _Clock:
+    """Seconds spent training. Read (after a device sync, so queued GPU work is counted) only
+    when the loop stops for an event; evaluation and checkpoints happen while it is stopped."""
+
+    def __init__(self, device: torch.device):
+        self.device, self._t = device, time.perf_counter()
+
+    def restart(self) -> None:
+        self._t = time.perf_counter()
+
+    def lap(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - self._t
+
+
+def _record(rt, state, level, event, **values) -> dict:
+    base = dict(event=event, schedule=state.schedule, stage=state.stage, level=level,
+                step=state.step, loss=None, val_loss=None, lr=None, tokens=state.tokens,
+                flops=state.flops, wall=round(state.wall, 4), tok_per_s=None, mfu=None)
+    base.update(values)
+    rt.logger.log_dict(base)
+    return base
+
+
+def run_stage(rt: Runtime, module: torch.nn.Module, steps: int, lr_scale: float, level: int,
+              state: RunState, optim_state: dict | None = None, bar: ProgressBar | None = None
+              ) -> RunState:
+    """Train ``module`` (GPT or a level) for the remaining steps of the stage ``state`` is in.
+
+    Long because it is the whole nanoGPT step loop, kept in one piece so it reads top to
+    bottom: micro-batches with DDP gradient sync only on the last, clipping, the optimizer step,
+    then the log, eval and checkpoint events of that step.
+    """
+    cfg = rt.cfg
+    raw = module.to(rt.device)
+    raw.train()
+    fpt = training_flops_per_token(raw, rt.train_batches.get(0, 0)[0][:1])
+    opt = make_optimizer(raw, cfg, cfg.lr * lr_scale, rt.device)  # fresh per stage (paper)
+    if optim_state is not None:
+        opt.load_state_dict(optim_state)
+    model = torch.compile(raw) if rt.compile else raw  # compile before the DDP wrap
+    if rt.ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    if state.stage_step == 0:
+        _record(rt, state, level, "stage", steps=steps, lr_scale=lr_scale, flops_per_token=fpt,
+                params=sum(p.numel() for p in raw.parameters()))
+        state.val_loss = evaluate(rt, raw)
+        _record(rt, state, level, "eval", val_loss=state.val_loss)
+    local_accum = cfg.grad_accum // rt.world
+    loss_sum, n_losses = torch.zeros((), device=rt.device), 0
+    last_tokens, last_wall = state.tokens, state.wall
+    clock = _Clock(rt.device)
+    while state.stage_step < steps:
+        ramp = 1.0 if state.stage == 0 else min(1.0, (state.stage_step + 1) / (cfg.stage_warmup + 1))
+        lr = lr_at(cfg, state.step) * lr_scale * ramp
+        for g in opt.param_groups:
+            g["lr"] = lr
+        for micro in range(local_accum):
+            x, y = rt.train_batches.get(state.step, rt.rank * local_accum + micro)  # (B, T) each
+            last_micro = micro == local_accum - 1
+            with (model.no_sync() if rt.ddp and not last_micro else contextlib.nullcontext()):
+                with rt.autocast():
+                    logits = model(x)  # (B, T, vocab)
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+                (loss / local_accum).backward()
+            loss_sum += loss.detach()
+        n_losses += cfg.grad_accum
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        state.step, state.stage_step = state.step + 1, state.stage_step + 1
+        state.tokens += cfg.tokens_per_step
+        state.flops += fpt * cfg.tokens_per_step
+        end = state.stage_step == steps
+        do_log = state.step % cfg.log_every == 0 or end
+        do_eval = (cfg.eval_every and state.step % cfg.eval_every == 0) or end
+        do_ckpt = (cfg.ckpt_every and state.step % cfg.ckpt_every == 0) or end
+        if not (do_log or do_eval or do_ckpt):
+            continue
+        state.wall += clock.lap()
+        if do_log:
+            if rt.ddp:
+                dist.all_reduce(loss_sum)
+            loss_val = loss_sum.item() / n_losses  # mean over every micro-batch on every rank
+            loss_sum.zero_()
+            n_losses = 0
+            tok_s = (state.tokens - last_tokens) / max(1e-9, state.wall - last_wall)
+            last_tokens, last_wall = state.tokens, state.wall
+            _record(rt, state, level, "train", loss=loss_val, lr=lr, tok_per_s=tok_s,
+                    mfu=fpt * tok_s / (rt.world * cfg.peak_flops))
+            if bar is not None:
+                bar.update(state.step, level, loss_val, tok_s)
+            if not math.isfinite(loss_val):
+                raise FloatingPointError(f"loss is {loss_val} at step {state.step} (level {level}): "
+                                         "lower --lr, or use --dtype float32 to check")
+        if do_eval:
+            state.val_loss = evaluate(rt, raw)
+            _record(rt, state, level, "eval", val_loss=state.val_loss)
+        if do_ckpt:
+            save_checkpoint(rt, raw, opt, state)
+        clock.restart()
+    return state
+
+
+# ----------------------------------------------------------------------------- checkpoints
+# A checkpoint is a directory ckpt/<schedule>-<step>/ with model.safetensors (the weights of the
+# module being trained, tied tensors stored once), optim.pt (torch.save of the optimizer
+# state_dict, read back with weights_only=True) and state.json (RunState, per-rank RNG states,
+# finished schedules, and the metrics.jsonl length to truncate to). It is written to a temporary
+# directory that is renamed into place, then ckpt/latest.json is replaced to point at it.
+
+_RESUMABLE_CHANGES = {"resume", "out", "quiet", "ckpt_every", "device", "cache_dir"}
+
+
+@dataclass
+class Point:
+    """A checkpoint to resume from."""
+
+    dir: Path
+    state: RunState
+    metrics_offset: int
+    done: dict
+    rng: list
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_weights(module: torch.nn.Module, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tensors, aliases, seen = {}, {}, {}
+    for name, t in module.state_dict(keep_vars=True).items():
+        if id(t) in seen:
+            aliases[name] = seen[id(t)]
+            continue
+        seen[id(t)] = name
+        tensors[name] = t.detach().contiguous().cpu()
+    save_file(tensors, str(path), metadata={"aliases": json.dumps(aliases)})
+
+
+def load_weights(module: torch.nn.Module, path: Path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    with safe_open(str(path), "pt") as f:
+        aliases = json.loads(f.metadata().get("aliases", "{}"))
+    state.update({alias: state[name] for alias, name in aliases.items()})
+    module.load_state_dict(state, strict=True)
+
+
+def _rng_state(device: torch.device) -> dict:
+    def enc(t):
+        return base64.b64encode(t.numpy().tobytes()).decode()
+
+    cuda = enc(torch.cuda.get_rng_state(device)) if device.type == "cuda" else None
+    return {"cpu": enc(torch.get_rng_state()), "cuda": cuda}
+
+
+def _set_rng_state(rng: dict, device: torch.device) -> None:
+    def dec(s):
+        return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+
+    torch.set_rng_state(dec(rng["cpu"]))
+    if device.type == "cuda" and rng.get("cuda"):
+        torch.cuda.set_rng_state(dec(rng["cuda"]), device)
+
+
+def save_checkpoint(rt: Runtime, raw: torch.nn.Module, opt, state: RunState) -> None:
+    rngs = [_rng_state(rt.device)]
+    if rt.ddp:
+        rngs = [None] * rt.world
+        dist.all_gather_object(rngs, _rng_state(rt.device))
+    if rt.master:
+        root = rt.out / "ckpt"
+        name = f"{state.schedule}-{state.step:07d}"
+        tmp = root / f".{name}.tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        save_weights(raw, tmp / "model.safetensors")
+        torch.save(opt.state_dict(), tmp / "optim.pt")
+        meta = dict(version=1, state=vars(state), metrics_offset=rt.logger.offset(), done=rt.done,
+                    rng=rngs)
+        (tmp / "state.json").write_text(json.dumps(meta))
+        final = root / name
+        if final.exists():  # the same step written again after a resume
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        atomic_write_text(root / "latest.json", json.dumps({"dir": name}))
+        for old in root.iterdir():  # keep only the newest
+            if old.is_dir() and old.name != name:
+                shutil.rmtree(old, ignore_errors=True)
+    if rt.ddp:
+        dist.barrier()
+
+
+def latest_checkpoint(out: Path) -> Point | None:
+    pointer = out / "ckpt" / "latest.json"
+    if not pointer.exists():
+        return None
+    d = out / "ckpt" / json.loads(pointer.read_text())["dir"]
+    meta = json.loads((d / "state.json").read_text())
+    return Point(d, RunState(**meta["state"]), meta["metrics_offset"], meta["done"], meta["rng"])
+
+
+def resume_config(cfg: TrainConfig, out: Path) -> tuple[TrainConfig, Point | None]:
+    """The saved config of the run in ``out`` (only harmless options may differ) and its latest
+    checkpoint (None: no checkpoint yet, the run starts again from step 0)."""
+    path = out / "config.json"
+    if not path.exists():
+        raise ConfigError(f"--resume {out}: no config.json there, so it is not a training run "
+                          "directory made by vcyclefx train")
+    saved = TrainConfig.from_dict(json.loads(path.read_text()))
+    diff = [k for k in TrainConfig.field_names()
+            if k not in _RESUMABLE_CHANGES and getattr(saved, k) != getattr(cfg, k)
+            and not (k == "vocab_size" and cfg.vocab_size == 0)]
+    if diff:
+        raise ConfigError(f"--resume {out}: the run was made with different "
+                          + ", ".join(f"{k}={getattr(saved, k)!r} (now {getattr(cfg, k)!r})"
+                                      for k in diff)
+                          + "; drop these options to resume, or start a new run with --out")
+    keep = {k: getattr(cfg, k) for k in _RESUMABLE_CHANGES}
+    return saved.replace(**{**keep, "out": str(out), "resume": str(out)}), latest_checkpoint(out)
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+def _restore(rt: Runtime, point: Point | None, module: torch.nn.Module, state: RunState):
+    """Weights, optimizer state and RNG of ``point`` (if any); returns (state, optim_state)."""
+    if point is None:
+        torch.manual_seed(rt.cfg.seed + 1 + rt.rank)  # dropout stream, per rank
+        return state, None
+    load_weights(module, point.dir / "model.safetensors")
+    optim_state = torch.load(point.dir / "optim.pt", weights_only=True, map_location=rt.device)
+    _set_rng_state(point.rng[rt.rank], rt.device)
+    return point.state, optim_state
+
+
+def run_baseline(rt: Runtime, point: Point | None, bar: ProgressBar | None) -> RunState:
+    model = new_model(rt)
+    state, optim_state = _restore(rt, point, model, RunState("baseline"))
+    state = run_stage(rt, model, rt.cfg.steps, 1.0, 0, state, optim_state, bar)
+    _save_final(rt, model, "baseline")
+    return state
+
+
+def run_vcycle(rt: Runtime, point: Point | None, bar: ProgressBar | None) -> RunState:
+    """The V-cycle: every stage of ``vf.VCycle`` trained by ``run_stage``."""
+    import vcyclefx as vf
+
+    cfg = rt.cfg
+    if not hasattr(vf, "VCycle"):
+        raise ConfigError("this vcyclefx has no VCycle yet: use --schedule baseline")
+    if point is not None:
+        raise ConfigError("resuming inside a V-cycle needs VCycle checkpoints, which vcyclefx does "
+                          "not have yet: start the V-cycle again with a new --out")
+    model = new_model(rt)
+    example = (rt.train_batches.get(0, 0)[0][:2].cpu(),)  # batch 2: export keeps batch dynamic
+    cycle = vf.VCycle(model, example, levels=cfg.levels, width=cfg.width, depth=cfg.depth,
+                      alpha=cfg.alpha, total_steps=cfg.steps)
+    if rt.master:
+        _print(bar, str(cycle.schedule))
+    state, _ = _restore(rt, None, model, RunState("vcycle"))
+    stages = iter(cycle)
+    while True:
+        t0 = time.perf_counter()
+        stage = next(stages, None)  # coalescing / de-coalescing happens here: it counts as training
+        state.wall += time.perf_counter() - t0
+        if stage is None:
+            break
+        state.stage, state.stage_step = stage.index, 0
+        state = run_stage(rt, stage.model, stage.steps, stage.lr_scale, stage.level, state, None, bar)
+    _save_final(rt, cycle.result(), "vcycle")
+    return state
+
+
+def _save_final(rt: Runtime, module: torch.nn.Module, schedule: str) -> None:
+    """The trained level-0 weights (they load with strict=True into vcyclefx.gpt.GPT)."""
+    if rt.master:
+        tmp = rt.out / f".{schedule}.safetensors.tmp"
+        save_weights(module, tmp)
+        os.replace(tmp, rt.out / f"{schedule}.safetensors")
+
+
+def _print(bar: ProgressBar | None, text: str) -> None:
+    if bar is not None and bar._bar is not None:
+        bar.write(text)
+    else:
+        print(text, flush=True)
+
+
+def train(rt: Runtime) -> None:
+    cfg = rt.cfg
+    order = ["baseline", "vcycle"] if cfg.schedule == "compare" else [cfg.schedule]
+    point = rt.resume_point
+    for name in order:
+        if name in rt.done:
+            continue
+        here = point if point is not None and point.state.schedule == name else None
+        bar = ProgressBar(cfg.steps, here.state.step if here else 0, name,
+                          enabled=rt.master and not cfg.quiet)
+        try:
+            state = (run_baseline if name == "baseline" else run_vcycle)(rt, here, bar)
+        finally:
+            bar.close()
+        rt.done[name] = state.val_loss
+        _record(rt, state, 0, "end", val_loss=state.val_loss)
+
+
+def main(cfg: TrainConfig) -> dict | None:
+    """Run the recipe; returns the summary on rank 0 (None on other ranks)."""
+    from .plot import finish
+
+    rt = None
+    try:
+        rt = setup(cfg)
+        if rt.master:
+            print(f"vcyclefx train: {rt.data.source}; {len(rt.data.train):,} train / "
+                  f"{len(rt.data.val):,} val tokens; device {rt.device}, world {rt.world}, "
+                  f"compile {rt.compile}, out {rt.out}", flush=True)
+        train(rt)
+        rt.logger.close()
+        return finish(rt.out, rt.cfg) if rt.master else None
+    finally:
+        cleanup(rt)
