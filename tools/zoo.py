@@ -76,7 +76,7 @@ def bert(n_layer: int = 2, n_head: int = 4, hidden: int = 64, vocab: int = 128):
     return T.BertForMaskedLM(cfg), (ids, mask, types)
 
 
-def llama(n_layer: int = 2, n_head: int = 4, n_kv: int = 2, hidden: int = 64, vocab: int = 128):
+def llama(n_layer: int = 2, n_head: int = 8, n_kv: int = 4, hidden: int = 64, vocab: int = 128):
     """Hugging Face LLaMA: grouped-query attention, rotary embeddings, RMSNorm, SwiGLU."""
     T = _hf_quiet()
     torch.manual_seed(0)
@@ -111,6 +111,7 @@ def vit(n_layer: int = 2, n_head: int = 4, hidden: int = 64):
         image_size=IMG, patch_size=8, num_layers=n_layer, num_heads=n_head, hidden_dim=hidden,
         mlp_dim=2 * hidden, num_classes=10,
     )
+    torch.nn.init.normal_(model.heads.head.weight, std=0.02)  # torchvision zero-inits the head
     return model, (_image(),)
 
 

@@ -10,6 +10,7 @@ Public API (a contract; see DESIGN.md)::
     cycle = vf.VCycle(model, example_inputs, levels=2, width=0.5, depth=0.5, alpha=0.25)
 """
 
+from .api import coalesce, decoalesce, interpolate
 from .capture import capture
 from .errors import (
     AnalysisError,
@@ -29,6 +30,9 @@ from .report import Report, inspect
 __version__ = "0.1.0"
 
 __all__ = [
+    "coalesce",
+    "decoalesce",
+    "interpolate",
     "capture",
     "inspect",
     "Report",

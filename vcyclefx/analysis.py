@@ -223,8 +223,9 @@ class Context:
         """Reshape semantics; where the two factorisations cannot be matched, pin both sides."""
         try:
             self.table.match_products(a, b, _where(node))
-        except DimConflict:
-            for d in list(a) + list(b):
+        except DimConflict as e:
+            ua, ub = getattr(e, "unmatched", (a, b))
+            for d in list(ua) + list(ub):
                 self.pin(d, f"{reason} at {_where(node)} mixes axes that cannot be matched")
 
     def pin(self, d: Dim | None, reason: str) -> None:

@@ -23,6 +23,8 @@ import warnings
 import torch
 from torch.export import Dim
 
+from passes.normalize import unshare_size_arithmetic
+
 from .errors import CaptureError
 from .level import LevelInfo, make_level
 
@@ -134,6 +136,7 @@ def capture(
     finally:
         model.train(was_training)
     gm = ep.module()
+    unshare_size_arithmetic(gm)
     info = LevelInfo(
         example_inputs=tuple(x.detach().clone() for x in args),
         frontend=frontend,

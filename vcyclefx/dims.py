@@ -196,24 +196,29 @@ class DimTable:
 
     def match_products(self, a: list[Dim], b: list[Dim], where: str) -> None:
         """Unify two row-major factorisations of the same total (reshape semantics), refining
-        factors into common atoms where the boundaries nest; raises DimConflict otherwise."""
+        factors into common atoms where the boundaries nest. Where they do not, the suffix that
+        matched is still unified and DimConflict carries the unmatched prefixes
+        (``e.unmatched``)."""
         a = [d for d in a if d.size != 1]
         b = [d for d in b if d.size != 1]
         atoms_a: list[list[Size]] = [[] for _ in a]
         atoms_b: list[list[Size]] = [[] for _ in b]
-        links: list[tuple[int, int, int, int]] = []  # (ia, pos in a, ib, pos in b) per atom
+        links: list[tuple[int, int]] = []  # (factor of a, factor of b) per atom, right to left
         i, j = len(a) - 1, len(b) - 1
+        clean = (i, j, 0)  # both sides fully matched to the right of (i, j); links[:n] belong
         ra = a[i].size if i >= 0 else 1
         rb = b[j].size if j >= 0 else 1
+        failed = False
         while i >= 0 and j >= 0:
             if _eq(ra, rb):
                 atom = ra
-            elif (q := _div(ra, rb)) is not None:
+            elif _div(ra, rb) is not None:
                 atom = rb
             elif _div(rb, ra) is not None:
                 atom = ra
             else:
-                raise DimConflict(f"{where}: cannot match sizes {[d.size for d in a]} with {[d.size for d in b]}")
+                failed = True
+                break
             atoms_a[i].insert(0, atom)
             atoms_b[j].insert(0, atom)
             links.append((i, j))
@@ -225,15 +230,23 @@ class DimTable:
             if rb == 1:
                 j -= 1
                 rb = b[j].size if j >= 0 else 1
-        if i >= 0 or j >= 0:
-            raise DimConflict(f"{where}: sizes {[d.size for d in a]} and {[d.size for d in b]} differ")
-        # materialise: each factor is itself (one atom) or refined into its atoms
-        kids_a = [self._atomise(d, atoms_a[k], where) for k, d in enumerate(a)]
-        kids_b = [self._atomise(d, atoms_b[k], where) for k, d in enumerate(b)]
-        # atoms were emitted right to left; pair them in the same order
-        pos_a = [len(k) for k in kids_a]
-        pos_b = [len(k) for k in kids_b]
-        for ia, ib in links:
+            if ra == (a[i].size if i >= 0 else 1) and rb == (b[j].size if j >= 0 else 1):
+                clean = (i, j, len(links))
+        if failed or i >= 0 or j >= 0:
+            ci, cj, n = clean
+            self._materialise(a, b, atoms_a, atoms_b, links[:n], ci + 1, cj + 1, where)
+            err = DimConflict(f"{where}: cannot match sizes {[d.size for d in a]} with {[d.size for d in b]}")
+            err.unmatched = (a[: ci + 1], b[: cj + 1])
+            raise err
+        self._materialise(a, b, atoms_a, atoms_b, links, 0, 0, where)
+
+    def _materialise(self, a, b, atoms_a, atoms_b, links, start_a, start_b, where) -> None:
+        """Refine factors a[start_a:], b[start_b:] into their atoms and unify the atoms."""
+        kids_a = {k: self._atomise(a[k], atoms_a[k], where) for k in range(start_a, len(a))}
+        kids_b = {k: self._atomise(b[k], atoms_b[k], where) for k in range(start_b, len(b))}
+        pos_a = {k: len(v) for k, v in kids_a.items()}
+        pos_b = {k: len(v) for k, v in kids_b.items()}
+        for ia, ib in links:  # atoms were found right to left
             pos_a[ia] -= 1
             pos_b[ib] -= 1
             self.unify(kids_a[ia][pos_a[ia]], kids_b[ib][pos_b[ib]], where)
@@ -313,3 +326,17 @@ def new_size(table: DimTable, d: Dim, leaf_sizes: dict[int, int]) -> Size:
         return leaf_sizes.get(r.id, r.size)
     sizes = [new_size(table, c, leaf_sizes) for c in r.children]
     return _mul_all(sizes) if r.kind == PROD else _sum_all(sizes)
+
+
+def layout_size(layout) -> int:
+    """Static size of a layout from :meth:`DimTable.layout`."""
+    if isinstance(layout, Dim):
+        return int(layout.size)
+    kind, kids = layout
+    sizes = [layout_size(k) for k in kids]
+    out = 1
+    if kind == PROD:
+        for s in sizes:
+            out *= s
+        return out
+    return sum(sizes)

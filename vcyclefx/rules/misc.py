@@ -39,33 +39,37 @@ def _sym_size(ctx, node):
 
 
 def _sym_mul_rewrite(rw, node):
-    out = {}
-    for i, a in enumerate(node.args):
-        d = rw.literal(node, str(i))
-        if isinstance(a, int) and d is not None:
-            n = rw.new_size(d)
-            if n != a:
-                out[str(i)] = n
-    return out
+    """The literal factor is whatever the product's new size leaves after the other factors."""
+    out_dim = rw.dims(node)
+    lit = [i for i, a in enumerate(node.args) if isinstance(a, int) and not isinstance(a, bool)]
+    if not isinstance(out_dim, Dim) or len(lit) != 1:
+        return {}
+    total = rw.new_size(out_dim)
+    others = 1
+    for a in node.args:
+        if isinstance(a, Node):
+            d = rw.dims(a)
+            if not isinstance(d, Dim):
+                return {}
+            others = others * rw.new_size(d)
+    new = _exact_div(total, others)
+    old = node.args[lit[0]]
+    return {str(lit[0]): new} if new is not None and new != old else {}
+
+
+def _exact_div(a, b):
+    import sympy
+
+    r = sympy.sympify(a) / sympy.sympify(b)
+    return int(r) if r.is_Integer else None
 
 
 @register_rule(operator.mul, rewrite=_sym_mul_rewrite)
 def _sym_mul(ctx, node):
-    """SymInt product (e.g. batch * heads in a view): its literal factor is a size."""
-    parts = []
-    for i, a in enumerate(node.args):
-        if isinstance(a, Node) and isinstance(ctx.dims(a), Dim):
-            parts.append(ctx.dims(a))
-        elif isinstance(a, int):
-            d = ctx.table.new(a)
-            ctx.literal(node, str(i), d)
-            parts.append(d)
-        else:
-            ctx.out_fresh(node)
-            return
-    out = ctx.out_fresh(node)
-    if isinstance(out, Dim):
-        ctx.refine(out, PROD, parts, node)
+    """SymInt product (e.g. batch * heads in a view). Multiplication has no order, so the
+    product is not refined here; its literal factor is recomputed at rewrite time from the
+    axis it sizes."""
+    ctx.out_fresh(node)
 
 
 @register_rule(operator.add, operator.sub, operator.floordiv, operator.truediv, operator.mod,

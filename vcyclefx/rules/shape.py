@@ -6,7 +6,7 @@ from typing import Any
 
 from torch.fx import Node
 
-from ..dims import CAT, PROD
+from ..dims import CAT, PROD, Dim
 from ..registry import register_rule
 from ._util import aten, norm_dim, norm_dims, shape_entries_rewrite
 
@@ -14,18 +14,26 @@ _INT_MAX = 2**62
 
 
 # -- reshape family -----------------------------------------------------------------------------
+def _shape_arg(node) -> str:
+    return "shape" if node.target is aten.reshape.default else "size"
+
+
 def _reshape(ctx, node):
     src = ctx.dims(node.args[0])
     out = ctx.out_fresh(node)
     ctx.match_products(src, out, node, "reshape")
-    for i, e in enumerate(ctx.arg(node, "size") or ()):
-        if isinstance(e, Node) and isinstance(ctx.dims(e), object) and ctx.dims(e) is not None:
+    for i, e in enumerate(ctx.arg(node, _shape_arg(node)) or ()):
+        if isinstance(e, Node) and isinstance(ctx.dims(e), Dim):
             ctx.unify(ctx.dims(e), out[i], node)
+
+
+def _rewrite_reshape(rw, node):
+    return shape_entries_rewrite(_shape_arg(node))(rw, node)
 
 
 register_rule(
     aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.view_copy.default,
-    rewrite=shape_entries_rewrite("size"),
+    rewrite=_rewrite_reshape,
 )(_reshape)
 
 

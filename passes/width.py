@@ -1,0 +1,375 @@
+"""The width pass: coalesce or de-coalesce the units of spaces.
+
+Semantics (DESIGN.md, "Exact semantics"), for a space with groups G_1..G_m:
+
+- coalesce, producer axis:    new[g] = mean(old[i] for i in G_g)
+- coalesce, consumer axis:    new[g] = sum(old[i] for i in G_g)
+- de-coalesce, producer axis: new[i] = old[g(i)]
+- de-coalesce, consumer axis: new[i] = old[g(i)] / |G_g(i)|
+
+Each tensor axis is rewritten through its layout (products and concatenations of leaf dims
+found by the analysis): the axis is viewed as its leaves, the index ops act on the leaves of
+resized spaces, and the axis is flattened back. Mappings stay in sparse index form
+(``index_add`` / ``index_select``); nothing builds an n-by-n matrix.
+
+A tied tensor (producer and consumer on one axis, e.g. GPT-2's embedding = LM head) keeps the
+producer rule; its consumer input is compensated by the group size, folded into the norm that
+produces that input where this is exact (power-of-two factors), otherwise by a scale node.
+
+The graph is copied, every literal size of a resized space is rewritten by its op's rule, and
+``meta["val"]`` is recomputed with batch and sequence sizes still symbolic.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.fx import GraphModule, Node
+
+from vcyclefx.analysis import PRODUCER, Analysis
+from vcyclefx.dims import PROD, Dim, layout_size, new_size
+from vcyclefx.errors import PlanError
+from vcyclefx.level import level_info, make_level
+from vcyclefx.mapping import Compensation, SpaceMap
+from vcyclefx.registry import get_arg, rule_for, set_arg
+
+from .common import PassResult, check_graph, copy_graph, fetch_attr, rebuild
+from .meta import recompute_meta
+
+log = logging.getLogger("vcyclefx.passes.width")
+aten = torch.ops.aten
+
+COALESCE = "coalesce"
+DECOALESCE = "decoalesce"
+SCALE_META = "vcyclefx_scale"
+
+
+@dataclass(frozen=True)
+class WidthPlan:
+    direction: str  # COALESCE (input is the larger level) or DECOALESCE (input is the smaller)
+    spaces: tuple[SpaceMap, ...]
+
+
+# ---------------------------------------------------------------------------------------------
+# preconditions
+# ---------------------------------------------------------------------------------------------
+def requires(analysis: Analysis, plan: WidthPlan) -> dict[int, SpaceMap]:
+    """Map each planned space to its leaf dim; check sizes and resizability."""
+    if plan.direction not in (COALESCE, DECOALESCE):
+        raise PlanError(f"width direction must be {COALESCE!r} or {DECOALESCE!r}")
+    by_root: dict[int, SpaceMap] = {}
+    keys = {s.key: s for s in analysis.spaces}
+    for sm in plan.spaces:
+        space = keys.get(sm.key)
+        if space is None:
+            raise PlanError(
+                f"space {sm.key} is not in this model; the mapping was made for another model "
+                "(or another level of it)"
+            )
+        expected = sm.large if plan.direction == COALESCE else sm.small
+        if space.size != expected:
+            raise PlanError(
+                f"space {sm.key} has {space.size} units here but the mapping expects {expected} "
+                f"to {plan.direction}; the mapping was made for another level"
+            )
+        if not space.resizable:
+            raise PlanError(f"space {sm.key} is pinned: {space.reason}")
+        by_root[space.root.id] = sm
+    return by_root
+
+
+# ---------------------------------------------------------------------------------------------
+# tensors
+# ---------------------------------------------------------------------------------------------
+class _Units:
+    """Index tensors of one space map, cached per device."""
+
+    def __init__(self, sm: SpaceMap):
+        self.sm = sm
+        self.index = torch.tensor(sm.index, dtype=torch.long)
+        self.counts = torch.bincount(self.index, minlength=sm.small)
+
+    def coalesce(self, t: torch.Tensor, axis: int, producer: bool) -> torch.Tensor:
+        shape = list(t.shape)
+        shape[axis] = self.sm.small
+        out = torch.zeros(shape, dtype=t.dtype, device=t.device)
+        out.index_add_(axis, self.index.to(t.device), t)
+        if producer:
+            out = out / _along(self.counts.to(t.device, t.dtype), axis, out.dim())
+        return out
+
+    def decoalesce(self, t: torch.Tensor, axis: int, producer: bool) -> torch.Tensor:
+        idx = self.index.to(t.device)
+        out = t.index_select(axis, idx)
+        if not producer:
+            out = out / _along(self.counts.to(t.device, t.dtype)[idx], axis, out.dim())
+        return out
+
+
+def _along(v: torch.Tensor, axis: int, ndim: int) -> torch.Tensor:
+    shape = [1] * ndim
+    shape[axis] = -1
+    return v.reshape(shape)
+
+
+def _has_resized(layout, resized: dict[int, _Units]) -> bool:
+    if isinstance(layout, Dim):
+        return layout.id in resized
+    return any(_has_resized(k, resized) for k in layout[1])
+
+
+def _apply_axis(t, axis, layout, resized, direction, producer, table):
+    if not _has_resized(layout, resized):
+        return t
+    if isinstance(layout, Dim):
+        u = resized[layout.id]
+        return u.coalesce(t, axis, producer) if direction == COALESCE else u.decoalesce(t, axis, producer)
+    kind, kids = layout
+    sizes = [layout_size(k) for k in kids]
+    if kind == PROD:
+        x = t.reshape(*t.shape[:axis], *sizes, *t.shape[axis + 1 :])
+        for i, kid in enumerate(kids):
+            x = _apply_axis(x, axis + i, kid, resized, direction, producer, table)
+        return x.reshape(*t.shape[:axis], -1, *t.shape[axis + 1 :])
+    pieces = torch.split(t, sizes, dim=axis)
+    return torch.cat(
+        [_apply_axis(p, axis, k, resized, direction, producer, table) for p, k in zip(pieces, kids)],
+        dim=axis,
+    )
+
+
+def _new_tensors(analysis: Analysis, resized: dict[int, _Units], direction: str) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    table = analysis.table
+    for name, st in analysis.tensors.items():
+        layouts = [table.layout(d) for d in st.dims]
+        axes = [i for i, lay in enumerate(layouts) if _has_resized(lay, resized)]
+        if not axes:
+            continue
+        if not st.dtype.is_floating_point:
+            raise PlanError(f"tensor {name} ({st.dtype}) lies in a resized space; vcyclefx maps "
+                            "float tensors only")
+        t = fetch_attr(analysis.gm, name).detach()
+        for ax in axes:
+            roles = analysis.roles.get((name, ax), set())
+            producer = PRODUCER in roles or not roles
+            t = _apply_axis(t, ax, layouts[ax], resized, direction, producer, table)
+        out[name] = t
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# tied tensors: compensation
+# ---------------------------------------------------------------------------------------------
+_TRANSPARENT = {
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.slice.Tensor,
+    aten.contiguous.default, aten.clone.default, aten.to.dtype, aten.to.dtype_layout,
+    aten._to_copy.default, aten.dropout.default, aten.alias.default, aten.transpose.int,
+    aten.permute.default, aten.unsqueeze.default, aten.squeeze.dim,
+}
+
+
+def _group_factor(analysis: Analysis, name: str, axis: int, resized: dict[int, _Units]) -> float:
+    factor = 1.0
+    for leaf in analysis.table.leaves(analysis.tensors[name].dims[axis]):
+        u = resized.get(leaf.id)
+        if u is None:
+            continue
+        sizes = set(u.counts.tolist())
+        if len(sizes) != 1:
+            raise PlanError(
+                f"tensor {name} is tied (producer and consumer) in space {u.sm.key}, which needs "
+                "equal group sizes; choose a width factor that divides its "
+                f"{u.sm.large} units evenly"
+            )
+        factor *= sizes.pop()
+    return factor
+
+
+def _fold_target(analysis: Analysis, act: Node) -> tuple[Node, list[str]] | None:
+    """The norm producing ``act`` through single-use transparent ops, and its affine tensors."""
+    node = act
+    while True:
+        if len(node.users) != 1:
+            return None
+        if node.op != "call_function":
+            return None
+        if node.target in (aten.layer_norm.default, aten.rms_norm.default):
+            w = get_arg(node, "weight")
+            b = get_arg(node, "bias", None) if node.target is aten.layer_norm.default else None
+            params = [p for p in (w, b) if isinstance(p, Node) and p.op == "get_attr"]
+            if not isinstance(w, Node) or len(params) != (2 if isinstance(b, Node) else 1):
+                return None
+            return node, [analysis.alias_of.get(p.target, p.target) for p in params]
+        if node.target is aten.mul.Tensor:
+            a, b = node.args[0], node.args[1]
+            params = [x for x in (a, b) if isinstance(x, Node) and x.op == "get_attr"]
+            if len(params) == 1:
+                return node, [analysis.alias_of.get(params[0].target, params[0].target)]
+            return None
+        if node.target not in _TRANSPARENT:
+            return None
+        node = node.args[0]
+        if not isinstance(node, Node):
+            return None
+
+
+def _compensations(analysis: Analysis, resized: dict[int, _Units]) -> list[Compensation]:
+    out: list[Compensation] = []
+    done = set()
+    for c in analysis.consumers:
+        roles = analysis.roles.get((c.tensor, c.axis), set())
+        if len(roles) < 2:
+            continue
+        layout = analysis.table.layout(analysis.tensors[c.tensor].dims[c.axis])
+        if not _has_resized(layout, resized) or (c.tensor, c.node.name) in done:
+            continue
+        done.add((c.tensor, c.node.name))
+        k = _group_factor(analysis, c.tensor, c.axis, resized)
+        spaces = [resized[leaf.id].sm.key for leaf in analysis.table.leaves(
+            analysis.tensors[c.tensor].dims[c.axis]) if leaf.id in resized]
+        fold = _fold_target(analysis, c.activation)
+        exact = math.log2(k).is_integer()
+        out.append(Compensation(
+            tensor=c.tensor, space=",".join(spaces), factor=k, node=c.node.name,
+            fold=fold[1] if (fold and exact) else [],
+        ))
+    return out
+
+
+def _apply_folds(tensors: dict[str, torch.Tensor], analysis: Analysis,
+                 comps: list[Compensation], direction: str) -> None:
+    for comp in comps:
+        scale = comp.factor if direction == COALESCE else 1.0 / comp.factor
+        for name in comp.fold:
+            base = tensors.get(name)
+            if base is None:
+                base = fetch_attr(analysis.gm, name).detach()
+            tensors[name] = base * scale
+
+
+def _apply_scale_nodes(graph_nodes: dict[str, Node], comps: list[Compensation], direction: str) -> None:
+    for comp in comps:
+        if comp.fold:
+            continue
+        node = graph_nodes[comp.node]
+        scale = comp.factor if direction == COALESCE else 1.0 / comp.factor
+        # the consumer's activation operand is the first argument of the contraction
+        act = next(a for a in node.all_input_nodes if a.op != "get_attr")
+        if SCALE_META in act.meta:
+            value = act.meta[SCALE_META]["value"] * scale
+            if value == 1.0:
+                act.replace_all_uses_with(act.args[0])
+                act.graph.erase_node(act)
+            else:
+                act.args = (act.args[0], value)
+                act.meta[SCALE_META] = {"tensor": comp.tensor, "value": value}
+            continue
+        with node.graph.inserting_before(node):
+            new = node.graph.call_function(aten.mul.Tensor, (act, scale))
+        new.meta = {k: v for k, v in act.meta.items() if k != SCALE_META}
+        new.meta[SCALE_META] = {"tensor": comp.tensor, "value": scale}
+        node.replace_input_with(act, new)
+
+
+# ---------------------------------------------------------------------------------------------
+# graph literals
+# ---------------------------------------------------------------------------------------------
+class Rewriter:
+    """What rule rewrite functions see: the old node's dims and the new sizes."""
+
+    def __init__(self, analysis: Analysis, leaf_sizes: dict[int, int]):
+        self.analysis = analysis
+        self.leaf_sizes = leaf_sizes
+
+    def new_size(self, d: Dim):
+        return new_size(self.analysis.table, d, self.leaf_sizes)
+
+    def dims(self, node: Node):
+        return self.analysis.node_dims.get(node)
+
+    def arg(self, node: Node, name: str, default=None):
+        return get_arg(node, name, default)
+
+    def record(self, node: Node, key: str):
+        return self.analysis.records.get(node, {}).get(key)
+
+    def literal(self, node: Node, key: str):
+        return self.analysis.literals.get((node, key))
+
+
+def _apply_changes(new_node: Node, changes: dict) -> None:
+    target = changes.pop("__target__", None)
+    if target is not None:
+        new_node.target = target
+    for key, value in changes.items():
+        if key.isdigit():
+            args = list(new_node.args)
+            args[int(key)] = value
+            new_node.args = tuple(args)
+        else:
+            set_arg(new_node, key, value)
+
+
+def rewrite_graph(gm: GraphModule, rw: Rewriter):
+    """Copy ``gm``'s graph with every literal size rewritten; also returns rewritten
+    higher-order-op bodies as new submodules."""
+    graph, node_map = copy_graph(gm.graph)
+    new_subs: dict[str, GraphModule] = {}
+    for old in gm.graph.nodes:
+        if old.op != "call_function":
+            continue
+        if isinstance(old.target, torch._ops.HigherOrderOperator):
+            for a in old.args:
+                if isinstance(a, Node) and a.op == "get_attr" and a.target not in new_subs:
+                    sub = fetch_attr(gm, a.target)
+                    if isinstance(sub, GraphModule):
+                        sub_graph, _ = rewrite_graph(sub, rw)
+                        new_subs[a.target] = GraphModule(sub, sub_graph)
+            continue
+        rule = rule_for(old)
+        if rule.rewrite is None:
+            continue
+        changes = rule.rewrite(rw, old)
+        if changes:
+            log.debug("%s: %s", old.name, changes)
+            changes = {k: torch.fx.node.map_arg(v, lambda n: node_map[n]) for k, v in changes.items()}
+            _apply_changes(node_map[old], changes)
+    return (graph, node_map) if not new_subs else (graph, node_map, new_subs)
+
+
+# ---------------------------------------------------------------------------------------------
+# the pass
+# ---------------------------------------------------------------------------------------------
+def width_pass(gm: GraphModule, analysis: Analysis, plan: WidthPlan) -> PassResult:
+    """Resize the spaces in ``plan``; returns the new level and the compensations applied."""
+    by_root = requires(analysis, plan)
+    resized = {rid: _Units(sm) for rid, sm in by_root.items()}
+    leaf_sizes = {rid: (sm.small if plan.direction == COALESCE else sm.large) for rid, sm in by_root.items()}
+    comps = _compensations(analysis, resized)
+    tensors = _new_tensors(analysis, resized, plan.direction)
+    _apply_folds(tensors, analysis, comps, plan.direction)
+
+    rw = Rewriter(analysis, leaf_sizes)
+    result = rewrite_graph(gm, rw)
+    graph, node_map = result[0], result[1]
+    new_subs = result[2] if len(result) == 3 else {}
+    _apply_scale_nodes({n.name: n for n in graph.nodes}, comps, plan.direction)
+
+    new_attrs: dict = dict(new_subs)
+    params = dict(gm.named_parameters(remove_duplicate=False))
+    for name, t in tensors.items():
+        old = fetch_attr(gm, name)
+        obj = torch.nn.Parameter(t, requires_grad=old.requires_grad) if name in params else t
+        for alias in analysis.tensors[name].aliases:
+            new_attrs[alias] = obj
+        new_attrs[name] = obj
+    graph.lint()
+    new = rebuild(gm, graph, new_attrs)
+    recompute_meta(new)
+    make_level(new, level_info(gm), training=gm.training)
+    check_graph(new, what="width pass")
+    return PassResult(new, comps)

@@ -1,0 +1,174 @@
+"""``vf.coalesce`` / ``vf.decoalesce`` / ``vf.interpolate``: the public transforms.
+
+A Mapping always relates a larger level to a smaller one. Coalescing applies width, then depth;
+de-coalescing applies depth, then width, so the width part of a mapping always refers to the
+full-depth graph of the larger level.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from passes.width import COALESCE, DECOALESCE, WidthPlan, width_pass
+
+from .analysis import analyze
+from .errors import LevelError, MappingError, PlanError
+from .level import as_level, level_info
+from .mapping import Mapping
+from .plan import plan_width
+
+
+def tensor_shapes(level) -> dict[str, list[int]]:
+    out = {k: list(v.shape) for k, v in level.named_parameters(remove_duplicate=False)}
+    out.update({k: list(v.shape) for k, v in level.named_buffers(remove_duplicate=False)})
+    return out
+
+
+def _check_shapes(level, expected: dict[str, list[int]], which: str) -> None:
+    actual = tensor_shapes(level)
+    for name, shape in expected.items():
+        if name not in actual:
+            raise MappingError(
+                f"tensor {name} of the mapping's {which} level is not in this model; the mapping "
+                "was made for another model"
+            )
+        if actual[name] != list(shape):
+            raise MappingError(
+                f"tensor {name} has shape {actual[name]} here but {list(shape)} on the mapping's "
+                f"{which} level; the mapping was made for another model or level"
+            )
+    extra = sorted(set(actual) - set(expected))
+    if extra:
+        raise MappingError(f"tensor {extra[0]} is not in the mapping's {which} level; the mapping "
+                           "was made for another model")
+
+
+def _width(level, spaces, direction):
+    if not spaces:
+        return level, []
+    res = width_pass(level, analyze(level, chains=False), WidthPlan(direction, tuple(spaces)))
+    return res.module, res.mapping
+
+
+def _depth(level, chains, direction, depth_init=None):
+    if not chains:
+        return level
+    from passes.depth import DepthPlan, depth_pass
+
+    res = depth_pass(level, analyze(level), DepthPlan(direction, tuple(chains), depth_init))
+    return res.module
+
+
+def _plan_depth(level, factor, pairing, coalesce, depth_init="copy"):
+    if factor == 1:
+        return []
+    from .depthplan import plan_depth
+
+    return plan_depth(analyze(level), factor, pairing, coalesce=coalesce, depth_init=depth_init)
+
+
+def coalesce(model, example_inputs=None, *, width: float = 1.0, depth: float = 1.0,
+             pairing: str = "strided", depth_pairing: str = "adjacent",
+             mapping: Mapping | None = None, **capture_kwargs):
+    """A smaller level of ``model`` and the Mapping from ``model`` to it."""
+    level = as_level(model, example_inputs, **capture_kwargs)
+    if mapping is not None:
+        if width != 1.0 or depth != 1.0:
+            raise PlanError("pass either mapping= or width=/depth= factors, not both")
+        _check_shapes(level, mapping.large_shapes, "larger")
+        cur, _ = _width(level, mapping.spaces, COALESCE)
+        cur = _depth(cur, mapping.chains, COALESCE)
+        _check_shapes(cur, mapping.small_shapes, "smaller")
+        return cur, mapping
+    large = tensor_shapes(level)
+    spaces, kept = [], []
+    if width != 1.0:
+        decision = plan_width(analyze(level, chains=False), width, pairing, coalesce=True)
+        spaces, kept = decision.spaces, decision.kept
+    elif not (0 < depth <= 1):
+        raise PlanError(f"depth={depth} must be in (0, 1] to coalesce (e.g. depth=0.5)")
+    cur, comps = _width(level, spaces, COALESCE)
+    chains = _plan_depth(cur, depth, depth_pairing, coalesce=True)
+    cur = _depth(cur, chains, COALESCE)
+    info = level_info(level)
+    m = Mapping(spaces=list(spaces), chains=list(chains), compensations=list(comps),
+                large_shapes=large, small_shapes=tensor_shapes(cur), kept=kept,
+                source_class=info.source_class if info else None)
+    return cur, m
+
+
+def decoalesce(model, example_inputs=None, *, width: float = 1.0, depth: float = 1.0,
+               pairing: str = "strided", depth_pairing: str = "adjacent",
+               depth_init: str = "copy", mapping: Mapping | None = None, **capture_kwargs):
+    """A larger level: grown by factors, or restored to the shapes ``mapping`` came from."""
+    if depth_init not in ("copy", "identity"):
+        raise PlanError(f"depth_init={depth_init!r} must be 'copy' or 'identity'")
+    level = as_level(model, example_inputs, **capture_kwargs)
+    if mapping is not None:
+        if width != 1.0 or depth != 1.0:
+            raise PlanError("pass either mapping= or width=/depth= factors, not both")
+        _check_shapes(level, mapping.small_shapes, "smaller")
+        cur = _depth(level, mapping.chains, DECOALESCE)
+        cur, _ = _width(cur, mapping.spaces, DECOALESCE)
+        _check_shapes(cur, mapping.large_shapes, "larger")
+        return cur, mapping
+    small = tensor_shapes(level)
+    if depth != 1.0 and depth < 1:
+        raise PlanError(f"depth={depth} must be >= 1 to de-coalesce (e.g. depth=2.0)")
+    chains = _plan_depth(level, depth, depth_pairing, coalesce=False, depth_init=depth_init)
+    cur = _depth(level, chains, DECOALESCE)
+    spaces, kept = [], []
+    if width != 1.0:
+        decision = plan_width(analyze(cur, chains=False), width, pairing, coalesce=False)
+        spaces, kept = decision.spaces, decision.kept
+    cur, comps = _width(cur, spaces, DECOALESCE)
+    info = level_info(level)
+    m = Mapping(spaces=list(spaces), chains=list(chains), compensations=list(comps),
+                large_shapes=tensor_shapes(cur), small_shapes=small, kept=kept,
+                source_class=info.source_class if info else None)
+    return cur, m
+
+
+def interpolate(before, after, alpha: float):
+    """``(1 - alpha) * before + alpha * after``, tensor by tensor, for same-shaped levels.
+
+    Floating tensors are interpolated; integer buffers (step counters) are taken from ``after``.
+    Returns a new level with ``before``'s graph; neither input is changed.
+    """
+    if not isinstance(alpha, (int, float)) or not (0.0 <= float(alpha) <= 1.0):
+        raise PlanError(f"alpha={alpha!r} must be a number in [0, 1]")
+    for name, m in (("before", before), ("after", after)):
+        if not isinstance(m, torch.nn.Module):
+            raise LevelError(f"interpolate: {name} must be a module, got {type(m).__name__}")
+    sa, sb = before.state_dict(keep_vars=True), after.state_dict(keep_vars=True)
+    if sa.keys() != sb.keys():
+        missing = sorted(set(sa) ^ set(sb))
+        raise MappingError(f"interpolate: the levels have different tensors (first difference: "
+                           f"{missing[0]})")
+    for k in sa:
+        if sa[k].shape != sb[k].shape:
+            raise MappingError(f"interpolate: tensor {k} has shape {list(sa[k].shape)} in before "
+                               f"but {list(sb[k].shape)} in after")
+    import copy
+
+    out = copy.deepcopy(before)
+    info = level_info(before)
+    if info is not None:
+        from .level import make_level
+
+        make_level(out, info, training=before.training)
+    alpha = float(alpha)
+    with torch.no_grad():
+        new_state = {}
+        for k, a in sa.items():
+            b = sb[k]
+            if not a.dtype.is_floating_point:
+                new_state[k] = b.detach().clone()
+            elif alpha == 0.0:
+                new_state[k] = a.detach().clone()
+            elif alpha == 1.0:
+                new_state[k] = b.detach().clone()
+            else:
+                new_state[k] = torch.lerp(a.detach(), b.detach().to(a.dtype), alpha)
+        out.load_state_dict(new_state)
+    return out

@@ -1,0 +1,537 @@
+"""ONNX export of a level, checked against torch with onnxruntime.
+
+``export_onnx(level, example_inputs, "level1.onnx", check=True)``:
+
+1. the level (a vcyclefx GraphModule, or an ``nn.Module`` that is captured first) is switched to
+   eval mode (dropout off, BatchNorm running statistics) for the export and switched back after;
+2. it is re-exported with ``torch.export`` with the dimensions the level captured as symbolic
+   (``level_info(level).dynamic_dims``: batch, sequence) kept dynamic, and translated by the
+   dynamo-based ``torch.onnx`` exporter (opset >= 18). Inputs are named after the level's
+   placeholders (the model's ``forward`` arguments), outputs after their pytree paths (``logits``
+   for a Hugging Face ``ModelOutput``), dynamic axes ``batch``/``sequence``/``<input>_dim<d>``;
+3. the file passes ``onnx.checker.check_model(full_check=True)``;
+4. with ``check=True`` it is run in onnxruntime on fresh random inputs at two sizes different
+   from the capture's (along the dynamic dimensions only, inside the ranges ``torch.export``
+   allows) and compared with the torch level: per output, the *relative error*
+   ``max|onnx - torch| / max|torch|`` must be <= ``rtol`` (precisely: ``max|onnx - torch| <=
+   rtol * max|torch| + atol``; ``atol`` only matters for outputs that are all zeros).
+
+Everything is written into a temporary directory beside the output and moved into place only
+when all steps succeeded, so a failure never leaves a partial ``.onnx`` (or external-data file)
+behind. A failure is an :class:`~vcyclefx.errors.ExportError` naming the node and op at fault and
+the exporter's markdown report, which is kept beside the output file.
+
+This module is imported by the CLI to register ``export-onnx``; torch.onnx, onnx and onnxruntime
+are imported inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from .errors import ExportError
+
+log = logging.getLogger("vcyclefx.onnx_export")
+
+MIN_OPSET = 18
+
+
+@dataclass(frozen=True)
+class OutputCheck:
+    """One output of one onnxruntime run compared with torch."""
+
+    output: str  # the ONNX output name
+    input_shapes: tuple  # the shapes of the inputs of this run
+    max_abs_error: float  # max |onnx - torch|
+    max_abs_ref: float  # max |torch|
+    rel_error: float  # max_abs_error / max_abs_ref (max_abs_error when the reference is all zeros)
+    ok: bool  # max_abs_error <= rtol * max_abs_ref + atol
+
+
+def export_onnx(
+    level,
+    example_inputs=None,
+    path=None,
+    check: bool = True,
+    *,
+    opset: int = MIN_OPSET,
+    rtol: float = 1e-4,
+    atol: float = 1e-6,
+    check_sizes: Sequence[Sequence[Sequence[int]]] | None = None,
+    frontend: str | None = None,
+    custom_translation_table: dict | None = None,
+) -> Path:
+    """Export ``level`` to the ONNX file ``path`` and return the path.
+
+    ``level`` is a level made by vcyclefx (then ``example_inputs`` may be None: the inputs it was
+    captured with are used) or an ``nn.Module`` (captured first with ``frontend``, default
+    torch.export). ``check_sizes`` replaces the two default check sizes: a list of runs, each a
+    tuple with one shape per input. ``custom_translation_table`` is passed to ``torch.onnx.export``
+    (``{aten_op: onnxscript_function}``) to supply lowerings the exporter lacks.
+    """
+    if path is None:
+        raise ExportError("export_onnx needs an output path: export_onnx(level, example_inputs, "
+                          "'level.onnx')")
+    if opset < MIN_OPSET:
+        raise ExportError(f"opset={opset}: the dynamo-based exporter needs opset >= {MIN_OPSET}")
+    path = Path(path)
+    level, args = _level_and_inputs(level, example_inputs, frontend)
+    with _eval_mode(level), _staging(path) as stage:
+        ep = _reexport(level, args)
+        names = _io_names(level, ep, args)
+        log.info("export: %s -> %s (opset %d, inputs %s, outputs %s, dynamic axes %s)",
+                 type(level).__name__, path, opset, ", ".join(names.inputs),
+                 ", ".join(names.outputs), _describe_axes(names) or "none")
+        program = _translate(ep, names, opset, stage.reports, custom_translation_table)
+        _rename_symbolic_dims(program, names.axes)
+        program.save(str(stage.file))
+        _check_model(stage.file)
+        if check:
+            results = check_onnx(level, stage.file, args, sizes=check_sizes, rtol=rtol, atol=atol,
+                                 _exported=ep)
+            _raise_on_mismatch(results, rtol, atol)
+    return path
+
+
+def check_onnx(level, onnx_path, example_inputs=None, *, sizes=None, rtol: float = 1e-4,
+               atol: float = 1e-6, seed: int = 0, _exported=None) -> list[OutputCheck]:
+    """Run ``onnx_path`` in onnxruntime and ``level`` in torch (eval mode) on the same fresh random
+    inputs, one run per entry of ``sizes`` (default: two sizes different from the capture's), and
+    return one :class:`OutputCheck` per run and output. Raises nothing on a mismatch (see
+    ``OutputCheck.ok``); raises :class:`ExportError` if the file does not run or its outputs do
+    not have the torch shapes."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    import torch.utils._pytree as pytree
+
+    level, args = _level_and_inputs(level, example_inputs, None)
+    with _eval_mode(level):
+        ep = _exported if _exported is not None else _reexport(level, args)
+        sizes = [tuple(map(tuple, s)) for s in sizes] if sizes else default_check_sizes(ep, args)
+        try:
+            session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 - any onnxruntime failure is reported with its file
+            raise ExportError(f"{onnx_path}: onnxruntime cannot load the model "
+                              f"({type(e).__name__}: {_first_line(e)})") from e
+        feeds_names = [i.name for i in session.get_inputs()]
+        out_names = [o.name for o in session.get_outputs()]
+        if len(feeds_names) != len(args):
+            raise ExportError(f"{onnx_path}: the ONNX model has {len(feeds_names)} inputs "
+                              f"({feeds_names}), the level takes {len(args)}")
+        generator = torch.Generator().manual_seed(seed)
+        results = []
+        for shapes in sizes:
+            inputs = fresh_inputs(args, shapes, generator)
+            with torch.no_grad():
+                expected = [t.detach().cpu().numpy() for t in pytree.tree_leaves(level(*inputs))]
+            try:
+                got = session.run(None, {n: x.numpy() for n, x in zip(feeds_names, inputs)})
+            except Exception as e:  # noqa: BLE001
+                raise ExportError(f"{onnx_path}: onnxruntime failed at input sizes {shapes} "
+                                  f"({type(e).__name__}: {_first_line(e)})") from e
+            if len(got) < len(expected):
+                raise ExportError(f"{onnx_path}: {len(got)} ONNX outputs for {len(expected)} "
+                                  "torch outputs")
+            for name, a, b in zip(out_names, got, expected):
+                if a.shape != b.shape:
+                    raise ExportError(f"{onnx_path}: output {name!r} has shape {list(a.shape)} in "
+                                      f"onnxruntime, {list(b.shape)} in torch (input sizes {shapes})")
+                results.append(_compare(name, shapes, np.asarray(a), b, rtol, atol))
+    return results
+
+
+def _compare(name, shapes, got, expected, rtol, atol) -> OutputCheck:
+    import numpy as np
+
+    a, b = got.astype(np.float64), expected.astype(np.float64)
+    finite = np.isfinite(b)
+    if not np.array_equal(finite, np.isfinite(a)) or not np.array_equal(a[~finite], b[~finite]):
+        return OutputCheck(name, shapes, float("inf"), float("nan"), float("inf"), False)
+    err = float(np.max(np.abs(a - b)[finite], initial=0.0))
+    ref = float(np.max(np.abs(b)[finite], initial=0.0))
+    rel = err / ref if ref > 0 else err
+    return OutputCheck(name, shapes, err, ref, rel, err <= rtol * ref + atol)
+
+
+def _raise_on_mismatch(results: list[OutputCheck], rtol: float, atol: float) -> None:
+    bad = [r for r in results if not r.ok]
+    if bad:
+        r = max(bad, key=lambda r: r.rel_error)
+        raise ExportError(
+            f"onnxruntime and torch disagree on output {r.output!r} at input sizes "
+            f"{list(map(list, r.input_shapes))}: relative error max|onnx - torch| / max|torch| = "
+            f"{r.rel_error:.3g} (max abs error {r.max_abs_error:.3g}, max |torch| "
+            f"{r.max_abs_ref:.3g}) > rtol={rtol:g} (atol={atol:g})")
+    for shapes in dict.fromkeys(r.input_shapes for r in results):
+        worst = max((r for r in results if r.input_shapes == shapes), key=lambda r: r.rel_error)
+        log.info("check: onnxruntime matches torch at input sizes %s: max relative error %.2e "
+                 "(%s)", list(map(list, shapes)), worst.rel_error, worst.output)
+
+
+# ---------------------------------------------------------------------------------------------
+# level, mode, re-export, names
+
+
+def _level_and_inputs(level, example_inputs, frontend):
+    import torch
+
+    from .level import as_level, level_info
+
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    kwargs = {"frontend": frontend} if frontend else {}
+    level = as_level(level, example_inputs, **kwargs)
+    args = tuple(example_inputs) if example_inputs is not None else level_info(level).example_inputs
+    return level, args
+
+
+@contextlib.contextmanager
+def _eval_mode(level):
+    """Eval mode (dropout off, BatchNorm running statistics) inside, the caller's mode after."""
+    was_training = level.training
+    level.eval()
+    try:
+        yield level
+    finally:
+        level.train(was_training)
+
+
+def _reexport(level, args):
+    """``torch.export`` of the level in its current mode, dynamic where the level was captured so."""
+    import torch
+    from torch.export import Dim
+
+    from .level import level_info
+
+    dyn = set(level_info(level).dynamic_dims)
+    shapes = tuple({d: Dim.AUTO for d in range(x.dim()) if (i, d) in dyn} for i, x in enumerate(args))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.export.export(level, args, dynamic_shapes=shapes, strict=False)
+    except Exception as e:  # noqa: BLE001
+        raise ExportError(f"torch.export of the level in eval mode failed (step 1 of the ONNX "
+                          f"export): {type(e).__name__}: {_first_line(e)}") from e
+
+
+@dataclass(frozen=True)
+class _Names:
+    inputs: list[str]
+    outputs: list[str]
+    axes: dict[str, str]  # symbol of a dynamic input dimension -> axis name in the ONNX file
+
+
+def _io_names(level, ep, args) -> _Names:
+    import torch
+    import torch.utils._pytree as pytree
+
+    placeholders = [n.name for n in level.graph.nodes if n.op == "placeholder"]
+    inputs = placeholders if len(placeholders) == len(args) else [f"input_{i}" for i in range(len(args))]
+    with torch.no_grad():
+        leaves = pytree.tree_flatten_with_path(level(*args))[0]
+    outputs = _unique([_path_name(p) for p, _ in leaves])
+    if len(outputs) != len(ep.graph_signature.user_outputs):
+        outputs = [f"output_{i}" for i in range(len(ep.graph_signature.user_outputs))]
+    axes: dict[str, str] = {}
+    for name, shape in zip(inputs, _input_shapes(ep)):
+        for d, s in enumerate(shape):
+            if _is_symbolic(s) and str(s) not in axes:
+                axes[str(s)] = "batch" if d == 0 else "sequence" if d == 1 else f"{name}_dim{d}"
+    return _Names(inputs, outputs, dict(zip(axes, _unique(list(axes.values())))))
+
+
+def _path_name(path) -> str:
+    import torch.utils._pytree as pytree
+
+    parts = []
+    for k in path:
+        if isinstance(k, pytree.MappingKey):
+            parts.append(str(k.key))
+        elif isinstance(k, pytree.GetAttrKey):
+            parts.append(k.name)
+        elif isinstance(k, pytree.SequenceKey):
+            parts.append(str(k.idx))
+        else:
+            parts.append(re.sub(r"\W+", "", str(k)))
+    name = "_".join(p for p in parts if p)
+    if not name or name[0].isdigit():
+        name = f"output_{name}" if name else "output"
+    return name
+
+
+def _unique(names: list[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        k = seen.get(n, 0)
+        seen[n] = k + 1
+        out.append(n if k == 0 else f"{n}_{k}")
+    return out
+
+
+def _input_shapes(ep) -> list[tuple]:
+    """The (possibly symbolic) shapes of the exported program's user inputs, in order."""
+    nodes = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+    return [tuple(nodes[name].meta["val"].shape) for name in ep.graph_signature.user_inputs]
+
+
+def _is_symbolic(s) -> bool:
+    import torch
+
+    return isinstance(s, torch.SymInt) and not s.node.expr.is_number
+
+
+def _describe_axes(names: _Names) -> str:
+    return ", ".join(sorted(set(names.axes.values())))
+
+
+# ---------------------------------------------------------------------------------------------
+# translation, staging, checker
+
+
+def _translate(ep, names: _Names, opset: int, report_dir: Path, table):
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.onnx.export(
+                ep, (), dynamo=True, opset_version=opset, input_names=names.inputs,
+                output_names=names.outputs, report=True, artifacts_dir=report_dir, verbose=False,
+                custom_translation_table=table,
+            )
+    except Exception as e:  # noqa: BLE001 - the exporter's errors are reported with their node
+        raise ExportError(_conversion_message(e)) from e
+
+
+_NODE_RE = re.compile(r"Error when translating node %(\S+) .*?target=([\w.]+)")
+_OP_RE = re.compile(r"<OpOverload\(op='([\w.]+)', overload='(\w+)'\)>")
+
+
+def _conversion_message(e: BaseException) -> str:
+    """Name the node and op at fault from the exporter's exception chain."""
+    chain, seen = [], set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    node = op = None
+    for err in chain:
+        text = str(err)
+        m = _NODE_RE.search(text)
+        if m and node is None:
+            node, op = m.group(1), m.group(2).removeprefix("torch.ops.")
+        m = _OP_RE.search(text)
+        if m and op is None:
+            op = f"{m.group(1)}.{m.group(2)}"
+    cause = chain[-1]
+    where = f"node %{node} ({op})" if node else f"op {op}" if op else "the exported program"
+    hint = (f" The exporter has no ONNX lowering for {op}: pass custom_translation_table="
+            f"{{torch.ops.{op}: onnxscript_function}} or rewrite the model without it."
+            if "No ONNX function found" in str(cause) else "")
+    return (f"cannot export {where} to ONNX: {type(cause).__name__}: {_first_line(cause)}.{hint}")
+
+
+class _Stage:
+    def __init__(self, root: Path, name: str):
+        self.root = root
+        self.file = root / name  # the ONNX file (and its external data, if any) are written here
+        self.reports = root / "reports"  # the exporter's markdown reports
+
+
+@contextlib.contextmanager
+def _staging(path: Path):
+    """A temporary directory beside ``path``; on success its files are moved into place (the
+    ``.onnx`` last), on failure the exporter's reports are kept beside ``path`` and the rest is
+    removed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stage = _Stage(Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-")), path.name)
+    stage.reports.mkdir()
+    moved: list[Path] = []
+    try:
+        yield stage
+        extra = [p for p in stage.root.iterdir() if p.is_file() and p != stage.file]
+        for p in extra + [stage.file]:  # external data first: the .onnx appears last
+            os.replace(p, path.parent / p.name)
+            moved.append(path.parent / p.name)
+    except BaseException as e:
+        for p in moved:  # only external data can have been moved: the .onnx goes last
+            p.unlink(missing_ok=True)
+        reports = _keep_reports(stage.reports, path)
+        if reports and isinstance(e, ExportError):
+            e.args = (f"{e.args[0]} Exporter report: {reports[0]}",)
+            e.report = reports[0]
+        raise
+    finally:
+        shutil.rmtree(stage.root, ignore_errors=True)
+
+
+def _keep_reports(report_dir: Path, path: Path) -> list[Path]:
+    """Move the exporter's failure reports next to ``path`` as ``<name>.<report>.md``."""
+    kept = []
+    for p in sorted(report_dir.glob("*.md")):
+        if p.name.endswith("_success.md"):
+            continue
+        dest = path.parent / f"{path.name}.{p.name}"
+        os.replace(p, dest)
+        kept.append(dest)
+    return kept
+
+
+def _check_model(file: Path) -> None:
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(file), full_check=True)
+    except Exception as e:  # noqa: BLE001
+        raise ExportError(f"the exported model fails onnx.checker: {type(e).__name__}: "
+                          f"{_first_line(e)}") from e
+
+
+def _rename_symbolic_dims(program, axes: dict[str, str]) -> None:
+    """Give the dynamic axes readable names (``s72`` -> ``batch``) in every shape of the graph."""
+    import onnx_ir as ir
+
+    if not axes:
+        return
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, axes)) + r")\b")
+    graph = program.model.graph
+    values = list(graph.inputs) + list(graph.outputs)
+    values += [v for node in graph.all_nodes() for v in node.outputs]
+    for value in dict.fromkeys(values):
+        if value.shape is None:
+            continue
+        dims = [ir.SymbolicDim(pattern.sub(lambda m: axes[m.group(1)], d.value))
+                if isinstance(d, ir.SymbolicDim) and d.value else d for d in value.shape]
+        value.shape = ir.Shape(dims)
+
+
+# ---------------------------------------------------------------------------------------------
+# check inputs
+
+
+def default_check_sizes(ep, args) -> list[tuple]:
+    """Two sets of input shapes different from the capture's along the dynamic dimensions only:
+    batch + 1 / other dims + 8, then batch + 2 / other dims x 2, each moved into the range
+    ``torch.export`` allows for that dimension (shrinking where growing is not allowed).
+    Dimensions that share a symbol keep sharing a size. Static levels get one run at their
+    only size."""
+    shapes = _input_shapes(ep)
+    choices: dict = {}  # symbol -> candidate sizes
+    for shape, x in zip(shapes, args):
+        for d, s in enumerate(shape):
+            if _is_symbolic(s) and s.node.expr.is_symbol and s.node.expr not in choices:
+                choices[s.node.expr] = _candidates(int(x.shape[d]), d == 0,
+                                                   ep.range_constraints.get(s.node.expr))
+    if not choices:
+        return [tuple(tuple(x.shape) for x in args)]
+    runs = []
+    for k in range(2):
+        values = {sym: c[min(k, len(c) - 1)] for sym, c in choices.items()}
+        runs.append(tuple(
+            tuple(int(s.node.expr.xreplace(values)) if _is_symbolic(s) else int(s) for s in shape)
+            for shape in shapes))
+    return list(dict.fromkeys(runs))
+
+
+def _candidates(size: int, batch: bool, vr) -> list[int]:
+    grow = [size + 1, size + 2] if batch else [size + 8, size * 2]
+    shrink = [size - 1, size - 2] if batch else [size // 2, size - 8]
+    lo = _bound(vr.lower) if vr is not None else None
+    hi = _bound(vr.upper) if vr is not None else None
+    lo = 1 if lo is None else lo
+    ok = [v for v in dict.fromkeys(grow + shrink)
+          if v != size and v >= max(lo, 1) and (hi is None or v <= hi)]
+    return ok or [size]
+
+
+def _bound(b) -> int | None:
+    """A range bound of ``torch.export`` as an int, None when unbounded (``int_oo``)."""
+    import sympy
+    from torch.utils._sympy.numbers import int_oo
+
+    return None if b in (int_oo, -int_oo, sympy.oo, -sympy.oo) else int(b)
+
+
+def fresh_inputs(args, shapes, generator) -> tuple:
+    """Random inputs with the given shapes that look like ``args``: floats with the example's mean
+    and standard deviation, integers in the example's value range (token ids stay valid ids, 0/1
+    masks stay 0/1), booleans random if the example has both values."""
+    import torch
+
+    out = []
+    for x, shape in zip(args, shapes):
+        if x.dtype == torch.bool:
+            both = bool(x.any()) and not bool(x.all())
+            out.append(torch.randint(0, 2, shape, generator=generator).bool() if both
+                       else torch.full(shape, bool(x.flatten()[0]) if x.numel() else False))
+        elif x.dtype.is_floating_point:
+            xf = x.double()
+            mean, std = (float(xf.mean()), float(xf.std())) if x.numel() > 1 else (0.0, 1.0)
+            out.append((torch.randn(shape, generator=generator, dtype=torch.float64) * std + mean)
+                       .to(x.dtype))
+        elif not x.dtype.is_complex:
+            lo, hi = (int(x.min()), int(x.max())) if x.numel() else (0, 0)
+            out.append(torch.randint(lo, hi + 1, shape, generator=generator, dtype=x.dtype))
+        else:
+            raise ExportError(f"cannot draw check inputs of dtype {x.dtype}; pass check=False")
+    return tuple(out)
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    return re.sub(r"\x1b\[[0-9;]*m", "", lines[0]) if lines else type(e).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+
+def register_cli(subparsers) -> None:
+    p = subparsers.add_parser(
+        "export-onnx", help="export a level to ONNX and check it with onnxruntime",
+        description="Export a level directory (or MODEL) to an ONNX file in eval mode with dynamic "
+                    "batch/sequence axes, check it with onnx.checker and compare it with torch in "
+                    "onnxruntime at two input sizes different from the capture's.")
+    p.add_argument("level", metavar="DIR",
+                   help="a level directory written by 'vcyclefx coalesce' (or MODEL: "
+                        "package.module:factory or a .pt2 file)")
+    p.add_argument("-o", "--output", required=True, metavar="FILE.onnx", help="the ONNX file to write")
+    p.add_argument("--no-check", dest="check", action="store_false",
+                   help="skip the onnxruntime comparison")
+    p.add_argument("--opset", type=int, default=MIN_OPSET, help=f"ONNX opset (>= {MIN_OPSET})")
+    p.add_argument("--rtol", type=float, default=1e-4,
+                   help="largest relative error max|onnx - torch| / max|torch| accepted")
+    p.set_defaults(func=_cmd_export_onnx)
+
+
+def _cmd_export_onnx(args) -> int:
+    import sys
+
+    from .leveldir import load_model_spec
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("export-onnx: %(message)s"))
+    old_level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        log.info("loading %s", args.level)
+        model, example = load_model_spec(args.level)
+        out = export_onnx(model, example, args.output, check=args.check, opset=args.opset,
+                          rtol=args.rtol)
+        log.info("wrote %s (%.1f kB)", out, out.stat().st_size / 1024)
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old_level)
+    return 0
