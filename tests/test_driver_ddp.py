@@ -1,0 +1,55 @@
+"""Two processes (torchrun, gloo on CPU) train like one process with the same global batch.
+
+Global batch = batch_size * grad_accum micro-batches; micro-batch j of step s is the same data
+whichever process draws it, so 1 process accumulating 2 micro-batches and 2 processes with one
+each (DDP averaging their gradients) must give the same losses, up to float summation order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OPTS = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--seq-len", "32",
+        "--batch-size", "4", "--grad-accum", "2", "--steps", "5", "--warmup", "1",
+        "--log-every", "1", "--eval-every", "5", "--eval-batches", "4", "--ckpt-every", "0",
+        "--schedule", "baseline", "--device", "cpu", "--quiet"]
+
+
+def env() -> dict:
+    e = {k: v for k, v in os.environ.items()
+         if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    return dict(e, OMP_NUM_THREADS="1")
+
+
+def metrics(out: Path, event: str, key: str) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r[key]) for r in rows if r["event"] == event]
+
+
+def test_two_process_ddp_matches_one_process_with_same_global_batch(tmp_path):
+    data = tmp_path / "corpus.txt"
+    data.write_bytes(Path(json.__file__).read_bytes() * 4 + Path(os.__file__).read_bytes())
+    common = [*OPTS, "--data", str(data), "--cache-dir", str(tmp_path / "cache")]
+    one, two = tmp_path / "one", tmp_path / "two"
+    train = str(ROOT / "tools" / "train.py")
+    subprocess.run([sys.executable, train, *common, "-o", str(one)], env=env(), check=True,
+                   stdout=subprocess.DEVNULL)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    "--nproc_per_node", "2", train, *common, "-o", str(two)],
+                   env=env(), check=True, stdout=subprocess.DEVNULL, timeout=300)
+    a, b = metrics(one, "train", "loss"), metrics(two, "train", "loss")
+    assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3, 4, 5]
+    assert max(abs(x - y) for (_, x), (_, y) in zip(a, b)) < 1e-4
+    assert a[-1][1] < a[0][1]  # it learned something in 5 steps
+    va, vb = metrics(one, "eval", "val_loss"), metrics(two, "eval", "val_loss")
+    assert len(va) == len(vb) == 2
+    assert max(abs(x - y) for (_, x), (_, y) in zip(va, vb)) < 1e-4
+    # tokens count the global batch in both runs
+    ta = json.loads((one / "summary.json").read_text())["schedules"]["baseline"]["tokens"]
+    tb = json.loads((two / "summary.json").read_text())["schedules"]["baseline"]["tokens"]
+    assert ta == tb == 5 * 4 * 2 * 32
