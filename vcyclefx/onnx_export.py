@@ -105,49 +105,83 @@ def export_onnx(
 def check_onnx(level, onnx_path, example_inputs=None, *, sizes=None, rtol: float = 1e-4,
                atol: float = 1e-6, seed: int = 0, _exported=None) -> list[OutputCheck]:
     """Run ``onnx_path`` in onnxruntime and ``level`` in torch (eval mode) on the same fresh random
-    inputs, one run per entry of ``sizes`` (default: two sizes different from the capture's), and
-    return one :class:`OutputCheck` per run and output. Raises nothing on a mismatch (see
-    ``OutputCheck.ok``); raises :class:`ExportError` if the file does not run or its outputs do
-    not have the torch shapes."""
+    inputs, one run per entry of ``sizes`` (default: the first two sizes of
+    :func:`candidate_sizes` that the torch level accepts), and return one :class:`OutputCheck`
+    per run and output. A mismatch is not raised (see ``OutputCheck.ok``); a file that does not
+    load or run, or outputs without the torch shapes, raise :class:`ExportError`."""
     import numpy as np
     import onnxruntime as ort
     import torch
-    import torch.utils._pytree as pytree
 
     level, args = _level_and_inputs(level, example_inputs, None)
     with _eval_mode(level):
         ep = _exported if _exported is not None else _reexport(level, args)
-        sizes = [tuple(map(tuple, s)) for s in sizes] if sizes else default_check_sizes(ep, args)
         try:
             session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001 - any onnxruntime failure is reported with its file
             raise ExportError(f"{onnx_path}: onnxruntime cannot load the model "
                               f"({type(e).__name__}: {_first_line(e)})") from e
-        feeds_names = [i.name for i in session.get_inputs()]
+        feed_names = [i.name for i in session.get_inputs()]
         out_names = [o.name for o in session.get_outputs()]
-        if len(feeds_names) != len(args):
-            raise ExportError(f"{onnx_path}: the ONNX model has {len(feeds_names)} inputs "
-                              f"({feeds_names}), the level takes {len(args)}")
+        if len(feed_names) != len(args):
+            raise ExportError(f"{onnx_path}: the ONNX model has {len(feed_names)} inputs "
+                              f"({feed_names}), the level takes {len(args)}")
         generator = torch.Generator().manual_seed(seed)
         results = []
-        for shapes in sizes:
-            inputs = fresh_inputs(args, shapes, generator)
-            with torch.no_grad():
-                expected = [t.detach().cpu().numpy() for t in pytree.tree_leaves(level(*inputs))]
+        for shapes, inputs, expected in _reference_runs(level, args, ep, sizes, generator):
             try:
-                got = session.run(None, {n: x.numpy() for n, x in zip(feeds_names, inputs)})
+                got = session.run(None, {n: x.numpy() for n, x in zip(feed_names, inputs)})
             except Exception as e:  # noqa: BLE001
-                raise ExportError(f"{onnx_path}: onnxruntime failed at input sizes {shapes} "
-                                  f"({type(e).__name__}: {_first_line(e)})") from e
+                raise ExportError(f"{onnx_path}: onnxruntime failed at input sizes "
+                                  f"{_fmt(shapes)} ({type(e).__name__}: {_first_line(e)})") from e
             if len(got) < len(expected):
                 raise ExportError(f"{onnx_path}: {len(got)} ONNX outputs for {len(expected)} "
                                   "torch outputs")
             for name, a, b in zip(out_names, got, expected):
                 if a.shape != b.shape:
                     raise ExportError(f"{onnx_path}: output {name!r} has shape {list(a.shape)} in "
-                                      f"onnxruntime, {list(b.shape)} in torch (input sizes {shapes})")
+                                      f"onnxruntime, {list(b.shape)} in torch (input sizes "
+                                      f"{_fmt(shapes)})")
                 results.append(_compare(name, shapes, np.asarray(a), b, rtol, atol))
     return results
+
+
+def _reference_runs(level, args, ep, sizes, generator, want: int = 2) -> list[tuple]:
+    """``(shapes, inputs, torch outputs as numpy)`` for each check run. Explicit ``sizes`` must all
+    run; default candidates the level rejects (a guard of the captured graph) are skipped."""
+    import torch
+    import torch.utils._pytree as pytree
+
+    explicit = sizes is not None
+    candidates = [tuple(map(tuple, s)) for s in sizes] if explicit else candidate_sizes(ep, args)
+    runs = []
+    for shapes in candidates:
+        if len(shapes) != len(args):
+            raise ExportError(f"check_sizes entry {_fmt(shapes)} has {len(shapes)} shapes for "
+                              f"{len(args)} inputs")
+        inputs = fresh_inputs(args, shapes, generator)
+        try:
+            with torch.no_grad():
+                out = [t.detach().cpu().numpy() for t in pytree.tree_leaves(level(*inputs))]
+        except Exception as e:  # noqa: BLE001
+            if explicit:
+                raise ExportError(f"the torch level does not run at input sizes {_fmt(shapes)}: "
+                                  f"{type(e).__name__}: {_first_line(e)}") from e
+            log.debug("check: the level rejects input sizes %s (%s)", _fmt(shapes), _first_line(e))
+            continue
+        runs.append((shapes, inputs, out))
+        if not explicit and len(runs) == want:
+            break
+    if not runs:
+        shapes = tuple(tuple(x.shape) for x in args)
+        log.warning("check: the level accepts no input size other than the capture's; checking "
+                    "at %s only", _fmt(shapes))
+        return _reference_runs(level, args, ep, [shapes], generator)
+    return runs
+
+
+def _fmt(shapes) -> str:
+    return str([list(s) for s in shapes])
 
 
 def _compare(name, shapes, got, expected, rtol, atol) -> OutputCheck:
@@ -377,12 +411,12 @@ def _staging(path: Path):
 
 
 def _keep_reports(report_dir: Path, path: Path) -> list[Path]:
-    """Move the exporter's failure reports next to ``path`` as ``<name>.<report>.md``."""
+    """Move the exporter's failure reports next to ``path`` as ``<stem>.<report>.md``."""
     kept = []
     for p in sorted(report_dir.glob("*.md")):
         if p.name.endswith("_success.md"):
             continue
-        dest = path.parent / f"{path.name}.{p.name}"
+        dest = path.parent / f"{path.stem}.{p.name}"
         os.replace(p, dest)
         kept.append(dest)
     return kept
@@ -420,12 +454,12 @@ def _rename_symbolic_dims(program, axes: dict[str, str]) -> None:
 # check inputs
 
 
-def default_check_sizes(ep, args) -> list[tuple]:
-    """Two sets of input shapes different from the capture's along the dynamic dimensions only:
-    batch + 1 / other dims + 8, then batch + 2 / other dims x 2, each moved into the range
-    ``torch.export`` allows for that dimension (shrinking where growing is not allowed).
-    Dimensions that share a symbol keep sharing a size. Static levels get one run at their
-    only size."""
+def candidate_sizes(ep, args, limit: int = 6) -> list[tuple]:
+    """Input shapes to check at, different from the capture's along the dynamic dimensions only
+    (one tuple of shapes per run): first batch + 1 / other dims + 8, then batch + 2 / other dims
+    x 2, then further sizes, all inside the range ``torch.export`` allows for each dimension
+    (shrinking where growing is not allowed). Dimensions that share a symbol keep sharing a
+    size. A static level has one candidate: the capture's shapes."""
     shapes = _input_shapes(ep)
     choices: dict = {}  # symbol -> candidate sizes
     for shape, x in zip(shapes, args):
@@ -435,23 +469,23 @@ def default_check_sizes(ep, args) -> list[tuple]:
                                                    ep.range_constraints.get(s.node.expr))
     if not choices:
         return [tuple(tuple(x.shape) for x in args)]
+    captured = tuple(tuple(x.shape) for x in args)
     runs = []
-    for k in range(2):
-        values = {sym: c[min(k, len(c) - 1)] for sym, c in choices.items()}
+    for j in range(max(map(len, choices.values()))):
+        values = {sym: c[j % len(c)] for sym, c in choices.items()}
         runs.append(tuple(
             tuple(int(s.node.expr.xreplace(values)) if _is_symbolic(s) else int(s) for s in shape)
             for shape in shapes))
-    return list(dict.fromkeys(runs))
+    return [r for r in dict.fromkeys(runs) if r != captured][:limit]
 
 
 def _candidates(size: int, batch: bool, vr) -> list[int]:
-    grow = [size + 1, size + 2] if batch else [size + 8, size * 2]
-    shrink = [size - 1, size - 2] if batch else [size // 2, size - 8]
+    grow = [size + 1, size + 2, size + 3] if batch else [size + 8, size * 2, size + 4]
+    shrink = [size - 1, size - 2] if batch else [size - 8, size // 2, size - 4]
     lo = _bound(vr.lower) if vr is not None else None
     hi = _bound(vr.upper) if vr is not None else None
-    lo = 1 if lo is None else lo
-    ok = [v for v in dict.fromkeys(grow + shrink)
-          if v != size and v >= max(lo, 1) and (hi is None or v <= hi)]
+    lo = 1 if lo is None else max(lo, 1)
+    ok = [v for v in dict.fromkeys(grow + shrink) if v != size and v >= lo and (hi is None or v <= hi)]
     return ok or [size]
 
 
