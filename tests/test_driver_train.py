@@ -1,0 +1,86 @@
+"""End-to-end runs of the driver recipe (in process, CPU, tiny models)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vcyclefx.driver.config import ConfigError, TrainConfig
+from vcyclefx.driver.train import load_weights, main
+from vcyclefx.gpt import GPT, GPTConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+FIELDS = {"event", "step", "schedule", "stage", "level", "loss", "val_loss", "lr", "tokens",
+          "flops", "wall", "tok_per_s", "mfu"}
+
+
+def tiny(tmp: Path, **kw) -> TrainConfig:
+    data = tmp / "corpus.txt"
+    if not data.exists():
+        data.write_bytes(b"".join(Path(m.__file__).read_bytes() for m in (json, subprocess, pytest)))
+    base = dict(n_layer=2, n_head=2, n_embd=32, seq_len=32, batch_size=8, steps=60, warmup=5,
+                lr=3e-3, eval_every=20, eval_batches=4, log_every=10, ckpt_every=0,
+                schedule="baseline", data=str(data), cache_dir=str(tmp / "cache"),
+                out=str(tmp / "run"), quiet=True)
+    return TrainConfig.from_dict({**base, **kw})
+
+
+def rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_baseline_run_learns_and_writes_metrics_summary_plot_and_weights(tmp_path, capsys):
+    cfg = tiny(tmp_path)
+    summary = main(cfg)
+    out = Path(cfg.out)
+    recs = rows(out)
+    assert all(FIELDS <= r.keys() for r in recs)
+    train = [r for r in recs if r["event"] == "train"]
+    evals = [r for r in recs if r["event"] == "eval"]
+    assert [r["step"] for r in train] == [10, 20, 30, 40, 50, 60]
+    assert [r["step"] for r in evals] == [0, 20, 40, 60]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0  # from ~ln(256)=5.5 to < 4.5
+    assert train[-1]["loss"] < train[0]["loss"]
+    assert train[-1]["tokens"] == 60 * 8 * 32
+    assert train[-1]["flops"] == pytest.approx(60 * 8 * 32 * recs[0]["flops_per_token"])
+    assert all(r["tok_per_s"] > 0 and 0 < r["mfu"] < 1 for r in train)
+    s = summary["schedules"]["baseline"]
+    assert s["final_val_loss"] == evals[-1]["val_loss"] == summary["baseline_final_val_loss"]
+    assert s["flops_to_baseline_loss"] == s["total_flops"]  # it reaches its own loss at the end
+    assert json.loads((out / "summary.json").read_text())["schedules"]["baseline"] == s
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert "baseline" in capsys.readouterr().out.splitlines()[-1]
+    model = GPT(GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32))
+    load_weights(model, out / "baseline.safetensors")  # strict=True into the original class
+    assert torch.equal(model.lm_head.weight, model.wte.weight)
+
+
+def test_existing_output_dir_and_changed_options_on_resume_are_refused(tmp_path):
+    cfg = tiny(tmp_path, steps=3, eval_every=0)
+    main(cfg)
+    with pytest.raises(ConfigError, match="exists and is not empty.*--resume"):
+        main(cfg)
+    with pytest.raises(ConfigError, match=r"different lr=0.003 \(now 0.1\)"):
+        main(cfg.replace(resume=cfg.out, lr=0.1))
+
+
+def test_resume_of_a_finished_run_changes_nothing(tmp_path):
+    cfg = tiny(tmp_path, steps=6, eval_every=3, log_every=1, ckpt_every=3)
+    first = main(cfg)
+    before = (Path(cfg.out) / "metrics.jsonl").read_text()
+    again = main(cfg.replace(resume=cfg.out))
+    assert (Path(cfg.out) / "metrics.jsonl").read_text() == before
+    assert again["schedules"] == first["schedules"]
+
+
+def test_vcyclefx_train_command_runs_and_reports_bad_data_as_an_error(tmp_path):
+    cmd = [sys.executable, "-m", "vcyclefx.cli", "train", "--schedule", "baseline",
+           "--data", str(tmp_path / "missing.txt"), "-o", str(tmp_path / "r"), "--quiet"]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 2
+    assert "vcyclefx train: error: --data" in res.stderr and "no such file" in res.stderr
