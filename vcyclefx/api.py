@@ -55,7 +55,7 @@ def _depth(level, chains, direction, depth_init=None):
         return level
     from passes.depth import DepthPlan, depth_pass
 
-    res = depth_pass(level, analyze(level), DepthPlan(direction, tuple(chains), depth_init))
+    res = depth_pass(level, None, DepthPlan(direction, tuple(chains), depth_init))
     return res.module
 
 

@@ -73,21 +73,47 @@ def _tensor_names(gm: GraphModule) -> dict[str, torch.Tensor]:
 
 
 def _is_size_value(n: Node) -> bool:
-    """SymInt arithmetic is shared across blocks by export (CSE), so no block owns it."""
     v = n.meta.get("val")
     return isinstance(v, (torch.SymInt, int)) and not isinstance(v, bool)
 
 
-def find_chains(gm: GraphModule) -> list[Chain]:
-    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and not _is_size_value(n)]
+def ownership(gm: GraphModule) -> tuple[dict[str, list[Node]], dict[str, list[str]]]:
+    """Nodes each module path owns (in graph order) and each container's children in the
+    order they run. Tensor ops are owned through ``nn_module_stack``; symbolic-size arithmetic
+    (which export shares and the normaliser copies per use) is owned by a module when all of its
+    users are."""
     owner_nodes: dict[str, list[Node]] = {}
     children: dict[str, list[str]] = {}
-    for n in nodes:
-        for p in _stack_paths(n):
+    owners_of: dict[Node, set[str]] = {}
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or _is_size_value(n):
+            continue
+        paths = _stack_paths(n)
+        owners_of[n] = set(paths)
+        for p in paths:
             owner_nodes.setdefault(p, []).append(n)
             kids = children.setdefault(_container(p), [])
             if p not in kids:
                 kids.append(p)
+    for n in reversed(list(gm.graph.nodes)):
+        if n.op != "call_function" or not _is_size_value(n) or not n.users:
+            continue
+        common = None
+        for u in n.users:
+            o = owners_of.get(u, set())
+            common = set(o) if common is None else common & o
+        if common:
+            owners_of[n] = common
+            for p in common:
+                owner_nodes.setdefault(p, []).append(n)
+    for p in owner_nodes:
+        owner_nodes[p].sort(key=order.__getitem__)
+    return owner_nodes, children
+
+
+def find_chains(gm: GraphModule) -> list[Chain]:
+    owner_nodes, children = ownership(gm)
     tensors = _tensor_names(gm)
     get_attrs = {n.target: n for n in gm.graph.nodes if n.op == "get_attr"}
     chains: list[Chain] = []

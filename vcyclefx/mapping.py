@@ -55,6 +55,7 @@ class ChainMap:
     groups: list[list[int]]  # for each smaller block, the indices of its larger blocks
     depth_init: str = "copy"  # how de-coalescing fills the blocks of a group: copy | identity
     zero_on_identity: list[str] = field(default_factory=list)  # relative tensor names
+    chained: list[list[int]] = field(default_factory=list)  # (input slot, output position) pairs
 
     def validate(self) -> None:
         if len(self.groups) != len(self.small_blocks):

@@ -1,0 +1,83 @@
+"""Planning for depth: which blocks of each chain group together.
+
+``depth`` is a factor on block counts. ``adjacent`` (the paper's default) groups consecutive
+blocks (2i, 2i+1); ``strided`` groups i with i + L/2. Odd counts give uneven groups (5 blocks at
+0.5 -> groups of 2, 2, 1); the mapping records the grouping.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .analysis import Analysis
+from .errors import PlanError
+from .mapping import ChainMap
+
+DEPTH_PAIRINGS = ("adjacent", "strided")
+
+
+def _groups(n_large: int, n_small: int, pairing: str) -> list[list[int]]:
+    if pairing == "strided":
+        return [[i for i in range(n_large) if i % n_small == g] for g in range(n_small)]
+    base, extra = divmod(n_large, n_small)
+    out, start = [], 0
+    for g in range(n_small):
+        size = base + (1 if g < extra else 0)
+        out.append(list(range(start, start + size)))
+        start += size
+    return out
+
+
+def plan_depth(analysis: Analysis, factor: float, pairing: str = "adjacent", *, coalesce: bool,
+               depth_init: str = "copy") -> list[ChainMap]:
+    if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not math.isfinite(factor):
+        raise PlanError(f"depth={factor!r} must be a number")
+    if coalesce and not (0 < factor <= 1):
+        raise PlanError(f"depth={factor} must be in (0, 1] to coalesce (e.g. depth=0.5)")
+    if not coalesce and factor < 1:
+        raise PlanError(f"depth={factor} must be >= 1 to de-coalesce (e.g. depth=2.0)")
+    if pairing not in DEPTH_PAIRINGS:
+        raise PlanError(f"depth_pairing={pairing!r} is not one of {DEPTH_PAIRINGS}")
+    if factor == 1:
+        return []
+    if not analysis.chains:
+        raise PlanError(
+            f"depth={factor} needs a chain of repeated blocks, and this model has none "
+            "(vcyclefx inspect lists chains); use depth=1"
+        )
+    out: list[ChainMap] = []
+    reasons = []
+    for c in analysis.chains:
+        if not c.depth_ok:
+            reasons.append(f"{c.container}: {c.reason}")
+            continue
+        if c.name_pattern() is None:
+            reasons.append(f"{c.container}: block names {c.blocks[:2]}... are not numbered")
+            continue
+        n = len(c)
+        if coalesce:
+            m = max(1, math.ceil(n * factor - 1e-9))
+            if m == n:
+                continue
+            groups = _groups(n, m, pairing)
+            large, small = list(c.blocks), [c.block_name(j) for j in range(m)]
+        else:
+            big = n * factor
+            if abs(big - round(big)) > 1e-9:
+                raise PlanError(f"depth={factor} on chain {c.container} of {n} blocks gives "
+                                f"{big} blocks; choose a factor that gives a whole number")
+            big = int(round(big))
+            groups = _groups(big, n, pairing)
+            large, small = [c.block_name(j) for j in range(big)], list(c.blocks)
+        zero: list[str] = []
+        if not coalesce and depth_init == "identity":
+            from passes.depth import identity_zero_set
+
+            zero = identity_zero_set(c.nodes[0], c.blocks[0], c.inputs0, c.chained)
+        out.append(ChainMap(container=c.container, large_blocks=large, small_blocks=small,
+                            groups=groups, depth_init=depth_init, zero_on_identity=zero,
+                            chained=[list(x) for x in c.chained]))
+    if not out:
+        raise PlanError(f"depth={factor} changes no chain" +
+                        (f": {'; '.join(reasons)}" if reasons else " (each is already that size)"))
+    return out
