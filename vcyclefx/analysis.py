@@ -442,29 +442,31 @@ def analyze(gm: GraphModule, *, chains: bool = True) -> Analysis:
 
 
 def _collect_tensors(ctx: Context, gm: GraphModule):
+    """One StateTensor per tensor object; its canonical name is the smallest of its names, so
+    it does not depend on which alias the graph happens to read."""
     kinds, names_by_id = _state_tensors(gm)
     tensors: dict[str, StateTensor] = {}
     alias_of: dict[str, str] = {}
-    used: dict[int, str] = {}
+    canon_of_id: dict[int, str] = {}
     for node in gm.graph.nodes:
-        if node.op == "get_attr" and isinstance(ctx.out.get(node), list):
-            obj = _fetch(gm, node.target)
-            if id(obj) in used:
-                # a second get_attr of an aliased tensor: its axes are the same axes
-                first = used[id(obj)]
-                for a, b in zip(tensors[first].dims, ctx.out[node]):
-                    ctx.table.unify(a, b, f"alias {node.target}")
-                continue
-            used[id(obj)] = node.target
-            aliases = tuple(names_by_id.get(id(obj), [node.target]))
-            kind = kinds.get(node.target, ("constant", obj))[0]
-            tensors[node.target] = StateTensor(
-                name=node.target, aliases=aliases, kind=kind, shape=tuple(obj.shape),
-                dtype=obj.dtype, dims=ctx.out[node],
-            )
-            for a in aliases:
-                alias_of[a] = node.target
-            alias_of[node.target] = node.target
+        if node.op != "get_attr" or not isinstance(ctx.out.get(node), list):
+            continue
+        obj = _fetch(gm, node.target)
+        if id(obj) in canon_of_id:
+            # another get_attr of the same tensor: its axes are the same axes
+            for a, b in zip(tensors[canon_of_id[id(obj)]].dims, ctx.out[node]):
+                ctx.table.unify(a, b, f"alias {node.target}")
+            continue
+        aliases = tuple(sorted(set(names_by_id.get(id(obj), [])) | {node.target}))
+        canon = aliases[0]
+        canon_of_id[id(obj)] = canon
+        kind = kinds.get(node.target, ("constant", obj))[0]
+        tensors[canon] = StateTensor(
+            name=canon, aliases=aliases, kind=kind, shape=tuple(obj.shape), dtype=obj.dtype,
+            dims=ctx.out[node],
+        )
+        for a in aliases:
+            alias_of[a] = canon
     # merge roles recorded under alias names into the canonical name
     for (t, ax), roles in list(ctx.roles.items()):
         canon = alias_of.get(t, t)
@@ -592,11 +594,18 @@ def _collect_spaces(ctx: Context, tensors: dict[str, StateTensor]) -> list[Space
                 root=leaf,
             )
         )
-    spaces.sort(key=lambda s: (not s.resizable, _first_use(s), s.key))
+    spaces.sort(key=lambda s: (not s.resizable, natural_key(_first_use(s)), natural_key(s.key)))
     for i, s in enumerate(spaces):
         s.id = i
     return spaces
 
 
 def _first_use(space: Space) -> str:
-    return min(m.tensor for m in space.members)
+    return min((m.tensor for m in space.members), key=natural_key)
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key under which ``h.2`` comes before ``h.10``."""
+    import re
+
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))

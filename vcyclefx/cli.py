@@ -18,6 +18,87 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
+def _progress(msg: str) -> None:
+    print(f"vcyclefx: {msg}", file=sys.stderr, flush=True)
+
+
+def _level_summary(level, mapping) -> dict:
+    from .analysis import analyze
+
+    a = analyze(level)
+    return {
+        "spaces": [{"key": s.key, "units": s.size, "unit": s.unit, "resizable": s.resizable}
+                   for s in a.spaces if s.resizable],
+        "chains": [{"container": c.container, "blocks": len(c)} for c in a.chains],
+        "mapping": mapping.summary().splitlines() if mapping is not None else [],
+    }
+
+
+def _cmd_coalesce(args) -> int:
+    from . import api
+    from .leveldir import load_model_spec, save_level
+
+    model, example = load_model_spec(args.model)
+    _progress(f"coalescing {args.model} (width={args.width}, depth={args.depth})")
+    small, mapping = api.coalesce(model, example, width=args.width, depth=args.depth,
+                                  pairing=args.pairing, depth_pairing=args.depth_pairing)
+    save_level(small, args.output, mapping, overwrite=args.force,
+               extra={"made_by": "coalesce", "from": args.model, **_level_summary(small, mapping)})
+    print(mapping.summary())
+    _progress(f"wrote {args.output}")
+    return 0
+
+
+def _cmd_decoalesce(args) -> int:
+    from . import api
+    from .leveldir import load_level, load_model_spec, save_level
+
+    from pathlib import Path
+
+    if Path(args.model).is_dir() and (Path(args.model) / "level.json").is_file():
+        level, mapping = load_level(args.model)
+    else:
+        level, _ = load_model_spec(args.model)
+        mapping = None
+    if args.width is None and args.depth is None:
+        if mapping is None:
+            raise VCycleError(f"{args.model} has no mapping.json: pass --width/--depth to grow it")
+        _progress(f"de-coalescing {args.model} with its mapping.json")
+        big, used = api.decoalesce(level, mapping=mapping)
+    else:
+        _progress(f"growing {args.model} (width={args.width or 1.0}, depth={args.depth or 1.0})")
+        big, used = api.decoalesce(level, width=args.width or 1.0, depth=args.depth or 1.0,
+                                   depth_init=args.depth_init, pairing=args.pairing)
+    save_level(big, args.output, used, overwrite=args.force,
+               extra={"made_by": "decoalesce", "from": args.model, **_level_summary(big, used)})
+    _progress(f"wrote {args.output}")
+    return 0
+
+
+def _cmd_interpolate(args) -> int:
+    from . import api
+    from .leveldir import load_level, save_level
+
+    a, mapping = load_level(args.dir_a)
+    b, _ = load_level(args.dir_b)
+    mixed = api.interpolate(a, b, args.alpha)
+    save_level(mixed, args.output, mapping, overwrite=args.force,
+               extra={"made_by": "interpolate", "alpha": args.alpha, "from": [args.dir_a, args.dir_b]})
+    _progress(f"wrote {args.output} = (1 - {args.alpha}) * {args.dir_a} + {args.alpha} * {args.dir_b}")
+    return 0
+
+
+def _model_arg(p) -> None:
+    p.add_argument("model", metavar="MODEL",
+                   help="package.module:factory returning (model, example_inputs), a .pt2 file "
+                        "saved with torch.export, or a level directory")
+
+
+def _out_args(p) -> None:
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="level directory to write")
+    p.add_argument("--force", action="store_true", help="replace DIR if it exists")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vcyclefx",
@@ -32,6 +113,36 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--frontend", choices=["export", "fx"], default=None,
                      help="capture front-end (default: torch.export)")
     ins.set_defaults(func=_cmd_inspect)
+
+    co = sub.add_parser("coalesce", help="make a smaller level and write it as a level directory")
+    _model_arg(co)
+    co.add_argument("--width", type=float, default=0.5, help="factor on units per space (default 0.5)")
+    co.add_argument("--depth", type=float, default=0.5, help="factor on blocks per chain (default 0.5)")
+    co.add_argument("--pairing", choices=["strided", "adjacent", "similarity"], default="strided",
+                    help="which units share a group (default strided: i with i + n/2)")
+    co.add_argument("--depth-pairing", choices=["adjacent", "strided"], default="adjacent",
+                    help="which blocks share a group (default adjacent: 2i with 2i+1)")
+    _out_args(co)
+    co.set_defaults(func=_cmd_coalesce)
+
+    de = sub.add_parser("decoalesce", help="restore a level directory to its larger shapes "
+                                           "(uses DIR/mapping.json), or grow a model by factors")
+    de.add_argument("model", metavar="DIR", help="level directory (or MODEL with --width/--depth)")
+    de.add_argument("--width", type=float, default=None, help="grow by this factor instead")
+    de.add_argument("--depth", type=float, default=None, help="grow by this factor instead")
+    de.add_argument("--depth-init", choices=["copy", "identity"], default="copy",
+                    help="new blocks: copies (paper) or exact identities")
+    de.add_argument("--pairing", choices=["strided", "adjacent"], default="strided",
+                    help="which new units copy which old ones")
+    _out_args(de)
+    de.set_defaults(func=_cmd_decoalesce)
+
+    it = sub.add_parser("interpolate", help="(1 - alpha) * DIR_A + alpha * DIR_B, same shapes")
+    it.add_argument("dir_a", metavar="DIR_A")
+    it.add_argument("dir_b", metavar="DIR_B")
+    it.add_argument("--alpha", type=float, default=0.25, help="weight of DIR_B (default 0.25)")
+    _out_args(it)
+    it.set_defaults(func=_cmd_interpolate)
     _register_optional(sub)
     return p
 

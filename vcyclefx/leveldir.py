@@ -113,6 +113,29 @@ def save_level(level, directory, mapping: Mapping | None = None, *, overwrite: b
     return directory
 
 
+def _tie(gm, alias: str, canon: str) -> None:
+    *path, leaf = alias.split(".")
+    owner = gm
+    for part in path:
+        owner = getattr(owner, part)
+    target = gm.get_parameter(canon) if canon in dict(gm.named_parameters()) else gm.get_buffer(canon)
+    if isinstance(target, torch.nn.Parameter):
+        setattr(owner, leaf, target)
+    else:
+        owner.register_buffer(leaf, target)
+
+
+def _import_source(source_class: str | None) -> None:
+    """Import the module of the user's class so its output types (e.g. Hugging Face
+    ModelOutput) are registered with pytree before the graph is deserialised."""
+    if not source_class or "." not in source_class:
+        return
+    try:
+        importlib.import_module(source_class.rsplit(".", 1)[0])
+    except ImportError:
+        pass  # deserialisation will report what is missing
+
+
 def load_level(directory) -> tuple[torch.fx.GraphModule, Mapping | None]:
     """Load a level directory: (level GraphModule, its mapping or None)."""
     d = Path(directory)
@@ -129,6 +152,7 @@ def load_level(directory) -> tuple[torch.fx.GraphModule, Mapping | None]:
     for name in ("level.pt2", "weights.safetensors", "inputs.safetensors"):
         if not (d / name).is_file():
             raise LevelError(f"{d}: missing {name}; the level directory is incomplete")
+    _import_source(meta.get("source_class"))
     try:
         ep = torch.export.load(d / "level.pt2")
     except Exception as e:  # noqa: BLE001
@@ -141,6 +165,7 @@ def load_level(directory) -> tuple[torch.fx.GraphModule, Mapping | None]:
         raise LevelError(f"{d}: cannot read the safetensors files ({type(e).__name__}: {e})") from e
     state = dict(weights)
     for alias, canon in meta.get("aliases", {}).items():
+        _tie(gm, alias, canon)  # one tensor under several names, as when it was saved
         state[alias] = weights[canon]
     missing, unexpected = gm.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -86,10 +86,16 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
-def _members_summary(s: Space, limit: int = 3) -> str:
-    names = sorted({m.tensor for m in s.members})
+def _members_summary(s: Space, limit: int = 2) -> str:
+    from .analysis import natural_key
+
+    names = sorted({m.tensor for m in s.members}, key=natural_key)
     more = f" +{len(names) - limit}" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
+
+
+def _clip(text: str, width: int = 90) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def format_report(r: Report) -> str:
@@ -104,7 +110,7 @@ def format_report(r: Report) -> str:
         if s.resizable:
             status = "resizable" + (" (normalized: equal groups only)" if s.normalized else "")
         else:
-            status = "pinned: " + s.reason
+            status = _clip("pinned: " + s.reason)
         producers = sum(m.role in ("producer", "tied") for m in s.members)
         consumers = sum(m.role in ("consumer", "tied") for m in s.members)
         rows.append([str(s.id), s.kind, str(s.size), str(s.unit), f"{producers}/{consumers}",
