@@ -96,14 +96,13 @@ def export_onnx(
         program.save(str(stage.file))
         _check_model(stage.file)
         if check:
-            results = check_onnx(level, stage.file, args, sizes=check_sizes, rtol=rtol, atol=atol,
-                                 _exported=ep)
+            results = check_onnx(level, stage.file, args, sizes=check_sizes, rtol=rtol, atol=atol)
             _raise_on_mismatch(results, rtol, atol)
     return path
 
 
 def check_onnx(level, onnx_path, example_inputs=None, *, sizes=None, rtol: float = 1e-4,
-               atol: float = 1e-6, seed: int = 0, _exported=None) -> list[OutputCheck]:
+               atol: float = 1e-6, seed: int = 0) -> list[OutputCheck]:
     """Run ``onnx_path`` in onnxruntime and ``level`` in torch (eval mode) on the same fresh random
     inputs, one run per entry of ``sizes`` (default: the first two sizes of
     :func:`candidate_sizes` that the torch level accepts), and return one :class:`OutputCheck`
@@ -115,7 +114,6 @@ def check_onnx(level, onnx_path, example_inputs=None, *, sizes=None, rtol: float
 
     level, args = _level_and_inputs(level, example_inputs, None)
     with _eval_mode(level):
-        ep = _exported if _exported is not None else _reexport(level, args)
         try:
             session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001 - any onnxruntime failure is reported with its file
@@ -128,7 +126,7 @@ def check_onnx(level, onnx_path, example_inputs=None, *, sizes=None, rtol: float
                               f"({feed_names}), the level takes {len(args)}")
         generator = torch.Generator().manual_seed(seed)
         results = []
-        for shapes, inputs, expected in _reference_runs(level, args, ep, sizes, generator):
+        for shapes, inputs, expected in _reference_runs(level, args, sizes, generator):
             try:
                 got = session.run(None, {n: x.numpy() for n, x in zip(feed_names, inputs)})
             except Exception as e:  # noqa: BLE001
@@ -146,14 +144,14 @@ def check_onnx(level, onnx_path, example_inputs=None, *, sizes=None, rtol: float
     return results
 
 
-def _reference_runs(level, args, ep, sizes, generator, want: int = 2) -> list[tuple]:
+def _reference_runs(level, args, sizes, generator, want: int = 2) -> list[tuple]:
     """``(shapes, inputs, torch outputs as numpy)`` for each check run. Explicit ``sizes`` must all
     run; default candidates the level rejects (a guard of the captured graph) are skipped."""
     import torch
     import torch.utils._pytree as pytree
 
     explicit = sizes is not None
-    candidates = [tuple(map(tuple, s)) for s in sizes] if explicit else candidate_sizes(ep, args)
+    candidates = [tuple(map(tuple, s)) for s in sizes] if explicit else candidate_sizes(level, args)
     runs = []
     for shapes in candidates:
         if len(shapes) != len(args):
@@ -176,7 +174,7 @@ def _reference_runs(level, args, ep, sizes, generator, want: int = 2) -> list[tu
         shapes = tuple(tuple(x.shape) for x in args)
         log.warning("check: the level accepts no input size other than the capture's; checking "
                     "at %s only", _fmt(shapes))
-        return _reference_runs(level, args, ep, [shapes], generator)
+        return _reference_runs(level, args, [shapes], generator)
     return runs
 
 
@@ -271,11 +269,15 @@ def _io_names(level, ep, args) -> _Names:
 
     placeholders = [n.name for n in level.graph.nodes if n.op == "placeholder"]
     inputs = placeholders if len(placeholders) == len(args) else [f"input_{i}" for i in range(len(args))]
-    with torch.no_grad():
-        leaves = pytree.tree_flatten_with_path(level(*args))[0]
-    outputs = _unique([_path_name(p) for p, _ in leaves])
-    if len(outputs) != len(ep.graph_signature.user_outputs):
-        outputs = [f"output_{i}" for i in range(len(ep.graph_signature.user_outputs))]
+    n_out = len(ep.graph_signature.user_outputs)
+    try:  # the output structure (e.g. a ModelOutput) rebuilt around placeholders, for its paths
+        spec = ep.call_spec.out_spec
+        dummy = pytree.tree_unflatten([torch.empty(0)] * spec.num_leaves, spec)
+        outputs = _unique([_path_name(p) for p, _ in pytree.tree_flatten_with_path(dummy)[0]])
+    except Exception:  # noqa: BLE001 - a structure that cannot be rebuilt gets generic names
+        outputs = []
+    if len(outputs) != n_out:
+        outputs = [f"output_{i}" for i in range(n_out)]
     axes: dict[str, str] = {}
     for name, shape in zip(inputs, _input_shapes(ep)):
         for d, s in enumerate(shape):
@@ -454,47 +456,45 @@ def _rename_symbolic_dims(program, axes: dict[str, str]) -> None:
 # check inputs
 
 
-def candidate_sizes(ep, args, limit: int = 6) -> list[tuple]:
+def candidate_sizes(level, args, limit: int = 6) -> list[tuple]:
     """Input shapes to check at, different from the capture's along the dynamic dimensions only
     (one tuple of shapes per run): first batch + 1 / other dims + 8, then batch + 2 / other dims
-    x 2, then further sizes, all inside the range ``torch.export`` allows for each dimension
-    (shrinking where growing is not allowed). Dimensions that share a symbol keep sharing a
-    size. A static level has one candidate: the capture's shapes."""
-    shapes = _input_shapes(ep)
-    choices: dict = {}  # symbol -> candidate sizes
-    for shape, x in zip(shapes, args):
-        for d, s in enumerate(shape):
-            if _is_symbolic(s) and s.node.expr.is_symbol and s.node.expr not in choices:
-                choices[s.node.expr] = _candidates(int(x.shape[d]), d == 0,
-                                                   ep.range_constraints.get(s.node.expr))
-    if not choices:
-        return [tuple(tuple(x.shape) for x in args)]
+    x 2, then other sizes (shrinking too), for the caller to try in order: the graph's own guards
+    reject sizes the level does not accept. Dimensions that share a symbol in the level's
+    placeholders keep sharing a size. A static level has one candidate: the capture's shapes."""
+    dims = _symbolic_input_dims(level, args)  # (input, dim) -> symbol
     captured = tuple(tuple(x.shape) for x in args)
+    choices: dict = {}  # symbol -> candidate sizes
+    for (i, d), sym in dims.items():
+        choices.setdefault(sym, _candidates(captured[i][d], batch=d == 0))
+    if not choices:
+        return [captured]
     runs = []
     for j in range(max(map(len, choices.values()))):
         values = {sym: c[j % len(c)] for sym, c in choices.items()}
-        runs.append(tuple(
-            tuple(int(s.node.expr.xreplace(values)) if _is_symbolic(s) else int(s) for s in shape)
-            for shape in shapes))
+        runs.append(tuple(tuple(values[dims[i, d]] if (i, d) in dims else n for d, n in enumerate(shape))
+                          for i, shape in enumerate(captured)))
     return [r for r in dict.fromkeys(runs) if r != captured][:limit]
 
 
-def _candidates(size: int, batch: bool, vr) -> list[int]:
+def _symbolic_input_dims(level, args) -> dict:
+    """``{(input index, dim): symbol}`` from the level's placeholders (``meta["val"]``), or from
+    ``level_info(level).dynamic_dims`` (one symbol per dimension) where shapes are missing."""
+    from .level import level_info
+
+    placeholders = [n for n in level.graph.nodes if n.op == "placeholder"]
+    vals = [n.meta.get("val") for n in placeholders]
+    if len(vals) != len(args) or not all(hasattr(v, "shape") for v in vals):
+        return {dim: dim for dim in level_info(level).dynamic_dims}
+    return {(i, d): s.node.expr for i, v in enumerate(vals)
+            for d, s in enumerate(v.shape) if _is_symbolic(s)}
+
+
+def _candidates(size: int, batch: bool) -> list[int]:
     grow = [size + 1, size + 2, size + 3] if batch else [size + 8, size * 2, size + 4]
-    shrink = [size - 1, size - 2] if batch else [size - 8, size // 2, size - 4]
-    lo = _bound(vr.lower) if vr is not None else None
-    hi = _bound(vr.upper) if vr is not None else None
-    lo = 1 if lo is None else max(lo, 1)
-    ok = [v for v in dict.fromkeys(grow + shrink) if v != size and v >= lo and (hi is None or v <= hi)]
-    return ok or [size]
-
-
-def _bound(b) -> int | None:
-    """A range bound of ``torch.export`` as an int, None when unbounded (``int_oo``)."""
-    import sympy
-    from torch.utils._sympy.numbers import int_oo
-
-    return None if b in (int_oo, -int_oo, sympy.oo, -sympy.oo) else int(b)
+    shrink = [size - 1] if batch else [size - 8, size // 2, size - 4]
+    # torch.export specialises sizes 0 and 1, so a symbolic dimension is at least 2
+    return [v for v in dict.fromkeys(grow + shrink) if v != size and v >= 2] or [size]
 
 
 def fresh_inputs(args, shapes, generator) -> tuple:
