@@ -21,7 +21,7 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 from vcyclefx.analysis import Analysis
-from vcyclefx.chains import _external_inputs, _relname, ownership
+from vcyclefx.chains import _relname, chained_input, ownership
 from vcyclefx.errors import PlanError
 from vcyclefx.level import level_info, make_level
 from vcyclefx.mapping import ChainMap
@@ -104,13 +104,12 @@ def _zero_branch(b: Node, block: str, where: str) -> list[str]:
     )
 
 
-def identity_zero_set(nodes: list[Node], block: str, inputs: list[Node],
-                      chained: list[tuple[int, int]]) -> list[str]:
+def identity_zero_set(nodes: list[Node], block: str, chained) -> list[str]:
     """Relative names of the tensors whose zeroing makes ``block`` the identity on its chained
     values; raises PlanError (naming the node) when the block is not residual (post-norm...)."""
     zero: list[str] = []
-    for slot, pos in chained:
-        x, cur = inputs[slot], nodes[pos]
+    for link in chained:
+        x, cur = chained_input(nodes, link), nodes[link[2]]
         memo: dict = {}
         where = f"depth_init='identity' on block {block}"
         while cur is not x:
@@ -181,10 +180,10 @@ def _blocks(gm: GraphModule, paths: list[str]) -> list[list[Node]]:
     return out
 
 
-def _rebuild_chain(graph: Graph, gm: GraphModule, cm: ChainMap, src: list[str], dst: list[str],
-                   env: dict, template: list[Node], inputs0: list[Node]) -> dict[Node, Node]:
+def _rebuild_chain(graph: Graph, cm: ChainMap, src: list[str], dst: list[str], env: dict,
+                   template: list[Node]) -> dict[Node, Node]:
     """Emit the ``dst`` blocks into ``graph``; returns template node -> node of the last block."""
-    slots = dict(cm_chained(cm))
+    feeds = {chained_input(template, link): link[2] for link in cm_chained(cm)}
     block0 = src[0]
     prev: dict[Node, Node] | None = None
     for j, name in enumerate(dst):
@@ -199,13 +198,10 @@ def _rebuild_chain(graph: Graph, gm: GraphModule, cm: ChainMap, src: list[str], 
                 g.meta = dict(n.meta)
                 local[n] = g
                 return g
-            if n in slot_of:
-                slot = slot_of[n]
-                if prev is not None and slot in slots:
-                    return prev[template[slots[slot]]]
+            if prev is not None and n in feeds:
+                return prev[template[feeds[n]]]
             return env[n]
 
-        slot_of = {x: i for i, x in enumerate(inputs0)}
         for t in template:
             new = graph.node_copy(t, arg)
             new.meta = _retarget_stack(dict(t.meta), block0, name)
@@ -215,8 +211,8 @@ def _rebuild_chain(graph: Graph, gm: GraphModule, cm: ChainMap, src: list[str], 
     return prev
 
 
-def cm_chained(cm: ChainMap) -> list[tuple[int, int]]:
-    return [tuple(x) for x in getattr(cm, "chained", [])]
+def cm_chained(cm: ChainMap) -> list[tuple[int, int, int]]:
+    return [tuple(x) for x in cm.chained]
 
 
 def _new_tensors(gm: GraphModule, cm: ChainMap, src: list[str], dst: list[str], direction: str,
@@ -266,14 +262,12 @@ def _one_chain(gm: GraphModule, cm: ChainMap, plan: DepthPlan) -> GraphModule:
     depth_init = plan.depth_init or cm.depth_init
     blocks = _blocks(gm, src)
     template = blocks[0]
-    inputs0 = _external_inputs(template, src[0])
     chained = cm_chained(cm)
     if not chained:
         raise PlanError(f"chain {cm.container}: the mapping has no chained values")
     for k in range(1, len(blocks)):
-        ins = _external_inputs(blocks[k], src[k])
-        for slot, pos in chained:
-            if ins[slot] is not blocks[k - 1][pos]:
+        for link in chained:
+            if len(blocks[k]) != len(template) or chained_input(blocks[k], link) is not blocks[k - 1][link[2]]:
                 raise PlanError(f"chain {cm.container}: block {src[k]} does not read block "
                                 f"{src[k - 1]}'s output where the mapping says")
     all_block = {n for b in blocks for n in b}
@@ -303,7 +297,7 @@ def _one_chain(gm: GraphModule, cm: ChainMap, plan: DepthPlan) -> GraphModule:
                 output = n
             continue
         env[n] = graph.node_copy(n, lambda a: env[a])
-    last = _rebuild_chain(graph, gm, cm, src, dst, env, template, inputs0)
+    last = _rebuild_chain(graph, cm, src, dst, env, template)
     for n, pos in last_pos.items():
         env[n] = last[template[pos]]
     for n in gm.graph.nodes:

@@ -25,7 +25,9 @@ class Chain:
     nodes: list[list[Node]] = field(repr=False)  # call_function nodes each block owns
     params: list[dict[str, str]] = field(repr=False)  # per block: relative name -> tensor name
     shared_inputs: list[Node] = field(repr=False)  # values every block reads from outside
-    chained: list[tuple[int, int]] = field(repr=False)  # (input slot, producing node position)
+    # (user position, input index, producer position): block k reads, as input number
+    # `input index` of its node at `user position`, the node at `producer position` of block k-1
+    chained: list[tuple[int, int, int]] = field(repr=False)
     inputs0: list[Node] = field(repr=False)  # block 0's external inputs, by slot
     exits: list[tuple[int, list[Node]]] = field(repr=False)  # last block's (position, users)
     depth_ok: bool = True
@@ -99,6 +101,8 @@ def ownership(gm: GraphModule) -> tuple[dict[str, list[Node]], dict[str, list[st
     for n in reversed(list(gm.graph.nodes)):
         if n.op != "call_function" or not _is_size_value(n) or not n.users:
             continue
+        if n.target is torch.ops.aten.sym_size.int and n.args[0] not in owners_of:
+            continue  # the size of a value from outside: shared by every block reading it
         common = None
         for u in n.users:
             o = owners_of.get(u, set())
@@ -136,6 +140,12 @@ def find_chains(gm: GraphModule) -> list[Chain]:
                     taken.extend(run)
             i = j
     return chains
+
+
+def chained_input(nodes: list[Node], link) -> Node:
+    """The value a block reads from the previous block, located by a chain link."""
+    user, index, _ = link
+    return nodes[user].all_input_nodes[index]
 
 
 def _inside(path: str, block: str) -> bool:
@@ -241,7 +251,9 @@ def _make_chain(gm, container, run, owner_nodes, tensors, get_attrs) -> Chain | 
             if pos is not None and p != pos:
                 return None
             pos = p
-        chained.append((slot, pos))
+        v = ins[0][slot]
+        user = next(i for i, n in enumerate(block_nodes[0]) if v in n.all_input_nodes)
+        chained.append((user, block_nodes[0][user].all_input_nodes.index(v), pos))
     if not chained:
         return None  # blocks that do not feed each other are not a chain
     params = []

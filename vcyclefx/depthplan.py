@@ -73,7 +73,7 @@ def plan_depth(analysis: Analysis, factor: float, pairing: str = "adjacent", *, 
         if not coalesce and depth_init == "identity":
             from passes.depth import identity_zero_set
 
-            zero = identity_zero_set(c.nodes[0], c.blocks[0], c.inputs0, c.chained)
+            zero = identity_zero_set(c.nodes[0], c.blocks[0], c.chained)
         out.append(ChainMap(container=c.container, large_blocks=large, small_blocks=small,
                             groups=groups, depth_init=depth_init, zero_on_identity=zero,
                             chained=[list(x) for x in c.chained]))

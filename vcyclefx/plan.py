@@ -49,7 +49,7 @@ def _index(n_large: int, n_small: int, pairing: str) -> list[int]:
 def _unit_vectors(analysis: Analysis, space: Space) -> torch.Tensor:
     """One row per unit: the unit's slices of every producer tensor, flattened."""
     rows: list[torch.Tensor] = []
-    params = dict(analysis.gm.named_parameters())
+    params = dict(analysis.gm.named_parameters(remove_duplicate=False))
     for m in space.members:
         if PRODUCER not in analysis.roles.get((m.tensor, m.axis), set()) or m.tensor not in params:
             continue
@@ -170,7 +170,7 @@ def predict_parameters(analysis: Analysis, leaf_sizes: dict[int, int]) -> int:
     """Parameter count after resizing leaves (root id -> new size), from the analysis alone."""
     from .dims import new_size
 
-    params = dict(analysis.gm.named_parameters())
+    params = dict(analysis.gm.named_parameters(remove_duplicate=False))
     total = 0
     for name, st in analysis.tensors.items():
         if name not in params:

@@ -179,12 +179,15 @@ def setup(cfg: TrainConfig) -> Runtime:
     point = None
     if cfg.resume:
         cfg, point = resume_config(cfg, out)
-    elif rank == 0:
-        if out.exists() and any(out.iterdir()):
+    else:
+        if out.exists() and any(out.iterdir()):  # checked on every rank: none is left waiting
             raise ConfigError(f"output directory {out} exists and is not empty: choose another "
                               f"--out, or continue it with --resume {out}")
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.json", cfg.to_json())
+        if world > 1:
+            dist.barrier()  # every rank has looked before rank 0 writes
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out / "config.json", cfg.to_json())
     data = _load_data_once(cfg, rank, world)
     vocab = cfg.vocab_size or data.vocab_size
     if cfg.vocab_size == 0:

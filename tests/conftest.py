@@ -1,0 +1,87 @@
+"""Shared fixtures: real zoo models (random weights), captured once per session."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import vcyclefx as vf
+from tools import zoo
+
+ZOO_NAMES = list(zoo.ZOO)
+CHAIN_NAMES = ZOO_NAMES  # every zoo model has a chain
+
+
+def output_tensor(out) -> torch.Tensor:
+    """The main tensor of a model output (logits of a Hugging Face ModelOutput)."""
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return out
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def other_inputs(example: tuple, batch: int = 3, seq: int = 24, seed: int = 1) -> tuple:
+    """Inputs like ``example`` at another batch size and (for token inputs) sequence length."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for t in example:
+        if t.dtype == torch.long:
+            hi = int(t.max()) + 1
+            if hi <= 2:  # a mask or token-type ids: keep the same kind of pattern
+                x = torch.zeros(batch, seq, dtype=torch.long)
+                x[:, seq // 2 :] = 1 if t.min() == 0 else 0
+                out.append(x if t.min() == 0 else torch.ones(batch, seq, dtype=torch.long))
+            else:
+                out.append(torch.randint(0, hi, (batch, seq), generator=g))
+        else:
+            out.append(torch.randn(batch, *t.shape[1:], generator=g))
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=None)
+def _captured(name: str):
+    model, example = zoo.ZOO[name]()
+    model.eval()
+    level = vf.capture(model, example, frontend=zoo.FRONTEND.get(name, "export"))
+    return model, example, level
+
+
+@pytest.fixture(params=ZOO_NAMES)
+def zoo_level(request):
+    """(name, original module, example inputs, level 0) for every zoo model."""
+    model, example, level = _captured(request.param)
+    return request.param, model, example, level
+
+
+def captured(name: str):
+    return _captured(name)
+
+
+def one_step_lowers_loss(level, example) -> tuple[float, float]:
+    """Loss before/after one SGD step on a fixed batch (loss: mean square of the outputs
+    against a fixed random target)."""
+    level.train()
+    torch.manual_seed(0)
+    out = output_tensor(level(*example))
+    target = torch.randn_like(out)
+    params = [p for p in level.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=1e-2)
+    level.eval()  # no dropout: the comparison must see only the step
+
+    def loss_fn():
+        return ((output_tensor(level(*example)) - target) ** 2).mean()
+
+    before = loss_fn()
+    opt.zero_grad()
+    before.backward()
+    opt.step()
+    with torch.no_grad():
+        after = loss_fn()
+    return float(before.detach()), float(after)
