@@ -26,6 +26,8 @@ from .errors import (
 from .mapping import Mapping
 from .registry import register_rule
 from .report import Report, inspect
+from .vcycle import Schedule, Stage, VCycle
+from .flops import training_flops_per_token
 
 __version__ = "0.1.0"
 
@@ -35,6 +37,10 @@ __all__ = [
     "interpolate",
     "capture",
     "inspect",
+    "VCycle",
+    "Stage",
+    "Schedule",
+    "training_flops_per_token",
     "Report",
     "Mapping",
     "register_rule",

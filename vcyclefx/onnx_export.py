@@ -11,8 +11,8 @@
    for a Hugging Face ``ModelOutput``), dynamic axes ``batch``/``sequence``/``<input>_dim<d>``;
 3. the file passes ``onnx.checker.check_model(full_check=True)``;
 4. with ``check=True`` it is run in onnxruntime on fresh random inputs at two sizes different
-   from the capture's (along the dynamic dimensions only, inside the ranges ``torch.export``
-   allows) and compared with the torch level: per output, the *relative error*
+   from the capture's (along the dynamic dimensions only, sizes the torch level accepts) and
+   compared with the torch level in eval mode: per output, the *relative error*
    ``max|onnx - torch| / max|torch|`` must be <= ``rtol`` (precisely: ``max|onnx - torch| <=
    rtol * max|torch| + atol``; ``atol`` only matters for outputs that are all zeros).
 
@@ -84,12 +84,15 @@ def export_onnx(
     if opset < MIN_OPSET:
         raise ExportError(f"opset={opset}: the dynamo-based exporter needs opset >= {MIN_OPSET}")
     path = Path(path)
+    if path.is_dir():
+        raise ExportError(f"output path {path} is a directory; give a file name such as "
+                          f"{path / 'level.onnx'}")
     level, args = _level_and_inputs(level, example_inputs, frontend)
     with _eval_mode(level), _staging(path) as stage:
         ep = _reexport(level, args)
         names = _io_names(level, ep, args)
         log.info("export: %s -> %s (opset %d, inputs %s, outputs %s, dynamic axes %s)",
-                 type(level).__name__, path, opset, ", ".join(names.inputs),
+                 _source(level), path, opset, ", ".join(names.inputs),
                  ", ".join(names.outputs), _describe_axes(names) or "none")
         program = _translate(ep, names, opset, stage.reports, custom_translation_table)
         _rename_symbolic_dims(program, names.axes)
@@ -327,6 +330,12 @@ def _is_symbolic(s) -> bool:
     return isinstance(s, torch.SymInt) and not s.node.expr.is_number
 
 
+def _source(level) -> str:
+    from .level import level_info
+
+    return (level_info(level).source_class or type(level).__name__).rsplit(".", 1)[-1]
+
+
 def _describe_axes(names: _Names) -> str:
     return ", ".join(sorted(set(names.axes.values())))
 
@@ -546,6 +555,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--opset", type=int, default=MIN_OPSET, help=f"ONNX opset (>= {MIN_OPSET})")
     p.add_argument("--rtol", type=float, default=1e-4,
                    help="largest relative error max|onnx - torch| / max|torch| accepted")
+    p.add_argument("--frontend", choices=["export", "fx"], default=None,
+                   help="capture front-end when MODEL is not a level yet (default: torch.export)")
     p.set_defaults(func=_cmd_export_onnx)
 
 
@@ -556,16 +567,18 @@ def _cmd_export_onnx(args) -> int:
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("export-onnx: %(message)s"))
-    old_level = log.level
+    old_level, old_propagate = log.level, log.propagate
     log.addHandler(handler)
     log.setLevel(logging.INFO)
+    log.propagate = False
     try:
         log.info("loading %s", args.level)
         model, example = load_model_spec(args.level)
         out = export_onnx(model, example, args.output, check=args.check, opset=args.opset,
-                          rtol=args.rtol)
+                          rtol=args.rtol, frontend=args.frontend)
         log.info("wrote %s (%.1f kB)", out, out.stat().st_size / 1024)
     finally:
         log.removeHandler(handler)
         log.setLevel(old_level)
+        log.propagate = old_propagate
     return 0

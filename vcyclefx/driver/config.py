@@ -88,6 +88,8 @@ class TrainConfig:
     log_every: int = _f(10, "write a training record every this many steps")
     ckpt_every: int = _f(200, "write a checkpoint every this many steps (and at every stage end); "
                               "0 = only at stage ends")
+    fsdp: bool = _f(False, "shard weights, gradients and optimizer state over the processes "
+                           "(FSDP2 fully_shard) instead of DDP, for models that do not fit one GPU")
     peak_flops: float = _f(989e12, "peak FLOP/s of one device for MFU (H100 SXM bf16 dense)")
     quiet: bool = _f(False, "no progress bar")
 
@@ -181,6 +183,9 @@ def _opt(name: str) -> str:
 
 def check_runtime(c: TrainConfig, device_type: str, world_size: int) -> None:
     """Start-up checks that depend on the machine; each failure says the fix."""
+    if c.fsdp and world_size < 2:
+        raise ConfigError("--fsdp shards over processes, and this is a single process: launch with "
+                          "torchrun --nproc_per_node N (N >= 2), or drop --fsdp")
     if c.grad_accum % world_size:
         raise ConfigError(
             f"--grad-accum {c.grad_accum} is not divisible by the {world_size} processes: use a "

@@ -66,10 +66,9 @@ def table(summary: dict) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     saving = summary.get("vcycle_saving")
     if saving:
-        lines.append("V-cycle saving at the baseline's final loss: FLOPs "
-                     + _fmt(None if saving["flops"] is None else 100 * saving["flops"], ".1f")
-                     + "%, wall " + _fmt(None if saving["wall"] is None else 100 * saving["wall"],
-                                          ".1f") + "%")
+        pct = {k: "never reached" if v is None else f"{100 * v:.1f}%" for k, v in saving.items()}
+        lines.append(f"V-cycle saving to reach the baseline's final loss: FLOPs {pct['flops']}, "
+                     f"wall {pct['wall']}")
     return "\n".join(lines)
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import copy
 import datetime as _dt
 import json
 import math
@@ -266,11 +267,15 @@ def evaluate(rt: Runtime, module: torch.nn.Module) -> float:
     if switch:
         module.eval()
     total = torch.zeros((), device=rt.device, dtype=torch.float64)
-    for i in range(rt.rank, rt.cfg.eval_batches, rt.world):
-        x, y = rt.val_batches.get(0, i)
+    # every rank runs the same number of forwards (FSDP gathers weights in each one); a rank
+    # with no batch left repeats its first one and does not count it
+    for k in range(math.ceil(rt.cfg.eval_batches / rt.world)):
+        i = k * rt.world + rt.rank
+        x, y = rt.val_batches.get(0, i if i < rt.cfg.eval_batches else rt.rank)
         with rt.autocast():
             logits = module(x)  # (B, T, vocab)
-        total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()).double()
+        if i < rt.cfg.eval_batches:
+            total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()).double()
     if rt.ddp:
         dist.all_reduce(total)
     if switch:
@@ -303,31 +308,103 @@ def _record(rt, state, level, event, **values) -> dict:
     return base
 
 
+class Trainee:
+    """The module being trained in its parallel form.
+
+    - one process: ``module`` on the device, compiled on CUDA;
+    - DDP: the same, compiled first, then wrapped (nanoGPT's order);
+    - FSDP2 (``--fsdp``): a copy of ``module`` is sharded with ``fully_shard`` (every block of a
+      ``ModuleList`` first when ``module`` is a plain nn.Module; a level GraphModule reads its
+      parameters straight from the graph, so only its root can be sharded: parameters are
+      gathered for the whole forward, gradients and optimizer state stay sharded), then
+      compiled; ``finish()`` copies the full weights back into ``module``, which never leaves
+      the device it was on (the V-cycle keeps working on whole modules).
+    """
+
+    def __init__(self, rt: Runtime, module: torch.nn.Module):
+        self.rt, self.fsdp = rt, rt.cfg.fsdp
+        if not self.fsdp:
+            self.raw = self.local = module.to(rt.device).train()
+            model = torch.compile(self.raw) if rt.compile else self.raw  # compile before DDP
+            if rt.ddp:
+                from torch.nn.parallel import DistributedDataParallel as DDP
+
+                model = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+            self.model = model
+        else:
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            self.raw = module.train()
+            mesh = init_device_mesh(rt.device.type, (rt.world,))
+            self.local = copy.deepcopy(module)
+            if not isinstance(self.local, torch.fx.GraphModule):
+                for sub in list(self.local.modules()):
+                    if isinstance(sub, torch.nn.ModuleList):
+                        for block in sub:
+                            fully_shard(block, mesh=mesh)
+            fully_shard(self.local, mesh=mesh)
+            self.local.to(rt.device)
+            self.model = torch.compile(self.local) if rt.compile else self.local
+        self.raw_device = next(self.raw.parameters()).device
+
+    def grad_sync(self, on: bool):
+        """Gradients are reduced across processes only on the last micro-batch of a step."""
+        if self.fsdp:
+            self.local.set_requires_gradient_sync(on)
+        elif self.rt.ddp and not on:
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
+    def checkpoint_state(self, opt) -> tuple[dict, dict]:
+        """(model state_dict, optimizer state_dict) to save; under FSDP gathered in full (a
+        collective: every rank calls it; rank 0 gets the tensors)."""
+        if not self.fsdp:
+            return self.raw.state_dict(keep_vars=True), opt.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        return get_state_dict(self.local, opt,
+                              options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load_optimizer(self, opt, optim_state: dict) -> None:
+        if not self.fsdp:
+            opt.load_state_dict(optim_state)
+            return
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                             set_optimizer_state_dict)
+
+        set_optimizer_state_dict(self.local, opt, optim_state,
+                                 options=StateDictOptions(full_state_dict=True))
+
+    def finish(self) -> None:
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                                 get_model_state_dict)
+
+            full = get_model_state_dict(self.local, options=StateDictOptions(full_state_dict=True))
+            self.raw.load_state_dict(full, strict=True)
+
+
 def run_stage(rt: Runtime, module: torch.nn.Module, steps: int, lr_scale: float, level: int,
               state: RunState, optim_state: dict | None = None, bar: ProgressBar | None = None
               ) -> RunState:
     """Train ``module`` (GPT or a level) for the remaining steps of the stage ``state`` is in.
 
     Long because it is the whole nanoGPT step loop, kept in one piece so it reads top to
-    bottom: micro-batches with DDP gradient sync only on the last, clipping, the optimizer step,
-    then the log, eval and checkpoint events of that step.
+    bottom: micro-batches with gradient sync only on the last, clipping, the optimizer step,
+    then the log, eval and checkpoint events of that step. ``module`` holds the trained weights
+    when it returns (also under FSDP, which trains a sharded copy).
     """
     cfg = rt.cfg
-    raw = module.to(rt.device)
-    raw.train()
-    fpt = training_flops_per_token(raw, rt.train_batches.get(0, 0)[0][:1])
-    opt = make_optimizer(raw, cfg, cfg.lr * lr_scale, rt.device)  # fresh per stage (paper)
+    t = Trainee(rt, module)
+    fpt = training_flops_per_token(t.raw, rt.train_batches.get(0, 0)[0][:1].to(t.raw_device))
+    opt = make_optimizer(t.local, cfg, cfg.lr * lr_scale, rt.device)  # fresh per stage (paper)
     if optim_state is not None:
-        opt.load_state_dict(optim_state)
-    model = torch.compile(raw) if rt.compile else raw  # compile before the DDP wrap
-    if rt.ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        model = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+        t.load_optimizer(opt, optim_state)
     if state.stage_step == 0:
         _record(rt, state, level, "stage", steps=steps, lr_scale=lr_scale, flops_per_token=fpt,
-                params=sum(p.numel() for p in raw.parameters()))
-        state.val_loss = evaluate(rt, raw)
+                params=sum(p.numel() for p in t.raw.parameters()))
+        state.val_loss = evaluate(rt, t.local)
         _record(rt, state, level, "eval", val_loss=state.val_loss)
     local_accum = cfg.grad_accum // rt.world
     loss_sum, n_losses = torch.zeros((), device=rt.device), 0
@@ -341,15 +418,15 @@ def run_stage(rt: Runtime, module: torch.nn.Module, steps: int, lr_scale: float,
         for micro in range(local_accum):
             x, y = rt.train_batches.get(state.step, rt.rank * local_accum + micro)  # (B, T) each
             last_micro = micro == local_accum - 1
-            with (model.no_sync() if rt.ddp and not last_micro else contextlib.nullcontext()):
+            with t.grad_sync(last_micro):
                 with rt.autocast():
-                    logits = model(x)  # (B, T, vocab)
+                    logits = t.model(x)  # (B, T, vocab)
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
                 (loss / local_accum).backward()
             loss_sum += loss.detach()
         n_losses += cfg.grad_accum
         if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(t.local.parameters(), cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         state.step, state.stage_step = state.step + 1, state.stage_step + 1
@@ -378,11 +455,12 @@ def run_stage(rt: Runtime, module: torch.nn.Module, steps: int, lr_scale: float,
                 raise FloatingPointError(f"loss is {loss_val} at step {state.step} (level {level}): "
                                          "lower --lr, or use --dtype float32 to check")
         if do_eval:
-            state.val_loss = evaluate(rt, raw)
+            state.val_loss = evaluate(rt, t.local)
             _record(rt, state, level, "eval", val_loss=state.val_loss)
         if do_ckpt:
-            save_checkpoint(rt, raw, opt, state)
+            save_checkpoint(rt, *t.checkpoint_state(opt), state)
         clock.restart()
+    t.finish()
     return state
 
 
@@ -413,11 +491,12 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_weights(module: torch.nn.Module, path: Path) -> None:
+def save_weights(state: dict, path: Path) -> None:
+    """A state_dict as safetensors; a tensor under several names (tied) is stored once."""
     from safetensors.torch import save_file
 
     tensors, aliases, seen = {}, {}, {}
-    for name, t in module.state_dict(keep_vars=True).items():
+    for name, t in state.items():
         if id(t) in seen:
             aliases[name] = seen[id(t)]
             continue
@@ -454,7 +533,7 @@ def _set_rng_state(rng: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(dec(rng["cuda"]), device)
 
 
-def save_checkpoint(rt: Runtime, raw: torch.nn.Module, opt, state: RunState) -> None:
+def save_checkpoint(rt: Runtime, model_state: dict, optim_state: dict, state: RunState) -> None:
     rngs = [_rng_state(rt.device)]
     if rt.ddp:
         rngs = [None] * rt.world
@@ -464,8 +543,8 @@ def save_checkpoint(rt: Runtime, raw: torch.nn.Module, opt, state: RunState) -> 
         name = f"{state.schedule}-{state.step:07d}"
         tmp = root / f".{name}.tmp"
         tmp.mkdir(parents=True, exist_ok=True)
-        save_weights(raw, tmp / "model.safetensors")
-        torch.save(opt.state_dict(), tmp / "optim.pt")
+        save_weights(model_state, tmp / "model.safetensors")
+        torch.save(optim_state, tmp / "optim.pt")
         meta = dict(version=1, state=vars(state), metrics_offset=rt.logger.offset(), done=rt.done,
                     rng=rngs)
         (tmp / "state.json").write_text(json.dumps(meta))
@@ -519,7 +598,8 @@ def _restore(rt: Runtime, point: Point | None, module: torch.nn.Module, state: R
         torch.manual_seed(rt.cfg.seed + 1 + rt.rank)  # dropout stream, per rank
         return state, None
     load_weights(module, point.dir / "model.safetensors")
-    optim_state = torch.load(point.dir / "optim.pt", weights_only=True, map_location=rt.device)
+    optim_state = torch.load(point.dir / "optim.pt", weights_only=True,
+                             map_location="cpu" if rt.cfg.fsdp else rt.device)
     _set_rng_state(point.rng[rt.rank], rt.device)
     return point.state, optim_state
 
@@ -566,7 +646,7 @@ def _save_final(rt: Runtime, module: torch.nn.Module, schedule: str) -> None:
     """The trained level-0 weights (they load with strict=True into vcyclefx.gpt.GPT)."""
     if rt.master:
         tmp = rt.out / f".{schedule}.safetensors.tmp"
-        save_weights(module, tmp)
+        save_weights(module.state_dict(keep_vars=True), tmp)
         os.replace(tmp, rt.out / f"{schedule}.safetensors")
 
 

@@ -1,0 +1,148 @@
+"""Interpolation, the V-cycle API, FLOP accounting, checkpoints and resume."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+import vcyclefx as vf
+from tests.conftest import captured, output_tensor
+from tools import zoo
+
+
+def _loss(model, batch):
+    out = output_tensor(model(*batch))
+    if out.dim() == 3:  # language model: next-token loss
+        ids = batch[0]
+        return torch.nn.functional.cross_entropy(out[:, :-1].reshape(-1, out.shape[-1]),
+                                                 ids[:, 1:].reshape(-1))
+    return torch.nn.functional.cross_entropy(out, torch.arange(out.shape[0]) % out.shape[-1])
+
+
+def _batches(example, seed):
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        out = []
+        for t in example:
+            if t.dtype == torch.long and int(t.max()) > 1:
+                out.append(torch.randint(0, int(t.max()) + 1, t.shape, generator=g))
+            elif t.dtype == torch.long:
+                out.append(t.clone())
+            else:
+                out.append(torch.randn(t.shape, generator=g))
+        yield tuple(out)
+
+
+def plain_loop(model, steps, lr, example, seed):
+    """A plain PyTorch loop: fresh AdamW per stage (the paper), fixed data per seed."""
+    torch.manual_seed(seed)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    data = _batches(example, seed)
+    loss = None
+    for _ in range(steps):
+        loss = _loss(model, next(data))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return float(loss.detach())
+
+
+@pytest.mark.parametrize("name,levels", [("gpt2", 2), ("gpt2", 3), ("bert", 2), ("llama", 3),
+                                         ("deit", 2)])
+def test_cycles_run_with_a_plain_loop_and_the_printed_schedule_is_what_ran(name, levels):
+    depth_layers = {"gpt2": 4, "llama": 4}
+    if name in depth_layers:
+        model, example = zoo.ZOO[name](n_layer=depth_layers[name])
+    else:
+        model, example = zoo.ZOO[name]()
+    width = 0.5
+    cycle = vf.VCycle(model, example, levels=levels, width=width, depth=0.5, alpha=0.25,
+                      total_steps=6 * (2 * levels - 1))
+    printed = [tuple(int(v) for v in row.split()[:2]) + (int(row.split()[3]),)
+               for row in str(cycle.schedule).splitlines()[1:-1]]
+    ran = []
+    params = []
+    for stage in cycle:
+        loss = plain_loop(stage.model, stage.steps, 1e-3 * stage.lr_scale, example, stage.index)
+        assert loss == loss  # finite
+        ran.append((stage.index, stage.level, stage.steps))
+        params.append(sum(p.numel() for p in stage.model.parameters()))
+    assert ran == printed
+    assert params[0] > params[1] and params == params[::-1]  # down and back up, same shapes
+    final = cycle.result()
+    fresh, _ = zoo.ZOO[name](**({"n_layer": depth_layers[name]} if name in depth_layers else {}))
+    fresh.load_state_dict(final.state_dict(), strict=True)
+
+
+def test_interpolate_endpoints_are_exact_and_mismatches_are_errors():
+    _, _, level = captured("gpt2")
+    big, mapping = vf.decoalesce(level, width=2.0)
+    other, _ = vf.decoalesce(level, width=2.0, pairing="adjacent")
+    a = vf.interpolate(big, other, alpha=0.0)
+    b = vf.interpolate(big, other, alpha=1.0)
+    for k, v in big.state_dict().items():
+        assert torch.equal(a.state_dict()[k], v)
+        assert torch.equal(b.state_dict()[k], other.state_dict()[k])
+    mid = vf.interpolate(big, other, alpha=0.25)
+    k = "transformer.h.0.mlp.c_fc.weight"
+    assert torch.allclose(mid.state_dict()[k], 0.75 * big.state_dict()[k] + 0.25 * other.state_dict()[k])
+    with pytest.raises(vf.MappingError, match="shape"):
+        vf.interpolate(level, big, alpha=0.5)
+    with pytest.raises(vf.PlanError, match="alpha"):
+        vf.interpolate(big, other, alpha=1.5)
+
+
+def test_gpt2_flops_per_token_match_6n_plus_attention_by_hand():
+    n_layer, d, vocab, T = 3, 64, 128, 16
+    model, example = zoo.gpt2(n_layer=n_layer, n_embd=d, vocab=vocab)
+    cycle = vf.VCycle(model, example, levels=2, width=0.5, depth=0.5, total_steps=100)
+    for level, (L, width) in enumerate([(n_layer, d), (2, d // 2)]):
+        non_embedding = L * (12 * width * width)  # attention 4 d^2 + MLP 8 d^2 weight entries
+        head = vocab * width  # the LM head matmul (tied to the embedding)
+        attention = L * 2 * T * width  # q.k^T and attn.v: 2 * T * d multiply-adds per token
+        by_hand = 6 * (non_embedding + head) + 6 * attention
+        got = cycle.flops_per_token(level)
+        assert abs(got - by_hand) / by_hand < 0.02, (level, got, by_hand)
+
+
+def test_report_lists_stages_and_the_flops_ratio():
+    model, example = zoo.gpt2(n_layer=4)
+    cycle = vf.VCycle(model, example, levels=2, total_steps=100, fractions=[0.1, 0.5, 0.4])
+    text = cycle.report(tokens_per_step=512)
+    ratio = float(re.search(r"= ([0-9.]+) x level 0", text).group(1))
+    f0, f1 = cycle.flops_per_token(0), cycle.flops_per_token(1)
+    assert ratio == pytest.approx((50 * f0 + 50 * f1) / (100 * f0), abs=1e-3)
+    assert ratio < 0.6
+
+
+def test_interrupted_and_resumed_cycle_ends_with_identical_weights(tmp_path):
+    def run(ckpt, stop_after=None, resume=None):
+        model, example = zoo.gpt2(n_layer=2)
+        cycle = vf.VCycle(model, example, levels=2, total_steps=12, checkpoint_dir=ckpt,
+                          resume=resume)
+        for stage in cycle:
+            plain_loop(stage.model, stage.steps, 1e-3 * stage.lr_scale, example, stage.index)
+            if stop_after is not None and stage.index == stop_after:
+                return None
+        return cycle.result()
+
+    straight = run(None)
+    assert run(tmp_path / "ck", stop_after=1) is None  # "killed" after stage 1 finished
+    resumed = run(None, resume=tmp_path / "ck")
+    for k, v in straight.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+
+
+def test_bad_schedules_fail_before_training():
+    model, example = zoo.gpt2(n_layer=2)
+    with pytest.raises(vf.ScheduleError, match="stage 0 .* 0 steps"):
+        vf.VCycle(model, example, levels=2, steps=[0, 5, 5])
+    with pytest.raises(vf.ScheduleError, match="alpha"):
+        vf.VCycle(model, example, levels=2, alpha=1.5, total_steps=10)
+    with pytest.raises(vf.ScheduleError, match="levels=5: level 1 cannot be coalesced to level 2"):
+        vf.VCycle(model, example, levels=5, total_steps=1000)
+    with pytest.raises(vf.ScheduleError, match="sum to 1"):
+        vf.VCycle(model, example, levels=2, total_steps=10, fractions=[0.5, 0.5, 0.5])

@@ -1,0 +1,50 @@
+"""FLOP accounting from the graph: forward + backward, counted by torch.utils.flop_counter.
+
+Only what the counter counts is counted (matrix products, convolutions, attention); norms and
+elementwise ops are left out, as in the usual 6N + attention estimate.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def tokens_in(example_inputs: tuple) -> int:
+    """Tokens in a batch: batch x sequence for integer (token) inputs, else the batch size."""
+    x = example_inputs[0]
+    if not x.dtype.is_floating_point and x.dim() >= 2:
+        return int(x.shape[0] * x.shape[1])
+    return int(x.shape[0])
+
+
+def _first_tensor(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, dict):
+        return next(v for v in out.values() if isinstance(v, torch.Tensor))
+    if isinstance(out, (list, tuple)):
+        return next(_first_tensor(v) for v in out if isinstance(v, (torch.Tensor, list, tuple)) or hasattr(v, "logits"))
+    raise TypeError(f"cannot find a tensor in the output of type {type(out).__name__}")
+
+
+def training_flops(module: torch.nn.Module, example_inputs: tuple) -> int:
+    """FLOPs of one forward + backward pass of ``module`` on ``example_inputs``."""
+    was_training = module.training
+    module.eval()  # dropout off: the count does not depend on it, the noise would
+    try:
+        with FlopCounterMode(display=False) as counter:
+            out = _first_tensor(module(*example_inputs))
+            out.float().sum().backward()
+    finally:
+        module.train(was_training)
+        for p in module.parameters():
+            p.grad = None
+    return int(counter.get_total_flops())
+
+
+def training_flops_per_token(module: torch.nn.Module, example_inputs: tuple) -> float:
+    """Training (forward + backward) FLOPs per token of ``module`` at the example's shape."""
+    return training_flops(module, example_inputs) / tokens_in(example_inputs)
