@@ -74,7 +74,9 @@ def test_every_zoo_level_exports_and_matches_torch_at_two_new_sizes(zoo_levels, 
     was_training = level.training
     out = tmp_path / f"{name}-{kind}.onnx"
 
-    returned = export_onnx(level, None, out, check=True)
+    # level 0 goes through the DESIGN call with check=True (which raises on a mismatch); the
+    # numbers below come from check_onnx, the same comparison, on other fresh inputs
+    returned = export_onnx(level, None, out, check=kind == "level0")
 
     assert returned == out and out.is_file()
     assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no temp files, no reports
@@ -126,8 +128,9 @@ class CumMaxHead(nn.Module):
         return torch.cummax(self.proj(x), dim=-1).values
 
 
-def test_unexportable_op_raises_export_error_naming_the_node_and_leaves_no_onnx(tmp_path):
+def test_unexportable_op_raises_export_error_naming_the_node_and_writes_no_onnx(tmp_path):
     out = tmp_path / "cummax.onnx"
+    out.write_bytes(b"previous export")  # an older file of that name is left as it was
     with pytest.raises(ExportError) as err:
         export_onnx(CumMaxHead(), (torch.randn(2, 5, 8),), out)
 
@@ -135,11 +138,11 @@ def test_unexportable_op_raises_export_error_naming_the_node_and_leaves_no_onnx(
     assert "aten.cummax.default" in msg and "%cummax" in msg
     assert err.value.__cause__ is not None  # chained from the exporter's error
     assert type(err.value.__cause__).__module__.startswith("torch.onnx")
-    assert not out.exists()
-    leftovers = sorted(p.name for p in tmp_path.iterdir())
-    assert len(leftovers) == 1 and leftovers[0].startswith("cummax.onnx_export_")  # the report
-    assert leftovers[0].endswith(".md") and str(tmp_path / leftovers[0]) in msg
-    assert "cummax" in (tmp_path / leftovers[0]).read_text()
+    assert out.read_bytes() == b"previous export"
+    reports = sorted(p.name for p in tmp_path.iterdir() if p != out)  # no temp files
+    assert len(reports) == 1 and reports[0].startswith("cummax.onnx_export_")
+    assert reports[0].endswith(".md") and str(tmp_path / reports[0]) in msg
+    assert "cummax" in (tmp_path / reports[0]).read_text()
 
 
 class SmallMLP(nn.Module):
@@ -163,20 +166,8 @@ def test_check_failure_names_output_error_and_sizes_and_leaves_no_onnx(tmp_path)
     msg = str(err.value)
     assert "'output'" in msg and "relative error" in msg and "input sizes [[" in msg
     assert not out.exists() and list(tmp_path.iterdir()) == []
-    # the same model within the default bound is exported, and matches at the default sizes
-    export_onnx(model, x, out)
-    results = check_onnx(model, out, x)
-    assert {r.input_shapes for r in results} == {((3, 13, 64),), ((4, 10, 64),)}
-    assert max(r.rel_error for r in results) <= RTOL
-
-
-def test_existing_file_is_kept_when_an_export_fails(tmp_path):
-    out = tmp_path / "model.onnx"
-    out.write_bytes(b"previous export")
-    with pytest.raises(ExportError):
-        export_onnx(CumMaxHead(), (torch.randn(2, 5, 8),), out)
-    assert out.read_bytes() == b"previous export"
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp directory
+    # the default sizes: batch 2 -> 3, 4 and sequence 5 -> 13, 10; the feature dim stays 64
+    assert "[[3, 13, 64]]" in msg or "[[4, 10, 64]]" in msg
 
 
 # --------------------------------------------------------------------------------------------
