@@ -1,4 +1,5 @@
-"""Two processes (torchrun, gloo on CPU) train like one process with the same global batch.
+"""Two processes (torchrun, gloo on CPU; DDP and FSDP2) train like one process with the same
+global batch.
 
 Global batch = batch_size * grad_accum micro-batches; micro-batch j of step s is the same data
 whichever process draws it, so 1 process accumulating 2 micro-batches and 2 processes with one
@@ -13,7 +14,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+TRAIN = str(ROOT / "tools" / "train.py")
 OPTS = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--seq-len", "32",
         "--batch-size", "4", "--grad-accum", "2", "--steps", "5", "--warmup", "1",
         "--log-every", "1", "--eval-every", "5", "--eval-batches", "4", "--ckpt-every", "0",
@@ -31,17 +35,24 @@ def metrics(out: Path, event: str, key: str) -> list[tuple[int, float]]:
     return [(r["step"], r[key]) for r in rows if r["event"] == event]
 
 
-def test_two_process_ddp_matches_one_process_with_same_global_batch(tmp_path):
-    data = tmp_path / "corpus.txt"
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    data = tmp / "corpus.txt"
     data.write_bytes(Path(json.__file__).read_bytes() * 4 + Path(os.__file__).read_bytes())
-    common = [*OPTS, "--data", str(data), "--cache-dir", str(tmp_path / "cache")]
-    one, two = tmp_path / "one", tmp_path / "two"
-    train = str(ROOT / "tools" / "train.py")
-    subprocess.run([sys.executable, train, *common, "-o", str(one)], env=env(), check=True,
-                   stdout=subprocess.DEVNULL)
+    common = [*OPTS, "--data", str(data), "--cache-dir", str(tmp / "cache")]
+    subprocess.run([sys.executable, TRAIN, *common, "-o", str(tmp / "one")], env=env(),
+                   check=True, stdout=subprocess.DEVNULL)
+    return tmp / "one", common
+
+
+def torchrun(common: list[str], out: Path, *extra: str) -> None:
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                    "--nproc_per_node", "2", train, *common, "-o", str(two)],
+                    "--nproc_per_node", "2", TRAIN, *common, *extra, "-o", str(out)],
                    env=env(), check=True, stdout=subprocess.DEVNULL, timeout=300)
+
+
+def assert_same_run(one: Path, two: Path) -> None:
     a, b = metrics(one, "train", "loss"), metrics(two, "train", "loss")
     assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3, 4, 5]
     assert max(abs(x - y) for (_, x), (_, y) in zip(a, b)) < 1e-4
@@ -53,3 +64,20 @@ def test_two_process_ddp_matches_one_process_with_same_global_batch(tmp_path):
     ta = json.loads((one / "summary.json").read_text())["schedules"]["baseline"]["tokens"]
     tb = json.loads((two / "summary.json").read_text())["schedules"]["baseline"]["tokens"]
     assert ta == tb == 5 * 4 * 2 * 32
+
+
+def test_two_process_ddp_matches_one_process_with_same_global_batch(one_process_run, tmp_path):
+    one, common = one_process_run
+    torchrun(common, tmp_path / "two")
+    assert_same_run(one, tmp_path / "two")
+
+
+def test_two_process_fsdp2_matches_one_process_and_saves_whole_weights(one_process_run, tmp_path):
+    one, common = one_process_run
+    torchrun(common, tmp_path / "fsdp", "--fsdp")
+    assert_same_run(one, tmp_path / "fsdp")
+    from vcyclefx.driver.train import load_weights
+    from vcyclefx.gpt import GPT, GPTConfig
+
+    model = GPT(GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32))
+    load_weights(model, tmp_path / "fsdp" / "baseline.safetensors")  # full, strict, unsharded
