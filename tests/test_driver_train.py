@@ -84,3 +84,47 @@ def test_vcyclefx_train_command_runs_and_reports_bad_data_as_an_error(tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 2
     assert "vcyclefx train: error: --data" in res.stderr and "no such file" in res.stderr
+
+
+def test_compare_runs_both_schedules_on_the_same_data_and_reports_the_saving(tmp_path):
+    cfg = tiny(tmp_path, schedule="compare", steps=80, eval_every=10, log_every=2)
+    summary = main(cfg)
+    out = Path(cfg.out)
+    recs = rows(out)
+    assert set(summary["schedules"]) == {"baseline", "vcycle"}
+    base, vc = summary["schedules"]["baseline"], summary["schedules"]["vcycle"]
+    # default V-cycle: 5% level 0, 45% level 1 (lr x4), 50% level 0
+    assert [(s["level"], s["steps"], s["lr_scale"]) for s in vc["stages"]] == \
+        [(0, 4, 1.0), (1, 36, 4.0), (0, 40, 1.0)]
+    f0, f1 = vc["stages"][0]["flops_per_token"], vc["stages"][1]["flops_per_token"]
+    assert f0 == base["stages"][0]["flops_per_token"] and f1 < 0.5 * f0
+    assert vc["total_flops"] == pytest.approx(80 * 8 * 32 * (0.55 * f0 + 0.45 * f1))
+    assert vc["total_flops"] < 0.8 * base["total_flops"]
+    vtrain = [r for r in recs if r["event"] == "train" and r["schedule"] == "vcycle"]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in vtrain)
+    assert vtrain[-1]["loss"] < vtrain[0]["loss"] - 1.0
+    assert vc["final_val_loss"] < 5.0 and base["final_val_loss"] < 5.0
+    # same init, same batch at every step, same lr: until the V-cycle coalesces at step 4, both
+    # schedules train the same function (the GPT module and its captured level) identically
+    btrain = [r for r in recs if r["event"] == "train" and r["schedule"] == "baseline"]
+    assert [r["step"] for r in vtrain[:2]] == [r["step"] for r in btrain[:2]] == [2, 4]
+    assert [r["loss"] for r in vtrain[:2]] == pytest.approx([r["loss"] for r in btrain[:2]],
+                                                            abs=1e-5)
+    reached = summary["vcycle_saving"]["flops"]
+    if vc["flops_to_baseline_loss"] is None:
+        assert reached is None
+    else:
+        assert reached == pytest.approx(1 - vc["flops_to_baseline_loss"] / base["total_flops"])
+    model = GPT(GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32))
+    load_weights(model, out / "vcycle.safetensors")  # level 0 of the cycle, strict, into GPT
+    assert sorted(p.name for p in (out / "vcycle").iterdir()) == ["stage-000", "stage-001",
+                                                                   "stage-002"]
+
+
+def test_an_impossible_vcycle_fails_at_start_up_before_the_baseline_trains(tmp_path):
+    from vcyclefx.errors import VCycleError
+
+    cfg = tiny(tmp_path, schedule="compare", steps=10)  # 5% of 10 steps rounds to 0
+    with pytest.raises(VCycleError, match="needs at least 1"):
+        main(cfg)
+    assert not (Path(cfg.out) / "metrics.jsonl").read_text()

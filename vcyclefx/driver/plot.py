@@ -35,8 +35,8 @@ def summarize(records: list[dict]) -> dict:
             "steps": end["step"],
             "flops_to_baseline_loss": hit["flops"] if hit else None,
             "wall_to_baseline_loss": hit["wall"] if hit else None,
-            "stages": [{k: s[k] for k in ("stage", "level", "step", "steps", "lr_scale", "params",
-                                          "flops_per_token")} for s in stages],
+            "stages": [{k: s.get(k) for k in ("stage", "level", "phase", "step", "steps", "lr_scale",
+                                              "params", "flops_per_token")} for s in stages],
         }
     if base and "vcycle" in out["schedules"]:
         v = out["schedules"]["vcycle"]
@@ -49,18 +49,20 @@ def summarize(records: list[dict]) -> dict:
     return out
 
 
-def _fmt(x, spec):
+def _fmt(x, spec, target):
+    if target is None:
+        return "n/a (no baseline)"
     return "never" if x is None else format(x, spec)
 
 
 def table(summary: dict) -> str:
     head = ("schedule", "final val loss", "train FLOPs", "wall s", "FLOPs to baseline loss",
             "wall s to baseline loss")
-    rows = [head]
+    rows, target = [head], summary["baseline_final_val_loss"]
     for name, s in summary["schedules"].items():
         rows.append((name, f"{s['final_val_loss']:.4f}", f"{s['total_flops']:.3e}",
-                     f"{s['wall_seconds']:.1f}", _fmt(s["flops_to_baseline_loss"], ".3e"),
-                     _fmt(s["wall_to_baseline_loss"], ".1f")))
+                     f"{s['wall_seconds']:.1f}", _fmt(s["flops_to_baseline_loss"], ".3e", target),
+                     _fmt(s["wall_to_baseline_loss"], ".1f", target)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

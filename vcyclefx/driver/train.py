@@ -386,8 +386,8 @@ class Trainee:
 
 
 def run_stage(rt: Runtime, module: torch.nn.Module, steps: int, lr_scale: float, level: int,
-              state: RunState, optim_state: dict | None = None, bar: ProgressBar | None = None
-              ) -> RunState:
+              state: RunState, optim_state: dict | None = None, bar: ProgressBar | None = None,
+              phase: str = "") -> RunState:
     """Train ``module`` (GPT or a level) for the remaining steps of the stage ``state`` is in.
 
     Long because it is the whole nanoGPT step loop, kept in one piece so it reads top to
@@ -402,7 +402,8 @@ def run_stage(rt: Runtime, module: torch.nn.Module, steps: int, lr_scale: float,
     if optim_state is not None:
         t.load_optimizer(opt, optim_state)
     if state.stage_step == 0:
-        _record(rt, state, level, "stage", steps=steps, lr_scale=lr_scale, flops_per_token=fpt,
+        _record(rt, state, level, "stage", steps=steps, lr_scale=lr_scale, phase=phase,
+                flops_per_token=fpt,
                 params=sum(p.numel() for p in t.raw.parameters()))
         state.val_loss = evaluate(rt, t.local)
         _record(rt, state, level, "eval", val_loss=state.val_loss)
@@ -612,23 +613,47 @@ def run_baseline(rt: Runtime, point: Point | None, bar: ProgressBar | None) -> R
     return state
 
 
-def run_vcycle(rt: Runtime, point: Point | None, bar: ProgressBar | None) -> RunState:
-    """The V-cycle: every stage of ``vf.VCycle`` trained by ``run_stage``."""
+@dataclass
+class Cycle:
+    """A ``vf.VCycle`` made before any training (so a V-cycle that cannot be planned fails at
+    start-up, not after the baseline of a compare run) and the seconds it took."""
+
+    cycle: object
+    seconds: float
+
+
+def make_cycle(rt: Runtime) -> Cycle:
+    """The V-cycle over the run's level 0, captured on the training device (a captured graph
+    keeps the device of its position ids). Its stage checkpoints go to ``<out>/vcycle``, written
+    by rank 0; resuming continues after its last completed stage."""
     import vcyclefx as vf
 
     cfg = rt.cfg
-    if not hasattr(vf, "VCycle"):
-        raise ConfigError("this vcyclefx has no VCycle yet: use --schedule baseline")
-    if point is not None:
-        raise ConfigError("resuming inside a V-cycle needs VCycle checkpoints, which vcyclefx does "
-                          "not have yet: start the V-cycle again with a new --out")
-    model = new_model(rt)
-    example = (rt.train_batches.get(0, 0)[0][:2].cpu(),)  # batch 2: export keeps batch dynamic
+    t0 = time.perf_counter()
+    model = new_model(rt).to(rt.device)
+    example = (rt.train_batches.get(0, 0)[0][:2],)  # (2, T): batch 2 keeps the batch dim dynamic
+    vdir = rt.out / "vcycle"
     cycle = vf.VCycle(model, example, levels=cfg.levels, width=cfg.width, depth=cfg.depth,
-                      alpha=cfg.alpha, total_steps=cfg.steps)
-    if rt.master:
+                      alpha=cfg.alpha, total_steps=cfg.steps, checkpoint_dir=vdir,
+                      resume=vdir if cfg.resume else None)
+    if not rt.master:
+        cycle.checkpoint_dir = None  # one writer; every rank rebuilds the same levels
+    return Cycle(cycle, time.perf_counter() - t0)
+
+
+def run_vcycle(rt: Runtime, made: Cycle, point: Point | None, bar: ProgressBar | None) -> RunState:
+    """Every stage of the V-cycle trained by ``run_stage`` (fresh optimizer per stage).
+
+    Resuming: the VCycle continues after its last completed stage c; the driver's checkpoint is
+    either inside stage c + 1 (load its weights into that stage's model and go on) or at the
+    end of stage c + 1, when rank 0 was stopped before the VCycle saved that stage (run its
+    remaining 0 steps; the VCycle then saves it). Nothing else can happen (a stage's VCycle
+    checkpoint is written only after the driver's stage-end checkpoint).
+    """
+    cycle = made.cycle
+    if rt.master and point is None:
         _print(bar, str(cycle.schedule))
-    state, _ = _restore(rt, None, model, RunState("vcycle"))
+    state, optim_state = _restore(rt, None, cycle.level0, RunState("vcycle", wall=made.seconds))
     stages = iter(cycle)
     while True:
         t0 = time.perf_counter()
@@ -636,8 +661,26 @@ def run_vcycle(rt: Runtime, point: Point | None, bar: ProgressBar | None) -> Run
         state.wall += time.perf_counter() - t0
         if stage is None:
             break
-        state.stage, state.stage_step = stage.index, 0
-        state = run_stage(rt, stage.model, stage.steps, stage.lr_scale, stage.level, state, None, bar)
+        if point is not None:
+            at = point.state.stage
+            done_at = point.state.stage_step == cycle.schedule[at].steps
+            if stage.index == at:
+                state, optim_state = _restore(rt, point, stage.model, state)
+            elif stage.index == at + 1 and done_at:
+                state, optim_state = point.state, None
+                _set_rng_state(point.rng[rt.rank], rt.device)
+                state.stage, state.stage_step = stage.index, 0
+            else:
+                raise ConfigError(f"--resume {rt.out}: the driver checkpoint is in stage {at} but "
+                                  f"the V-cycle checkpoint in {rt.out / 'vcycle'} continues at "
+                                  f"stage {stage.index}; the run directory was changed by hand")
+            point = None
+        else:
+            state.stage, state.stage_step, optim_state = stage.index, 0, None
+        state = run_stage(rt, stage.model, stage.steps, stage.lr_scale, stage.level, state,
+                          optim_state, bar, phase=stage.phase)
+    if point is not None:  # every stage was complete: resumed after the very end
+        state = point.state
     _save_final(rt, cycle.result(), "vcycle")
     return state
 
@@ -661,6 +704,7 @@ def train(rt: Runtime) -> None:
     cfg = rt.cfg
     order = ["baseline", "vcycle"] if cfg.schedule == "compare" else [cfg.schedule]
     point = rt.resume_point
+    made = make_cycle(rt) if "vcycle" in order and "vcycle" not in rt.done else None
     for name in order:
         if name in rt.done:
             continue
@@ -668,7 +712,10 @@ def train(rt: Runtime) -> None:
         bar = ProgressBar(cfg.steps, here.state.step if here else 0, name,
                           enabled=rt.master and not cfg.quiet)
         try:
-            state = (run_baseline if name == "baseline" else run_vcycle)(rt, here, bar)
+            if name == "baseline":
+                state = run_baseline(rt, here, bar)
+            else:
+                state = run_vcycle(rt, made, here, bar)
         finally:
             bar.close()
         rt.done[name] = state.val_loss
