@@ -61,7 +61,24 @@ def zoo_level(request):
 
 
 def captured(name: str):
+    """(module, example inputs, level 0) of a zoo model, captured once per test session. The
+    level is shared: tests that train or change it take ``fresh_level(name)``."""
     return _captured(name)
+
+
+@functools.lru_cache(maxsize=None)
+def _captured_kw(name: str, kwargs: tuple):
+    model, example = zoo.ZOO[name](**dict(kwargs))
+    level = vf.capture(model, example, frontend=zoo.FRONTEND.get(name, "export"))
+    return model, example, level
+
+
+def fresh_level(name: str, **kwargs):
+    """(example inputs, a private copy of a captured zoo level) — capture happens once."""
+    from vcyclefx.level import clone_level
+
+    _, example, level = _captured_kw(name, tuple(sorted(kwargs.items())))
+    return example, clone_level(level)
 
 
 def one_step_lowers_loss(level, example) -> tuple[float, float]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import vcyclefx as vf
-from tests.conftest import captured, output_tensor
+from tests.conftest import captured, fresh_level, output_tensor
 from tools import zoo
 
 
@@ -53,14 +53,10 @@ def plain_loop(model, steps, lr, example, seed):
 @pytest.mark.parametrize("name,levels", [("gpt2", 2), ("gpt2", 3), ("bert", 2), ("llama", 3),
                                          ("deit", 2)])
 def test_cycles_run_with_a_plain_loop_and_the_printed_schedule_is_what_ran(name, levels):
-    depth_layers = {"gpt2": 4, "llama": 4}
-    if name in depth_layers:
-        model, example = zoo.ZOO[name](n_layer=depth_layers[name])
-    else:
-        model, example = zoo.ZOO[name]()
-    width = 0.5
-    cycle = vf.VCycle(model, example, levels=levels, width=width, depth=0.5, alpha=0.25,
-                      total_steps=6 * (2 * levels - 1))
+    kwargs = {"n_layer": 4} if name in ("gpt2", "llama") else {}
+    example, level = fresh_level(name, **kwargs)
+    cycle = vf.VCycle(level, levels=levels, width=0.5, depth=0.5, alpha=0.25,
+                      total_steps=4 * (2 * levels - 1))
     printed = [tuple(int(v) for v in row.split()[:2]) + (int(row.split()[3]),)
                for row in str(cycle.schedule).splitlines()[1:-1]]
     ran = []
@@ -73,7 +69,7 @@ def test_cycles_run_with_a_plain_loop_and_the_printed_schedule_is_what_ran(name,
     assert ran == printed
     assert params[0] > params[1] and params == params[::-1]  # down and back up, same shapes
     final = cycle.result()
-    fresh, _ = zoo.ZOO[name](**({"n_layer": depth_layers[name]} if name in depth_layers else {}))
+    fresh, _ = zoo.ZOO[name](**kwargs)
     fresh.load_state_dict(final.state_dict(), strict=True)
 
 
@@ -97,8 +93,8 @@ def test_interpolate_endpoints_are_exact_and_mismatches_are_errors():
 
 def test_gpt2_flops_per_token_match_6n_plus_attention_by_hand():
     n_layer, d, vocab, T = 3, 64, 128, 16
-    model, example = zoo.gpt2(n_layer=n_layer, n_embd=d, vocab=vocab)
-    cycle = vf.VCycle(model, example, levels=2, width=0.5, depth=0.5, total_steps=100)
+    example, level = fresh_level("gpt2", n_layer=n_layer)
+    cycle = vf.VCycle(level, levels=2, width=0.5, depth=0.5, total_steps=100)
     for level, (L, width) in enumerate([(n_layer, d), (2, d // 2)]):
         non_embedding = L * (12 * width * width)  # attention 4 d^2 + MLP 8 d^2 weight entries
         head = vocab * width  # the LM head matmul (tied to the embedding)
@@ -109,8 +105,8 @@ def test_gpt2_flops_per_token_match_6n_plus_attention_by_hand():
 
 
 def test_report_lists_stages_and_the_flops_ratio():
-    model, example = zoo.gpt2(n_layer=4)
-    cycle = vf.VCycle(model, example, levels=2, total_steps=100, fractions=[0.1, 0.5, 0.4])
+    example, level = fresh_level("gpt2", n_layer=4)
+    cycle = vf.VCycle(level, levels=2, total_steps=100, fractions=[0.1, 0.5, 0.4])
     text = cycle.report(tokens_per_step=512)
     ratio = float(re.search(r"= ([0-9.]+) x level 0", text).group(1))
     f0, f1 = cycle.flops_per_token(0), cycle.flops_per_token(1)
@@ -120,9 +116,8 @@ def test_report_lists_stages_and_the_flops_ratio():
 
 def test_interrupted_and_resumed_cycle_ends_with_identical_weights(tmp_path):
     def run(ckpt, stop_after=None, resume=None):
-        model, example = zoo.gpt2(n_layer=2)
-        cycle = vf.VCycle(model, example, levels=2, total_steps=12, checkpoint_dir=ckpt,
-                          resume=resume)
+        example, level = fresh_level("gpt2")
+        cycle = vf.VCycle(level, levels=2, total_steps=12, checkpoint_dir=ckpt, resume=resume)
         for stage in cycle:
             plain_loop(stage.model, stage.steps, 1e-3 * stage.lr_scale, example, stage.index)
             if stop_after is not None and stage.index == stop_after:
@@ -137,12 +132,12 @@ def test_interrupted_and_resumed_cycle_ends_with_identical_weights(tmp_path):
 
 
 def test_bad_schedules_fail_before_training():
-    model, example = zoo.gpt2(n_layer=2)
+    example, level = fresh_level("gpt2")
     with pytest.raises(vf.ScheduleError, match="stage 0 .* 0 steps"):
-        vf.VCycle(model, example, levels=2, steps=[0, 5, 5])
+        vf.VCycle(level, levels=2, steps=[0, 5, 5])
     with pytest.raises(vf.ScheduleError, match="alpha"):
-        vf.VCycle(model, example, levels=2, alpha=1.5, total_steps=10)
+        vf.VCycle(level, levels=2, alpha=1.5, total_steps=10)
     with pytest.raises(vf.ScheduleError, match="levels=5: level 1 cannot be coalesced to level 2"):
-        vf.VCycle(model, example, levels=5, total_steps=1000)
+        vf.VCycle(level, levels=5, total_steps=1000)
     with pytest.raises(vf.ScheduleError, match="sum to 1"):
-        vf.VCycle(model, example, levels=2, total_steps=10, fractions=[0.5, 0.5, 0.5])
+        vf.VCycle(level, levels=2, total_steps=10, fractions=[0.5, 0.5, 0.5])

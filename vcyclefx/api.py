@@ -129,6 +129,12 @@ def decoalesce(model, example_inputs=None, *, width: float = 1.0, depth: float =
     return cur, m
 
 
+def _deepcopy(m):
+    import copy
+
+    return copy.deepcopy(m)
+
+
 def interpolate(before, after, alpha: float):
     """``(1 - alpha) * before + alpha * after``, tensor by tensor, for same-shaped levels.
 
@@ -149,14 +155,9 @@ def interpolate(before, after, alpha: float):
         if sa[k].shape != sb[k].shape:
             raise MappingError(f"interpolate: tensor {k} has shape {list(sa[k].shape)} in before "
                                f"but {list(sb[k].shape)} in after")
-    import copy
+    from .level import clone_level
 
-    out = copy.deepcopy(before)
-    info = level_info(before)
-    if info is not None:
-        from .level import make_level
-
-        make_level(out, info, training=before.training)
+    out = clone_level(before) if level_info(before) is not None else _deepcopy(before)
     alpha = float(alpha)
     with torch.no_grad():
         new_state = {}

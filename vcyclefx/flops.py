@@ -7,7 +7,27 @@ elementwise ops are left out, as in the usual 6N + attention estimate.
 from __future__ import annotations
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+aten = torch.ops.aten
+
+
+def _cpu_flash(query, key, value, *args, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+def _cpu_flash_backward(grad_out, query, key, value, *args, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# The CPU attention kernels are not in torch's FLOP registry; count them like the CUDA ones
+# (full T x T score matrix, forward 2 matmuls, backward 4).
+_EXTRA = {}
+for _name, _fn in (("_scaled_dot_product_flash_attention_for_cpu", _cpu_flash),
+                   ("_scaled_dot_product_flash_attention_for_cpu_backward", _cpu_flash_backward)):
+    _op = getattr(aten, _name, None)
+    if _op is not None:
+        _EXTRA[_op] = _fn  # the counter looks ops up by overload packet
 
 
 def tokens_in(example_inputs: tuple) -> int:
@@ -35,7 +55,7 @@ def training_flops(module: torch.nn.Module, example_inputs: tuple) -> int:
     was_training = module.training
     module.eval()  # dropout off: the count does not depend on it, the noise would
     try:
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False, custom_mapping=_EXTRA) as counter:
             out = _first_tensor(module(*example_inputs))
             out.float().sum().backward()
     finally:

@@ -52,6 +52,15 @@ def make_level(gm: GraphModule, info: LevelInfo, training: bool | None = None) -
     return gm
 
 
+def clone_level(gm: GraphModule) -> GraphModule:
+    """A deep copy of a level (tensors copied, ties kept) that behaves like a level."""
+    import copy
+
+    info = level_info(gm)
+    out = copy.deepcopy(gm)
+    return make_level(out, info, training=gm.training) if info is not None else out
+
+
 def level_info(gm) -> LevelInfo | None:
     meta = getattr(gm, "meta", None)
     return meta.get(KEY) if isinstance(meta, dict) else None

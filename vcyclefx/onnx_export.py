@@ -242,13 +242,13 @@ def _eval_mode(level):
 
 
 def _reexport(level, args):
-    """``torch.export`` of the level in its current mode, dynamic where the level was captured so."""
+    """``torch.export`` of the level in its current mode, dynamic where the level's placeholders
+    are symbolic (``level_info(level).dynamic_dims`` can also list dimensions that the capture
+    specialised to a constant)."""
     import torch
     from torch.export import Dim
 
-    from .level import level_info
-
-    dyn = set(level_info(level).dynamic_dims)
+    dyn = set(_symbolic_input_dims(level, args))
     shapes = tuple({d: Dim.AUTO for d in range(x.dim()) if (i, d) in dyn} for i, x in enumerate(args))
     try:
         with warnings.catch_warnings():
@@ -444,21 +444,25 @@ def _check_model(file: Path) -> None:
 
 
 def _rename_symbolic_dims(program, axes: dict[str, str]) -> None:
-    """Give the dynamic axes readable names (``s72`` -> ``batch``) in every shape of the graph."""
+    """Give the dynamic axes readable names (``s72`` -> ``batch``) in every shape of the graph,
+    and make symbolic dimensions whose name is a number (``"3"``) the static size they are."""
     import onnx_ir as ir
 
-    if not axes:
-        return
-    pattern = re.compile(r"\b(" + "|".join(map(re.escape, axes)) + r")\b")
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, axes)) + r")\b") if axes else None
+
+    def rename(d):
+        if not (isinstance(d, ir.SymbolicDim) and d.value):
+            return d
+        if d.value.isdigit():
+            return int(d.value)
+        return ir.SymbolicDim(pattern.sub(lambda m: axes[m.group(1)], d.value)) if pattern else d
+
     graph = program.model.graph
     values = list(graph.inputs) + list(graph.outputs)
     values += [v for node in graph.all_nodes() for v in node.outputs]
     for value in dict.fromkeys(values):
-        if value.shape is None:
-            continue
-        dims = [ir.SymbolicDim(pattern.sub(lambda m: axes[m.group(1)], d.value))
-                if isinstance(d, ir.SymbolicDim) and d.value else d for d in value.shape]
-        value.shape = ir.Shape(dims)
+        if value.shape is not None:
+            value.shape = ir.Shape([rename(d) for d in value.shape])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from .api import coalesce, decoalesce, interpolate
 from .errors import ScheduleError, VCycleError
 from .flops import tokens_in, training_flops_per_token
-from .level import as_level, level_info
+from .level import as_level, clone_level, level_info
 from .mapping import Mapping
 
 PHASES = ("down", "bottom", "up")
@@ -198,9 +198,7 @@ class VCycle:
     def flops_per_token(self, level: int) -> float:
         """Training (forward + backward) FLOPs per token of ``level``, from its graph."""
         if level not in self._flops:
-            import copy
-
-            m = copy.deepcopy(self._shapes[level])
+            m = clone_level(self._shapes[level])
             self._flops[level] = training_flops_per_token(m, self.example_inputs)
         return self._flops[level]
 
@@ -328,14 +326,7 @@ def _weights(module) -> dict[str, torch.Tensor]:
 
 
 def _load_into(shape_module, path: Path):
-    import copy
-
-    m = copy.deepcopy(shape_module)
-    info = level_info(shape_module)
-    if info is not None:
-        from .level import make_level
-
-        make_level(m, info, training=shape_module.training)
+    m = clone_level(shape_module)
     state = load_file(str(path))
     missing, unexpected = m.load_state_dict(state, strict=False)
     aliases = {k for k in missing if k not in state}

@@ -48,6 +48,7 @@ class TokenData:
     val: np.ndarray
     vocab_size: int
     source: str  # what was read, for the log
+    max_token: int = 255  # largest id in the data
 
 
 def default_cache_dir() -> Path:
@@ -153,11 +154,10 @@ def _tail_split(tokens: np.ndarray, val_fraction: float):
     return tokens[:-n_val], tokens[-n_val:]
 
 
-def _vocab(arrays, vocab_size: int) -> int:
-    if vocab_size:
-        return vocab_size
+def _vocab(arrays, vocab_size: int) -> tuple[int, int]:
+    """(vocabulary size, largest id); one pass over the tokens."""
     top = max(int(a.max()) for a in arrays)
-    return (top + 1 + 63) // 64 * 64
+    return (vocab_size or (top + 1 + 63) // 64 * 64), top
 
 
 def load_data(data: str, val_fraction: float, cache_dir: str = "", vocab_size: int = 0) -> TokenData:
@@ -176,8 +176,8 @@ def load_data(data: str, val_fraction: float, cache_dir: str = "", vocab_size: i
         sibling = path.with_name(f"val{path.suffix}")
         sibling = sibling if path.stem == "train" and sibling.exists() else None
         train, val = (tokens, _token_file(sibling)) if sibling else _tail_split(tokens, val_fraction)
-        vocab = _vocab((train, val), vocab_size)
-        return TokenData(train, val, vocab, f"{path} ({np.dtype(tokens.dtype)} tokens)")
+        vocab, top = _vocab((train, val), vocab_size)
+        return TokenData(train, val, vocab, f"{path} ({np.dtype(tokens.dtype)} tokens)", top)
     head = path.open("rb").read(8192)
     if b"\x00" in head:
         raise ConfigError(f"--data {data}: looks binary (NUL bytes) and is neither .npy nor .bin; "

@@ -3,8 +3,9 @@
 One function trains any module, the plain GPT (baseline) or a V-cycle stage's level:
 ``run_stage(rt, module, steps, lr_scale, level, state)``. Per stage it makes a fresh AdamW (the
 paper resets the optimizer at every stage), measures the training FLOPs per token of that module
-from its graph (``training_flops_per_token``), compiles it on CUDA, wraps it in DDP when several
-processes run, and steps it with cosine LR, gradient accumulation and clipping.
+from its graph (``training_flops_per_token``), compiles it on CUDA, wraps it in DDP (or shards
+it with FSDP2) when several processes run, and steps it with cosine LR, gradient accumulation
+and clipping.
 
 Learning rate at optimizer step ``s`` of a schedule (global over its stages)::
 
@@ -100,10 +101,10 @@ class Runtime:
     val_batches: Batches
     logger: MetricLogger
     resume_point: Point | None = None
-    done: dict = field(default_factory=dict)  # schedule -> its end record (for summary/resume)
+    done: dict = field(default_factory=dict)  # finished schedule -> its final val loss
 
     @property
-    def ddp(self) -> bool:
+    def distributed(self) -> bool:
         return self.world > 1
 
     @property
@@ -193,9 +194,9 @@ def setup(cfg: TrainConfig) -> Runtime:
     vocab = cfg.vocab_size or data.vocab_size
     if cfg.vocab_size == 0:
         cfg = cfg.replace(vocab_size=vocab)
-    top = max(int(data.train.max()), int(data.val.max())) if data.vocab_size != 256 else 255
-    if top >= vocab:
-        raise ConfigError(f"--vocab-size {vocab} is too small for token id {top} in the data")
+    if data.max_token >= vocab:
+        raise ConfigError(f"--vocab-size {vocab} is too small for token id {data.max_token} in "
+                          "the data: use --vocab-size 0 (from the data) or a larger one")
     compile_ = cfg.compile if cfg.compile is not None else dev.type == "cuda"
     logger = MetricLogger(out / "metrics.jsonl" if rank == 0 else None,
                           truncate_to=point.metrics_offset if point else (0 if cfg.resume else None))
@@ -276,7 +277,7 @@ def evaluate(rt: Runtime, module: torch.nn.Module) -> float:
             logits = module(x)  # (B, T, vocab)
         if i < rt.cfg.eval_batches:
             total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()).double()
-    if rt.ddp:
+    if rt.distributed:
         dist.all_reduce(total)
     if switch:
         module.train()
@@ -326,7 +327,7 @@ class Trainee:
         if not self.fsdp:
             self.raw = self.local = module.to(rt.device).train()
             model = torch.compile(self.raw) if rt.compile else self.raw  # compile before DDP
-            if rt.ddp:
+            if rt.distributed:
                 from torch.nn.parallel import DistributedDataParallel as DDP
 
                 model = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
@@ -352,7 +353,7 @@ class Trainee:
         """Gradients are reduced across processes only on the last micro-batch of a step."""
         if self.fsdp:
             self.local.set_requires_gradient_sync(on)
-        elif self.rt.ddp and not on:
+        elif self.rt.distributed and not on:
             return self.model.no_sync()
         return contextlib.nullcontext()
 
@@ -434,14 +435,15 @@ def run_stage(rt: Runtime, module: torch.nn.Module, steps: int, lr_scale: float,
         state.tokens += cfg.tokens_per_step
         state.flops += fpt * cfg.tokens_per_step
         end = state.stage_step == steps
-        do_log = state.step % cfg.log_every == 0 or end
         do_eval = (cfg.eval_every and state.step % cfg.eval_every == 0) or end
         do_ckpt = (cfg.ckpt_every and state.step % cfg.ckpt_every == 0) or end
+        # a checkpoint step also logs, so no partial loss average has to be saved
+        do_log = state.step % cfg.log_every == 0 or do_ckpt
         if not (do_log or do_eval or do_ckpt):
             continue
         state.wall += clock.lap()
         if do_log:
-            if rt.ddp:
+            if rt.distributed:
                 dist.all_reduce(loss_sum)
             loss_val = loss_sum.item() / n_losses  # mean over every micro-batch on every rank
             loss_sum.zero_()
@@ -536,7 +538,7 @@ def _set_rng_state(rng: dict, device: torch.device) -> None:
 
 def save_checkpoint(rt: Runtime, model_state: dict, optim_state: dict, state: RunState) -> None:
     rngs = [_rng_state(rt.device)]
-    if rt.ddp:
+    if rt.distributed:
         rngs = [None] * rt.world
         dist.all_gather_object(rngs, _rng_state(rt.device))
     if rt.master:
@@ -557,7 +559,7 @@ def save_checkpoint(rt: Runtime, model_state: dict, optim_state: dict, state: Ru
         for old in root.iterdir():  # keep only the newest
             if old.is_dir() and old.name != name:
                 shutil.rmtree(old, ignore_errors=True)
-    if rt.ddp:
+    if rt.distributed:
         dist.barrier()
 
 
