@@ -548,8 +548,10 @@ def save_checkpoint(rt: Runtime, model_state: dict, optim_state: dict, state: Ru
         tmp.mkdir(parents=True, exist_ok=True)
         save_weights(model_state, tmp / "model.safetensors")
         torch.save(optim_state, tmp / "optim.pt")
+        # data state: batches are a pure function of (seed, step, micro-batch), so the step
+        # to draw next is all there is to save
         meta = dict(version=1, state=vars(state), metrics_offset=rt.logger.offset(), done=rt.done,
-                    rng=rngs)
+                    rng=rngs, data={"seed": rt.cfg.seed, "next_step": state.step})
         (tmp / "state.json").write_text(json.dumps(meta))
         final = root / name
         if final.exists():  # the same step written again after a resume

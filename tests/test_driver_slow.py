@@ -1,0 +1,101 @@
+"""Long driver runs (``-m slow``): the tiny preset's compare, resume under FSDP and across the
+schedules of a compare run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = str(ROOT / "tools" / "train.py")
+SMALL = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--seq-len", "32",
+         "--batch-size", "4", "--grad-accum", "2", "--warmup", "1", "--log-every", "1",
+         "--eval-every", "50", "--eval-batches", "3", "--ckpt-every", "20", "--quiet"]
+
+
+def env() -> dict:
+    e = {k: v for k, v in os.environ.items()
+         if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    return dict(e, OMP_NUM_THREADS="1")
+
+
+def corpus(tmp: Path) -> Path:
+    path = tmp / "corpus.txt"
+    path.write_bytes(b"".join(Path(m.__file__).read_bytes() for m in (json, os, subprocess)))
+    return path
+
+
+def records(out: Path) -> list[tuple]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(r["event"], r["schedule"], r["step"], r["loss"], r["val_loss"], r["flops"])
+            for r in rows]
+
+
+def kill_tree_after_checkpoint(cmd: list[str], out: Path, schedule: str, min_step: int) -> int:
+    """SIGKILL ``cmd`` and its children (torchrun's workers) once a checkpoint of ``schedule``
+    at step >= min_step exists."""
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pointer = out / "ckpt" / "latest.json"
+    deadline = time.monotonic() + 600
+    while proc.poll() is None and time.monotonic() < deadline:
+        if pointer.exists():
+            name = json.loads(pointer.read_text())["dir"]
+            sched, step = name.rsplit("-", 1)
+            if sched == schedule and int(step) >= min_step:
+                kids = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                      text=True).stdout.split()
+                for pid in kids:
+                    os.kill(int(pid), signal.SIGKILL)
+                proc.send_signal(signal.SIGKILL)
+                break
+        time.sleep(0.01)
+    proc.wait(timeout=60)
+    return proc.returncode
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher,extra,schedule,kill_in", [
+    ("torchrun", ["--fsdp"], "vcycle", ("vcycle", 40)),   # FSDP, inside the coarse stage
+    ("python", [], "compare", ("vcycle", 140)),            # compare, in the V-cycle's last stage
+])
+def test_sigkill_and_resume_equals_an_uninterrupted_run(tmp_path, launcher, extra, schedule,
+                                                         kill_in):
+    run = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+            "2", TRAIN] if launcher == "torchrun" else [sys.executable, TRAIN])
+    common = [*SMALL, *extra, "--schedule", schedule, "--steps", "200", "--data",
+              str(corpus(tmp_path)), "--cache-dir", str(tmp_path / "cache")]
+    subprocess.run(run + common + ["-o", str(tmp_path / "full")], env=env(), check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rc = kill_tree_after_checkpoint(run + common + ["-o", str(tmp_path / "cut")], tmp_path / "cut",
+                                    *kill_in)
+    assert rc == -signal.SIGKILL
+    subprocess.run(run + ["--resume", str(tmp_path / "cut"), "--quiet"], env=env(), check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    a, b = records(tmp_path / "full"), records(tmp_path / "cut")
+    assert [r[:3] for r in a] == [r[:3] for r in b]
+    assert max(abs((x[3] or 0) - (y[3] or 0)) + abs((x[4] or 0) - (y[4] or 0))
+               for x, y in zip(a, b)) <= 1e-6
+
+
+@pytest.mark.slow
+def test_tiny_preset_compare_finishes_within_15_minutes_and_learns(tmp_path):
+    out = tmp_path / "run"
+    t = time.monotonic()
+    res = subprocess.run([sys.executable, TRAIN, "--preset", "tiny", "--schedule", "compare",
+                          "--quiet", "-o", str(out)], env={**env(), "OMP_NUM_THREADS": "2"},
+                         capture_output=True, text=True, timeout=15 * 60)
+    seconds = time.monotonic() - t
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    base, vc = summary["schedules"]["baseline"], summary["schedules"]["vcycle"]
+    print(res.stdout, f"\nwhole run: {seconds:.0f}s")
+    assert base["final_val_loss"] < 2.5 and vc["final_val_loss"] < 2.6  # from 5.35 at step 0
+    assert vc["total_flops"] < 0.75 * base["total_flops"]
+    assert (out / "loss.png").exists() and "V-cycle saving" in res.stdout
