@@ -99,3 +99,21 @@ def test_tiny_preset_compare_finishes_within_15_minutes_and_learns(tmp_path):
     assert base["final_val_loss"] < 2.5 and vc["final_val_loss"] < 2.6  # from 5.35 at step 0
     assert vc["total_flops"] < 0.75 * base["total_flops"]
     assert (out / "loss.png").exists() and "V-cycle saving" in res.stdout
+
+
+@pytest.mark.slow
+def test_fsdp_vcycle_on_two_processes_equals_the_one_process_vcycle(tmp_path):
+    """Levels are sharded at the root (a GraphModule reads its weights straight from the graph),
+    trained, and copied back into the VCycle's module after every stage."""
+    common = [*SMALL, "--ckpt-every", "0", "--eval-every", "10", "--schedule", "vcycle",
+              "--steps", "40", "--data", str(corpus(tmp_path)), "--cache-dir", str(tmp_path / "c")]
+    subprocess.run([sys.executable, TRAIN, *common, "-o", str(tmp_path / "one")], env=env(),
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    "--nproc_per_node", "2", TRAIN, *common, "--fsdp", "-o", str(tmp_path / "two")],
+                   env=env(), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    a, b = records(tmp_path / "one"), records(tmp_path / "two")
+    assert [r[:3] for r in a] == [r[:3] for r in b]
+    assert {r[1] for r in a} == {"vcycle"} and len([r for r in a if r[0] == "stage"]) == 3
+    assert max(abs((x[3] or 0) - (y[3] or 0)) + abs((x[4] or 0) - (y[4] or 0))
+               for x, y in zip(a, b)) < 1e-4
