@@ -24,6 +24,7 @@ from .errors import (
     VCycleError,
 )
 from .mapping import Mapping
+from .onnx_export import export_onnx
 from .registry import register_rule
 from .report import Report, inspect
 from .vcycle import Schedule, Stage, VCycle
@@ -37,6 +38,7 @@ __all__ = [
     "interpolate",
     "capture",
     "inspect",
+    "export_onnx",
     "VCycle",
     "Stage",
     "Schedule",

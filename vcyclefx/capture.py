@@ -2,9 +2,9 @@
 
 Front-ends:
 
-- ``"export"`` (default): ``torch.export.export(strict=False)``; every dimension of every input
-  is marked ``Dim.AUTO`` so batch and sequence stay symbolic wherever the model allows and the
-  rest are specialised by export itself.
+- ``"export"`` (default): ``torch.export.export(strict=False)``; the batch dimension of every
+  input, and the sequence dimension of token/feature-sequence inputs, are marked ``Dim.AUTO`` so
+  they stay symbolic wherever the model allows (export specialises them where it does not).
 - ``"fx"``: ``torch.fx.symbolic_trace`` first (with optional ``concrete_args`` to remove Python
   control flow), then the traced module goes through the same export normalisation, so both
   front-ends give one internal form: the unlifted ``ExportedProgram.module()`` GraphModule with
@@ -59,8 +59,18 @@ def _check_inputs(model, example_inputs) -> tuple:
     return tuple(example_inputs)
 
 
+def _batch_and_sequence(x: torch.Tensor) -> list[int]:
+    """Dims to keep symbolic: the batch (dim 0) always; the sequence (dim 1) of token inputs
+    (integer, rank 2) and of feature sequences (rank 3). Image sizes stay as captured."""
+    if x.dim() == 0:
+        return []
+    if x.dim() in (2, 3) and (x.dim() == 3 or not x.dtype.is_floating_point):
+        return [0, 1]
+    return [0]
+
+
 def _auto_dims(example_inputs: tuple):
-    return tuple({d: Dim.AUTO for d in range(x.dim())} for x in example_inputs)
+    return tuple({d: Dim.AUTO for d in _batch_and_sequence(x)} for x in example_inputs)
 
 
 def _export(module, args, dynamic: bool):
@@ -94,7 +104,7 @@ def _dynamic_dims(gm) -> tuple:
         val = node.meta.get("val")
         if isinstance(val, torch.Tensor):
             for d, s in enumerate(val.shape):
-                if isinstance(s, torch.SymInt):
+                if isinstance(s, torch.SymInt) and not s.node.expr.is_number:
                     dims.append((i, d))
     return tuple(dims)
 
