@@ -128,3 +128,31 @@ def test_an_impossible_vcycle_fails_at_start_up_before_the_baseline_trains(tmp_p
     with pytest.raises(VCycleError, match="needs at least 1"):
         main(cfg)
     assert not (Path(cfg.out) / "metrics.jsonl").read_text()
+
+
+def test_progress_bar_shows_step_level_loss_and_tokens_per_second_on_a_terminal(tmp_path):
+    import os
+    import pty
+    import sys
+
+    cfg = tiny(tmp_path)  # writes the corpus
+    master, slave = pty.openpty()
+    cmd = [sys.executable, str(Path(__file__).resolve().parents[1] / "tools" / "train.py"),
+           "--schedule", "baseline", "--steps", "20", "--log-every", "5", "--n-layer", "1",
+           "--n-embd", "32", "--n-head", "2", "--seq-len", "32", "--batch-size", "4",
+           "--data", cfg.data, "--cache-dir", cfg.cache_dir, "-o", str(tmp_path / "bar")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=slave)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    assert proc.wait(timeout=120) == 0
+    text = b"".join(chunks).decode(errors="replace")
+    assert "baseline" in text and "20/20" in text
+    assert "level=0 loss=" in text and "tok/s=" in text

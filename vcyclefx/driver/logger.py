@@ -71,8 +71,18 @@ class ProgressBar:
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
+            try:
+                sized = os.get_terminal_size(sys.stderr.fileno()).columns > 0
+            except OSError:
+                sized = False
+            # a terminal that reports a 0 x 0 size (a bare pty) would get no bar at all
             self._bar = tqdm(total=total, initial=initial, desc=desc, file=sys.stderr,
-                             dynamic_ncols=True, leave=True)
+                             dynamic_ncols=sized, ncols=None if sized else 100,
+                             nrows=None if sized else 24, leave=True)
+
+    @property
+    def active(self) -> bool:
+        return self._bar is not None
 
     def update(self, step: int, level: int, loss: float, tok_s: float) -> None:
         if self._bar is None:

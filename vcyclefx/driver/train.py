@@ -698,7 +698,8 @@ def _save_final(rt: Runtime, module: torch.nn.Module, schedule: str) -> None:
 
 
 def _print(bar: ProgressBar | None, text: str) -> None:
-    if bar is not None and bar._bar is not None:
+    """Print above the progress bar (or plainly when there is none)."""
+    if bar is not None and bar.active:
         bar.write(text)
     else:
         print(text, flush=True)
