@@ -63,3 +63,91 @@ def _propagate(gm: GraphModule, mode, inputs: list):
         elif node.op == "output":
             result = map_arg(node.args[0], lambda n: env[n])
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# fast path used by the width pass: new shapes from the analysis, no op re-execution
+# ---------------------------------------------------------------------------------------------
+class ShapeUpdater:
+    """Gives rewritten nodes new fake values whose shapes are the analysis' new sizes.
+
+    Sizes of unchanged axes keep their SymInt (batch, sequence); a symbolic axis that contains a
+    resized space (``batch * heads``) gets a SymInt built from the placeholders' symbols. Fake
+    tensors are made contiguous and cached by (shape, dtype, device): the width pass needs
+    shapes, not strides, and re-running every op under the fake mode costs seconds on a 124M
+    model.
+    """
+
+    def __init__(self, gm: GraphModule, new_size, dims_of):
+        self.new_size = new_size  # Dim -> int | sympy expr
+        self.dims_of = dims_of  # old node -> dims (list / list of lists / Dim)
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        self.mode = detect_fake_mode([n.meta.get("val") for n in placeholders])
+        self.symbols: dict = {}
+        for n in placeholders:
+            v = n.meta.get("val")
+            if isinstance(v, torch.Tensor):
+                for s in v.shape:
+                    if isinstance(s, torch.SymInt) and s.node.expr.is_Symbol:
+                        self.symbols[s.node.expr] = s
+        self._cache: dict = {}
+
+    def _size(self, old, d):
+        if d is None:
+            return old
+        new = self.new_size(d)
+        if isinstance(new, int):
+            return new
+        if isinstance(old, torch.SymInt) and old.node.expr == new:
+            return old
+        return self._symint(new)
+
+    def _symint(self, expr):
+        import sympy
+
+        if expr.is_Integer:
+            return int(expr)
+        if expr in self.symbols:
+            return self.symbols[expr]
+        if isinstance(expr, sympy.Mul):
+            out = 1
+            for a in expr.args:
+                out = out * self._symint(a)
+            return out
+        if isinstance(expr, sympy.Add):
+            out = 0
+            for a in expr.args:
+                out = out + self._symint(a)
+            return out
+        raise ValueError(f"cannot build a size for {expr}")
+
+    def _fake(self, like: torch.Tensor, shape: tuple):
+        key = (tuple(str(s) for s in shape), like.dtype, str(like.device))
+        if key not in self._cache:
+            with self.mode:
+                self._cache[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
+        return self._cache[key]
+
+    def value(self, old_val, dims):
+        if isinstance(old_val, torch.Tensor):
+            if not isinstance(dims, list) or len(dims) != old_val.dim():
+                return old_val
+            shape = tuple(self._size(s, d) for s, d in zip(old_val.shape, dims))
+            if all(a is b or (isinstance(a, int) and a == b) for a, b in zip(shape, old_val.shape)):
+                return old_val
+            return self._fake(old_val, shape)
+        if isinstance(old_val, (list, tuple)) and isinstance(dims, list) and len(dims) == len(old_val):
+            return type(old_val)(self.value(v, d) for v, d in zip(old_val, dims))
+        if isinstance(old_val, torch.SymInt) and dims is not None and not isinstance(dims, list):
+            return self._size(old_val, dims)
+        if isinstance(old_val, int) and not isinstance(old_val, bool) and dims is not None \
+                and not isinstance(dims, list):
+            new = self.new_size(dims)
+            return new if isinstance(new, int) else old_val
+        return old_val
+
+    def update(self, node_map: dict) -> None:
+        """Set ``meta["val"]`` of every new node from its old node's value and dims."""
+        for old, new in node_map.items():
+            if "val" in old.meta:
+                new.meta["val"] = self.value(old.meta["val"], self.dims_of(old))
