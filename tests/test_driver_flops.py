@@ -52,3 +52,19 @@ def test_lr_warms_up_linearly_then_decays_by_cosine_to_min_lr():
     assert lr_at(c, 10) == 1e-3
     assert abs(lr_at(c, 60) - 5.5e-4) < 1e-12  # half way: the mean of lr and min_lr
     assert abs(lr_at(c, 110) - 1e-4) < 1e-12 and abs(lr_at(c, 500) - 1e-4) < 1e-12
+
+
+def test_stage_lr_global_envelope_vs_restart_per_stage():
+    from vcyclefx.driver.train import RunState, stage_lr
+
+    c = TrainConfig(lr=1e-3, min_lr=1e-4, warmup=10, steps=110, stage_warmup=4)
+    coarse = RunState("vcycle", step=60, stage=1, stage_step=0)
+    # global: the envelope at step 60 (half way), x4, ramped over stage_warmup + 1 steps
+    assert abs(stage_lr(c, coarse, 50, 4.0) - 4 * 5.5e-4 / 5) < 1e-12
+    # stage: the stage's own warm-up from its first step, then a cosine over its 50 steps
+    s = c.replace(lr_schedule="stage")
+    assert abs(stage_lr(s, coarse, 50, 4.0) - 4 * 1e-3 / 5) < 1e-12
+    end = RunState("vcycle", step=109, stage=1, stage_step=49)
+    assert abs(stage_lr(s, end, 50, 4.0) - 4 * lr_at(s, 49, 50, 4)) < 1e-12
+    base = RunState("baseline", step=37, stage=0, stage_step=37)
+    assert stage_lr(c, base, 110, 1.0) == stage_lr(s, base, 110, 1.0) == lr_at(c, 37)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from ..errors import VCycleError
 
 SCHEDULES = ("vcycle", "baseline", "compare")
+LR_SCHEDULES = ("global", "stage")
 DTYPES = ("auto", "float32", "bfloat16")
 
 
@@ -58,6 +59,9 @@ class TrainConfig:
     lr: float = _f(1e-3, "peak learning rate of level 0 (stage lr = lr * the stage's lr scale)")
     min_lr: float = _f(1e-4, "learning rate at the end of the cosine decay")
     warmup: int = _f(50, "linear warm-up steps at the start of a schedule")
+    lr_schedule: str = _f("global", "global: one warm-up + cosine over all steps, a stage's lr scale "
+                                    "on top; stage: every V-cycle stage its own warm-up + cosine over "
+                                    "its steps (as separate runs per stage)", choices=LR_SCHEDULES)
     stage_warmup: int = _f(0, "warm-up steps at the start of every later V-cycle stage (0 as the "
                               "paper: the optimizer is reset but not warmed up)")
     weight_decay: float = _f(0.01, "AdamW weight decay on matrices, as the paper")
@@ -162,6 +166,8 @@ def _check_ranges(c: TrainConfig) -> None:
     need(c.n_embd % c.n_head == 0,
          f"--n-embd {c.n_embd} is not a multiple of --n-head {c.n_head}: pick n_embd = k * n_head")
     need(c.schedule in SCHEDULES, f"--schedule {c.schedule!r}: choose one of {', '.join(SCHEDULES)}")
+    need(c.lr_schedule in LR_SCHEDULES,
+         f"--lr-schedule {c.lr_schedule!r}: choose one of {', '.join(LR_SCHEDULES)}")
     need(c.dtype in DTYPES, f"--dtype {c.dtype!r}: choose one of {', '.join(DTYPES)}")
     need(0.0 <= c.dropout < 1.0, f"--dropout must be in [0, 1), got {c.dropout}")
     need(0.0 < c.val_fraction < 1.0, f"--val-fraction must be in (0, 1), got {c.val_fraction}")

@@ -7,14 +7,18 @@ from its graph (``training_flops_per_token``), compiles it on CUDA, wraps it in 
 it with FSDP2) when several processes run, and steps it with cosine LR, gradient accumulation
 and clipping.
 
-Learning rate at optimizer step ``s`` of a schedule (global over its stages)::
+Learning rate (``--lr-schedule global``, the default) at optimizer step ``s`` of a schedule,
+counted over all its stages::
 
-    lr(s) = lr_scale(stage) * ramp(stage step) * cosine(s)
-    cosine(s) = lr * (s+1)/(warmup+1)                                  while s < warmup
-              = min_lr + (lr - min_lr) * (1 + cos(pi * (s - warmup) / (steps - warmup))) / 2
-    ramp(k)   = min(1, (k+1)/(stage_warmup+1)) for stages after the first, else 1
+    lr(s) = lr_scale(stage) * ramp(stage step) * cosine(s; steps, warmup)
+    cosine(s; n, w) = lr * (s+1)/(w+1)                                  while s < w
+                    = min_lr + (lr - min_lr) * (1 + cos(pi * (s - w) / (n - w))) / 2
+    ramp(k) = min(1, (k+1)/(stage_warmup+1)) for stages after the first, else 1
 
 so baseline and V-cycle share one envelope and a coarse stage runs at ``lr_scale`` times it.
+With ``--lr-schedule stage`` every stage restarts, as if each were its own run:
+``lr = lr_scale * cosine(k; stage steps, warmup if first stage else stage_warmup)`` at stage
+step ``k``. A baseline is one stage, so both give it the same schedule.
 
 MFU (per device) = training FLOPs per token * tokens/s over all processes
                    / (world size * --peak-flops).
@@ -247,12 +251,24 @@ def make_optimizer(module: torch.nn.Module, cfg: TrainConfig, lr: float,
                              fused=device.type == "cuda")
 
 
-def lr_at(cfg: TrainConfig, step: int) -> float:
-    """The schedule's envelope (module docstring); stage scale and ramp come on top."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / (cfg.warmup + 1)
-    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+def lr_at(cfg: TrainConfig, step: int, steps: int | None = None, warmup: int | None = None) -> float:
+    """``cosine(step; steps, warmup)`` of the module docstring (default: the whole schedule)."""
+    steps = cfg.steps if steps is None else steps
+    warmup = cfg.warmup if warmup is None else warmup
+    if step < warmup:
+        return cfg.lr * (step + 1) / (warmup + 1)
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def stage_lr(cfg: TrainConfig, state: "RunState", steps: int, lr_scale: float) -> float:
+    """The learning rate of the next step of the stage ``state`` is in (module docstring)."""
+    first = state.stage == 0
+    if cfg.lr_schedule == "stage":
+        warmup = cfg.warmup if first else cfg.stage_warmup
+        return lr_scale * lr_at(cfg, state.stage_step, steps, warmup)
+    ramp = 1.0 if first else min(1.0, (state.stage_step + 1) / (cfg.stage_warmup + 1))
+    return lr_scale * ramp * lr_at(cfg, state.step)
 
 
 @torch.no_grad()
@@ -413,8 +429,7 @@ def run_stage(rt: Runtime, module: torch.nn.Module, steps: int, lr_scale: float,
     last_tokens, last_wall = state.tokens, state.wall
     clock = _Clock(rt.device)
     while state.stage_step < steps:
-        ramp = 1.0 if state.stage == 0 else min(1.0, (state.stage_step + 1) / (cfg.stage_warmup + 1))
-        lr = lr_at(cfg, state.step) * lr_scale * ramp
+        lr = stage_lr(cfg, state, steps, lr_scale)
         for g in opt.param_groups:
             g["lr"] = lr
         for micro in range(local_accum):
