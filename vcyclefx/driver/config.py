@@ -59,9 +59,10 @@ class TrainConfig:
     lr: float = _f(1e-3, "peak learning rate of level 0 (stage lr = lr * the stage's lr scale)")
     min_lr: float = _f(1e-4, "learning rate at the end of the cosine decay")
     warmup: int = _f(50, "linear warm-up steps at the start of a schedule")
-    lr_schedule: str = _f("global", "global: one warm-up + cosine over all steps, a stage's lr scale "
-                                    "on top; stage: every V-cycle stage its own warm-up + cosine over "
-                                    "its steps (as separate runs per stage)", choices=LR_SCHEDULES)
+    lr_schedule: str = _f("stage", "stage: every V-cycle stage its own warm-up + cosine over its "
+                                   "steps, as the authors' separate run per stage; global: one "
+                                   "warm-up + cosine over all steps, the stage's lr scale on top",
+                          choices=LR_SCHEDULES)
     stage_warmup: int = _f(0, "warm-up steps at the start of every later V-cycle stage (0 as the "
                               "paper: the optimizer is reset but not warmed up)")
     weight_decay: float = _f(0.01, "AdamW weight decay on matrices, as the paper")

@@ -7,8 +7,8 @@ from its graph (``training_flops_per_token``), compiles it on CUDA, wraps it in 
 it with FSDP2) when several processes run, and steps it with cosine LR, gradient accumulation
 and clipping.
 
-Learning rate (``--lr-schedule global``, the default) at optimizer step ``s`` of a schedule,
-counted over all its stages::
+Learning rate with ``--lr-schedule global`` at optimizer step ``s`` of a schedule, counted over
+all its stages::
 
     lr(s) = lr_scale(stage) * ramp(stage step) * cosine(s; steps, warmup)
     cosine(s; n, w) = lr * (s+1)/(w+1)                                  while s < w
@@ -16,9 +16,11 @@ counted over all its stages::
     ramp(k) = min(1, (k+1)/(stage_warmup+1)) for stages after the first, else 1
 
 so baseline and V-cycle share one envelope and a coarse stage runs at ``lr_scale`` times it.
-With ``--lr-schedule stage`` every stage restarts, as if each were its own run:
+With ``--lr-schedule stage`` (the default) every stage restarts, as if each were its own run
+(the authors' recipe runs each stage as a separate job with a fresh optimizer):
 ``lr = lr_scale * cosine(k; stage steps, warmup if first stage else stage_warmup)`` at stage
-step ``k``. A baseline is one stage, so both give it the same schedule.
+step ``k``. A baseline is one stage, so both give it the same schedule. Measured on a 2 x 64
+GPT, 800 steps: final validation loss 2.266 (stage) vs 2.304 (global); baseline 2.179.
 
 MFU (per device) = training FLOPs per token * tokens/s over all processes
                    / (world size * --peak-flops).
