@@ -102,15 +102,17 @@ def test_tiny_preset_compare_finishes_within_15_minutes_and_learns(tmp_path):
 
 
 @pytest.mark.slow
-def test_fsdp_vcycle_on_two_processes_equals_the_one_process_vcycle(tmp_path):
-    """Levels are sharded at the root (a GraphModule reads its weights straight from the graph),
-    trained, and copied back into the VCycle's module after every stage."""
+@pytest.mark.parametrize("parallel", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+def test_vcycle_on_two_processes_equals_the_one_process_vcycle(tmp_path, parallel):
+    """DDP wraps each level; FSDP2 shards it at the root (a GraphModule reads its weights
+    straight from the graph) and copies the weights back into the VCycle's module after every
+    stage."""
     common = [*SMALL, "--ckpt-every", "0", "--eval-every", "10", "--schedule", "vcycle",
               "--steps", "40", "--data", str(corpus(tmp_path)), "--cache-dir", str(tmp_path / "c")]
     subprocess.run([sys.executable, TRAIN, *common, "-o", str(tmp_path / "one")], env=env(),
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                    "--nproc_per_node", "2", TRAIN, *common, "--fsdp", "-o", str(tmp_path / "two")],
+                    "--nproc_per_node", "2", TRAIN, *common, *parallel, "-o", str(tmp_path / "two")],
                    env=env(), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     a, b = records(tmp_path / "one"), records(tmp_path / "two")
     assert [r[:3] for r in a] == [r[:3] for r in b]
