@@ -68,11 +68,14 @@ def rebuild(
     graph: Graph,
     new_attrs: dict[str, Any] | None = None,
     nonpersistent: Iterable[str] | None = None,
+    buffers: Iterable[str] | None = None,
 ) -> GraphModule:
     """A GraphModule running ``graph`` whose attributes come from ``new_attrs`` where given and
-    from ``old`` otherwise. Tensors in ``new_attrs`` that replace an ``old`` parameter become
-    parameters (same ``requires_grad``); replaced buffers stay buffers."""
+    from ``old`` otherwise. Parameters stay parameters; tensors that were buffers in ``old`` (or
+    are named in ``buffers``) are buffers; other tensors (lifted constants) stay plain
+    attributes."""
     new_attrs = new_attrs or {}
+    is_buffer = {n for n, _ in old.named_buffers(remove_duplicate=False)} | set(buffers or ())
     root = nn.Module()
     for node in graph.nodes:
         if node.op not in ("get_attr", "call_module"):
@@ -82,9 +85,14 @@ def rebuild(
             obj = new_attrs[target]
         else:
             obj = fetch_attr(old, target)
-        _assign(root, target, obj)
+        _assign(root, target, obj, buffer=target in is_buffer)
     gm = GraphModule(root, graph, class_name=type(old).__name__)
     gm.meta = dict(getattr(old, "meta", {}))
+    for name, t in list(gm.named_buffers(remove_duplicate=False)):
+        if name not in is_buffer:  # GraphModule makes every tensor a buffer; constants are not
+            owner, leaf = _owner(gm, name)
+            del owner._buffers[leaf]
+            object.__setattr__(owner, leaf, t)
     nonpersistent = set(nonpersistent_buffers(old) if nonpersistent is None else nonpersistent)
     for name, _ in list(gm.named_buffers()):
         if name in nonpersistent:
@@ -93,16 +101,14 @@ def rebuild(
     return gm
 
 
-def _assign(root: nn.Module, target: str, obj: Any) -> None:
+def _assign(root: nn.Module, target: str, obj: Any, buffer: bool) -> None:
     *path, leaf = target.split(".")
     mod = root
     for part in path:
         if not hasattr(mod, part):
             mod.add_module(part, nn.Module())
         mod = getattr(mod, part)
-    if isinstance(obj, nn.Parameter) or isinstance(obj, nn.Module):
-        setattr(mod, leaf, obj)
-    elif isinstance(obj, torch.Tensor):
+    if isinstance(obj, torch.Tensor) and not isinstance(obj, nn.Parameter) and buffer:
         mod.register_buffer(leaf, obj)
     else:
         setattr(mod, leaf, obj)

@@ -73,31 +73,46 @@ def _nonneg(n) -> bool:
     return False
 
 
+# linear ops that map a zero input to zero output (crops, shifts, zero padding, indexing)
+_ZERO_PRESERVING = _PASS_THROUGH | {
+    aten.slice.Tensor, aten.roll.default, aten.narrow.default, aten.select.int,
+    aten.constant_pad_nd.default, aten.index.Tensor, aten.expand.default,
+}
+
+
+def _param_of(x, block: str) -> str | None:
+    """Relative name of the block tensor ``x`` is (through views, casts, unsqueezes)."""
+    while isinstance(x, Node) and x.op == "call_function" and x.target in _PASS_THROUGH:
+        x = x.args[0]
+    if isinstance(x, Node) and x.op == "get_attr":
+        return _relname(x.target, block)
+    return None
+
+
 def _zero_branch(b: Node, block: str, where: str) -> list[str]:
+    """Tensors to zero so that the residual branch ``b`` is exactly zero."""
     node = b
-    while isinstance(node, Node) and node.op == "call_function" and node.target in _PASS_THROUGH:
+    while isinstance(node, Node) and node.op == "call_function" and node.target in _ZERO_PRESERVING:
         node = node.args[0]
     if not isinstance(node, Node) or node.op != "call_function":
         raise PlanError(f"{where}: cannot find the last parameterised op writing into the residual")
     if node.target in _AFFINE:
-        names = []
-        for arg in _AFFINE[node.target]:
-            p = get_arg(node, arg, None)
-            if isinstance(p, Node) and p.op == "get_attr" and _relname(p.target, block):
-                names.append(_relname(p.target, block))
+        names = [r for arg in _AFFINE[node.target]
+                 if (r := _param_of(get_arg(node, arg, None), block)) is not None]
         if names:
             return names
-    if node.target in (aten.mul.Tensor,):
-        params = [a for a in node.args if isinstance(a, Node) and a.op == "get_attr"
-                  and _relname(a.target, block)]
+    if node.target is aten.mul.Tensor:  # a layer scale (gamma * x): zero gamma
+        params = [r for a in node.args[:2] if (r := _param_of(a, block)) is not None]
         if params:
-            return [_relname(params[0].target, block)]
+            return params[:1]
     if node.target in _ADD:
         a, c = node.args[0], node.args[1]
-        params = [x for x in (a, c) if isinstance(x, Node) and x.op == "get_attr"]
-        others = [x for x in (a, c) if isinstance(x, Node) and x.op != "get_attr"]
-        if len(params) == 1 and len(others) == 1:
-            return [_relname(params[0].target, block)] + _zero_branch(others[0], block, where)
+        params = [r for x in (a, c) if (r := _param_of(x, block)) is not None]
+        others = [x for x in (a, c) if isinstance(x, Node) and _param_of(x, block) is None]
+        if len(params) == 1 and len(others) == 1:  # branch + bias
+            return params + _zero_branch(others[0], block, where)
+        if not params and len(others) == 2:  # parallel branches (GPT-NeoX, Phi): zero both
+            return _zero_branch(others[0], block, where) + _zero_branch(others[1], block, where)
     raise PlanError(
         f"{where}: the residual branch ends in {node.target} at node {node.name}, which vcyclefx "
         "cannot zero; use depth_init='copy'"
@@ -274,34 +289,47 @@ def _one_chain(gm: GraphModule, cm: ChainMap, plan: DepthPlan) -> GraphModule:
     last_pos = {n: i for i, n in enumerate(blocks[-1])}
     src_params = {n.target for n in gm.graph.nodes if n.op == "get_attr"
                   and any(_relname(n.target, b) is not None for b in src)}
-    # nodes that depend on the chain go after it
-    after: set[Node] = set()
-    for n in gm.graph.nodes:
-        if n in all_block:
+    # Before the new blocks go the nodes that come before the chain and whatever the blocks read;
+    # every other node keeps its place after them (so other chains keep their node order).
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    first = min(order[n] for n in all_block)
+    needed: set[Node] = set()
+    stack = [a for n in all_block for a in n.all_input_nodes if a not in all_block]
+    while stack:
+        a = stack.pop()
+        if a in needed:
             continue
-        if any(a in all_block or a in after for a in n.all_input_nodes):
-            after.add(n)
-    for n in after:
-        for a in n.all_input_nodes:
-            if a in all_block and a not in last_pos:
-                raise PlanError(f"chain {cm.container}: node {n.name} outside the chain reads "
-                                f"{a.name} of an inner block; depth changes need the chain's "
-                                "blocks to be read only by the next block")
+        needed.add(a)
+        stack.extend(x for x in a.all_input_nodes if x not in all_block)
+    depends: set[Node] = set()
+    for n in gm.graph.nodes:
+        if n not in all_block and any(a in all_block or a in depends for a in n.all_input_nodes):
+            depends.add(n)
+            for a in n.all_input_nodes:
+                if a in all_block and a not in last_pos:
+                    raise PlanError(f"chain {cm.container}: node {n.name} outside the chain reads "
+                                    f"{a.name} of an inner block; depth changes need the chain's "
+                                    "blocks to be read only by the next block")
+    bad = needed & depends
+    if bad:
+        raise PlanError(f"chain {cm.container}: node {next(iter(bad)).name} is both read by the "
+                        "blocks and computed from them")
+
+    def skip(n: Node) -> bool:
+        return n in all_block or n.target in src_params or n.op == "output"
+
     graph = Graph()
     graph._codegen = copy.deepcopy(gm.graph._codegen)
     env: dict[Node, Node] = {}
-    output = None
-    for n in gm.graph.nodes:
-        if n in all_block or n in after or n.target in src_params or n.op == "output":
-            if n.op == "output":
-                output = n
-            continue
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    early = [n for n in gm.graph.nodes if not skip(n) and (order[n] < first or n in needed)]
+    for n in early:
         env[n] = graph.node_copy(n, lambda a: env[a])
     last = _rebuild_chain(graph, cm, src, dst, env, template)
     for n, pos in last_pos.items():
         env[n] = last[template[pos]]
     for n in gm.graph.nodes:
-        if n in after:
+        if not skip(n) and n not in env:
             env[n] = graph.node_copy(n, lambda a: env[a])
     graph.output(torch.fx.node.map_arg(output.args[0], lambda a: env[a]))
     graph.lint()
@@ -314,7 +342,9 @@ def _one_chain(gm: GraphModule, cm: ChainMap, plan: DepthPlan) -> GraphModule:
             nonpersistent.update(f"{d}.{rel}" for d in dst)
         elif not any(_relname(name, b) for b in src):
             nonpersistent.add(name)
-    new = rebuild(gm, graph, tensors, nonpersistent=nonpersistent)
+    old_buffers = {n for n, _ in gm.named_buffers(remove_duplicate=False)}
+    buffers = {f"{d}.{rel}" for rel in rel_names if f"{src[0]}.{rel}" in old_buffers for d in dst}
+    new = rebuild(gm, graph, tensors, nonpersistent=nonpersistent, buffers=buffers)
     make_level(new, level_info(gm), training=gm.training)
     check_graph(new, what="depth pass")
     return new

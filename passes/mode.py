@@ -24,6 +24,9 @@ _TRAIN_P = "vcyclefx_train_p"
 # op -> name of its boolean "in training" argument
 _TRAIN_FLAG = {
     aten.dropout.default: "train",
+    aten.dropout_.default: "train",
+    aten.feature_dropout_.default: "train",
+    aten.alpha_dropout_.default: "train",
     aten.feature_dropout.default: "train",
     aten.alpha_dropout.default: "train",
     aten.feature_alpha_dropout.default: "train",

@@ -146,6 +146,22 @@ def capture(
     finally:
         model.train(was_training)
     gm = ep.module()
+    random_ops = _unswitchable_random_ops(gm)
+    if random_ops:
+        # stochastic depth and similar are written as Python branches on `self.training` around
+        # random ops; the graph cannot switch them off for eval, so capture the eval-mode graph
+        model.eval()
+        try:
+            ep = _export(target if frontend == "fx" else model, args, dynamic and not notes)
+        except Exception as e:  # noqa: BLE001
+            raise _export_error(frontend, model, e) from e
+        finally:
+            model.train(was_training)
+        gm = ep.module()
+        notes.append(
+            f"captured in eval mode: random ops {', '.join(random_ops)} (stochastic depth?) are "
+            "not switchable train/eval in a graph, so they are left out; dropout stays switchable"
+        )
     unshare_size_arithmetic(gm)
     info = LevelInfo(
         example_inputs=tuple(x.detach().clone() for x in args),
@@ -157,6 +173,25 @@ def capture(
     make_level(gm, info, training=was_training)
     log.info("captured %s with %s in %.2fs", type(model).__name__, frontend, time.perf_counter() - start)
     return gm
+
+
+_SWITCHABLE_RANDOM = {"dropout", "dropout_", "feature_dropout", "feature_dropout_", "alpha_dropout",
+                      "alpha_dropout_", "feature_alpha_dropout", "feature_alpha_dropout_",
+                      "scaled_dot_product_attention"}
+_RANDOM = ("bernoulli", "rand", "randn", "randint", "randperm", "normal", "uniform", "exponential",
+           "native_dropout", "multinomial", "poisson", "geometric", "cauchy", "log_normal")
+
+
+def _unswitchable_random_ops(gm) -> list[str]:
+    """Random ops the train/eval pass cannot switch (anything but dropout's own ops)."""
+    found = []
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        name = str(n.target).split(".")[1] if str(n.target).startswith("aten.") else ""
+        if name and name not in _SWITCHABLE_RANDOM and name.startswith(_RANDOM) and name not in found:
+            found.append(name)
+    return found
 
 
 def _export_error(frontend: str, model, e: Exception) -> CaptureError:

@@ -136,10 +136,32 @@ def find_chains(gm: GraphModule) -> list[Chain]:
                 run = kids[i:j]
                 chain = _make_chain(gm, container, run, owner_nodes, tensors, get_attrs)
                 if chain is not None:
+                    _check_numbering(chain, kids)
                     chains.append(chain)
                     taken.extend(run)
             i = j
     return chains
+
+
+def _check_numbering(chain: Chain, siblings: list[str]) -> None:
+    """New blocks are numbered on from the chain's first block; a numbered sibling after the
+    chain (another run in the same Sequential) would collide, so depth changes are refused."""
+    pat = chain.name_pattern()
+    if pat is None:
+        chain.depth_ok, chain.reason = False, "block names are not numbered"
+        return
+    prefix, first = pat
+    base = f"{chain.container}." if chain.container else ""
+    last = first + len(chain) - 1
+    later = []
+    for s in siblings:
+        tail = s[len(base):]
+        if tail.startswith(prefix) and tail[len(prefix):].isdigit() and int(tail[len(prefix):]) > last:
+            later.append(s)
+    if later and chain.depth_ok:
+        chain.depth_ok = False
+        chain.reason = (f"{later[0]} follows the chain in the same container; renumbering it is "
+                        "not supported")
 
 
 def chained_input(nodes: list[Node], link) -> Node:

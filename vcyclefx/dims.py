@@ -137,41 +137,46 @@ class DimTable:
             ra.flags.setdefault(k, v)
         self._merge_structure(ra, rb.kind, rb.children, where)
 
-    def refine(self, d: Dim, kind: str, parts: list[Dim], where: str = "") -> list[Dim]:
-        """Declare that ``d`` is the ``kind`` (PROD or CAT) of ``parts``; returns the children
-        the class root ends up with (they may be a finer structure than ``parts``)."""
+    def refine(self, d: Dim, kind: str, parts: list[Dim], where: str = "") -> list[Dim] | None:
+        """Declare that ``d`` is the ``kind`` (PROD or CAT) of ``parts``; returns ``parts`` (now
+        consistent with ``d``'s structure), or None when ``d`` is already structured in an
+        incompatible way (its leaves are then pinned with the reason)."""
         r = self.find(d)
         total = _mul_all([p.size for p in parts]) if kind == PROD else _sum_all([p.size for p in parts])
         if not _eq(total, r.size):
             raise DimConflict(f"{where}: {kind} of sizes {[p.size for p in parts]} != {r.size}")
         if len(parts) == 1:
             self.unify(r, parts[0], where)
-            return [self.find(parts[0])]
-        self._merge_structure(r, kind, parts, where)
-        return list(self.find(r).children)
+            return list(parts)
+        if not self._merge_structure(r, kind, parts, where):
+            return None
+        return list(parts)
 
     def refine_sizes(self, d: Dim, kind: str, sizes: list, where: str = "") -> list[Dim]:
         return self.refine(d, kind, [self.new(s) for s in sizes], where)
 
-    def _merge_structure(self, r: Dim, kind: str | None, parts: list[Dim], where: str) -> None:
+    def _merge_structure(self, r: Dim, kind: str | None, parts: list[Dim], where: str) -> bool:
+        """Give root ``r`` the structure (kind, parts); False when it conflicts with the one it
+        has (its leaves and the parts' are then pinned)."""
         if kind is None:
-            return
+            return True
         if r.kind is None:
             r.kind, r.children = kind, list(parts)
-            return
+            return True
         mine = [c.size for c in r.children]
         theirs = [p.size for p in parts]
         if r.kind == kind and len(mine) == len(theirs) and all(map(_eq, mine, theirs)):
             for c, p in zip(r.children, parts):
                 self.unify(c, p, where)
-            return
+            return True
         try:
             self._common_refinement(r, kind, parts, where)
-        except DimConflict as e:
+            return True
+        except DimConflict:
             reason = f"viewed in incompatible ways ({r.kind}{mine} vs {kind}{theirs}) at {where}"
             for leaf in list(self.leaves(r)) + [x for p in parts for x in self.leaves(p)]:
                 self.pin(leaf, reason)
-            del e
+            return False
 
     def _common_refinement(self, r: Dim, kind: str, parts: list[Dim], where: str) -> None:
         if r.kind == PROD and kind == PROD:
@@ -254,7 +259,10 @@ class DimTable:
     def _atomise(self, d: Dim, atoms: list[Size], where: str) -> list[Dim]:
         if len(atoms) == 1:
             return [d]
-        return self.refine_sizes(d, PROD, atoms, where)
+        kids = self.refine_sizes(d, PROD, atoms, where)
+        if kids is None:
+            raise DimConflict(f"{where}: axis of size {d.size} cannot be split as {atoms}")
+        return kids
 
     def _match_concats(self, a: list[Dim], b: list[Dim], where: str) -> None:
         sizes_a = [d.size for d in a]
@@ -274,7 +282,10 @@ class DimTable:
         if not inner:
             return [d]
         sizes = [b - a for a, b in zip([0] + inner, inner + [d.size])]
-        return self.refine_sizes(d, CAT, sizes, where)
+        kids = self.refine_sizes(d, CAT, sizes, where)
+        if kids is None:
+            raise DimConflict(f"{where}: axis of size {d.size} cannot be cut at {inner}")
+        return kids
 
     # -- structure queries -----------------------------------------------------------------
     def leaves(self, d: Dim) -> Iterator[Dim]:

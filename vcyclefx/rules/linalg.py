@@ -148,13 +148,16 @@ def _conv(ctx, node):
     in_per, out_per = c_in.size // groups, c_out.size // groups
     # channels are group-major: (g, per-group)
     in_parts = ctx.refine(c_in, PROD, [g, ctx.table.new(in_per)], node) if in_per > 1 else None
+    if in_per > 1 and in_parts is None:
+        ctx.pin(c_in, f"grouped convolution over a structured axis at {ctx.where(node)}")
+        return
     if in_parts is None:
         ctx.unify(c_in, g, node)
     if transposed:
         w_in_dim = wd[0]  # (in, out/g)
         ctx.unify(w_in_dim, c_in, node)
         out_parts = ctx.refine(c_out, PROD, [g, wd[1]], node) if out_per > 1 else None
-        if out_parts is None:
+        if out_per <= 1:
             ctx.unify(c_out, g, node)
     else:
         # weight rows are the output channels; its in axis holds one group's inputs

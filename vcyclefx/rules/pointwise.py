@@ -14,6 +14,7 @@ hardswish_ hardsigmoid hardsigmoid_ mish elu elu_ celu selu relu6 square clone c
 alias lift_fresh_copy _to_copy clamp clamp_ clamp_min clamp_max floor ceil round trunc sign
 logical_not bitwise_not isnan isinf nan_to_num fill fill_ zeros_like ones_like empty_like
 full_like rand_like randn_like dropout feature_dropout alpha_dropout feature_alpha_dropout
+dropout_ feature_dropout_ alpha_dropout_ feature_alpha_dropout_ rrelu rrelu_ sigmoid_ silu_
 type_as bernoulli bernoulli_ exponential_ uniform_ normal_ zero_ sgn frac erfinv atan asin acos
 sinh cosh asinh acosh atanh tan log2 log10 exp2 threshold positive logit view_as expand_as to
 """.split()
@@ -36,7 +37,7 @@ def _expand_targets(names: list[str]) -> list:
     return list(dict.fromkeys(out))
 
 
-_BROADCAST_T = _expand_targets(_BROADCAST) + [aten.clamp.Tensor]
+_BROADCAST_T = _expand_targets(_BROADCAST) + [aten.clamp.Tensor, aten.min.other, aten.max.other]
 _UNARY_T = [t for t in _expand_targets(_UNARY) if t not in _BROADCAST_T]
 _BROADCAST_T = [t for t in _BROADCAST_T if str(t) != "aten.where.default"]
 

@@ -182,9 +182,12 @@ def _group_norm(ctx, node):
             ctx.unify(ctx.dims(p)[0], c, node)
     per = c.size // groups
     if groups > 1 and per > 1:
-        g, inner = ctx.refine(c, PROD, [ctx.table.new(groups), ctx.table.new(per)], node)
-        ctx.normalized(inner, node)
-        ctx.record(node, groups_dim=g)
+        parts = ctx.refine(c, PROD, [ctx.table.new(groups), ctx.table.new(per)], node)
+        if parts is None:
+            ctx.pin(c, f"group norm over a structured axis at {ctx.where(node)}")
+        else:
+            ctx.normalized(parts[1], node)
+            ctx.record(node, groups_dim=parts[0])
     elif groups == 1:
         ctx.normalized(c, node)
     else:

@@ -124,11 +124,19 @@ def _repeat(ctx, node):
         j = i - off
         r = reps[i]
         if j < 0:
-            ctx.replica(o, node)
-            rep_dims.append(o)
+            if isinstance(r, Node) and isinstance(ctx.dims(r), Dim):
+                ctx.unify(ctx.dims(r), o, node)
+            else:
+                ctx.replica(o, node)
+            rep_dims.append(None if isinstance(r, Node) else o)
             continue
-        if r == 1:
+        if isinstance(r, int) and r == 1:
             ctx.unify(src[j], o, node)
+            rep_dims.append(None)
+            continue
+        if not isinstance(r, int):  # a symbolic repeat count: positions, not features
+            ctx.pin(src[j], f"repeated a symbolic number of times at {ctx.where(node)}")
+            ctx.pin(o, f"repeated a symbolic number of times at {ctx.where(node)}")
             rep_dims.append(None)
             continue
         rd = ctx.table.new(r)
@@ -250,6 +258,10 @@ def _slice_like(ctx, node, start, length):
     start = max(0, min(start + n if start < 0 else start, n))
     sizes = [s for s in (start, m, n - start - m) if s > 0]
     parts = ctx.refine(src[dim], CAT, [ctx.table.new(s) for s in sizes], node)
+    if parts is None:  # the axis is structured another way (e.g. cropping a padded window grid)
+        ctx.index_axis(node, node.args[0], dim, "sliced across its structure")
+        ctx.pin(out[dim], f"slice across the structure of its axis at {ctx.where(node)}")
+        return
     mid = parts[1] if start > 0 else parts[0]
     ctx.unify(mid, out[dim], node)
     ctx.record(node, slice_pre=parts[0] if start > 0 else None, slice_mid=mid)
