@@ -5,7 +5,9 @@
     python tools/bench_compile.py --preset gpt2 --device cuda --batch 16
 
 The level is the level-0 GraphModule made by ``vcyclefx.capture.capture(GPT(cfg), (idx,))``;
-the hand-written module is that GPT itself (a copy with the same weights). One training step =
+the hand-written module is that GPT itself (a copy with the same weights). With ``--level 1``
+the level is that GraphModule coalesced (``vf.coalesce(level, width=0.5, depth=0.5)``) and the
+hand-written module a GPT of the smaller sizes loaded with the level's weights. One training step =
 forward + cross-entropy + backward + AdamW step + zero_grad. Each (module, mode) pair gets its
 own optimizer and warm-up steps (compilation happens there), then ``--repeats`` rounds of
 ``--steps`` steps are timed **interleaved** (round r times every pair once, in rotating order),
@@ -49,6 +51,11 @@ def parse_args(argv=None):
     for name in ("n_layer", "n_head", "n_embd", "seq_len", "batch"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=None,
                        help=f"override the preset's {name}")
+    p.add_argument("--level", type=int, choices=[0, 1], default=0,
+                   help="0: the captured model against GPT; 1: the model coalesced with --width/"
+                        "--depth against a GPT built at those smaller sizes")
+    p.add_argument("--width", type=float, default=0.5)
+    p.add_argument("--depth", type=float, default=0.5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="also time torch.compile'd modules (default: on CUDA only)")
@@ -107,9 +114,24 @@ def main(argv=None) -> list[dict]:
     hand = GPT(cfg)
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len + 1))
     t = time.perf_counter()
-    level = capture(copy.deepcopy(hand), (ids[:2, :-1],))
-    print(f"captured the level in {time.perf_counter() - t:.1f}s; {args.n_layer} layers x "
-          f"{args.n_embd}, T={args.seq_len}, B={args.batch}, device {device}, "
+    # captured on the device: the graph keeps the device its position ids were made on
+    level = capture(copy.deepcopy(hand).to(device), (ids[:2, :-1].to(device),))
+    if args.level == 1:
+        import vcyclefx as vf
+
+        level, _ = vf.coalesce(level, width=args.width, depth=args.depth)
+        hand = GPT(GPTConfig(block_size=args.seq_len, n_layer=round(args.n_layer * args.depth),
+                             n_head=round(args.n_head * args.width),
+                             n_embd=round(args.n_embd * args.width)))
+        shapes = {k: tuple(v.shape) for k, v in hand.state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in level.state_dict().items()}
+        if shapes != got:  # e.g. 2 heads stay 2 heads: the level is no GPTConfig any more
+            raise SystemExit(f"the coalesced level has no hand-written GPT equivalent "
+                             f"({hand.config} expected); use more heads, e.g. the tiny preset")
+        hand.load_state_dict(level.state_dict())  # same weights, same function
+    c = hand.config
+    print(f"level {args.level} made in {time.perf_counter() - t:.1f}s; {c.n_layer} layers x "
+          f"{c.n_embd} ({c.n_head} heads), T={args.seq_len}, B={args.batch}, device {device}, "
           f"autocast {dtype}, compiled {'yes' if compile_ else 'no (CPU: see --help)'}", flush=True)
     x, y = ids[:, :-1].to(device), ids[:, 1:].to(device)
     modes = ["eager"] + (["compiled"] if compile_ else [])
