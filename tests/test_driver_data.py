@@ -39,6 +39,8 @@ def test_text_file_and_folder_sources(tmp_path):
     folder.mkdir()
     for i in range(2):
         (folder / f"{i}.txt").write_text(f"file {i} " * 50)
+    (folder / "image.png").write_bytes(b"\x89PNG\x00\x00" * 100)  # skipped: binary
+    (folder / ".hidden").write_text("skipped " * 100)
     d = load_data(str(folder), 0.05, str(tmp_path / "c"))
     assert len(d.train) + len(d.val) == 2 * 350 + 2 and min(len(d.train), len(d.val)) == 351
 

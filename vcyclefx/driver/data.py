@@ -6,7 +6,8 @@ Sources (``--data``):
   library (``sysconfig.get_paths()["stdlib"]``, without ``site-packages``/``dist-packages``; test
   packages are kept: they are real code and bring the corpus to about 30 MB). Byte-level tokens
   (vocabulary 256).
-- a folder: every regular, non-hidden file under it, read as bytes.
+- a folder: every regular, non-hidden text file under it (files with a NUL byte in their first
+  8 KB are skipped as binary), read as bytes.
 - a text file: its bytes.
 - a token file: ``.npy`` (dtype uint8, uint16 or uint32), or ``.bin`` = raw little-endian
   **uint16** unless the file name contains ``uint8`` or ``uint32`` (e.g. ``train.uint32.bin``).
@@ -67,12 +68,18 @@ def stdlib_files() -> tuple[Path, list[Path]]:
     return root, sorted(files)
 
 
+def _looks_binary(path: Path) -> bool:
+    with path.open("rb") as f:
+        return b"\x00" in f.read(8192)
+
+
 def _folder_files(root: Path) -> list[Path]:
+    """Regular, non-hidden files under ``root`` that look like text (no NUL in the first 8 KB)."""
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         files += [Path(dirpath) / f for f in filenames if not f.startswith(".")]
-    return sorted(p for p in files if p.is_file())
+    return sorted(p for p in files if p.is_file() and not _looks_binary(p))
 
 
 def is_val_file(rel_path: str, val_fraction: float) -> bool:
@@ -178,8 +185,7 @@ def load_data(data: str, val_fraction: float, cache_dir: str = "", vocab_size: i
         train, val = (tokens, _token_file(sibling)) if sibling else _tail_split(tokens, val_fraction)
         vocab, top = _vocab((train, val), vocab_size)
         return TokenData(train, val, vocab, f"{path} ({np.dtype(tokens.dtype)} tokens)", top)
-    head = path.open("rb").read(8192)
-    if b"\x00" in head:
+    if _looks_binary(path):
         raise ConfigError(f"--data {data}: looks binary (NUL bytes) and is neither .npy nor .bin; "
                           "a token file must end in .npy or .bin, a text file must be text")
     train, val = _tail_split(np.fromfile(path, dtype=np.uint8), val_fraction)
