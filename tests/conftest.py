@@ -24,6 +24,7 @@ def output_tensor(out) -> torch.Tensor:
 
 
 def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 

@@ -141,3 +141,33 @@ def test_bad_schedules_fail_before_training():
         vf.VCycle(level, levels=5, total_steps=1000)
     with pytest.raises(vf.ScheduleError, match="sum to 1"):
         vf.VCycle(level, levels=2, total_steps=10, fractions=[0.5, 0.5, 0.5])
+
+
+def test_optimizer_moments_are_carried_through_the_mappings():
+    example, level = fresh_level("gpt2")
+    cycle = vf.VCycle(level, levels=2, steps=[3, 3, 3])
+    state = None
+    for stage in cycle:
+        opt = torch.optim.AdamW(stage.model.parameters(), lr=1e-3)
+        names = {id(p): n for n, p in stage.model.named_parameters()}
+        if state is not None:
+            carried = stage.map_optimizer_state(state)
+            for p in stage.model.parameters():
+                n = names[id(p)]
+                assert carried[n]["exp_avg"].shape == p.shape
+                assert (carried[n]["exp_avg_sq"] >= 0).all()
+                opt.state[p] = {k: v.clone() if isinstance(v, torch.Tensor) else v
+                                for k, v in carried[n].items()}
+            if stage.phase == "bottom":  # strided width groups, then the two blocks averaged
+                b0 = state["transformer.h.0.mlp.c_fc.bias"]["exp_avg"]
+                b1 = state["transformer.h.1.mlp.c_fc.bias"]["exp_avg"]
+                small = carried["transformer.h.0.mlp.c_fc.bias"]["exp_avg"]
+                want = ((b0[:128] + b0[128:]) / 2 + (b1[:128] + b1[128:]) / 2) / 2
+                assert torch.allclose(small, want, atol=1e-12)
+        plain_loop(stage.model, stage.steps, 1e-3, example, stage.index)
+        # the loop made its own optimizer; take one step with ours to get real moments
+        loss = _loss(stage.model, next(_batches(example, 99)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        state = {names[id(p)]: opt.state[p] for p in stage.model.parameters()}

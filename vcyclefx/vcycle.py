@@ -23,7 +23,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -56,6 +56,31 @@ class Stage:
     steps: int
     lr_scale: float
     phase: str
+    # how this stage's model was made from the previous stage's: (direction, mapping, source)
+    transition: tuple | None = field(default=None, repr=False)
+
+    def map_optimizer_state(self, state: dict[str, dict]) -> dict[str, dict]:
+        """Carry per-parameter optimizer state (AdamW ``exp_avg``/``exp_avg_sq``/``step``,
+        keyed by parameter name, from the previous stage's model) through this stage's
+        transition. The first moment is mapped like the parameters; the second moment the same
+        way and clamped at 0, so it stays non-negative. The paper uses a fresh optimizer per
+        stage instead (the default of the driver); see BENCHMARKS.md for the measured effect."""
+        if self.transition is None:
+            return dict(state)
+        direction, mapping, source = self.transition
+        out: dict[str, dict] = {}
+        keys = {k for v in state.values() for k, t in v.items() if isinstance(t, torch.Tensor) and t.dim() > 0}
+        mapped = {k: _map_tensors(source, {n: v[k] for n, v in state.items() if k in v},
+                                  direction, mapping) for k in keys}
+        steps = [v["step"] for v in state.values() if "step" in v]
+        for name, _ in self.model.named_parameters():
+            entry = {k: mapped[k][name] for k in keys if name in mapped[k]}
+            if "exp_avg_sq" in entry:
+                entry["exp_avg_sq"] = entry["exp_avg_sq"].clamp_min(0)
+            if steps:
+                entry["step"] = steps[0].clone() if isinstance(steps[0], torch.Tensor) else steps[0]
+            out[name] = entry
+        return out
 
     def __repr__(self) -> str:
         return (f"Stage(index={self.index}, level={self.level}, steps={self.steps}, "
@@ -169,6 +194,7 @@ class VCycle:
         self._model = self.level0
         self._kept: dict[int, torch.nn.Module] = {}
         self._next = 0
+        self._last_transition = None
         self._done = False
         self._iterating = False
         if resume is not None and _latest(Path(resume)) is not None:
@@ -212,15 +238,18 @@ class VCycle:
         for spec in self.schedule.stages[self._next:]:
             self._transition(prev_level, spec.level)
             prev_level = spec.level
-            yield Stage(spec.index, spec.level, self._model, spec.steps, spec.lr_scale, spec.phase)
+            yield Stage(spec.index, spec.level, self._model, spec.steps, spec.lr_scale, spec.phase,
+                        self._last_transition)
             self._next = spec.index + 1
             if self.checkpoint_dir is not None:
                 self._checkpoint(spec.index)
         self._done = True
 
     def _transition(self, frm: int, to: int) -> None:
+        self._last_transition = None
         if to == frm:
             return
+        source = self._model
         if to == frm + 1:
             self._kept[frm] = self._model
             mapping = self.mappings[frm]
@@ -231,9 +260,11 @@ class VCycle:
             else:
                 small, _ = coalesce(self._model, mapping=mapping)
             self._model = small
+            self._last_transition = ("coalesce", mapping, source)
         elif to == frm - 1:
             big, _ = decoalesce(self._model, mapping=self.mappings[to])
             self._model = interpolate(self._kept.pop(to), big, self.alpha)
+            self._last_transition = ("decoalesce", self.mappings[to], source)
         else:
             raise ScheduleError(f"stage moves from level {frm} to {to}; a V-cycle moves one level")
 
@@ -313,6 +344,20 @@ class VCycle:
             self._kept[k] = _load_into(self._shapes[k], ckpt / f"kept-level{k}.safetensors")
         self._next = meta["next_stage"]
         self._done = self._next >= len(self.schedule)
+
+
+def _map_tensors(source, tensors: dict[str, torch.Tensor], direction: str, mapping: Mapping) -> dict:
+    """Send per-parameter tensors (shaped like ``source``'s parameters) through a mapping by
+    running the same passes on a copy of ``source`` that holds them as its weights."""
+    carrier = clone_level(source)
+    with torch.no_grad():
+        params = dict(carrier.named_parameters(remove_duplicate=False))
+        for name, t in tensors.items():
+            if name in params:
+                params[name].copy_(t)
+    fn = coalesce if direction == "coalesce" else decoalesce
+    moved, _ = fn(carrier, mapping=mapping)
+    return {k: v.detach().clone() for k, v in moved.named_parameters(remove_duplicate=False)}
 
 
 def _weights(module) -> dict[str, torch.Tensor]:
