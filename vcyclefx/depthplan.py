@@ -12,6 +12,7 @@ import math
 from .analysis import Analysis
 from .errors import PlanError
 from .mapping import ChainMap
+from .plan import check_factor
 
 DEPTH_PAIRINGS = ("adjacent", "strided")
 
@@ -30,12 +31,7 @@ def _groups(n_large: int, n_small: int, pairing: str) -> list[list[int]]:
 
 def plan_depth(analysis: Analysis, factor: float, pairing: str = "adjacent", *, coalesce: bool,
                depth_init: str = "copy") -> list[ChainMap]:
-    if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not math.isfinite(factor):
-        raise PlanError(f"depth={factor!r} must be a number")
-    if coalesce and not (0 < factor <= 1):
-        raise PlanError(f"depth={factor} must be in (0, 1] to coalesce (e.g. depth=0.5)")
-    if not coalesce and factor < 1:
-        raise PlanError(f"depth={factor} must be >= 1 to de-coalesce (e.g. depth=2.0)")
+    check_factor("depth", factor, coalesce)
     if pairing not in DEPTH_PAIRINGS:
         raise PlanError(f"depth_pairing={pairing!r} is not one of {DEPTH_PAIRINGS}")
     if factor == 1:

@@ -31,7 +31,7 @@ class WidthDecision:
     kept: list[dict]
 
 
-def _check_factor(name: str, factor: float, coalesce: bool) -> None:
+def check_factor(name: str, factor: float, coalesce: bool) -> None:
     if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not math.isfinite(factor):
         raise PlanError(f"{name}={factor!r} must be a number")
     if coalesce and not (0 < factor <= 1):
@@ -120,7 +120,7 @@ def _similarity_index(analysis: Analysis, space: Space, m: int) -> list[int]:
 
 def plan_width(analysis: Analysis, factor: float, pairing: str = "strided", *, coalesce: bool) -> WidthDecision:
     """Groups for every resizable space; raises PlanError when nothing can be resized."""
-    _check_factor("width", factor, coalesce)
+    check_factor("width", factor, coalesce)
     if pairing not in PAIRINGS:
         raise PlanError(f"pairing={pairing!r} is not one of {PAIRINGS}")
     maps: list[SpaceMap] = []
