@@ -10,8 +10,9 @@ Public API (a contract; see DESIGN.md)::
     cycle = vf.VCycle(model, example_inputs, levels=2, width=0.5, depth=0.5, alpha=0.25)
 """
 
-from .api import coalesce, decoalesce, interpolate
-from .capture import capture
+import importlib
+
+from .capture import capture  # eager: the submodule has the function's name
 from .errors import (
     AnalysisError,
     CaptureError,
@@ -24,11 +25,30 @@ from .errors import (
     VCycleError,
 )
 from .mapping import Mapping
-from .onnx_export import export_onnx
 from .registry import register_rule
-from .report import Report, inspect
-from .vcycle import Schedule, Stage, VCycle
-from .flops import training_flops_per_token
+
+# The rest of the API is loaded on first use (PEP 562), so that `import vcyclefx` and the CLI
+# do not pay for modules a command does not need.
+_LAZY = {
+    "coalesce": "api", "decoalesce": "api", "interpolate": "api",
+    "inspect": "report", "Report": "report",
+    "export_onnx": "onnx_export",
+    "VCycle": "vcycle", "Stage": "vcycle", "Schedule": "vcycle",
+    "training_flops_per_token": "flops",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'vcyclefx' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __version__ = "0.1.0"
 
