@@ -103,16 +103,24 @@ class _Units:
             elif sm.index == [i // self.k for i in range(n)]:
                 self.pattern = "adjacent"  # axis viewed as (m, k): group = a row
 
+    def _slices(self, t: torch.Tensor, axis: int) -> list[torch.Tensor]:
+        """The k members of every group, as k views of shape (..., m, ...)."""
+        k, m = self.k, self.sm.small
+        if self.pattern == "strided":  # group g = units g, g + m, g + 2m, ...
+            return [t.narrow(axis, j * m, m) for j in range(k)]
+        x = t.reshape(*t.shape[:axis], m, k, *t.shape[axis + 1 :])  # group g = units gk .. gk+k-1
+        return [x.select(axis + 1, j) for j in range(k)]
+
     def coalesce(self, t: torch.Tensor, axis: int, producer: bool) -> torch.Tensor:
         if self.pattern is not None:
-            k, m = self.k, self.sm.small
-            pre, post = t.shape[:axis], t.shape[axis + 1 :]
-            if self.pattern == "strided":
-                x = t.reshape(*pre, k, m, *post)
-                out = x.sum(dim=axis) if not producer else x.sum(dim=axis) / k
-            else:
-                x = t.reshape(*pre, m, k, *post)
-                out = x.sum(dim=axis + 1) if not producer else x.sum(dim=axis + 1) / k
+            parts = self._slices(t, axis)
+            if producer and len(parts) == 2:
+                return torch.lerp(parts[0], parts[1], 0.5)  # the pair's mean in one pass
+            out = torch.add(parts[0], parts[1]) if len(parts) > 1 else parts[0].clone()
+            for p in parts[2:]:
+                out.add_(p)
+            if producer and self.k > 1:
+                out = out.mul_(1.0 / self.k) if self.k & (self.k - 1) == 0 else out.div_(self.k)
             return out
         shape = list(t.shape)
         shape[axis] = self.sm.small
@@ -128,8 +136,12 @@ class _Units:
             if self.pattern == "strided":
                 out = torch.cat([t] * k, dim=axis)
             else:
-                out = torch.repeat_interleave(t, k, dim=axis)
-            return out if producer else out / k
+                shape = list(t.shape)
+                out = t.unsqueeze(axis + 1).expand(*shape[: axis + 1], k, *shape[axis + 1 :])
+                out = out.reshape(*shape[:axis], shape[axis] * k, *shape[axis + 1 :])
+            if producer or k == 1:
+                return out
+            return out.mul_(1.0 / k) if k & (k - 1) == 0 else out.div_(k)
         idx = self.index.to(t.device)
         out = t.index_select(axis, idx)
         if not producer:
