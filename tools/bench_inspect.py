@@ -27,7 +27,9 @@ def split(spec: str) -> list[tuple[str, float]]:
     t3 = time.perf_counter()
     a = analyze(level)
     t4 = time.perf_counter()
-    str(vf.report.Report(a))
+    from vcyclefx.report import Report
+
+    str(Report(a))
     t5 = time.perf_counter()
     return [("import vcyclefx (and torch)", t1 - t0), ("build the model (imports its library)", t2 - t1),
             ("capture (torch.export)", t3 - t2), ("analysis + chains", t4 - t3), ("report", t5 - t4)]

@@ -51,17 +51,22 @@ def _first_tensor(out) -> torch.Tensor:
 
 
 def training_flops(module: torch.nn.Module, example_inputs: tuple) -> int:
-    """FLOPs of one forward + backward pass of ``module`` on ``example_inputs``."""
-    was_training = module.training
-    module.eval()  # dropout off: the count does not depend on it, the noise would
+    """FLOPs of one forward + backward pass of ``module`` on ``example_inputs``.
+
+    Side-effect free: the module keeps its mode (switching a level's mode would regenerate its
+    code and make torch.compile recompile), the global RNG is forked (dropout draws do not
+    shift the caller's random stream) and existing ``.grad`` tensors are restored."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    saved = [p.grad for p in params]
+    for p in params:
+        p.grad = None
     try:
-        with FlopCounterMode(display=False, custom_mapping=_EXTRA) as counter:
+        with torch.random.fork_rng(devices=[]), FlopCounterMode(display=False, custom_mapping=_EXTRA) as counter:
             out = _first_tensor(module(*example_inputs))
             out.float().sum().backward()
     finally:
-        module.train(was_training)
-        for p in module.parameters():
-            p.grad = None
+        for p, g in zip(params, saved):
+            p.grad = g
     return int(counter.get_total_flops())
 
 

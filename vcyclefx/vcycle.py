@@ -178,7 +178,7 @@ class VCycle:
                  depth: float = 0.5, alpha: float = 0.25, total_steps: int | None = None,
                  fractions=None, steps=None, lr_scales=None, pairing: str = "strided",
                  depth_pairing: str = "adjacent", checkpoint_dir=None, resume=None,
-                 **capture_kwargs):
+                 write_checkpoints: bool = True, **capture_kwargs):
         if not isinstance(alpha, (int, float)) or not (0.0 <= alpha <= 1.0):
             raise ScheduleError(f"alpha={alpha!r} must be in [0, 1]")
         self.schedule = build_schedule(levels, total_steps=total_steps, fractions=fractions,
@@ -187,7 +187,10 @@ class VCycle:
         self.pairing, self.depth_pairing = pairing, depth_pairing
         self.level0 = as_level(model, example_inputs, **capture_kwargs)
         self.example_inputs = level_info(self.level0).example_inputs
-        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else (Path(resume) if resume else None)
+        # checkpoints are written to checkpoint_dir (or to the resume directory); processes
+        # other than the writer (rank != 0) pass write_checkpoints=False
+        target = checkpoint_dir or resume
+        self.checkpoint_dir = Path(target) if (target and write_checkpoints) else None
         self._shapes: dict[int, torch.nn.Module] = {0: self.level0}  # a module of every level
         self.mappings: dict[int, Mapping] = {}
         self._flops: dict[int, float] = {}

@@ -30,14 +30,10 @@ MFU (per device) = training FLOPs per token * tokens/s over all processes
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import copy
 import datetime as _dt
-import json
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,9 +44,12 @@ import torch.nn.functional as F
 from torch.utils import flop_counter
 
 from ..gpt import GPT, GPTConfig
+from .checkpoint import (Point, RunState, atomic_write_text, load_weights, resume_config,
+                         save_checkpoint, save_weights, set_rng_state)
 from .config import ConfigError, TrainConfig, check_runtime
 from .data import Batches, TokenData, load_data
 from .logger import MetricLogger, ProgressBar
+from .parallel import Trainee
 
 
 # ----------------------------------------------------------------------------- FLOPs
@@ -123,20 +122,6 @@ class Runtime:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
-
-
-@dataclass
-class RunState:
-    """Progress of one schedule; JSON-serialisable, saved in every checkpoint."""
-
-    schedule: str
-    step: int = 0  # optimizer steps done, over all stages
-    stage: int = 0  # index of the stage in progress
-    stage_step: int = 0  # steps done in that stage
-    tokens: int = 0
-    flops: float = 0.0
-    wall: float = 0.0  # seconds spent training (not evaluating or checkpointing)
-    val_loss: float | None = None  # latest validation loss
 
 
 def _device(cfg: TrainConfig, local_rank: int) -> torch.device:
@@ -329,83 +314,6 @@ def _record(rt, state, level, event, **values) -> dict:
     return base
 
 
-class Trainee:
-    """The module being trained in its parallel form.
-
-    - one process: ``module`` on the device, compiled on CUDA;
-    - DDP: the same, compiled first, then wrapped (nanoGPT's order);
-    - FSDP2 (``--fsdp``): a copy of ``module`` is sharded with ``fully_shard`` (every block of a
-      ``ModuleList`` first when ``module`` is a plain nn.Module; a level GraphModule reads its
-      parameters straight from the graph, so only its root can be sharded: parameters are
-      gathered for the whole forward, gradients and optimizer state stay sharded), then
-      compiled; ``finish()`` copies the full weights back into ``module``, which never leaves
-      the device it was on (the V-cycle keeps working on whole modules).
-    """
-
-    def __init__(self, rt: Runtime, module: torch.nn.Module):
-        self.rt, self.fsdp = rt, rt.cfg.fsdp
-        if not self.fsdp:
-            self.raw = self.local = module.to(rt.device).train()
-            model = torch.compile(self.raw) if rt.compile else self.raw  # compile before DDP
-            if rt.distributed:
-                from torch.nn.parallel import DistributedDataParallel as DDP
-
-                model = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-            self.model = model
-        else:
-            from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import fully_shard
-
-            self.raw = module.train()
-            mesh = init_device_mesh(rt.device.type, (rt.world,))
-            self.local = copy.deepcopy(module)
-            if not isinstance(self.local, torch.fx.GraphModule):
-                for sub in list(self.local.modules()):
-                    if isinstance(sub, torch.nn.ModuleList):
-                        for block in sub:
-                            fully_shard(block, mesh=mesh)
-            fully_shard(self.local, mesh=mesh)
-            self.local.to(rt.device)
-            self.model = torch.compile(self.local) if rt.compile else self.local
-        self.raw_device = next(self.raw.parameters()).device
-
-    def grad_sync(self, on: bool):
-        """Gradients are reduced across processes only on the last micro-batch of a step."""
-        if self.fsdp:
-            self.local.set_requires_gradient_sync(on)
-        elif self.rt.distributed and not on:
-            return self.model.no_sync()
-        return contextlib.nullcontext()
-
-    def checkpoint_state(self, opt) -> tuple[dict, dict]:
-        """(model state_dict, optimizer state_dict) to save; under FSDP gathered in full (a
-        collective: every rank calls it; rank 0 gets the tensors)."""
-        if not self.fsdp:
-            return self.raw.state_dict(keep_vars=True), opt.state_dict()
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-        return get_state_dict(self.local, opt,
-                              options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-    def load_optimizer(self, opt, optim_state: dict) -> None:
-        if not self.fsdp:
-            opt.load_state_dict(optim_state)
-            return
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
-                                                             set_optimizer_state_dict)
-
-        set_optimizer_state_dict(self.local, opt, optim_state,
-                                 options=StateDictOptions(full_state_dict=True))
-
-    def finish(self) -> None:
-        if self.fsdp:
-            from torch.distributed.checkpoint.state_dict import (StateDictOptions,
-                                                                 get_model_state_dict)
-
-            full = get_model_state_dict(self.local, options=StateDictOptions(full_state_dict=True))
-            self.raw.load_state_dict(full, strict=True)
-
-
 def run_stage(rt: Runtime, module: torch.nn.Module, steps: int, lr_scale: float, level: int,
               state: RunState, optim_state: dict | None = None, bar: ProgressBar | None = None,
               phase: str = "") -> RunState:
@@ -486,133 +394,6 @@ def run_stage(rt: Runtime, module: torch.nn.Module, steps: int, lr_scale: float,
     return state
 
 
-# ----------------------------------------------------------------------------- checkpoints
-# A checkpoint is a directory ckpt/<schedule>-<step>/ with model.safetensors (the weights of the
-# module being trained, tied tensors stored once), optim.pt (torch.save of the optimizer
-# state_dict, read back with weights_only=True) and state.json (RunState, per-rank RNG states,
-# finished schedules, and the metrics.jsonl length to truncate to). It is written to a temporary
-# directory that is renamed into place, then ckpt/latest.json is replaced to point at it.
-
-_RESUMABLE_CHANGES = {"resume", "out", "quiet", "ckpt_every", "device", "cache_dir"}
-
-
-@dataclass
-class Point:
-    """A checkpoint to resume from."""
-
-    dir: Path
-    state: RunState
-    metrics_offset: int
-    done: dict
-    rng: list
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def save_weights(state: dict, path: Path) -> None:
-    """A state_dict as safetensors; a tensor under several names (tied) is stored once."""
-    from safetensors.torch import save_file
-
-    tensors, aliases, seen = {}, {}, {}
-    for name, t in state.items():
-        if id(t) in seen:
-            aliases[name] = seen[id(t)]
-            continue
-        seen[id(t)] = name
-        tensors[name] = t.detach().contiguous().cpu()
-    save_file(tensors, str(path), metadata={"aliases": json.dumps(aliases)})
-
-
-def load_weights(module: torch.nn.Module, path: Path) -> None:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    state = load_file(str(path))
-    with safe_open(str(path), "pt") as f:
-        aliases = json.loads(f.metadata().get("aliases", "{}"))
-    state.update({alias: state[name] for alias, name in aliases.items()})
-    module.load_state_dict(state, strict=True)
-
-
-def _rng_state(device: torch.device) -> dict:
-    def enc(t):
-        return base64.b64encode(t.numpy().tobytes()).decode()
-
-    cuda = enc(torch.cuda.get_rng_state(device)) if device.type == "cuda" else None
-    return {"cpu": enc(torch.get_rng_state()), "cuda": cuda}
-
-
-def _set_rng_state(rng: dict, device: torch.device) -> None:
-    def dec(s):
-        return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
-
-    torch.set_rng_state(dec(rng["cpu"]))
-    if device.type == "cuda" and rng.get("cuda"):
-        torch.cuda.set_rng_state(dec(rng["cuda"]), device)
-
-
-def save_checkpoint(rt: Runtime, model_state: dict, optim_state: dict, state: RunState) -> None:
-    rngs = [_rng_state(rt.device)]
-    if rt.distributed:
-        rngs = [None] * rt.world
-        dist.all_gather_object(rngs, _rng_state(rt.device))
-    if rt.master:
-        root = rt.out / "ckpt"
-        name = f"{state.schedule}-{state.step:07d}"
-        tmp = root / f".{name}.tmp"
-        tmp.mkdir(parents=True, exist_ok=True)
-        save_weights(model_state, tmp / "model.safetensors")
-        torch.save(optim_state, tmp / "optim.pt")
-        # data state: batches are a pure function of (seed, step, micro-batch), so the step
-        # to draw next is all there is to save
-        meta = dict(version=1, state=vars(state), metrics_offset=rt.logger.offset(), done=rt.done,
-                    rng=rngs, data={"seed": rt.cfg.seed, "next_step": state.step})
-        (tmp / "state.json").write_text(json.dumps(meta))
-        final = root / name
-        if final.exists():  # the same step written again after a resume
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        atomic_write_text(root / "latest.json", json.dumps({"dir": name}))
-        for old in root.iterdir():  # keep only the newest
-            if old.is_dir() and old.name != name:
-                shutil.rmtree(old, ignore_errors=True)
-    if rt.distributed:
-        dist.barrier()
-
-
-def latest_checkpoint(out: Path) -> Point | None:
-    pointer = out / "ckpt" / "latest.json"
-    if not pointer.exists():
-        return None
-    d = out / "ckpt" / json.loads(pointer.read_text())["dir"]
-    meta = json.loads((d / "state.json").read_text())
-    return Point(d, RunState(**meta["state"]), meta["metrics_offset"], meta["done"], meta["rng"])
-
-
-def resume_config(cfg: TrainConfig, out: Path) -> tuple[TrainConfig, Point | None]:
-    """The saved config of the run in ``out`` (only harmless options may differ) and its latest
-    checkpoint (None: no checkpoint yet, the run starts again from step 0)."""
-    path = out / "config.json"
-    if not path.exists():
-        raise ConfigError(f"--resume {out}: no config.json there, so it is not a training run "
-                          "directory made by vcyclefx train")
-    saved = TrainConfig.from_dict(json.loads(path.read_text()))
-    diff = [k for k in TrainConfig.field_names()
-            if k not in _RESUMABLE_CHANGES and getattr(saved, k) != getattr(cfg, k)
-            and not (k == "vocab_size" and cfg.vocab_size == 0)]
-    if diff:
-        raise ConfigError(f"--resume {out}: the run was made with different "
-                          + ", ".join(f"{k}={getattr(saved, k)!r} (now {getattr(cfg, k)!r})"
-                                      for k in diff)
-                          + "; drop these options to resume, or start a new run with --out")
-    keep = {k: getattr(cfg, k) for k in _RESUMABLE_CHANGES}
-    return saved.replace(**{**keep, "out": str(out), "resume": str(out)}), latest_checkpoint(out)
-
-
 # ----------------------------------------------------------------------------- schedules
 
 
@@ -624,7 +405,7 @@ def _restore(rt: Runtime, point: Point | None, module: torch.nn.Module, state: R
     load_weights(module, point.dir / "model.safetensors")
     optim_state = torch.load(point.dir / "optim.pt", weights_only=True,
                              map_location="cpu" if rt.cfg.fsdp else rt.device)
-    _set_rng_state(point.rng[rt.rank], rt.device)
+    set_rng_state(point.rng[rt.rank], rt.device)
     return point.state, optim_state
 
 
@@ -691,7 +472,7 @@ def run_vcycle(rt: Runtime, made: Cycle, point: Point | None, bar: ProgressBar |
                 state, optim_state = _restore(rt, point, stage.model, state)
             elif stage.index == at + 1 and done_at:
                 state, optim_state = point.state, None
-                _set_rng_state(point.rng[rt.rank], rt.device)
+                set_rng_state(point.rng[rt.rank], rt.device)
                 state.stage, state.stage_step = stage.index, 0
             else:
                 raise ConfigError(f"--resume {rt.out}: the driver checkpoint is in stage {at} but "
