@@ -212,3 +212,15 @@ def test_level_train_and_eval_switch_baked_dropout():
     assert not level.training
     assert float((eval_out - want).abs().max()) == 0.0
     assert float((train_out - want).abs().max()) > 1e-3  # dropout was active in training mode
+
+
+def test_moving_a_level_moves_the_device_literals_of_its_graph():
+    """Export bakes the capture device into factory ops (arange(..., device=cpu)); after
+    .to(device) the level must make its tensors on the new device (meta stands in for CUDA)."""
+    model, x = zoo.gpt2()
+    level = vf.capture(model, x)
+    level.to("meta")
+    out = level(torch.randint(0, 100, (3, 24), device="meta"))
+    assert out.logits.device.type == "meta" and tuple(out.logits.shape) == (3, 24, 128)
+    devices = {str(n.kwargs["device"]) for n in level.graph.nodes if "device" in n.kwargs}
+    assert devices == {"meta"}

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch.fx import GraphModule
 
+from passes.device import module_device, move_device_literals_
 from passes.mode import switch_mode_
 
 from .errors import LevelError
@@ -42,11 +43,21 @@ def _level_eval(self: GraphModule) -> GraphModule:
     return switch_mode_(self, False)
 
 
+def _level_apply(self: GraphModule, fn, *args, **kwargs):
+    """nn.Module._apply, then device literals in the graph follow the weights' device."""
+    out = GraphModule._apply(self, fn, *args, **kwargs)
+    device = module_device(self)
+    if device is not None:
+        move_device_literals_(self, device)
+    return out
+
+
 def make_level(gm: GraphModule, info: LevelInfo, training: bool | None = None) -> GraphModule:
-    """Attach ``info`` and the train/eval behaviour to ``gm`` (in place) and return it."""
+    """Attach ``info`` and the train/eval/device behaviour to ``gm`` (in place) and return it."""
     gm.meta[KEY] = info
     gm.train = types.MethodType(_level_train, gm)
     gm.eval = types.MethodType(_level_eval, gm)
+    gm._apply = types.MethodType(_level_apply, gm)
     if training is not None:
         switch_mode_(gm, training)
     return gm
