@@ -34,10 +34,21 @@ def _level_summary(level, mapping) -> dict:
     }
 
 
+def _check_output(args) -> None:
+    """Refuse an existing, non-empty output directory before doing any work."""
+    from pathlib import Path
+
+    out = Path(args.output)
+    if out.exists() and not args.force and (not out.is_dir() or any(out.iterdir())):
+        raise VCycleError(f"output directory {out} exists and is not empty: choose another -o "
+                          "or pass --force to replace it")
+
+
 def _cmd_coalesce(args) -> int:
     from . import api
     from .leveldir import load_model_spec, save_level
 
+    _check_output(args)
     model, example = load_model_spec(args.model)
     _progress(f"coalescing {args.model} (width={args.width}, depth={args.depth})")
     small, mapping = api.coalesce(model, example, width=args.width, depth=args.depth,
@@ -55,6 +66,7 @@ def _cmd_decoalesce(args) -> int:
 
     from pathlib import Path
 
+    _check_output(args)
     if Path(args.model).is_dir() and (Path(args.model) / "level.json").is_file():
         level, mapping = load_level(args.model)
     else:
@@ -79,6 +91,7 @@ def _cmd_interpolate(args) -> int:
     from . import api
     from .leveldir import load_level, save_level
 
+    _check_output(args)
     a, mapping = load_level(args.dir_a)
     b, _ = load_level(args.dir_b)
     mixed = api.interpolate(a, b, args.alpha)
