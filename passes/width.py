@@ -375,7 +375,7 @@ def rewrite_graph(gm: GraphModule, rw: Rewriter, shapes: ShapeUpdater):
                 if isinstance(a, Node) and a.op == "get_attr" and a.target not in new_subs:
                     sub = fetch_attr(gm, a.target)
                     if isinstance(sub, GraphModule):
-                        sub_graph, *_ = rewrite_graph(sub, rw, shapes)
+                        sub_graph, _, _ = rewrite_graph(sub, rw, shapes)
                         new_subs[a.target] = GraphModule(sub, sub_graph)
             continue
         rule = rule_for(old)
@@ -386,7 +386,7 @@ def rewrite_graph(gm: GraphModule, rw: Rewriter, shapes: ShapeUpdater):
             log.debug("%s: %s", old.name, changes)
             changes = {k: torch.fx.node.map_arg(v, lambda n: node_map[n]) for k, v in changes.items()}
             _apply_changes(node_map[old], changes)
-    return (graph, node_map) if not new_subs else (graph, node_map, new_subs)
+    return graph, node_map, new_subs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,9 +402,7 @@ def width_pass(gm: GraphModule, analysis: Analysis, plan: WidthPlan) -> PassResu
     _apply_folds(tensors, analysis, comps, plan.direction)
 
     rw = Rewriter(analysis, leaf_sizes)
-    result = rewrite_graph(gm, rw, ShapeUpdater(gm, rw.new_size, rw.dims))
-    graph, node_map = result[0], result[1]
-    new_subs = result[2] if len(result) == 3 else {}
+    graph, _, new_subs = rewrite_graph(gm, rw, ShapeUpdater(gm, rw.new_size, rw.dims))
     _apply_scale_nodes({n.name: n for n in graph.nodes}, comps, plan.direction)
 
     new_attrs: dict = dict(new_subs)

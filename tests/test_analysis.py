@@ -202,7 +202,6 @@ def test_level_train_and_eval_switch_baked_dropout():
     level = vf.capture(model, x)  # zoo models are built in training mode
     assert level.training
     torch.manual_seed(0)
-    a = vf.level  # noqa: F841 - module import check
     with torch.no_grad():
         train_out = level(*x).logits
         level.eval()

@@ -34,6 +34,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                   help=f"{f.metadata['help']} (default: {default!s})".replace("%", "%%"))
         if f.type.startswith("bool"):
             kw["action"] = argparse.BooleanOptionalAction
+        elif f.metadata.get("parse") == "floats":  # kept a string; the config parses it
+            kw["metavar"] = "X,Y,..."
+            kw["help"] = f"{f.metadata['help']}".replace("%", "%%")
         else:
             kw["type"] = _TYPES[f.type]
             kw["metavar"] = f.name.upper()

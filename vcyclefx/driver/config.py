@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from ..errors import VCycleError
 
 SCHEDULES = ("vcycle", "baseline", "compare")
+PAIRINGS = ("strided", "adjacent", "similarity")
+DEPTH_PAIRINGS = ("adjacent", "strided")
 LR_SCHEDULES = ("global", "stage")
 DTYPES = ("auto", "float32", "bfloat16")
 
@@ -54,8 +56,8 @@ class TrainConfig:
     grad_accum: int = _f(1, "micro-batches per optimizer step over ALL processes (divided by the "
                             "world size), so global batch = batch_size * grad_accum")
     # --- optimisation (nanoGPT: AdamW, cosine with warm-up, clipping) ---
-    steps: int = _f(800, "optimizer steps of each schedule (the V-cycle splits them among its "
-                         "stages)")
+    steps: int = _f(800, "optimizer steps of the baseline (and of the V-cycle unless "
+                         "--vcycle-steps is given)")
     lr: float = _f(1e-3, "peak learning rate of level 0 (stage lr = lr * the stage's lr scale)")
     min_lr: float = _f(1e-4, "learning rate at the end of the cosine decay")
     warmup: int = _f(50, "linear warm-up steps at the start of a schedule")
@@ -76,6 +78,24 @@ class TrainConfig:
     width: float = _f(0.5, "width factor from one level to the next smaller one")
     depth: float = _f(0.5, "depth factor from one level to the next smaller one")
     alpha: float = _f(0.25, "interpolation weight of the de-coalesced model (paper: 0.25 for GPT)")
+    vcycle_steps: int = _f(0, "optimizer steps of the V-cycle, split among its stages; 0 = --steps "
+                              "(the same token budget as the baseline; the paper's GPT recipe "
+                              "gives the V-cycle 105K steps vs 100K)")
+    fractions: tuple[float, ...] = _f((), "share of the V-cycle's steps per stage, comma-separated "
+                                          "(2 levels: down,bottom,up); empty = 0.05,0.45,0.5, the "
+                                          "shape of the paper's GPT recipe", parse="floats")
+    lr_scales: tuple[float, ...] = _f((), "learning-rate factor per level, comma-separated (level "
+                                          "0 first); empty = 1 at level 0 and 4 below, the "
+                                          "paper's GPT recipe", parse="floats")
+    pairing: str = _f("strided", "which width units are coalesced together: strided (i with i + "
+                                 "n/2, the paper), adjacent (2i, 2i+1), or similarity (most "
+                                 "similar weights, chosen at each coalescing)", choices=PAIRINGS)
+    depth_pairing: str = _f("adjacent", "which blocks are coalesced together: adjacent (2i, "
+                                        "2i+1, the paper) or strided (i with i + L/2)",
+                            choices=DEPTH_PAIRINGS)
+    carry_optimizer: bool = _f(False, "carry the AdamW moments through every coalesce/de-coalesce "
+                                      "(Stage.map_optimizer_state) instead of a fresh optimizer "
+                                      "per stage (the paper)")
     # --- runtime ---
     out: str = _f("", "output directory; empty = runs/<timestamp>", short="-o")
     resume: str = _f("", "resume the run in this directory from its latest checkpoint")
@@ -99,6 +119,8 @@ class TrainConfig:
     quiet: bool = _f(False, "no progress bar")
 
     def __post_init__(self):
+        for name in ("fractions", "lr_scales"):  # JSON gives lists, the command line strings
+            object.__setattr__(self, name, parse_floats(getattr(self, name), name))
         _check_ranges(self)
 
     @classmethod
@@ -128,6 +150,25 @@ class TrainConfig:
     @property
     def tokens_per_step(self) -> int:
         return self.batch_size * self.grad_accum * self.seq_len
+
+    @property
+    def vcycle_total_steps(self) -> int:
+        return self.vcycle_steps or self.steps
+
+
+def parse_floats(value, name: str = "value") -> tuple[float, ...]:
+    """``"0.05,0.45,0.5"`` or a list/tuple of numbers -> a tuple of floats (empty -> ())."""
+    if isinstance(value, str):
+        parts = [x.strip() for x in value.split(",") if x.strip()]
+    elif isinstance(value, (list, tuple)):
+        parts = list(value)
+    else:
+        raise ConfigError(f"--{_opt(name)} takes comma-separated numbers, got {value!r}")
+    try:
+        return tuple(float(x) for x in parts)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--{_opt(name)} takes comma-separated numbers like 0.1,0.4,0.5, "
+                          f"got {value!r}") from None
 
 
 # Presets: overrides of the dataclass defaults. `tiny` is the dataclass default itself: 4 x 128
@@ -182,6 +223,23 @@ def _check_ranges(c: TrainConfig) -> None:
     need(0 <= c.alpha <= 1, f"--alpha must be in [0, 1], got {c.alpha}")
     need(c.peak_flops > 0, "--peak-flops must be positive")
     need(c.vocab_size == 0 or c.vocab_size >= 2, "--vocab-size must be 0 (from data) or >= 2")
+    need(c.vcycle_steps >= 0, f"--vcycle-steps must be >= 0 (0 = --steps), got {c.vcycle_steps}")
+    need(c.pairing in PAIRINGS, f"--pairing {c.pairing!r}: choose one of {', '.join(PAIRINGS)}")
+    need(c.depth_pairing in DEPTH_PAIRINGS,
+         f"--depth-pairing {c.depth_pairing!r}: choose one of {', '.join(DEPTH_PAIRINGS)}")
+    n = 2 * c.levels - 1
+    if c.fractions:
+        need(len(c.fractions) == n,
+             f"--fractions has {len(c.fractions)} entries but --levels {c.levels} makes {n} "
+             f"stages: give {n} (down..., bottom, up...)"
+             + (f" or --levels {(len(c.fractions) + 1) // 2}" if len(c.fractions) % 2 else ""))
+        need(all(f > 0 for f in c.fractions) and abs(sum(c.fractions) - 1) <= 1e-6,
+             f"--fractions {','.join(map(str, c.fractions))} must be positive and sum to 1 (they "
+             f"sum to {sum(c.fractions):g})")
+    if c.lr_scales:
+        need(len(c.lr_scales) == c.levels and all(x > 0 for x in c.lr_scales),
+             f"--lr-scales needs {c.levels} positive factors, one per level (level 0 first), got "
+             f"{','.join(map(str, c.lr_scales))}")
 
 
 def _opt(name: str) -> str:
@@ -190,6 +248,9 @@ def _opt(name: str) -> str:
 
 def check_runtime(c: TrainConfig, device_type: str, world_size: int) -> None:
     """Start-up checks that depend on the machine; each failure says the fix."""
+    if c.carry_optimizer and c.fsdp:
+        raise ConfigError("--carry-optimizer maps whole AdamW moment tensors between levels, and "
+                          "--fsdp shards them over the processes: drop one of the two")
     if c.fsdp and world_size < 2:
         raise ConfigError("--fsdp shards over processes, and this is a single process: launch with "
                           "torchrun --nproc_per_node N (N >= 2), or drop --fsdp")

@@ -3,9 +3,13 @@
 Everything is computed from ``metrics.jsonl`` alone, so a resumed run and ``vcyclefx train``'s
 caller see the same numbers, and a finished run can be summarised again (``finish(out)``).
 
-"Reached the baseline" = the first validation estimate **of level 0** (the model the user
-wants) whose loss is at or below the baseline's final validation loss; coarse levels are
-different, smaller models and do not count.
+"Reached the baseline" = where the validation loss **of level 0** (the model the user wants)
+first falls to the baseline's final validation loss; coarse levels are different, smaller models
+and do not count. FLOPs and wall seconds there are interpolated linearly between the two
+consecutive level-0 evaluations of one stage that bracket the target (evaluations are
+``--eval-every`` steps apart, so taking the later one would overstate the cost by up to that
+many steps); when the first evaluation at or below the target opens a stage (right after a
+de-coalesce and interpolation) or is the very first one, its own FLOPs and seconds are taken.
 """
 
 from __future__ import annotations
@@ -17,15 +21,37 @@ from pathlib import Path
 from .logger import read_metrics
 
 
+def reach(evals: list[dict], target: float | None) -> dict | None:
+    """Steps, FLOPs and wall seconds at which level 0's validation loss first reaches
+    ``target`` (module docstring), with the evaluation that got there; None if it never does."""
+    if target is None:
+        return None
+    prev = None
+    for r in evals:
+        if r["level"] != 0:
+            prev = None
+            continue
+        if r["val_loss"] <= target:
+            out = {k: r[k] for k in ("step", "flops", "wall")}
+            if (prev is not None and prev["stage"] == r["stage"] and r["val_loss"] < target
+                    and prev["val_loss"] > target):
+                f = (prev["val_loss"] - target) / (prev["val_loss"] - r["val_loss"])
+                out = {k: prev[k] + f * (r[k] - prev[k]) for k in ("step", "flops", "wall")}
+            return {**out, "eval_step": r["step"], "interpolated": out["step"] != r["step"]}
+        prev = r
+    return None
+
+
 def summarize(records: list[dict]) -> dict:
+    """The summary of a run (or of several runs' records put together: a baseline run's and a
+    V-cycle run's give what one ``--schedule compare`` run would)."""
     ends = {r["schedule"]: r for r in records if r["event"] == "end"}
     base = ends.get("baseline")
     target = base["val_loss"] if base else None
     out: dict = {"baseline_final_val_loss": target, "schedules": {}}
     for name, end in ends.items():
         evals = [r for r in records if r["event"] == "eval" and r["schedule"] == name]
-        hit = next((r for r in evals if r["level"] == 0 and target is not None
-                    and r["val_loss"] <= target), None)
+        hit = reach(evals, target)
         stages = [r for r in records if r["event"] == "stage" and r["schedule"] == name]
         out["schedules"][name] = {
             "final_val_loss": end["val_loss"],
@@ -35,8 +61,10 @@ def summarize(records: list[dict]) -> dict:
             "steps": end["step"],
             "flops_to_baseline_loss": hit["flops"] if hit else None,
             "wall_to_baseline_loss": hit["wall"] if hit else None,
+            "steps_to_baseline_loss": hit["step"] if hit else None,
             "stages": [{k: s.get(k) for k in ("stage", "level", "phase", "step", "steps", "lr_scale",
-                                              "params", "flops_per_token")} for s in stages],
+                                              "params", "flops_per_token", "optimizer")}
+                       for s in stages],
         }
     if base and "vcycle" in out["schedules"]:
         v = out["schedules"]["vcycle"]
@@ -70,7 +98,7 @@ def table(summary: dict) -> str:
     if saving:
         pct = {k: "never reached" if v is None else f"{100 * v:.1f}%" for k, v in saving.items()}
         lines.append(f"V-cycle saving to reach the baseline's final loss: FLOPs {pct['flops']}, "
-                     f"wall {pct['wall']}")
+                     f"wall {pct['wall']} (interpolated between evaluations)")
     return "\n".join(lines)
 
 

@@ -2,7 +2,8 @@
 
 One function trains any module, the plain GPT (baseline) or a V-cycle stage's level:
 ``run_stage(rt, module, steps, lr_scale, level, state)``. Per stage it makes a fresh AdamW (the
-paper resets the optimizer at every stage), measures the training FLOPs per token of that module
+paper resets the optimizer at every stage; ``--carry-optimizer`` maps the previous stage's
+moments through the transition instead), measures the training FLOPs per token of that module
 from its graph (``training_flops_per_token``), compiles it on CUDA, wraps it in DDP (or shards
 it with FSDP2) when several processes run, and steps it with cosine LR, gradient accumulation
 and clipping.
@@ -10,7 +11,7 @@ and clipping.
 Learning rate with ``--lr-schedule global`` at optimizer step ``s`` of a schedule, counted over
 all its stages::
 
-    lr(s) = lr_scale(stage) * ramp(stage step) * cosine(s; steps, warmup)
+    lr(s) = lr_scale(stage) * ramp(stage step) * cosine(s; steps of the schedule, warmup)
     cosine(s; n, w) = lr * (s+1)/(w+1)                                  while s < w
                     = min_lr + (lr - min_lr) * (1 + cos(pi * (s - w) / (n - w))) / 2
     ramp(k) = min(1, (k+1)/(stage_warmup+1)) for stages after the first, else 1
@@ -230,18 +231,47 @@ def new_model(rt: Runtime) -> GPT:
                          n_head=c.n_head, n_embd=c.n_embd, dropout=c.dropout, bias=c.bias))
 
 
+def _optimized(module: torch.nn.Module) -> tuple[list, list]:
+    """(matrices, vectors): the two parameter groups of ``make_optimizer``, in its order."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    return [p for p in params if p.dim() >= 2], [p for p in params if p.dim() < 2]
+
+
 def make_optimizer(module: torch.nn.Module, cfg: TrainConfig, lr: float,
                    device: torch.device) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (nanoGPT); fused on CUDA."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    matrices, vectors = _optimized(module)
+    groups = [{"params": matrices, "weight_decay": cfg.weight_decay},
+              {"params": vectors, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2),
                              fused=device.type == "cuda")
 
 
+def optimizer_state_by_name(module: torch.nn.Module, optim_state: dict) -> dict[str, dict]:
+    """``make_optimizer(module)``'s ``state_dict()`` (keyed by position) keyed by parameter
+    name instead: the form ``Stage.map_optimizer_state`` takes and returns."""
+    names = {id(p): n for n, p in module.named_parameters()}
+    order = [names[id(p)] for group in _optimized(module) for p in group]
+    return {order[i]: entry for i, entry in optim_state["state"].items()}
+
+
+def optimizer_state_from_names(module: torch.nn.Module, named: dict[str, dict],
+                               param_groups: list[dict]) -> dict:
+    """The inverse of ``optimizer_state_by_name``: a state_dict for ``make_optimizer(module)``
+    (``param_groups`` from that optimizer) holding ``named``'s per-parameter state."""
+    names = {id(p): n for n, p in module.named_parameters()}
+    order = [names[id(p)] for group in _optimized(module) for p in group]
+    state = {i: named[n] for i, n in enumerate(order) if named.get(n)}
+    return {"state": state, "param_groups": param_groups}
+
+
+def schedule_steps(cfg: TrainConfig, schedule: str) -> int:
+    """Optimizer steps of a whole schedule: ``--vcycle-steps`` (or ``--steps``) for the V-cycle."""
+    return cfg.vcycle_total_steps if schedule == "vcycle" else cfg.steps
+
+
 def lr_at(cfg: TrainConfig, step: int, steps: int | None = None, warmup: int | None = None) -> float:
-    """``cosine(step; steps, warmup)`` of the module docstring (default: the whole schedule)."""
+    """``cosine(step; steps, warmup)`` of the module docstring (default: the baseline's steps)."""
     steps = cfg.steps if steps is None else steps
     warmup = cfg.warmup if warmup is None else warmup
     if step < warmup:
@@ -257,7 +287,7 @@ def stage_lr(cfg: TrainConfig, state: "RunState", steps: int, lr_scale: float) -
         warmup = cfg.warmup if first else cfg.stage_warmup
         return lr_scale * lr_at(cfg, state.stage_step, steps, warmup)
     ramp = 1.0 if first else min(1.0, (state.stage_step + 1) / (cfg.stage_warmup + 1))
-    return lr_scale * ramp * lr_at(cfg, state.step)
+    return lr_scale * ramp * lr_at(cfg, state.step, schedule_steps(cfg, state.schedule))
 
 
 @torch.no_grad()
@@ -316,8 +346,13 @@ def _record(rt, state, level, event, **values) -> dict:
 
 def run_stage(rt: Runtime, module: torch.nn.Module, steps: int, lr_scale: float, level: int,
               state: RunState, optim_state: dict | None = None, bar: ProgressBar | None = None,
-              phase: str = "") -> RunState:
+              phase: str = "", carried: dict[str, dict] | None = None) -> tuple[RunState, dict | None]:
     """Train ``module`` (GPT or a level) for the remaining steps of the stage ``state`` is in.
+
+    The optimizer starts fresh, or from ``optim_state`` (a checkpoint's, keyed by position), or
+    from ``carried`` (the previous stage's state mapped to this stage's parameters, keyed by
+    name; ``--carry-optimizer``). Returns the state and, with ``--carry-optimizer``, the
+    optimizer's final ``state_dict()`` for the next stage to carry (else None).
 
     Long because it is the whole nanoGPT step loop, kept in one piece so it reads top to
     bottom: micro-batches with gradient sync only on the last, clipping, the optimizer step,
@@ -328,11 +363,13 @@ def run_stage(rt: Runtime, module: torch.nn.Module, steps: int, lr_scale: float,
     t = Trainee(rt, module)
     fpt = training_flops_per_token(t.raw, rt.train_batches.get(0, 0)[0][:1].to(t.raw_device))
     opt = make_optimizer(t.local, cfg, cfg.lr * lr_scale, rt.device)  # fresh per stage (paper)
+    if carried is not None and optim_state is None:
+        optim_state = optimizer_state_from_names(t.local, carried, opt.state_dict()["param_groups"])
     if optim_state is not None:
         t.load_optimizer(opt, optim_state)
     if state.stage_step == 0:
         _record(rt, state, level, "stage", steps=steps, lr_scale=lr_scale, phase=phase,
-                flops_per_token=fpt,
+                flops_per_token=fpt, optimizer="fresh" if carried is None else "carried",
                 params=sum(p.numel() for p in t.raw.parameters()))
         state.val_loss = evaluate(rt, t.local)
         _record(rt, state, level, "eval", val_loss=state.val_loss)
@@ -391,7 +428,7 @@ def run_stage(rt: Runtime, module: torch.nn.Module, steps: int, lr_scale: float,
             save_checkpoint(rt, *t.checkpoint_state(opt), state)
         clock.restart()
     t.finish()
-    return state
+    return state, (opt.state_dict() if cfg.carry_optimizer else None)
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -412,7 +449,7 @@ def _restore(rt: Runtime, point: Point | None, module: torch.nn.Module, state: R
 def run_baseline(rt: Runtime, point: Point | None, bar: ProgressBar | None) -> RunState:
     model = new_model(rt)
     state, optim_state = _restore(rt, point, model, RunState("baseline"))
-    state = run_stage(rt, model, rt.cfg.steps, 1.0, 0, state, optim_state, bar)
+    state, _ = run_stage(rt, model, rt.cfg.steps, 1.0, 0, state, optim_state, bar)
     _save_final(rt, model, "baseline")
     return state
 
@@ -438,30 +475,40 @@ def make_cycle(rt: Runtime) -> Cycle:
     example = (rt.train_batches.get(0, 0)[0][:2],)  # (2, T): batch 2 keeps the batch dim dynamic
     vdir = rt.out / "vcycle"
     cycle = vf.VCycle(model, example, levels=cfg.levels, width=cfg.width, depth=cfg.depth,
-                      alpha=cfg.alpha, total_steps=cfg.steps, checkpoint_dir=vdir,
-                      resume=vdir if cfg.resume else None)
+                      alpha=cfg.alpha, total_steps=cfg.vcycle_total_steps,
+                      fractions=cfg.fractions or None, lr_scales=cfg.lr_scales or None,
+                      pairing=cfg.pairing, depth_pairing=cfg.depth_pairing,
+                      checkpoint_dir=vdir, resume=vdir if cfg.resume else None)
     if not rt.master:
         cycle.checkpoint_dir = None  # one writer; every rank rebuilds the same levels
     return Cycle(cycle, time.perf_counter() - t0)
 
 
 def run_vcycle(rt: Runtime, made: Cycle, point: Point | None, bar: ProgressBar | None) -> RunState:
-    """Every stage of the V-cycle trained by ``run_stage`` (fresh optimizer per stage).
+    """Every stage of the V-cycle trained by ``run_stage``: a fresh optimizer per stage (the
+    paper), or with ``--carry-optimizer`` the previous stage's AdamW state sent through the
+    stage's transition by ``Stage.map_optimizer_state`` (timed as training, like the transition).
 
     Resuming: the VCycle continues after its last completed stage c; the driver's checkpoint is
     either inside stage c + 1 (load its weights into that stage's model and go on) or at the
     end of stage c + 1, when rank 0 was stopped before the VCycle saved that stage (run its
     remaining 0 steps; the VCycle then saves it). Nothing else can happen (a stage's VCycle
-    checkpoint is written only after the driver's stage-end checkpoint).
+    checkpoint is written only after the driver's stage-end checkpoint). A carried optimizer
+    state needs nothing more: it is in the driver's checkpoint of the stage it was carried into,
+    or, at a stage end, the checkpoint's optimizer state is carried into the next stage.
     """
-    cycle = made.cycle
+    cycle, carry = made.cycle, rt.cfg.carry_optimizer
     if rt.master and point is None:
         _print(bar, str(cycle.schedule))
     state, optim_state = _restore(rt, None, cycle.level0, RunState("vcycle", wall=made.seconds))
     stages = iter(cycle)
+    previous = None  # (module, optimizer state_dict) the last stage ended with, when carrying
     while True:
         t0 = time.perf_counter()
         stage = next(stages, None)  # coalescing / de-coalescing happens here: it counts as training
+        carried = None
+        if stage is not None and point is None and previous is not None:
+            carried = stage.map_optimizer_state(optimizer_state_by_name(*previous))
         state.wall += time.perf_counter() - t0
         if stage is None:
             break
@@ -471,6 +518,11 @@ def run_vcycle(rt: Runtime, made: Cycle, point: Point | None, bar: ProgressBar |
             if stage.index == at:
                 state, optim_state = _restore(rt, point, stage.model, state)
             elif stage.index == at + 1 and done_at:
+                if carry:  # the optimizer of the stage that ended, saved at its end
+                    saved = torch.load(point.dir / "optim.pt", weights_only=True,
+                                       map_location=rt.device)
+                    carried = stage.map_optimizer_state(
+                        optimizer_state_by_name(stage.transition[2], saved))
                 state, optim_state = point.state, None
                 set_rng_state(point.rng[rt.rank], rt.device)
                 state.stage, state.stage_step = stage.index, 0
@@ -481,8 +533,9 @@ def run_vcycle(rt: Runtime, made: Cycle, point: Point | None, bar: ProgressBar |
             point = None
         else:
             state.stage, state.stage_step, optim_state = stage.index, 0, None
-        state = run_stage(rt, stage.model, stage.steps, stage.lr_scale, stage.level, state,
-                          optim_state, bar, phase=stage.phase)
+        state, final_optim = run_stage(rt, stage.model, stage.steps, stage.lr_scale, stage.level,
+                                       state, optim_state, bar, phase=stage.phase, carried=carried)
+        previous = (stage.model, final_optim) if carry else None
     if point is not None:  # every stage was complete: resumed after the very end
         state = point.state
     _save_final(rt, cycle.result(), "vcycle")
@@ -514,7 +567,7 @@ def train(rt: Runtime) -> None:
         if name in rt.done:
             continue
         here = point if point is not None and point.state.schedule == name else None
-        bar = ProgressBar(cfg.steps, here.state.step if here else 0, name,
+        bar = ProgressBar(schedule_steps(cfg, name), here.state.step if here else 0, name,
                           enabled=rt.master and not cfg.quiet)
         try:
             if name == "baseline":

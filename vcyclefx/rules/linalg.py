@@ -156,8 +156,9 @@ def _conv(ctx, node):
     if transposed:
         w_in_dim = wd[0]  # (in, out/g)
         ctx.unify(w_in_dim, c_in, node)
-        out_parts = ctx.refine(c_out, PROD, [g, wd[1]], node) if out_per > 1 else None
-        if out_per <= 1:
+        if out_per > 1:
+            ctx.refine(c_out, PROD, [g, wd[1]], node)
+        else:
             ctx.unify(c_out, g, node)
     else:
         # weight rows are the output channels; its in axis holds one group's inputs

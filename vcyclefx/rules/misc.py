@@ -8,7 +8,7 @@ import operator
 import torch
 from torch.fx import Node
 
-from ..dims import PROD, Dim
+from ..dims import Dim
 from ..registry import register_rule
 from ._util import aten, broadcast_into, norm_dim, norm_dims, ops, shape_entries_rewrite
 

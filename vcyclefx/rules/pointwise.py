@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from ..registry import register_rule
 from ._util import aten, broadcast_into, tensor_args
 

@@ -8,7 +8,7 @@ from torch.fx import Node
 
 from ..dims import CAT, PROD, Dim
 from ..registry import register_rule
-from ._util import aten, norm_dim, norm_dims, shape_entries_rewrite
+from ._util import aten, norm_dim, shape_entries_rewrite
 
 _INT_MAX = 2**62
 
