@@ -223,3 +223,15 @@ def test_moving_a_level_moves_the_device_literals_of_its_graph():
     assert out.logits.device.type == "meta" and tuple(out.logits.shape) == (3, 24, 128)
     devices = {str(n.kwargs["device"]) for n in level.graph.nodes if "device" in n.kwargs}
     assert devices == {"meta"}
+
+
+def test_a_deep_copy_of_a_level_switches_its_own_mode():
+    import copy
+
+    model, x = zoo.gpt2()
+    level = vf.capture(model, x)
+    twin = copy.deepcopy(level)
+    twin.eval()
+    flags = lambda m: [n.args[2] for n in m.graph.nodes if n.target == torch.ops.aten.dropout.default]  # noqa: E731
+    assert level.training and all(flags(level))
+    assert not twin.training and not any(flags(twin))

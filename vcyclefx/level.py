@@ -58,6 +58,7 @@ def make_level(gm: GraphModule, info: LevelInfo, training: bool | None = None) -
     gm.train = types.MethodType(_level_train, gm)
     gm.eval = types.MethodType(_level_eval, gm)
     gm._apply = types.MethodType(_level_apply, gm)
+    gm._deepcopy_hooks = [_reinstall]  # copy.deepcopy(level) is a level too
     if training is not None:
         switch_mode_(gm, training)
     return gm
@@ -70,6 +71,12 @@ def clone_level(gm: GraphModule) -> GraphModule:
     info = level_info(gm)
     out = copy.deepcopy(gm)
     return make_level(out, info, training=gm.training) if info is not None else out
+
+
+def _reinstall(copy_of_level: GraphModule) -> None:
+    info = level_info(copy_of_level)
+    if info is not None:
+        make_level(copy_of_level, info)
 
 
 def level_info(gm) -> LevelInfo | None:
