@@ -49,6 +49,7 @@ _PASS_THROUGH = {
     aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.view.default,
     aten.reshape.default, aten._unsafe_view.default, aten.transpose.int, aten.permute.default,
     aten.unsqueeze.default, aten.squeeze.dim, aten.flatten.using_ints, aten.unflatten.int,
+    aten.t.default, aten.numpy_T.default, aten.expand.default,
 }
 _NONNEG = {aten.relu.default, aten.relu_.default, aten.sigmoid.default, aten.exp.default,
            aten.abs.default, aten.softmax.int, aten._softmax.default, aten.relu6.default}
@@ -196,7 +197,7 @@ def _blocks(gm: GraphModule, paths: list[str]) -> list[list[Node]]:
 
 
 def _rebuild_chain(graph: Graph, cm: ChainMap, src: list[str], dst: list[str], env: dict,
-                   template: list[Node]) -> dict[Node, Node]:
+                   template: list[Node], src_params: set[str]) -> dict[Node, Node]:
     """Emit the ``dst`` blocks into ``graph``; returns template node -> node of the last block."""
     feeds = {chained_input(template, link): link[2] for link in cm_chained(cm)}
     block0 = src[0]
@@ -207,7 +208,7 @@ def _rebuild_chain(graph: Graph, cm: ChainMap, src: list[str], dst: list[str], e
         def arg(n: Node) -> Node:
             if n in local:
                 return local[n]
-            if n.op == "get_attr" and _relname(n.target, block0) is not None:
+            if n.op == "get_attr" and n.target in src_params and _relname(n.target, block0) is not None:
                 new_target = f"{name}.{_relname(n.target, block0)}"
                 g = graph.get_attr(new_target)
                 g.meta = dict(n.meta)
@@ -287,7 +288,11 @@ def _one_chain(gm: GraphModule, cm: ChainMap, plan: DepthPlan) -> GraphModule:
                                 f"{src[k - 1]}'s output where the mapping says")
     all_block = {n for b in blocks for n in b}
     last_pos = {n: i for i, n in enumerate(blocks[-1])}
-    src_params = {n.target for n in gm.graph.nodes if n.op == "get_attr"
+    state = {k for k, _ in gm.named_parameters(remove_duplicate=False)}
+    state |= {k for k, _ in gm.named_buffers(remove_duplicate=False)}
+    # parameters and buffers of the blocks are re-made per new block; lifted constants are
+    # shared by all of them (export numbers them per block, their values are the template's)
+    src_params = {n.target for n in gm.graph.nodes if n.op == "get_attr" and n.target in state
                   and any(_relname(n.target, b) is not None for b in src)}
     # Before the new blocks go the nodes that come before the chain and whatever the blocks read;
     # every other node keeps its place after them (so other chains keep their node order).
@@ -325,7 +330,7 @@ def _one_chain(gm: GraphModule, cm: ChainMap, plan: DepthPlan) -> GraphModule:
     early = [n for n in gm.graph.nodes if not skip(n) and (order[n] < first or n in needed)]
     for n in early:
         env[n] = graph.node_copy(n, lambda a: env[a])
-    last = _rebuild_chain(graph, cm, src, dst, env, template)
+    last = _rebuild_chain(graph, cm, src, dst, env, template, src_params)
     for n, pos in last_pos.items():
         env[n] = last[template[pos]]
     for n in gm.graph.nodes:

@@ -1,5 +1,5 @@
 """Model families that are not in the zoo: the analysis follows from op semantics, so width and
-depth transforms must be exact on them too. The default run takes six families with distinct
+depth transforms must be exact on them too. The default run takes seven families with distinct
 structure; the rest run with ``-m slow``."""
 
 from __future__ import annotations
@@ -40,6 +40,9 @@ FAMILIES = {
     "opt": lambda: (_hf("OPTForCausalLM", "OPTConfig", vocab_size=128, hidden_size=64,
                         num_hidden_layers=2, ffn_dim=128, num_attention_heads=4,
                         max_position_embeddings=64, word_embed_proj_dim=64, use_cache=False), _tok()),
+    # fused gate/up projection (chunked in two for SwiGLU), grouped-query attention
+    "phi3": lambda: (_hf("Phi3ForCausalLM", "Phi3Config", **LM, num_key_value_heads=2,
+                         use_cache=False, pad_token_id=0), _tok()),
     # post-norm encoder (identity blocks impossible) with a tied, biased decoder
     "roberta": lambda: (_hf("RobertaForMaskedLM", "RobertaConfig", **{**LM, "max_position_embeddings": 80}),
                         _tok()),
@@ -60,6 +63,21 @@ SLOW_FAMILIES = {
     "distilbert": lambda: (_hf("DistilBertForMaskedLM", "DistilBertConfig", vocab_size=128, dim=64,
                                n_layers=2, n_heads=4, hidden_dim=128, max_position_embeddings=64),
                            _tok()),
+    "gptj": lambda: (_hf("GPTJForCausalLM", "GPTJConfig", vocab_size=128, n_embd=64, n_layer=2,
+                         n_head=4, rotary_dim=8, n_positions=64, use_cache=False), _tok()),
+    "falcon_mqa": lambda: (_hf("FalconForCausalLM", "FalconConfig", vocab_size=128, hidden_size=64,
+                               num_hidden_layers=2, num_attention_heads=4, use_cache=False,
+                               new_decoder_architecture=False, multi_query=True), _tok()),
+    "starcoder2": lambda: (_hf("Starcoder2ForCausalLM", "Starcoder2Config", **LM,
+                               num_key_value_heads=2, use_cache=False), _tok()),
+    "gemma2": lambda: (_hf("Gemma2ForCausalLM", "Gemma2Config", **LM, num_key_value_heads=2,
+                           head_dim=16, use_cache=False), _tok()),
+    "hf_vit": lambda: (_hf("ViTForImageClassification", "ViTConfig", image_size=32, patch_size=8,
+                           hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=128, num_labels=10), _img()),
+    "clip_vision": lambda: (_hf("CLIPVisionModel", "CLIPVisionConfig", image_size=32, patch_size=8,
+                                hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=128), _img()),
     "tv_mobilenet_v2": lambda: (__import__("torchvision").models.mobilenet_v2(num_classes=10), _img()),
     "tv_resnet50": lambda: (__import__("torchvision").models.resnet50(num_classes=10), _img()),
     "tv_efficientnet_b0": lambda: (__import__("torchvision").models.efficientnet_b0(num_classes=10),

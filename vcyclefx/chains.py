@@ -186,11 +186,12 @@ def _signature(nodes: list[Node], block: str, tensors) -> tuple:
         for a in n.all_input_nodes:
             if a in index:
                 args.append(("int", index[a]))
-            elif a.op == "get_attr":
+            elif a.op == "get_attr" and a.target in tensors:
                 rel = _relname(a.target, block)
-                t = tensors.get(a.target)
                 args.append(("param", rel if rel is not None else a.target,
-                             tuple(t.shape) if t is not None else None))
+                             tuple(tensors[a.target].shape)))
+            elif a.op == "get_attr":  # a lifted constant: numbered per block by export
+                args.append(("const", _shape_of(a)))
             else:
                 args.append(("ext",))
         lits = tuple(repr(x) for x in _literals(n))
@@ -221,7 +222,7 @@ def _graph(nodes: list[Node], block: str, tensors) -> nx.DiGraph:
         for a in n.all_input_nodes:
             if a in index:
                 g.add_edge(index[a], index[n])
-            elif a.op == "get_attr" and _relname(a.target, block) is not None:
+            elif a.op == "get_attr" and a.target in tensors and _relname(a.target, block) is not None:
                 key = ("param", _relname(a.target, block))
                 if key not in g:
                     t = tensors.get(a.target)

@@ -209,6 +209,10 @@ def _rewrite_split(rw, node) -> dict[str, Any]:
     old = [p.size for p in parts]
     if new == old:
         return {}
+    if node.target is aten.chunk.default:  # a count of pieces: stays right while they are equal
+        if len(set(new)) == 1:
+            return {}
+        return {"__target__": aten.split_with_sizes.default, "split_sizes": new}
     if node.target in (aten.split.Tensor, aten.split_copy.Tensor):
         if len(set(new[:-1])) > 1 or new[-1] > new[0]:
             return {"__target__": aten.split_with_sizes.default, "split_sizes": new}
@@ -313,3 +317,27 @@ def _rewrite_narrow(rw, node) -> dict[str, Any]:
 @register_rule(aten.narrow.default, aten.narrow_copy.default, rewrite=_rewrite_narrow)
 def _narrow(ctx, node):
     _slice_like(ctx, node, ctx.arg(node, "start"), ctx.arg(node, "length"))
+
+
+@register_rule(aten.repeat_interleave.self_int)
+def _repeat_interleave(ctx, node):
+    """Each element repeated ``repeats`` times in place: out index = i * r + j."""
+    src = ctx.dims(node.args[0])
+    out = ctx.out_fresh(node)
+    dim = ctx.arg(node, "dim", None)
+    reps = ctx.arg(node, "repeats")
+    if dim is None or not isinstance(reps, int):
+        for d in list(src) + list(out):
+            ctx.pin(d, f"repeat_interleave at {ctx.where(node)}")
+        return
+    dim = norm_dim(dim, len(src))
+    for k, (a, b) in enumerate(zip(src, out)):
+        if k != dim:
+            ctx.unify(a, b, node)
+            out[k] = a
+    if reps == 1:
+        ctx.unify(src[dim], out[dim], node)
+        return
+    rep = ctx.table.new(reps)
+    if ctx.refine(out[dim], PROD, [src[dim], rep], node) is not None:
+        ctx.replica(rep, node)
