@@ -247,6 +247,10 @@ def _new_tensors(gm: GraphModule, cm: ChainMap, src: list[str], dst: list[str], 
                 out[f"{dst[g]}.{rel}"] = _like(t, f"{src[members[0]]}.{rel}", params)
         return out
     zero = set(cm.zero_on_identity) if depth_init == "identity" else set()
+    if depth_init == "identity" and not zero:
+        raise PlanError(f"depth_init='identity' on chain {cm.container}: its blocks are not "
+                        "residual (or the mapping predates identity support), so no tensor can be "
+                        "zeroed to make a new block the identity; use depth_init='copy'")
     for g, members in enumerate(cm.groups):
         for k, i in enumerate(sorted(members)):
             for rel in rel_names:

@@ -60,6 +60,29 @@ def test_decoalesce_identity_preserves_the_function_with_and_without_width(name)
         assert rel_error(got, want) <= 1e-5, width
 
 
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
+def test_decoalesce_with_a_coalescing_mapping_can_grow_identity_blocks(name):
+    # The V-cycle's way up (VCycle(depth_init="identity")): the coarse level's own function,
+    # with the coalescing mapping's shapes and names.
+    _, example, level = captured(name)
+    small, mapping = vf.coalesce(level, width=0.5, depth=0.5)
+    if name in POST_NORM:
+        with pytest.raises(vf.PlanError, match="not residual.*depth_init='copy'"):
+            vf.decoalesce(small, mapping=mapping, depth_init="identity")
+        return
+    big, _ = vf.decoalesce(small, mapping=mapping, depth_init="identity")
+    assert {k: v.shape for k, v in big.state_dict().items()} == \
+        {k: v.shape for k, v in level.state_dict().items()}
+    copy, _ = vf.decoalesce(small, mapping=mapping)  # the mapping's own choice: copies
+    x = other_inputs(example)
+    with torch.no_grad():
+        want = output_tensor(small.eval()(*x))
+        got = output_tensor(big.eval()(*x))
+        copied = output_tensor(copy.eval()(*x))
+    assert rel_error(got, want) <= 1e-5
+    assert rel_error(copied, want) > 1e-3  # copies apply every block twice: not the same function
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_copy_round_trip_with_width_and_depth_is_exact(name):
     _, _, level = captured(name)

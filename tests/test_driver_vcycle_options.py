@@ -177,3 +177,15 @@ def test_resume_with_carry_optimizer_after_a_stage_end_matches_an_uninterrupted_
     assert [r[:2] for r in a] == [r[:2] for r in b]
     assert max(abs((x[2] or 0) - (y[2] or 0)) + abs((x[3] or 0) - (y[3] or 0))
                for x, y in zip(a, b)) <= 1e-6
+
+
+def test_depth_init_reaches_the_vcycle_and_bad_values_are_refused(tmp_path, capsys):
+    assert parse("--depth-init", "identity").depth_init == "identity"
+    with pytest.raises(SystemExit):
+        parse("--depth-init", "zero")
+    assert "invalid choice" in capsys.readouterr().err
+    rt = setup(tiny(tmp_path, schedule="vcycle", n_layer=4, steps=12, depth_init="identity"))
+    try:
+        assert make_cycle(rt).cycle.depth_init == "identity"
+    finally:
+        rt.logger.close()

@@ -171,3 +171,24 @@ def test_optimizer_moments_are_carried_through_the_mappings():
         loss.backward()
         opt.step()
         state = {names[id(p)]: opt.state[p] for p in stage.model.parameters()}
+
+
+def test_identity_depth_init_makes_the_way_up_keep_the_coarse_function():
+    example, level = fresh_level("gpt2", n_layer=4)
+    cycle = vf.VCycle(level, levels=2, width=0.5, depth=0.5, alpha=1.0, depth_init="identity",
+                      steps=[1, 1, 1])
+
+    def out(model):
+        with torch.no_grad():
+            return output_tensor(model.eval()(*example))
+
+    start, end = [], []
+    for stage in cycle:
+        start.append(out(stage.model))
+        plain_loop(stage.model, stage.steps, 1e-3, example, seed=stage.index)
+        end.append(out(stage.model))
+    assert start[2].shape == start[0].shape
+    # alpha 1 and identity blocks: level 0 after the way up is the trained coarse model
+    assert float((start[2] - end[1]).norm() / end[1].norm()) <= 1e-5
+    with pytest.raises(vf.ScheduleError, match="depth_init='zero'"):
+        vf.VCycle(level, levels=2, depth_init="zero", steps=[1, 1, 1])

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -36,11 +37,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from vcyclefx.driver.config import preset  # noqa: E402
 from vcyclefx.driver.logger import read_metrics  # noqa: E402
 from vcyclefx.driver.plot import reach  # noqa: E402
 
 # name -> extra options of `vcyclefx train --schedule vcycle` (on top of --preset and the common
 # options). A variant whose options contain "--schedule baseline" is a plain run (a control).
+# A step count written "xF" is F times the baseline's steps (the preset's, or --steps in extra).
 VARIANTS: dict[str, list[str]] = {
     "default": [],
     # schedule shape: the first level-0 stage and the coarse stage's share
@@ -52,8 +55,10 @@ VARIANTS: dict[str, list[str]] = {
     "f.10/.30/.60": ["--fractions", "0.1,0.3,0.6"],
     "f.20/.30/.50": ["--fractions", "0.2,0.3,0.5"],
     # step budget of the V-cycle (the paper's GPT recipe: 1.05x)
-    "steps1.05": ["--vcycle-steps", "840"],
-    "steps1.25": ["--vcycle-steps", "1000"],
+    "steps1.05": ["--vcycle-steps", "x1.05"],
+    "steps1.25": ["--vcycle-steps", "x1.25"],
+    "steps1.5": ["--vcycle-steps", "x1.5"],
+    "steps2": ["--vcycle-steps", "x2"],
     # learning rate of the coarse level
     "lr1": ["--lr-scales", "1,1"],
     "lr2": ["--lr-scales", "1,2"],
@@ -67,13 +72,27 @@ VARIANTS: dict[str, list[str]] = {
     "adjacent": ["--pairing", "adjacent"],
     "similarity": ["--pairing", "similarity"],
     "depth-strided": ["--depth-pairing", "strided"],
+    # new blocks of the de-coalesced level: exact identities, and how much of it is kept
+    "identity": ["--depth-init", "identity"],
+    "id+a0.5": ["--depth-init", "identity", "--alpha", "0.5"],
+    "id+a0.75": ["--depth-init", "identity", "--alpha", "0.75"],
+    "id+a0.9": ["--depth-init", "identity", "--alpha", "0.9"],
+    "id+a1.0": ["--depth-init", "identity", "--alpha", "1.0"],
+    "id+a0.9+steps2": ["--depth-init", "identity", "--alpha", "0.9", "--vcycle-steps", "x2"],
+    "id+a0.9+f.05/.20/.75": ["--depth-init", "identity", "--alpha", "0.9",
+                             "--fractions", "0.05,0.2,0.75"],
     # optimizer state through the transitions
     "carry": ["--carry-optimizer"],
     # learning-rate envelope
     "lr-global": ["--lr-schedule", "global"],
+    "warm50": ["--stage-warmup", "50"],
+    # combinations
+    "a0.5+global": ["--alpha", "0.5", "--lr-schedule", "global"],
+    "a0.5+steps1.25": ["--alpha", "0.5", "--vcycle-steps", "x1.25"],
+    "a1.0+steps1.25": ["--alpha", "1.0", "--vcycle-steps", "x1.25"],
     # controls: the plain model trained for fewer steps (its own cosine)
-    "baseline-560": ["--schedule", "baseline", "--steps", "560"],
-    "baseline-640": ["--schedule", "baseline", "--steps", "640"],
+    "baseline-0.7": ["--schedule", "baseline", "--steps", "x0.7"],
+    "baseline-0.8": ["--schedule", "baseline", "--steps", "x0.8"],
 }
 
 
@@ -189,6 +208,16 @@ def table(rows: list[tuple[str, int, dict]], base: dict) -> str:
     return "\n".join(lines)
 
 
+def _baseline_steps(preset_name: str, extra: list[str]) -> int:
+    """The baseline's optimizer steps: ``--steps`` among the extra options, else the preset's."""
+    for i, o in enumerate(extra):
+        if o == "--steps" and i + 1 < len(extra):
+            return int(extra[i + 1])
+        if o.startswith("--steps="):
+            return int(o.split("=", 1)[1])
+    return preset(preset_name).steps
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/savings", help="study directory (runs are reused)")
@@ -214,13 +243,15 @@ def main(argv=None) -> int:
     threads = max(1, (os.cpu_count() or 1) // a.jobs)
     train = [sys.executable, str(ROOT / "tools" / "train.py"), "--preset", a.preset, "--quiet",
              *a.extra]
+    steps = _baseline_steps(a.preset, a.extra)
     jobs = []
     for seed in seeds:
         for r in range(a.baseline_repeats):
             jobs.append(([*train, "--seed", str(seed), "--schedule", "baseline"],
                          root / f"baseline-s{seed}-r{r}"))
     for name in names:
-        opts = VARIANTS[name]
+        opts = [str(round(float(o[1:]) * steps)) if re.fullmatch(r"x[0-9.]+", o) else o
+                for o in VARIANTS[name]]
         schedule = [] if "--schedule" in opts else ["--schedule", "vcycle", "--log-every", "2"]
         for seed in seeds:
             for r in range(a.repeats):

@@ -99,23 +99,28 @@ def coalesce(model, example_inputs=None, *, width: float = 1.0, depth: float = 1
 
 def decoalesce(model, example_inputs=None, *, width: float = 1.0, depth: float = 1.0,
                pairing: str = "strided", depth_pairing: str = "adjacent",
-               depth_init: str = "copy", mapping: Mapping | None = None, **capture_kwargs):
-    """A larger level: grown by factors, or restored to the shapes ``mapping`` came from."""
-    if depth_init not in ("copy", "identity"):
+               depth_init: str | None = None, mapping: Mapping | None = None, **capture_kwargs):
+    """A larger level: grown by factors, or restored to the shapes ``mapping`` came from.
+
+    ``depth_init`` fills the new blocks of each group: ``"copy"`` (the default when growing by
+    factors) or ``"identity"`` (residual writes zeroed: the same function). With ``mapping=``,
+    None keeps the mapping's own choice and a value overrides it."""
+    if depth_init is not None and depth_init not in ("copy", "identity"):
         raise PlanError(f"depth_init={depth_init!r} must be 'copy' or 'identity'")
     level = as_level(model, example_inputs, **capture_kwargs)
     if mapping is not None:
         if width != 1.0 or depth != 1.0:
             raise PlanError("pass either mapping= or width=/depth= factors, not both")
         _check_shapes(level, mapping.small_shapes, "smaller")
-        cur = _depth(level, mapping.chains, DECOALESCE)
+        cur = _depth(level, mapping.chains, DECOALESCE, depth_init)
         cur, _ = _width(cur, mapping.spaces, DECOALESCE)
         _check_shapes(cur, mapping.large_shapes, "larger")
         return cur, mapping
     small = tensor_shapes(level)
     if depth != 1.0 and depth < 1:
         raise PlanError(f"depth={depth} must be >= 1 to de-coalesce (e.g. depth=2.0)")
-    chains = _plan_depth(level, depth, depth_pairing, coalesce=False, depth_init=depth_init)
+    chains = _plan_depth(level, depth, depth_pairing, coalesce=False,
+                         depth_init=depth_init or "copy")
     cur = _depth(level, chains, DECOALESCE)
     spaces, kept = [], []
     if width != 1.0:

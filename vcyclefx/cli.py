@@ -76,7 +76,7 @@ def _cmd_decoalesce(args) -> int:
         if mapping is None:
             raise VCycleError(f"{args.model} has no mapping.json: pass --width/--depth to grow it")
         _progress(f"de-coalescing {args.model} with its mapping.json")
-        big, used = api.decoalesce(level, mapping=mapping)
+        big, used = api.decoalesce(level, mapping=mapping, depth_init=args.depth_init)
     else:
         _progress(f"growing {args.model} (width={args.width or 1.0}, depth={args.depth or 1.0})")
         big, used = api.decoalesce(level, width=args.width or 1.0, depth=args.depth or 1.0,
@@ -143,8 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("model", metavar="DIR", help="level directory (or MODEL with --width/--depth)")
     de.add_argument("--width", type=float, default=None, help="grow by this factor instead")
     de.add_argument("--depth", type=float, default=None, help="grow by this factor instead")
-    de.add_argument("--depth-init", choices=["copy", "identity"], default="copy",
-                    help="new blocks: copies (paper) or exact identities")
+    de.add_argument("--depth-init", choices=["copy", "identity"], default=None,
+                    help="new blocks: copies (the paper; the default) or exact identities "
+                         "(residual writes zeroed); also applies with the mapping.json")
     de.add_argument("--pairing", choices=["strided", "adjacent"], default="strided",
                     help="which new units copy which old ones")
     _out_args(de)

@@ -66,10 +66,15 @@ def plan_depth(analysis: Analysis, factor: float, pairing: str = "adjacent", *, 
             groups = _groups(big, n, pairing)
             large, small = [c.block_name(j) for j in range(big)], list(c.blocks)
         zero: list[str] = []
-        if not coalesce and depth_init == "identity":
-            from passes.depth import identity_zero_set
+        from passes.depth import identity_zero_set
 
+        if not coalesce and depth_init == "identity":
             zero = identity_zero_set(c.nodes[0], c.blocks[0], c.chained)
+        elif coalesce:  # kept so the mapping can later de-coalesce with identity blocks
+            try:
+                zero = identity_zero_set(c.nodes[0], c.blocks[0], c.chained)
+            except PlanError:
+                zero = []  # not residual: de-coalescing this mapping can only copy
         out.append(ChainMap(container=c.container, large_blocks=large, small_blocks=small,
                             groups=groups, depth_init=depth_init, zero_on_identity=zero,
                             chained=[list(x) for x in c.chained]))

@@ -177,14 +177,17 @@ class VCycle:
     def __init__(self, model, example_inputs=None, *, levels: int = 2, width: float = 0.5,
                  depth: float = 0.5, alpha: float = 0.25, total_steps: int | None = None,
                  fractions=None, steps=None, lr_scales=None, pairing: str = "strided",
-                 depth_pairing: str = "adjacent", checkpoint_dir=None, resume=None,
+                 depth_pairing: str = "adjacent", depth_init: str = "copy",
+                 checkpoint_dir=None, resume=None,
                  write_checkpoints: bool = True, **capture_kwargs):
         if not isinstance(alpha, (int, float)) or not (0.0 <= alpha <= 1.0):
             raise ScheduleError(f"alpha={alpha!r} must be in [0, 1]")
         self.schedule = build_schedule(levels, total_steps=total_steps, fractions=fractions,
                                        steps=steps, lr_scales=lr_scales)
         self.levels, self.width, self.depth, self.alpha = levels, width, depth, float(alpha)
-        self.pairing, self.depth_pairing = pairing, depth_pairing
+        if depth_init not in ("copy", "identity"):
+            raise ScheduleError(f"depth_init={depth_init!r} must be 'copy' or 'identity'")
+        self.pairing, self.depth_pairing, self.depth_init = pairing, depth_pairing, depth_init
         self.level0 = as_level(model, example_inputs, **capture_kwargs)
         self.example_inputs = level_info(self.level0).example_inputs
         # checkpoints are written to checkpoint_dir (or to the resume directory); processes
@@ -265,7 +268,8 @@ class VCycle:
             self._model = small
             self._last_transition = ("coalesce", mapping, source)
         elif to == frm - 1:
-            big, _ = decoalesce(self._model, mapping=self.mappings[to])
+            big, _ = decoalesce(self._model, mapping=self.mappings[to],
+                                depth_init=self.depth_init)
             self._model = interpolate(self._kept.pop(to), big, self.alpha)
             self._last_transition = ("decoalesce", self.mappings[to], source)
         else:
@@ -317,7 +321,8 @@ class VCycle:
                     "schedule": [asdict(s) for s in self.schedule],
                     "config": {"levels": self.levels, "width": self.width, "depth": self.depth,
                                "alpha": self.alpha, "pairing": self.pairing,
-                               "depth_pairing": self.depth_pairing}}
+                               "depth_pairing": self.depth_pairing,
+                               "depth_init": self.depth_init}}
             (tmp / "cycle.json").write_text(json.dumps(meta, indent=1))
             final = root / f"stage-{index:03d}"
             if final.exists():
@@ -335,8 +340,8 @@ class VCycle:
             raise ScheduleError(f"resume={root}: the checkpoint was made with another schedule; "
                                 "construct the VCycle with the same levels/steps/fractions")
         cfg = meta["config"]
-        for key in ("levels", "width", "depth", "alpha", "pairing", "depth_pairing"):
-            if cfg[key] != getattr(self, key):
+        for key in ("levels", "width", "depth", "alpha", "pairing", "depth_pairing", "depth_init"):
+            if cfg.get(key, "copy" if key == "depth_init" else None) != getattr(self, key):
                 raise ScheduleError(f"resume={root}: checkpoint has {key}={cfg[key]!r}, this "
                                     f"VCycle {key}={getattr(self, key)!r}")
         for k in range(self.levels - 1):

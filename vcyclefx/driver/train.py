@@ -478,7 +478,7 @@ def make_cycle(rt: Runtime) -> Cycle:
                       alpha=cfg.alpha, total_steps=cfg.vcycle_total_steps,
                       fractions=cfg.fractions or None, lr_scales=cfg.lr_scales or None,
                       pairing=cfg.pairing, depth_pairing=cfg.depth_pairing,
-                      checkpoint_dir=vdir, resume=vdir if cfg.resume else None)
+                      depth_init=cfg.depth_init, checkpoint_dir=vdir, resume=vdir if cfg.resume else None)
     if not rt.master:
         cycle.checkpoint_dir = None  # one writer; every rank rebuilds the same levels
     return Cycle(cycle, time.perf_counter() - t0)
