@@ -127,3 +127,26 @@ def test_family_width_depth_and_round_trip_are_exact(name):
     deep, _ = vf.decoalesce(level, depth=2.0, depth_init="identity")
     with torch.no_grad():
         assert rel_error(_out(deep.eval()(*x)), want) <= 1e-5
+
+
+# ONNX on families outside the zoo: GQA with tied head (qwen2) and a convnet with layer scale and
+# channels-last LayerNorm (timm ConvNeXt) by default, every family with -m slow
+ONNX_DEFAULT = {"qwen2", "timm_convnext"}
+ONNX_CASES = [pytest.param(n, id=n, marks=() if n in ONNX_DEFAULT else pytest.mark.slow)
+              for n in {**FAMILIES, **SLOW_FAMILIES}]
+
+
+@pytest.mark.parametrize("name", ONNX_CASES)
+def test_family_coalesced_level_exports_to_onnx_and_matches_torch(name, tmp_path):
+    import onnx
+
+    from vcyclefx.onnx_export import check_onnx
+
+    model, example = {**FAMILIES, **SLOW_FAMILIES}[name]()
+    model.eval()
+    small, _ = vf.coalesce(model, example, width=0.5, depth=0.5)
+    path = vf.export_onnx(small, None, tmp_path / f"{name}.onnx", check=True)
+    assert [p.name for p in tmp_path.iterdir()] == [f"{name}.onnx"]
+    onnx.checker.check_model(str(path), full_check=True)
+    checks = check_onnx(small, path, seed=1)  # two more input sizes, other random inputs
+    assert len(checks) >= 2 and max(c.rel_error for c in checks) <= 1e-4
