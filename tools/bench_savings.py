@@ -81,6 +81,10 @@ VARIANTS: dict[str, list[str]] = {
     "id+a0.9+steps2": ["--depth-init", "identity", "--alpha", "0.9", "--vcycle-steps", "x2"],
     "id+a0.9+f.05/.20/.75": ["--depth-init", "identity", "--alpha", "0.9",
                              "--fractions", "0.05,0.2,0.75"],
+    "id+a0.75+steps1.5": ["--depth-init", "identity", "--alpha", "0.75", "--vcycle-steps", "x1.5"],
+    "carry+steps1.5": ["--carry-optimizer", "--vcycle-steps", "x1.5"],
+    "id+a0.75+carry+steps1.5": ["--depth-init", "identity", "--alpha", "0.75",
+                                "--carry-optimizer", "--vcycle-steps", "x1.5"],
     # optimizer state through the transitions
     "carry": ["--carry-optimizer"],
     # learning-rate envelope
