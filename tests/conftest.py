@@ -82,6 +82,16 @@ def fresh_level(name: str, **kwargs):
     return example, clone_level(level)
 
 
+def assert_runs_elsewhere_and_trains(level, example) -> None:
+    """``level`` runs at batch 3 / sequence 24 with finite outputs, and one step lowers its loss."""
+    x = other_inputs(example)
+    with torch.no_grad():
+        out = output_tensor(level.eval()(*x))
+    assert out.shape[0] == 3 and torch.isfinite(out).all()
+    before, after = one_step_lowers_loss(level, example)
+    assert after < before
+
+
 def one_step_lowers_loss(level, example) -> tuple[float, float]:
     """Loss before/after one SGD step on a fixed batch (loss: mean square of the outputs
     against a fixed random target)."""

@@ -18,18 +18,11 @@ import sys
 import time
 
 
-def _rss_kib() -> int:
+def _status_kib(field: str) -> int:
+    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in KiB; 0 if absent."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
-def _hwm_kib() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
     return 0
 
@@ -43,12 +36,12 @@ def _measure(fn):
     import gc
 
     gc.collect()
-    before = _rss_kib()
+    before = _status_kib("VmRSS")
     _reset_peak()
     t = time.perf_counter()
     result = fn()
     seconds = time.perf_counter() - t
-    return result, seconds, max(0, _hwm_kib() - before) * 1024
+    return result, seconds, max(0, _status_kib("VmHWM") - before) * 1024
 
 
 def dense_width(analysis, plan):

@@ -31,6 +31,8 @@ def _groups(n_large: int, n_small: int, pairing: str) -> list[list[int]]:
 
 def plan_depth(analysis: Analysis, factor: float, pairing: str = "adjacent", *, coalesce: bool,
                depth_init: str = "copy") -> list[ChainMap]:
+    from passes.depth import identity_zero_set  # passes imports vcyclefx: not at module level
+
     check_factor("depth", factor, coalesce)
     if pairing not in DEPTH_PAIRINGS:
         raise PlanError(f"depth_pairing={pairing!r} is not one of {DEPTH_PAIRINGS}")
@@ -65,16 +67,15 @@ def plan_depth(analysis: Analysis, factor: float, pairing: str = "adjacent", *, 
             big = int(round(big))
             groups = _groups(big, n, pairing)
             large, small = [c.block_name(j) for j in range(big)], list(c.blocks)
+        # a coalescing mapping keeps the zero set too, so that it can later de-coalesce with
+        # identity blocks; an empty set (not residual) then means "copies only"
         zero: list[str] = []
-        from passes.depth import identity_zero_set
-
-        if not coalesce and depth_init == "identity":
-            zero = identity_zero_set(c.nodes[0], c.blocks[0], c.chained)
-        elif coalesce:  # kept so the mapping can later de-coalesce with identity blocks
+        if coalesce or depth_init == "identity":
             try:
                 zero = identity_zero_set(c.nodes[0], c.blocks[0], c.chained)
             except PlanError:
-                zero = []  # not residual: de-coalescing this mapping can only copy
+                if not coalesce:
+                    raise
         out.append(ChainMap(container=c.container, large_blocks=large, small_blocks=small,
                             groups=groups, depth_init=depth_init, zero_on_identity=zero,
                             chained=[list(x) for x in c.chained]))
