@@ -1,6 +1,8 @@
 """Benchmark: wall time of ``vcyclefx inspect MODEL`` as a user runs it (a fresh process:
 interpreter start, imports, building the model, capture, analysis, report), several runs,
-median. Also the in-process split of the same work for the first model.
+median; side by side (alternating) with ``--frontend export``, which skips the probe capture and
+exports once with symbolic batch/sequence sizes (the way inspect worked before the probe).
+Also the in-process split of the default path for the first model.
 
     python tools/bench_inspect.py --repeats 5 tools.zoo:gpt2_base
 """
@@ -15,15 +17,22 @@ import time
 
 
 def split(spec: str) -> list[tuple[str, float]]:
+    import gc
+
+    gc.disable()  # as the command does
     t0 = time.perf_counter()
     import vcyclefx as vf
     from vcyclefx.analysis import analyze
     from vcyclefx.leveldir import load_model_spec
+    from vcyclefx.probe import probe_capture
 
     t1 = time.perf_counter()
     model, example = load_model_spec(spec)
     t2 = time.perf_counter()
-    level = vf.capture(model, example)
+    level = probe_capture(model, example, parallel=True)
+    name = "capture (probe: 2 static exports, forked)"
+    if level is None:
+        level, name = vf.capture(model, example), "capture (symbolic torch.export)"
     t3 = time.perf_counter()
     a = analyze(level)
     t4 = time.perf_counter()
@@ -32,7 +41,14 @@ def split(spec: str) -> list[tuple[str, float]]:
     str(Report(a))
     t5 = time.perf_counter()
     return [("import vcyclefx (and torch)", t1 - t0), ("build the model (imports its library)", t2 - t1),
-            ("capture (torch.export)", t3 - t2), ("analysis + chains", t4 - t3), ("report", t5 - t4)]
+            (name, t3 - t2), ("analysis + chains", t4 - t3), ("report", t5 - t4)]
+
+
+def _run(spec: str, extra: list[str]) -> float:
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "vcyclefx.cli", "inspect", spec, *extra], check=True,
+                   stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t
 
 
 def main() -> None:
@@ -47,22 +63,23 @@ def main() -> None:
         return
     rows = []
     for spec in args.models:
-        times = []
-        for _ in range(args.repeats):
-            t = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "vcyclefx.cli", "inspect", spec], check=True,
-                           stdout=subprocess.DEVNULL)
-            times.append(time.perf_counter() - t)
-        rows.append((spec, statistics.median(times), min(times), max(times)))
+        default, symbolic = [], []
+        for _ in range(args.repeats):  # alternate, so that both see the same machine
+            default.append(_run(spec, []))
+            symbolic.append(_run(spec, ["--frontend", "export"]))
+        rows.append((spec, default, symbolic))
     out = subprocess.run([sys.executable, __file__, "--split", args.models[0]], check=True,
                          capture_output=True, text=True).stdout
-    print(f"\nin-process split for {args.models[0]} (one run):")
+    print(f"\nin-process split of the default path for {args.models[0]} (one run):")
     for line in out.strip().splitlines():
         name, s = line.split("\t")
-        print(f"  {name:<40} {float(s):7.2f} s")
-    print(f"\n{'vcyclefx inspect MODEL':<28} {'median':>8} {'min':>8} {'max':>8}   ({args.repeats} runs)")
-    for spec, med, lo, hi in rows:
-        print(f"{spec:<28} {med:>7.2f}s {lo:>7.2f}s {hi:>7.2f}s")
+        print(f"  {name:<44} {float(s):7.2f} s")
+    print(f"\n{'vcyclefx inspect MODEL':<24} {'path':<24} {'median':>8} {'min':>8} {'max':>8}"
+          f"   ({args.repeats} runs each, alternating)")
+    for spec, default, symbolic in rows:
+        for path, t in (("default (probe)", default), ("--frontend export", symbolic)):
+            print(f"{spec:<24} {path:<24} {statistics.median(t):>7.2f}s {min(t):>7.2f}s {max(t):>7.2f}s")
+        print(f"{spec:<24} {'ratio of medians':<24} {statistics.median(default) / statistics.median(symbolic):>8.3f}")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ import networkx as nx
 import torch
 from torch.fx import GraphModule, Node
 
+from .dims import SIZES
+
 
 @dataclass
 class Chain:
@@ -206,6 +208,9 @@ def _literals(n: Node) -> list:
 
 
 def _shape_of(n: Node):
+    labelled = n.meta.get(SIZES)  # probe capture labels (probe.py)
+    if isinstance(labelled, tuple):
+        return tuple(str(s) for s in labelled)
     v = n.meta.get("val")
     if isinstance(v, torch.Tensor):
         return tuple(str(s) for s in v.shape)

@@ -20,6 +20,9 @@ import torch
 
 Size = Union[int, sympy.Expr]
 
+# node.meta key with sizes labelled by the probe capture (probe.py); read before meta["val"]
+SIZES = "vcyclefx_sizes"
+
 PROD = "prod"
 CAT = "cat"
 
@@ -54,6 +57,11 @@ def _div(a: Size, b: Size) -> Size | None:
     if den == 1 and (r.is_integer or num.is_integer):
         return as_size(r)
     return None
+
+
+def quotient(a: Size, b: Size) -> Size | None:
+    """``a / b`` when it is whole (an int, or an integer-valued expression), else None."""
+    return _div(a, b)
 
 
 def _eq(a: Size, b: Size) -> bool:

@@ -6,7 +6,7 @@ from typing import Any
 
 from torch.fx import Node
 
-from ..dims import CAT, PROD, Dim
+from ..dims import CAT, PROD, Dim, is_static, quotient
 from ..registry import register_rule
 from ._util import aten, norm_dim, shape_entries_rewrite
 
@@ -109,7 +109,7 @@ def _expand(ctx, node):
         elif o.size != 1:
             if isinstance(e, Node):
                 ctx.unify(ctx.dims(e), o, node)
-            else:
+            elif is_static(o.size):  # a batch/sequence-sized new axis replicates no features
                 ctx.replica(o, node)
 
 
@@ -123,18 +123,22 @@ def _repeat(ctx, node):
     for i, o in enumerate(out):
         j = i - off
         r = reps[i]
+        # a count is symbolic when it is a SymInt node, or when a literal count makes a
+        # batch/sequence-sized axis (a graph captured with static shapes and labelled sizes)
+        symbolic = not isinstance(r, int) or (
+            not is_static(o.size) if j < 0 else not is_static(quotient(o.size, src[j].size) or 0))
         if j < 0:
             if isinstance(r, Node) and isinstance(ctx.dims(r), Dim):
                 ctx.unify(ctx.dims(r), o, node)
-            else:
+            elif not symbolic:
                 ctx.replica(o, node)
-            rep_dims.append(None if isinstance(r, Node) else o)
+            rep_dims.append(None if symbolic else o)
             continue
         if isinstance(r, int) and r == 1:
             ctx.unify(src[j], o, node)
             rep_dims.append(None)
             continue
-        if not isinstance(r, int):  # a symbolic repeat count: positions, not features
+        if symbolic:  # a symbolic repeat count: positions, not features
             ctx.pin(src[j], f"repeated a symbolic number of times at {ctx.where(node)}")
             ctx.pin(o, f"repeated a symbolic number of times at {ctx.where(node)}")
             rep_dims.append(None)
