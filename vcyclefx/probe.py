@@ -118,7 +118,7 @@ def _fit(a: int, b: int, base: list[tuple[int, int, sympy.Symbol]]):
     return expr
 
 
-def _label(s0, s1, base):
+def _label(s0, s1, fit):
     """Labels for one node: equal sizes stay ints, differing ones become monomials; raises
     LookupError where the two captures cannot be matched."""
     if isinstance(s0, tuple) and isinstance(s1, tuple) and len(s0) == len(s1):
@@ -128,13 +128,13 @@ def _label(s0, s1, base):
             if a == b:
                 out.append(a)
                 continue
-            expr = _fit(a, b, base)
+            expr = fit(a, b)
             if expr is None:
                 raise LookupError(f"size {a} (probed: {b}) is not a monomial of batch/sequence")
             out.append(expr)
         return tuple(out)
     if isinstance(s0, list) and isinstance(s1, list) and len(s0) == len(s1):
-        return [_label(x, y, base) for x, y in zip(s0, s1)]
+        return [_label(x, y, fit) for x, y in zip(s0, s1)]
     if s0 is None and s1 is None:
         return None
     raise LookupError(f"output structure differs ({s0} vs {s1})")
@@ -275,10 +275,17 @@ def probe_capture(model: torch.nn.Module, example_inputs, *, parallel: bool = Fa
         log.info("probe captures differ in structure; capturing symbolically")
         return None
     base = [(n, new[n], symbols[n]) for n in symbols]
+    fits: dict[tuple[int, int], sympy.Expr | None] = {}  # most axes repeat a few size pairs
+
+    def fit(a: int, b: int):
+        if (a, b) not in fits:
+            fits[a, b] = _fit(a, b, base)
+        return fits[a, b]
+
     labels = []
     try:
         for n, o in zip(nodes, others):
-            labels.append(_label(sizes_of(n), o[2], base))
+            labels.append(_label(sizes_of(n), o[2], fit))
     except LookupError as e:
         log.info("probe labels not possible (%s); capturing symbolically", e)
         return None
