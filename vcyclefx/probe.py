@@ -66,7 +66,7 @@ def _resized_inputs(args: tuple, new_size: dict[int, int]) -> tuple:
     for x in args:
         for d in _batch_and_sequence(x):
             n = int(x.shape[d])
-            x = x.index_select(d, torch.arange(new_size[n]) % n)
+            x = x.index_select(d, torch.arange(new_size[n], device=x.device) % n)
         out.append(x)
     return tuple(out)
 
@@ -259,9 +259,10 @@ def probe_capture(model: torch.nn.Module, example_inputs, *, parallel: bool = Fa
         return None
     symbols, new = plan
     start = time.perf_counter()
-    resized = _resized_inputs(args, new)
-    child = _fork_capture(model, resized) if parallel else None
+    child = None
     try:
+        resized = _resized_inputs(args, new)
+        child = _fork_capture(model, resized) if parallel else None
         gm = _static_capture(model, args)
         own = time.perf_counter() - start
         if child is not None:
