@@ -39,7 +39,7 @@ from .level import level_info, make_level
 
 log = logging.getLogger("vcyclefx.probe")
 
-MAX_POWER = 3  # monomials up to s**3 per symbol (e.g. batch * heads * seq**2 is never needed)
+MAX_POWER = 3  # exponents per symbol tried in a fit (a flattened attention map is b * h * s**2)
 
 
 def sizes_of(node):
