@@ -17,7 +17,7 @@ import networkx as nx
 import torch
 from torch.fx import GraphModule, Node
 
-from .dims import SIZES
+from .dims import sizes_of
 
 
 @dataclass
@@ -208,13 +208,8 @@ def _literals(n: Node) -> list:
 
 
 def _shape_of(n: Node):
-    labelled = n.meta.get(SIZES)  # probe capture labels (probe.py)
-    if isinstance(labelled, tuple):
-        return tuple(str(s) for s in labelled)
-    v = n.meta.get("val")
-    if isinstance(v, torch.Tensor):
-        return tuple(str(s) for s in v.shape)
-    return None
+    sizes = sizes_of(n)
+    return tuple(str(s) for s in sizes) if isinstance(sizes, tuple) else None
 
 
 def _graph(nodes: list[Node], block: str, tensors) -> nx.DiGraph:

@@ -34,29 +34,12 @@ import sympy
 import torch
 
 from .capture import _batch_and_sequence, _check_inputs, capture
-from .dims import SIZES
+from .dims import SIZES, sizes_of
 from .level import level_info, make_level
 
 log = logging.getLogger("vcyclefx.probe")
 
 MAX_POWER = 3  # exponents per symbol tried in a fit (a flattened attention map is b * h * s**2)
-
-
-def sizes_of(node):
-    """The analysis' view of a node's shape: the probe's labels where present, else the
-    shape of ``meta["val"]`` (a tuple per tensor, a list for tuples of tensors)."""
-    labelled = node.meta.get(SIZES)
-    if labelled is not None:
-        return labelled
-    return _shape_tree(node.meta.get("val"))
-
-
-def _shape_tree(val):
-    if isinstance(val, torch.Tensor):
-        return tuple(val.shape)
-    if isinstance(val, (list, tuple)):
-        return [_shape_tree(v) for v in val]
-    return None
 
 
 def _resized_inputs(args: tuple, new_size: dict[int, int]) -> tuple:
