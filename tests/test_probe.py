@@ -105,6 +105,28 @@ class _BranchOnLength(torch.nn.Module):
         return self.a(h) if ids.shape[1] > 14 else h
 
 
+class _FirstTokenEverywhere(torch.nn.Module):
+    """``repeat_interleave`` by the sequence length: a SymInt count when captured symbolically,
+    the literal 16 in a static capture (whose output the probe labels ``s1``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(32, 8)
+        self.out = torch.nn.Linear(8, 32)
+
+    def forward(self, ids):
+        first = self.emb(ids[:, :1]).repeat_interleave(ids.shape[1], dim=1)
+        return self.out(self.emb(ids) + first)
+
+
+def test_a_literal_count_that_makes_a_sequence_axis_is_read_as_symbolic():
+    model = _FirstTokenEverywhere()
+    x = (torch.randint(0, 32, (2, 16)),)
+    probed = probe_capture(model, x)
+    assert probed is not None
+    assert _comparable(Report(analyze(probed))) == _comparable(Report(analyze(vf.capture(model, x))))
+
+
 @pytest.mark.parametrize("cls", [_LabelsShifted, _BranchOnLength])
 def test_probe_steps_aside_where_it_cannot_explain_the_sizes(cls):
     model = cls()

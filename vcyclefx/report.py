@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,7 +11,10 @@ import torch
 
 from .analysis import Analysis, Space, analyze
 from .chains import Chain
+from .errors import AnalysisError
 from .level import as_level, is_level, level_info
+
+log = logging.getLogger("vcyclefx.report")
 
 
 @dataclass
@@ -150,14 +154,19 @@ def inspect(model, example_inputs=None, **capture_kwargs) -> Report:
 
 def _inspect(model, example_inputs, capture_kwargs: dict, parallel: bool = False) -> Report:
     """``inspect``; ``parallel=True`` (the command line) lets the probe capture fork."""
-    level = None
+    analysis = None
     if not capture_kwargs and example_inputs is not None and not is_level(model) \
             and isinstance(model, torch.nn.Module):
         from .probe import probe_capture
 
         level = probe_capture(model, example_inputs, parallel=parallel)
-    if level is None:
+        try:
+            analysis = analyze(level) if level is not None else None
+        except AnalysisError as e:  # a rule that reads a labelled graph differently: no guess
+            log.info("analysis of the probe capture failed (%s); capturing symbolically", e)
+    if analysis is None:
         level = as_level(model, example_inputs, **capture_kwargs)
+        analysis = analyze(level)
     info = level_info(level)
     name = (info.source_class or type(model).__name__) if info else type(model).__name__
-    return Report(analyze(level), model_name=name, capture_notes=info.notes if info else ())
+    return Report(analysis, model_name=name, capture_notes=info.notes if info else ())

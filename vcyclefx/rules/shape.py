@@ -113,6 +113,17 @@ def _expand(ctx, node):
                 ctx.replica(o, node)
 
 
+def _symbolic_count(count, out: Dim, src: Dim | None) -> bool:
+    """A repeat count is symbolic when it is a SymInt node, or when a literal count makes a
+    batch/sequence-sized axis out of a static one (a graph captured with static shapes whose
+    sizes the probe labelled): then it counts positions, not copies of features."""
+    if not isinstance(count, int):
+        return True
+    if src is None:
+        return not is_static(out.size)
+    return not is_static(quotient(out.size, src.size) or 0)
+
+
 @register_rule(aten.repeat.default)
 def _repeat(ctx, node):
     src = ctx.dims(node.args[0])
@@ -123,10 +134,7 @@ def _repeat(ctx, node):
     for i, o in enumerate(out):
         j = i - off
         r = reps[i]
-        # a count is symbolic when it is a SymInt node, or when a literal count makes a
-        # batch/sequence-sized axis (a graph captured with static shapes and labelled sizes)
-        symbolic = not isinstance(r, int) or (
-            not is_static(o.size) if j < 0 else not is_static(quotient(o.size, src[j].size) or 0))
+        symbolic = _symbolic_count(r, o, src[j] if j >= 0 else None)
         if j < 0:
             if isinstance(r, Node) and isinstance(ctx.dims(r), Dim):
                 ctx.unify(ctx.dims(r), o, node)
@@ -330,11 +338,12 @@ def _repeat_interleave(ctx, node):
     out = ctx.out_fresh(node)
     dim = ctx.arg(node, "dim", None)
     reps = ctx.arg(node, "repeats")
-    if dim is None or not isinstance(reps, int):
+    if dim is not None:
+        dim = norm_dim(dim, len(src))
+    if dim is None or _symbolic_count(reps, out[dim], src[dim]):
         for d in list(src) + list(out):
             ctx.pin(d, f"repeat_interleave at {ctx.where(node)}")
         return
-    dim = norm_dim(dim, len(src))
     for k, (a, b) in enumerate(zip(src, out)):
         if k != dim:
             ctx.unify(a, b, node)
