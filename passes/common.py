@@ -3,7 +3,7 @@
 A pass has one shape: ``pass_(gm, plan) -> PassResult``; it never changes ``gm``. New modules
 are built by :func:`rebuild` from a rewritten graph and a dictionary of new tensors, so the
 result has the same module hierarchy, parameter names, tied aliases and non-persistent buffers
-as the input, and shares every tensor the pass did not replace.
+as the input, and owns copies of every tensor the pass did not replace.
 """
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 import torch
-from torch import nn
 from torch.fx import Graph, GraphModule, Node
+
+from vcyclefx.errors import PassCheckError
+from vcyclefx.level import build_level, fetch_attr, level_info, nonpersistent_buffers, shared_tensors
 
 log = logging.getLogger("vcyclefx.passes")
 
@@ -40,29 +42,6 @@ def copy_graph(graph: Graph) -> tuple[Graph, dict[Node, Node]]:
     return new, node_map
 
 
-def fetch_attr(module: nn.Module, target: str):
-    obj = module
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _owner(module: nn.Module, target: str) -> tuple[nn.Module, str]:
-    *path, leaf = target.split(".")
-    owner = module
-    for part in path:
-        owner = getattr(owner, part)
-    return owner, leaf
-
-
-def nonpersistent_buffers(gm: nn.Module) -> set[str]:
-    names = set()
-    for mod_name, mod in gm.named_modules():
-        for b in getattr(mod, "_non_persistent_buffers_set", ()):
-            names.add(f"{mod_name}.{b}" if mod_name else b)
-    return names
-
-
 def rebuild(
     old: GraphModule,
     graph: Graph,
@@ -70,58 +49,26 @@ def rebuild(
     nonpersistent: Iterable[str] | None = None,
     buffers: Iterable[str] | None = None,
 ) -> GraphModule:
-    """A GraphModule running ``graph`` whose attributes come from ``new_attrs`` where given and
-    from ``old`` otherwise. Parameters stay parameters; tensors that were buffers in ``old`` (or
-    are named in ``buffers``) are buffers; other tensors (lifted constants) stay plain
-    attributes."""
-    new_attrs = new_attrs or {}
-    is_buffer = {n for n, _ in old.named_buffers(remove_duplicate=False)} | set(buffers or ())
-    root = nn.Module()
-    for node in graph.nodes:
-        if node.op not in ("get_attr", "call_module"):
-            continue
-        target = node.target
-        if target in new_attrs:
-            obj = new_attrs[target]
-        else:
-            obj = fetch_attr(old, target)
-        _assign(root, target, obj, buffer=target in is_buffer)
-    gm = GraphModule(root, graph, class_name=type(old).__name__)
-    gm.meta = dict(getattr(old, "meta", {}))
-    for name, t in list(gm.named_buffers(remove_duplicate=False)):
-        if name not in is_buffer:  # GraphModule makes every tensor a buffer; constants are not
-            owner, leaf = _owner(gm, name)
-            del owner._buffers[leaf]
-            object.__setattr__(owner, leaf, t)
-    nonpersistent = set(nonpersistent_buffers(old) if nonpersistent is None else nonpersistent)
-    for name, _ in list(gm.named_buffers()):
-        if name in nonpersistent:
-            owner, leaf = _owner(gm, name)
-            owner._non_persistent_buffers_set.add(leaf)
-    return gm
+    """The pass's new Level: ``graph`` with the tensors in ``new_attrs`` and copies of every
+    other tensor of ``old`` (a pass's output never shares storage with its input)."""
+    return build_level(old, graph, level_info(old), new_attrs=new_attrs,
+                       nonpersistent=nonpersistent, buffers=buffers, training=old.training)
 
 
-def _assign(root: nn.Module, target: str, obj: Any, buffer: bool) -> None:
-    *path, leaf = target.split(".")
-    mod = root
-    for part in path:
-        if not hasattr(mod, part):
-            mod.add_module(part, nn.Module())
-        mod = getattr(mod, part)
-    if isinstance(obj, torch.Tensor) and not isinstance(obj, nn.Parameter) and buffer:
-        mod.register_buffer(leaf, obj)
-    else:
-        setattr(mod, leaf, obj)
-
-
-def check_graph(gm: GraphModule, *, what: str) -> None:
-    """Postcondition of every pass: the graph lints and every value node has ``meta['val']``."""
+def check_graph(gm: GraphModule, *, what: str, source: GraphModule | None = None) -> None:
+    """Postcondition of every pass: the graph lints, every value node has ``meta['val']``, and
+    no tensor of the result shares storage with the pass's input ``source``."""
     gm.graph.lint()
     missing = [
         n.format_node() for n in gm.graph.nodes
         if n.op in ("call_function", "placeholder") and "val" not in n.meta and n.users
     ]
     if missing:
-        raise AssertionError(f"{what}: nodes without meta['val']: {missing[:5]}")
+        raise PassCheckError(f"{what}: nodes without meta['val']: {missing[:5]}")
+    if source is not None:
+        shared = shared_tensors(gm, source)
+        if shared:
+            raise PassCheckError(f"{what}: the result shares tensor {shared[0]} with its input "
+                                 f"({len(shared)} shared); a pass must copy what it keeps")
     if log.isEnabledFor(logging.DEBUG):
         log.debug("%s produced:\n%s", what, gm.graph)

@@ -23,7 +23,6 @@ from torch.fx import Graph, GraphModule, Node
 from vcyclefx.analysis import Analysis
 from vcyclefx.chains import _relname, chained_input, ownership
 from vcyclefx.errors import PlanError
-from vcyclefx.level import level_info, make_level
 from vcyclefx.mapping import ChainMap
 from vcyclefx.registry import get_arg
 
@@ -354,6 +353,5 @@ def _one_chain(gm: GraphModule, cm: ChainMap, plan: DepthPlan) -> GraphModule:
     old_buffers = {n for n, _ in gm.named_buffers(remove_duplicate=False)}
     buffers = {f"{d}.{rel}" for rel in rel_names if f"{src[0]}.{rel}" in old_buffers for d in dst}
     new = rebuild(gm, graph, tensors, nonpersistent=nonpersistent, buffers=buffers)
-    make_level(new, level_info(gm), training=gm.training)
-    check_graph(new, what="depth pass")
+    check_graph(new, what="depth pass", source=gm)
     return new

@@ -32,7 +32,6 @@ from torch.fx import GraphModule, Node
 from vcyclefx.analysis import PRODUCER, Analysis
 from vcyclefx.dims import PROD, Dim, layout_size, new_size
 from vcyclefx.errors import PlanError
-from vcyclefx.level import level_info, make_level
 from vcyclefx.mapping import Compensation, SpaceMap
 from vcyclefx.registry import get_arg, rule_for, set_arg
 
@@ -416,6 +415,5 @@ def width_pass(gm: GraphModule, analysis: Analysis, plan: WidthPlan) -> PassResu
     graph.lint()
     new = rebuild(gm, graph, new_attrs)
     _scale_node_meta(new)
-    make_level(new, level_info(gm), training=gm.training)
-    check_graph(new, what="width pass")
+    check_graph(new, what="width pass", source=gm)
     return PassResult(new, comps)

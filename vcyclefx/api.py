@@ -13,7 +13,7 @@ from passes.width import COALESCE, DECOALESCE, WidthPlan, width_pass
 
 from .analysis import analyze
 from .errors import LevelError, MappingError, PlanError
-from .level import as_level, level_info
+from .level import as_level, clone_level, level_info
 from .mapping import Mapping
 from .plan import plan_width
 
@@ -41,6 +41,11 @@ def _check_shapes(level, expected: dict[str, list[int]], which: str) -> None:
     if extra:
         raise MappingError(f"tensor {extra[0]} is not in the mapping's {which} level; the mapping "
                            "was made for another model")
+
+
+def _owned(result, level):
+    """A transform's result never is its input: a no-op returns a copy."""
+    return clone_level(result) if result is level else result
 
 
 def _width(level, spaces, direction):
@@ -79,7 +84,7 @@ def coalesce(model, example_inputs=None, *, width: float = 1.0, depth: float = 1
         cur, _ = _width(level, mapping.spaces, COALESCE)
         cur = _depth(cur, mapping.chains, COALESCE)
         _check_shapes(cur, mapping.small_shapes, "smaller")
-        return cur, mapping
+        return _owned(cur, level), mapping
     large = tensor_shapes(level)
     spaces, kept = [], []
     if width != 1.0:
@@ -94,7 +99,7 @@ def coalesce(model, example_inputs=None, *, width: float = 1.0, depth: float = 1
     m = Mapping(spaces=list(spaces), chains=list(chains), compensations=list(comps),
                 large_shapes=large, small_shapes=tensor_shapes(cur), kept=kept,
                 source_class=info.source_class if info else None)
-    return cur, m
+    return _owned(cur, level), m
 
 
 def decoalesce(model, example_inputs=None, *, width: float = 1.0, depth: float = 1.0,
@@ -115,7 +120,7 @@ def decoalesce(model, example_inputs=None, *, width: float = 1.0, depth: float =
         cur = _depth(level, mapping.chains, DECOALESCE, depth_init)
         cur, _ = _width(cur, mapping.spaces, DECOALESCE)
         _check_shapes(cur, mapping.large_shapes, "larger")
-        return cur, mapping
+        return _owned(cur, level), mapping
     small = tensor_shapes(level)
     if depth != 1.0 and depth < 1:
         raise PlanError(f"depth={depth} must be >= 1 to de-coalesce (e.g. depth=2.0)")
@@ -131,13 +136,7 @@ def decoalesce(model, example_inputs=None, *, width: float = 1.0, depth: float =
     m = Mapping(spaces=list(spaces), chains=list(chains), compensations=list(comps),
                 large_shapes=tensor_shapes(cur), small_shapes=small, kept=kept,
                 source_class=info.source_class if info else None)
-    return cur, m
-
-
-def _deepcopy(m):
-    import copy
-
-    return copy.deepcopy(m)
+    return _owned(cur, level), m
 
 
 def interpolate(before, after, alpha: float):
@@ -160,9 +159,7 @@ def interpolate(before, after, alpha: float):
         if sa[k].shape != sb[k].shape:
             raise MappingError(f"interpolate: tensor {k} has shape {list(sa[k].shape)} in before "
                                f"but {list(sb[k].shape)} in after")
-    from .level import clone_level
-
-    out = clone_level(before) if level_info(before) is not None else _deepcopy(before)
+    out = clone_level(before)  # a deep copy, for levels and plain modules alike
     alpha = float(alpha)
     with torch.no_grad():
         new_state = {}

@@ -26,7 +26,7 @@ from torch.export import Dim
 from passes.normalize import unshare_size_arithmetic
 
 from .errors import CaptureError
-from .level import LevelInfo, make_level
+from .level import LevelInfo, own_level
 
 log = logging.getLogger("vcyclefx.capture")
 
@@ -170,7 +170,8 @@ def capture(
         dynamic_dims=_dynamic_dims(gm),
         notes=tuple(notes),
     )
-    make_level(gm, info, training=was_training)
+    # the level owns copies of the model's tensors: training it never changes the user's model
+    gm = own_level(gm, info, training=was_training)
     log.info("captured %s with %s in %.2fs", type(model).__name__, frontend, time.perf_counter() - start)
     return gm
 

@@ -16,6 +16,7 @@ __all__ = [
     "LevelError",
     "ExportError",
     "ScheduleError",
+    "PassCheckError",
 ]
 
 
@@ -53,3 +54,8 @@ class ExportError(VCycleError):
 
 class ScheduleError(VCycleError):
     """A V-cycle schedule is invalid (zero steps, too many levels, alpha out of range, ...)."""
+
+
+class PassCheckError(VCycleError):
+    """A pass's result failed the check that runs after every pass (a bug in vcyclefx or in a
+    registered rule: the message names the pass and the node or tensor)."""

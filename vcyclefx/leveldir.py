@@ -16,16 +16,21 @@ from __future__ import annotations
 
 import datetime as _dt
 import importlib
+import io
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import load as load_bytes
 from safetensors.torch import load_file, save_file
+from safetensors.torch import save as save_bytes
 from torch.export import Dim
 
 from .errors import LevelError, VCycleError
@@ -83,22 +88,10 @@ def save_level(level, directory, mapping: Mapping | None = None, *, overwrite: b
         torch.export.save(ep, tmp / "level.pt2")
         tensors, aliases = _canonical_state(level)
         save_file(tensors, str(tmp / "weights.safetensors"))
-        save_file({f"input.{i}": x.contiguous() for i, x in enumerate(info.example_inputs)},
-                  str(tmp / "inputs.safetensors"))
+        save_file(_inputs_state(info), str(tmp / "inputs.safetensors"))
         if mapping is not None:
             mapping.save(tmp / "mapping.json")
-        summary = {
-            "format": FORMAT, "version": VERSION,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "source_class": info.source_class, "frontend": info.frontend,
-            "dynamic_dims": [list(x) for x in info.dynamic_dims],
-            "training": bool(level.training),
-            "parameters": sum(int(p.numel()) for p in level.parameters()),
-            "tensors": {k: list(v.shape) for k, v in tensors.items()},
-            "aliases": aliases,
-            "notes": list(info.notes),
-            **(extra or {}),
-        }
+        summary = _summary(level, info, tensors, aliases, extra)
         (tmp / "level.json").write_text(json.dumps(summary, indent=1))
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
@@ -113,6 +106,46 @@ def save_level(level, directory, mapping: Mapping | None = None, *, overwrite: b
     return directory
 
 
+def _summary(level, info: LevelInfo, tensors: dict, aliases: dict, extra: dict | None) -> dict:
+    return {
+        "format": FORMAT, "version": VERSION,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "source_class": info.source_class, "frontend": info.frontend,
+        "dynamic_dims": [list(x) for x in info.dynamic_dims],
+        "training": bool(level.training),
+        "parameters": sum(int(p.numel()) for p in level.parameters()),
+        "tensors": {k: list(v.shape) for k, v in tensors.items()},
+        "aliases": aliases,
+        "notes": list(info.notes),
+        **(extra or {}),
+    }
+
+
+def _inputs_state(info: LevelInfo) -> dict[str, torch.Tensor]:
+    return {f"input.{i}": x.contiguous() for i, x in enumerate(info.example_inputs)}
+
+
+def level_to_bytes(level) -> dict:
+    """A level as plain bytes (what pickling a Level stores): the re-exported graph, the
+    weights and example inputs as safetensors, and the level.json summary."""
+    info = level_info(level)
+    buf = io.BytesIO()
+    torch.export.save(reexport(level), buf)
+    tensors, aliases = _canonical_state(level)
+    return {"pt2": buf.getvalue(), "weights": save_bytes(tensors),
+            "inputs": save_bytes(_inputs_state(info)),
+            "summary": _summary(level, info, tensors, aliases, None)}
+
+
+def level_from_bytes(data: dict):
+    """The level :func:`level_to_bytes` stored."""
+    meta = data["summary"]
+    _import_source(meta.get("source_class"))
+    ep = torch.export.load(io.BytesIO(data["pt2"]))
+    return _assemble(ep, load_bytes(data["weights"]), load_bytes(data["inputs"]), meta,
+                     "pickled level")
+
+
 def _tie(gm, alias: str, canon: str) -> None:
     *path, leaf = alias.split(".")
     owner = gm
@@ -125,6 +158,50 @@ def _tie(gm, alias: str, canon: str) -> None:
         owner.register_buffer(leaf, target)
 
 
+# a pytree node type named in a serialized treespec: {\"type\": \"pkg.module.Class\", ...}
+_TREESPEC_TYPE = re.compile(r'\\"type\\": \\"([A-Za-z_]\w*(?:\.\w+)+)\\"')
+
+
+def _register_output_types(path, what: str) -> None:
+    """Import the modules of the pytree node types a ``.pt2`` archive's treespecs name (e.g. a
+    Hugging Face ``ModelOutput``), so that ``torch.export.load`` can rebuild its inputs and
+    outputs; a clear error if a module is not installed."""
+    import torch.utils._pytree as pytree
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = {m for n in z.namelist() if n.endswith(".json")
+                     for m in _TREESPEC_TYPE.findall(z.read(n).decode("utf-8", "replace"))}
+    except (zipfile.BadZipFile, OSError):
+        return  # not a zip archive: torch.export.load reports what it is
+    for name in sorted(names - set(pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE)):
+        module = name.rsplit(".", 1)[0]
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise LevelError(
+                f"{what}: its outputs are of type {name}, and module {module!r} cannot be "
+                f"imported ({e}); install the package that defines it (the one the model came "
+                "from) and try again") from e
+        if name not in pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE:
+            raise LevelError(
+                f"{what}: its outputs are of type {name}, which importing {module!r} does not "
+                "register with torch.utils._pytree; register it (register_pytree_node with "
+                f"serialized_type_name={name!r}) before loading")
+
+
+def load_pt2(path, what: str | None = None):
+    """``torch.export.load`` of ``path`` with the pytree types its treespecs name imported."""
+    what = what or str(path)
+    _register_output_types(path, what)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.export.load(path)
+    except Exception as e:  # noqa: BLE001
+        raise LevelError(f"{what}: cannot load the graph ({type(e).__name__}: {e})") from e
+
+
 def _import_source(source_class: str | None) -> None:
     """Import the module of the user's class so its output types (e.g. Hugging Face
     ModelOutput) are registered with pytree before the graph is deserialised."""
@@ -134,6 +211,25 @@ def _import_source(source_class: str | None) -> None:
         importlib.import_module(source_class.rsplit(".", 1)[0])
     except ImportError:
         pass  # deserialisation will report what is missing
+
+
+def _assemble(ep, weights: dict, inputs: dict, meta: dict, where: str):
+    """The Level of a loaded ExportedProgram with its weights (ties restored) and info."""
+    gm = ep.module()
+    state = dict(weights)
+    for alias, canon in meta.get("aliases", {}).items():
+        _tie(gm, alias, canon)  # one tensor under several names, as when it was saved
+        state[alias] = weights[canon]
+    missing, unexpected = gm.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise LevelError(f"{where}: weights do not match the graph (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    example = tuple(inputs[f"input.{i}"] for i in range(len(inputs)))
+    info = LevelInfo(example_inputs=example, frontend=meta.get("frontend", "export"),
+                     source_class=meta.get("source_class"),
+                     dynamic_dims=tuple(tuple(x) for x in meta.get("dynamic_dims", [])),
+                     notes=tuple(meta.get("notes", [])))
+    return make_level(gm, info, training=meta.get("training", False))
 
 
 def load_level(directory) -> tuple[torch.fx.GraphModule, Mapping | None]:
@@ -153,32 +249,26 @@ def load_level(directory) -> tuple[torch.fx.GraphModule, Mapping | None]:
         if not (d / name).is_file():
             raise LevelError(f"{d}: missing {name}; the level directory is incomplete")
     _import_source(meta.get("source_class"))
-    try:
-        ep = torch.export.load(d / "level.pt2")
-    except Exception as e:  # noqa: BLE001
-        raise LevelError(f"{d / 'level.pt2'}: cannot load the graph ({type(e).__name__}: {e})") from e
-    gm = ep.module()
+    ep = load_pt2(d / "level.pt2")
     try:
         weights = load_file(str(d / "weights.safetensors"))
         inputs = load_file(str(d / "inputs.safetensors"))
     except Exception as e:  # noqa: BLE001
         raise LevelError(f"{d}: cannot read the safetensors files ({type(e).__name__}: {e})") from e
-    state = dict(weights)
-    for alias, canon in meta.get("aliases", {}).items():
-        _tie(gm, alias, canon)  # one tensor under several names, as when it was saved
-        state[alias] = weights[canon]
-    missing, unexpected = gm.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise LevelError(f"{d}: weights do not match the graph (missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]})")
-    example = tuple(inputs[f"input.{i}"] for i in range(len(inputs)))
-    info = LevelInfo(example_inputs=example, frontend=meta.get("frontend", "export"),
-                     source_class=meta.get("source_class"),
-                     dynamic_dims=tuple(tuple(x) for x in meta.get("dynamic_dims", [])),
-                     notes=tuple(meta.get("notes", [])))
-    make_level(gm, info, training=meta.get("training", False))
+    gm = _assemble(ep, weights, inputs, meta, str(d))
     mapping = Mapping.load(d / "mapping.json") if (d / "mapping.json").is_file() else None
     return gm, mapping
+
+
+def _root_class(gm) -> str | None:
+    """The exported model's own class, as export recorded it in ``nn_module_stack``."""
+    for n in gm.graph.nodes:
+        for path, typ in (n.meta.get("nn_module_stack") or {}).values():
+            if path == "" and isinstance(typ, str):
+                return typ
+            if not isinstance(typ, str):
+                return None
+    return None
 
 
 def load_model_spec(spec: str):
@@ -192,10 +282,7 @@ def load_model_spec(spec: str):
     if spec.endswith(".pt2"):
         if not p.is_file():
             raise VCycleError(f"MODEL {spec!r}: no such file")
-        try:
-            ep = torch.export.load(p)
-        except Exception as e:  # noqa: BLE001
-            raise VCycleError(f"MODEL {spec!r}: cannot load the .pt2 file ({type(e).__name__}: {e})") from e
+        ep = load_pt2(p, f"MODEL {spec!r}")
         args = tuple(ep.example_inputs[0]) if ep.example_inputs else None
         if not args:
             raise VCycleError(f"MODEL {spec!r}: the .pt2 file has no example inputs; save it with "
@@ -205,8 +292,9 @@ def load_model_spec(spec: str):
             [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"])
             if isinstance(x, torch.Tensor)
             for d, s in enumerate(x.shape) if isinstance(s, torch.SymInt) and not s.node.expr.is_number)
-        make_level(gm, LevelInfo(example_inputs=args, frontend="export", source_class=None,
-                                 dynamic_dims=dyn), training=False)
+        gm = make_level(gm, LevelInfo(example_inputs=args, frontend="export",
+                                      source_class=_root_class(gm), dynamic_dims=dyn),
+                        training=False)
         return gm, args
     if p.is_dir():
         gm, _ = load_level(p)

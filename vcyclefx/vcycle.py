@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from .api import coalesce, decoalesce, interpolate
 from .errors import ScheduleError, VCycleError
 from .flops import tokens_in, training_flops_per_token
-from .level import as_level, clone_level, level_info
+from .level import as_level, clone_level, is_level, level_info
 from .mapping import Mapping
 
 PHASES = ("down", "bottom", "up")
@@ -188,7 +188,9 @@ class VCycle:
         if depth_init not in ("copy", "identity"):
             raise ScheduleError(f"depth_init={depth_init!r} must be 'copy' or 'identity'")
         self.pairing, self.depth_pairing, self.depth_init = pairing, depth_pairing, depth_init
-        self.level0 = as_level(model, example_inputs, **capture_kwargs)
+        # the cycle trains its own copy: a level passed in is never changed by the stages
+        self.level0 = (clone_level(model) if is_level(model)
+                       else as_level(model, example_inputs, **capture_kwargs))
         self.example_inputs = level_info(self.level0).example_inputs
         # checkpoints are written to checkpoint_dir (or to the resume directory); processes
         # other than the writer (rank != 0) pass write_checkpoints=False

@@ -179,11 +179,8 @@ def setup(cfg: TrainConfig) -> Runtime:
         if out.exists() and any(out.iterdir()):  # checked on every rank: none is left waiting
             raise ConfigError(f"output directory {out} exists and is not empty: choose another "
                               f"--out, or continue it with --resume {out}")
-        if world > 1:
-            dist.barrier()  # every rank has looked before rank 0 writes
-        if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(out / "config.json", cfg.to_json())
+    # the inputs are checked (data read, vocabulary fits) before anything is written: a refused
+    # run leaves no output directory behind
     data = _load_data_once(cfg, rank, world)
     vocab = cfg.vocab_size or data.vocab_size
     if cfg.vocab_size == 0:
@@ -191,14 +188,21 @@ def setup(cfg: TrainConfig) -> Runtime:
     if data.max_token >= vocab:
         raise ConfigError(f"--vocab-size {vocab} is too small for token id {data.max_token} in "
                           "the data: use --vocab-size 0 (from the data) or a larger one")
+    train_batches = Batches(data.train, "train", cfg.batch_size, cfg.seq_len, cfg.seed, dev)
+    val_batches = Batches(data.val, "val", cfg.batch_size, cfg.seq_len, cfg.seed, dev)
+    if not cfg.resume:
+        if world > 1:
+            dist.barrier()  # every rank has looked before rank 0 writes
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out / "config.json", cfg.to_json())
     compile_ = cfg.compile if cfg.compile is not None else dev.type == "cuda"
     logger = MetricLogger(out / "metrics.jsonl" if rank == 0 else None,
                           truncate_to=point.metrics_offset if point else (0 if cfg.resume else None))
     return Runtime(
         cfg=cfg, out=out, device=dev, autocast_dtype=_autocast_dtype(cfg, dev), compile=compile_,
         rank=rank, world=world, local_rank=local_rank, data=data,
-        train_batches=Batches(data.train, "train", cfg.batch_size, cfg.seq_len, cfg.seed, dev),
-        val_batches=Batches(data.val, "val", cfg.batch_size, cfg.seq_len, cfg.seed, dev),
+        train_batches=train_batches, val_batches=val_batches,
         logger=logger, resume_point=point, done=dict(point.done) if point else {},
     )
 

@@ -1,0 +1,159 @@
+"""A level is a real type: torch.save/torch.load, copy.deepcopy and a spawned process all give
+a level that computes the same outputs; a .pt2 saved from a Hugging Face model loads on the
+command line; a refused training run writes nothing."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import vcyclefx as vf
+from tests.conftest import other_inputs, output_tensor
+from tools import zoo
+from vcyclefx.level import Level
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _levels():
+    model, example = zoo.gpt2()
+    small, mapping = vf.coalesce(model, example, width=0.5, depth=0.5)
+    return example, small.eval(), mapping
+
+
+def _out(level, x):
+    with torch.no_grad():
+        return output_tensor(level(*x))
+
+
+def test_a_level_survives_torch_save_and_load_with_identical_outputs_and_can_be_rewritten():
+    example, small, mapping = _levels()
+    buf = io.BytesIO()
+    torch.save(small, buf)
+    buf.seek(0)
+    back = torch.load(buf, weights_only=False)
+    assert isinstance(back, Level) and back.training is False
+    x = other_inputs(example)
+    assert torch.equal(_out(back, x), _out(small, x))
+    assert back.state_dict().keys() == small.state_dict().keys()
+    assert back.lm_head.weight is back.transformer.wte.weight  # the tie is kept
+    restored, _ = vf.decoalesce(back, mapping=mapping)  # still a level vcyclefx can rewrite
+    again, _ = vf.decoalesce(small, mapping=mapping)
+    assert torch.equal(_out(restored.eval(), x), _out(again.eval(), x))
+
+
+def test_deepcopy_of_a_level_is_a_level_in_the_same_mode_with_its_own_tensors():
+    example, small, _ = _levels()
+    small.train()
+    twin = copy.deepcopy(small)
+    assert isinstance(twin, Level) and twin.training is True
+    assert {p.data_ptr() for p in twin.parameters()}.isdisjoint(p.data_ptr() for p in small.parameters())
+    twin.eval(), small.eval()
+    assert torch.equal(_out(twin, example), _out(small, example))
+    assert not any(k in vars(twin) for k in ("train", "eval", "_apply"))  # no patched methods
+
+
+def _child(level, x, queue):
+    with torch.no_grad():
+        queue.put(output_tensor(level(*x)).numpy())  # plain bytes, not shared memory
+
+
+def test_a_level_passed_to_a_spawned_process_computes_the_same_outputs():
+    example, small, _ = _levels()
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(small, example, queue))
+    proc.start()
+    got = queue.get(timeout=240)
+    proc.join(timeout=60)
+    assert proc.exitcode == 0
+    assert torch.equal(torch.from_numpy(got), _out(small, example))
+
+
+def _cli(*args, cwd=None, env_extra=None):
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "vcyclefx.cli", *args], capture_output=True,
+                          text=True, cwd=cwd or REPO, env=env, timeout=600)
+
+
+def test_coalesce_of_a_pt2_saved_from_a_hugging_face_model_works_in_a_fresh_process(tmp_path):
+    model, example = zoo.gpt2()
+    path = tmp_path / "gpt2.pt2"
+    torch.export.save(torch.export.export(model, example, strict=False), path)
+    # a fresh interpreter has not imported transformers: the output type is found in the archive
+    res = _cli("coalesce", str(path), "--width", "0.5", "--depth", "0.5", "-o", str(tmp_path / "s"))
+    assert res.returncode == 0, res.stderr
+    summary = json.loads((tmp_path / "s" / "level.json").read_text())
+    assert summary["source_class"] == "transformers.models.gpt2.modeling_gpt2.GPT2LMHeadModel"
+    from vcyclefx.leveldir import load_level
+
+    small, _ = load_level(tmp_path / "s")
+    assert _out(small.eval(), example).shape == (2, 16, 128)
+
+
+_OUTPUT_MODULE = '''
+import dataclasses, torch
+import torch.utils._pytree as pytree
+
+@dataclasses.dataclass
+class Out:
+    y: torch.Tensor
+
+pytree.register_dataclass(Out, serialized_type_name="vcx_custom_outputs.Out")
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(8, 16)
+        self.b = torch.nn.Linear(16, 8)
+    def forward(self, x):
+        return Out(self.b(torch.relu(self.a(x))))
+'''
+
+
+def test_a_pt2_whose_output_type_module_is_not_installed_gets_a_clear_error(tmp_path):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "vcx_custom_outputs.py").write_text(_OUTPUT_MODULE)
+    path = tmp_path / "net.pt2"
+    code = ("import torch, vcx_custom_outputs as m; net = m.Net(); "
+            f"torch.export.save(torch.export.export(net, (torch.randn(2, 8),)), {str(path)!r})")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=pkg, timeout=300)
+    # with the module importable the archive loads ...
+    ok = _cli("inspect", str(path), env_extra={"PYTHONPATH": f"{REPO}{os.pathsep}{pkg}"})
+    assert ok.returncode == 0, ok.stderr
+    # ... without it the error names the type, the module and the fix
+    res = _cli("inspect", str(path), cwd=tmp_path)
+    assert res.returncode == 2
+    assert "vcx_custom_outputs.Out" in res.stderr and "'vcx_custom_outputs'" in res.stderr
+    assert "install the package" in res.stderr
+
+
+@pytest.mark.parametrize("data", ["missing", "empty", "binary"])
+def test_a_refused_training_run_leaves_no_output_directory(tmp_path, data, capsys):
+    from vcyclefx.cli import main
+
+    src = tmp_path / "data"
+    if data == "missing":
+        path = src / "missing.txt"
+    else:
+        src.mkdir()
+        if data == "binary":
+            for i in range(3):
+                (src / f"f{i}.bin").write_bytes(b"\x00\x01\x02" * 100)
+        path = src
+    out = tmp_path / "run"
+    rc = main(["train", "--schedule", "baseline", "--data", str(path), "-o", str(out), "--quiet"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vcyclefx train: error:") and str(path) in err, err
+    assert not out.exists()
