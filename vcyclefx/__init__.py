@@ -44,6 +44,7 @@ _LAZY = {
     "export_onnx": "onnx_export",
     "VCycle": "vcycle", "Stage": "vcycle", "Schedule": "vcycle",
     "training_flops_per_token": "flops",
+    "to_module": "module",
 }
 
 
@@ -74,6 +75,7 @@ __all__ = [
     "training_flops_per_token",
     "Report",
     "Mapping",
+    "to_module",
     "register_rule",
     "VCycleError",
     "CaptureError",

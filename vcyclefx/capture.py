@@ -27,6 +27,7 @@ from passes.normalize import unshare_size_arithmetic
 
 from .errors import CaptureError
 from .level import LevelInfo, own_level
+from .recipe import recipe_of
 
 log = logging.getLogger("vcyclefx.capture")
 
@@ -116,11 +117,14 @@ def capture(
     frontend: str = "export",
     dynamic: bool = True,
     concrete_args: dict | None = None,
+    recipe=None,
 ):
     """Capture ``model`` with ``example_inputs`` as a level GraphModule.
 
     ``dynamic=True`` keeps every input dimension symbolic that the model allows (batch, sequence);
     if export rejects that, the model is captured with static shapes and a note says why.
+    ``recipe`` (a :class:`vcyclefx.recipe.Recipe`) says how the model is built, for
+    ``vf.to_module``; Hugging Face models are recognised without one.
     """
     if frontend not in FRONTENDS:
         raise CaptureError(f"frontend={frontend!r} is not one of {FRONTENDS}")
@@ -169,6 +173,7 @@ def capture(
         source_class=f"{type(model).__module__}.{type(model).__qualname__}",
         dynamic_dims=_dynamic_dims(gm),
         notes=tuple(notes),
+        recipe=recipe if recipe is not None else recipe_of(model),
     )
     # the level owns copies of the model's tensors: training it never changes the user's model
     gm = own_level(gm, info, training=was_training)

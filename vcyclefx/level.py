@@ -40,6 +40,7 @@ class LevelInfo:
     source_class: str | None  # "module.QualName" of the user's original class
     dynamic_dims: tuple = ()  # (input index, dim) pairs captured as symbolic
     notes: tuple = field(default_factory=tuple)  # capture remarks shown by inspect
+    recipe: Any = None  # vcyclefx.recipe.Recipe: how the original model is built (to_module)
 
     def with_inputs(self, example_inputs: tuple) -> "LevelInfo":
         return replace(self, example_inputs=example_inputs)

@@ -36,6 +36,7 @@ from torch.export import Dim
 from .errors import LevelError, VCycleError
 from .level import LevelInfo, level_info, make_level
 from .mapping import Mapping
+from .recipe import Recipe
 
 FORMAT = "vcyclefx.level"
 VERSION = 1
@@ -117,6 +118,7 @@ def _summary(level, info: LevelInfo, tensors: dict, aliases: dict, extra: dict |
         "tensors": {k: list(v.shape) for k, v in tensors.items()},
         "aliases": aliases,
         "notes": list(info.notes),
+        "recipe": info.recipe.to_json() if info.recipe is not None else None,
         **(extra or {}),
     }
 
@@ -228,7 +230,8 @@ def _assemble(ep, weights: dict, inputs: dict, meta: dict, where: str):
     info = LevelInfo(example_inputs=example, frontend=meta.get("frontend", "export"),
                      source_class=meta.get("source_class"),
                      dynamic_dims=tuple(tuple(x) for x in meta.get("dynamic_dims", [])),
-                     notes=tuple(meta.get("notes", [])))
+                     notes=tuple(meta.get("notes", [])),
+                     recipe=Recipe.from_json(meta.get("recipe")))
     return make_level(gm, info, training=meta.get("training", False))
 
 
