@@ -11,15 +11,16 @@ from .errors import VCycleError
 
 
 def _cmd_inspect(args) -> int:
-    from .leveldir import load_model_spec
     from .report import _inspect
+    from .specs import model_from_spec
 
     # A short, read-only command: the cyclic garbage collector would spend seconds scanning the
     # objects that importing torch and the model's library made, and collect almost nothing.
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        model, example = load_model_spec(args.model)
+        found = model_from_spec(args.model, batch=args.batch, seq=args.seq)
+        model, example = found.model, found.example
         kwargs = {"frontend": args.frontend} if args.frontend else {}
         report = _inspect(model, example, kwargs, parallel=True)
         print(report.to_json() if args.json else report)
@@ -62,14 +63,16 @@ def _check_output(args) -> None:
 
 def _cmd_coalesce(args) -> int:
     from . import api
-    from .leveldir import load_model_spec, save_level
+    from .leveldir import save_level
+    from .specs import model_from_spec
 
     _check_output(args)
-    model, example = load_model_spec(args.model)
+    found = model_from_spec(args.model, batch=args.batch, seq=args.seq)
     _progress(f"coalescing {args.model} (width={args.width}, depth={args.depth})")
-    small, mapping = api.coalesce(model, example, width=args.width, depth=args.depth,
-                                  pairing=args.pairing, depth_pairing=args.depth_pairing)
-    save_level(small, args.output, mapping, overwrite=args.force,
+    small, mapping = api.coalesce(found.model, found.example, width=args.width, depth=args.depth,
+                                  pairing=args.pairing, depth_pairing=args.depth_pairing,
+                                  **_recipe_kwargs(found))
+    save_level(small, args.output, mapping, overwrite=args.force, also=_writer(small, args),
                extra={"made_by": "coalesce", "from": args.model, **_level_summary(small, mapping)})
     print(mapping.summary())
     _progress(f"wrote {args.output}")
@@ -77,16 +80,19 @@ def _cmd_coalesce(args) -> int:
 
 
 def _cmd_decoalesce(args) -> int:
-    from . import api
-    from .leveldir import load_level, load_model_spec, save_level
-
     from pathlib import Path
+
+    from . import api
+    from .leveldir import load_level, save_level
+    from .specs import model_from_spec
 
     _check_output(args)
     if Path(args.model).is_dir() and (Path(args.model) / "level.json").is_file():
         level, mapping = load_level(args.model)
+        example, extra = None, {}
     else:
-        level, _ = load_model_spec(args.model)
+        found = model_from_spec(args.model, batch=args.batch, seq=args.seq)
+        level, example, extra = found.model, found.example, _recipe_kwargs(found)
         mapping = None
     if args.width is None and args.depth is None:
         if mapping is None:
@@ -95,9 +101,10 @@ def _cmd_decoalesce(args) -> int:
         big, used = api.decoalesce(level, mapping=mapping, depth_init=args.depth_init)
     else:
         _progress(f"growing {args.model} (width={args.width or 1.0}, depth={args.depth or 1.0})")
-        big, used = api.decoalesce(level, width=args.width or 1.0, depth=args.depth or 1.0,
-                                   depth_init=args.depth_init, pairing=args.pairing)
-    save_level(big, args.output, used, overwrite=args.force,
+        big, used = api.decoalesce(level, example, width=args.width or 1.0,
+                                   depth=args.depth or 1.0, depth_init=args.depth_init,
+                                   pairing=args.pairing, **extra)
+    save_level(big, args.output, used, overwrite=args.force, also=_writer(big, args),
                extra={"made_by": "decoalesce", "from": args.model, **_level_summary(big, used)})
     _progress(f"wrote {args.output}")
     return 0
@@ -111,21 +118,56 @@ def _cmd_interpolate(args) -> int:
     a, mapping = load_level(args.dir_a)
     b, _ = load_level(args.dir_b)
     mixed = api.interpolate(a, b, args.alpha)
-    save_level(mixed, args.output, mapping, overwrite=args.force,
+    save_level(mixed, args.output, mapping, overwrite=args.force, also=_writer(mixed, args),
                extra={"made_by": "interpolate", "alpha": args.alpha, "from": [args.dir_a, args.dir_b]})
     _progress(f"wrote {args.output} = (1 - {args.alpha}) * {args.dir_a} + {args.alpha} * {args.dir_b}")
     return 0
 
 
+MODEL_HELP = ("package.module:factory returning (model, example_inputs), timm:NAME or "
+              "torchvision:NAME (random weights; keyword overrides after '?', joined by '&', "
+              "e.g. timm:convnext_atto?num_classes=10), a Hugging Face model directory, a .pt2 "
+              "file saved with torch.export, or a level directory")
+
+
+def _recipe_kwargs(found) -> dict:
+    """Capture options for a model named on the command line (nothing for a level)."""
+    from .level import is_level
+
+    return {} if is_level(found.model) or found.recipe is None else {"recipe": found.recipe}
+
+
+def _writer(level, args):
+    """What --format adds to the level directory (checked before anything is written)."""
+    if args.format == "level":
+        return None
+    from .export_module import module_writer
+
+    _progress(f"solving for the original class at the level's sizes (--format {args.format})")
+    return module_writer(level, args.format)
+
+
 def _model_arg(p) -> None:
-    p.add_argument("model", metavar="MODEL",
-                   help="package.module:factory returning (model, example_inputs), a .pt2 file "
-                        "saved with torch.export, or a level directory")
+    p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    _example_args(p)
+
+
+def _example_args(p) -> None:
+    p.add_argument("--batch", type=int, default=None,
+                   help="batch size of the example inputs vcyclefx makes (default 2)")
+    p.add_argument("--seq", type=int, default=None,
+                   help="sequence length of the example token inputs vcyclefx makes (default 16)")
 
 
 def _out_args(p) -> None:
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="level directory to write")
     p.add_argument("--force", action="store_true", help="replace DIR if it exists")
+    p.add_argument("--format", choices=["level", "hf", "module"], default="level",
+                   help="level: the level directory (graph, weights, mapping); hf: also the "
+                        "Hugging Face files (config.json + model.safetensors) that the model's own "
+                        "from_pretrained loads at the new sizes; module: also model.safetensors "
+                        "and module.json, the call that builds the original class at the new "
+                        "sizes (timm, torchvision, factories)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,9 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     ins = sub.add_parser("inspect", help="show the spaces, chains and tied tensors of a model")
-    ins.add_argument("model", metavar="MODEL",
-                     help="package.module:factory returning (model, example_inputs), a .pt2 file "
-                          "saved with torch.export, or a level directory")
+    ins.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    _example_args(ins)
     ins.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ins.add_argument("--frontend", choices=["export", "fx"], default=None,
                      help="capture front-end (default: torch.export; models with token or "
@@ -160,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     de = sub.add_parser("decoalesce", help="restore a level directory to its larger shapes "
                                            "(uses DIR/mapping.json), or grow a model by factors")
     de.add_argument("model", metavar="DIR", help="level directory (or MODEL with --width/--depth)")
+    _example_args(de)
     de.add_argument("--width", type=float, default=None, help="grow by this factor instead")
     de.add_argument("--depth", type=float, default=None, help="grow by this factor instead")
     de.add_argument("--depth-init", choices=["copy", "identity"], default=None,

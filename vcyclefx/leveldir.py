@@ -74,7 +74,9 @@ def reexport(level, example_inputs=None):
 
 
 def save_level(level, directory, mapping: Mapping | None = None, *, overwrite: bool = False,
-               extra: dict | None = None) -> Path:
+               extra: dict | None = None, also=None) -> Path:
+    """Write ``level`` as a level directory, atomically; ``also(tmp_dir)`` adds files (the
+    ``--format hf`` / ``module`` outputs) before the directory is renamed into place."""
     directory = Path(directory)
     if directory.exists() and not overwrite and any(directory.iterdir()):
         raise LevelError(f"output directory {directory} exists and is not empty: choose another -o "
@@ -94,6 +96,8 @@ def save_level(level, directory, mapping: Mapping | None = None, *, overwrite: b
             mapping.save(tmp / "mapping.json")
         summary = _summary(level, info, tensors, aliases, extra)
         (tmp / "level.json").write_text(json.dumps(summary, indent=1))
+        if also is not None:
+            also(tmp)
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
             os.replace(directory, old)
@@ -263,63 +267,9 @@ def load_level(directory) -> tuple[torch.fx.GraphModule, Mapping | None]:
     return gm, mapping
 
 
-def _root_class(gm) -> str | None:
-    """The exported model's own class, as export recorded it in ``nn_module_stack``."""
-    for n in gm.graph.nodes:
-        for path, typ in (n.meta.get("nn_module_stack") or {}).values():
-            if path == "" and isinstance(typ, str):
-                return typ
-            if not isinstance(typ, str):
-                return None
-    return None
+def load_model_spec(spec: str, batch: int | None = None, seq: int | None = None):
+    """MODEL on the command line -> (model, example_inputs); see :mod:`vcyclefx.specs`."""
+    from .specs import model_from_spec
 
-
-def load_model_spec(spec: str):
-    """MODEL on the command line -> (model, example_inputs).
-
-    ``package.module:factory`` calls ``factory()``, which returns ``(model, example_inputs)``;
-    a ``.pt2`` file saved with ``torch.export.save`` is loaded with its example inputs; a level
-    directory is loaded as a level.
-    """
-    p = Path(spec)
-    if spec.endswith(".pt2"):
-        if not p.is_file():
-            raise VCycleError(f"MODEL {spec!r}: no such file")
-        ep = load_pt2(p, f"MODEL {spec!r}")
-        args = tuple(ep.example_inputs[0]) if ep.example_inputs else None
-        if not args:
-            raise VCycleError(f"MODEL {spec!r}: the .pt2 file has no example inputs; save it with "
-                              "torch.export.save(torch.export.export(model, example_inputs), path)")
-        gm = ep.module()
-        dyn = tuple((i, d) for i, x in enumerate(
-            [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"])
-            if isinstance(x, torch.Tensor)
-            for d, s in enumerate(x.shape) if isinstance(s, torch.SymInt) and not s.node.expr.is_number)
-        gm = make_level(gm, LevelInfo(example_inputs=args, frontend="export",
-                                      source_class=_root_class(gm), dynamic_dims=dyn),
-                        training=False)
-        return gm, args
-    if p.is_dir():
-        gm, _ = load_level(p)
-        return gm, level_info(gm).example_inputs
-    if ":" not in spec:
-        raise VCycleError(f"MODEL {spec!r}: expected 'package.module:factory', a .pt2 file or a "
-                          "level directory")
-    mod_name, _, attr = spec.partition(":")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        mod = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise VCycleError(f"MODEL {spec!r}: cannot import module {mod_name!r} ({e})") from e
-    factory = getattr(mod, attr, None)
-    if not callable(factory):
-        raise VCycleError(f"MODEL {spec!r}: module {mod_name!r} has no callable {attr!r}")
-    result = factory()
-    if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], torch.nn.Module)):
-        raise VCycleError(f"MODEL {spec!r}: {attr}() must return (model, example_inputs), "
-                          f"got {type(result).__name__}")
-    model, example = result
-    if isinstance(example, torch.Tensor):
-        example = (example,)
-    return model, tuple(example)
+    found = model_from_spec(spec, batch=batch, seq=seq)
+    return found.model, found.example

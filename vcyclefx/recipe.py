@@ -76,7 +76,7 @@ class Recipe:
         for k, v in self.args.items():
             if _is_int(v) or (isinstance(v, (list, tuple)) and v and all(_is_int(x) for x in v)):
                 out[k] = v
-        if self.kind == CALL and not self.factory:
+        if self.kind == CALL:
             for k, p in _signature_defaults(import_object(self.target)).items():
                 if k not in out and (_is_int(p) or (isinstance(p, (list, tuple)) and p
                                                     and all(_is_int(x) for x in p))):
@@ -89,7 +89,7 @@ class Recipe:
         ctx = torch.device(device) if device is not None else contextlib.nullcontext()
         if self.kind == HF:
             cls = import_object(self.target)
-            cfg = cls.config_class.from_dict({**self.args, **overrides})
+            cfg = cls.config_class.from_dict(self.config(overrides))
             if self.attn is not None:
                 cfg._attn_implementation = self.attn
             with ctx:
@@ -103,7 +103,19 @@ class Recipe:
         return out[0] if self.factory else out
 
     def config(self, overrides: dict) -> dict:
-        return {**self.args, **overrides}
+        """The arguments with ``overrides``; a list argument with one entry per unit of a
+        changed count (Hugging Face's ``layer_types`` when ``num_hidden_layers`` changes) follows
+        it: cut to the new count, or its pattern repeated."""
+        out = {**self.args, **overrides}
+        for f, new in overrides.items():
+            old = self.args.get(f)
+            if not (_is_int(old) and _is_int(new)) or old == new or old <= 0:
+                continue
+            for k, v in self.args.items():
+                if k not in overrides and isinstance(v, list) and len(v) == old and v and \
+                        not all(_is_int(x) for x in v):
+                    out[k] = (v * (new // old + 1))[:new]
+        return out
 
     def to_json(self) -> dict:
         return {"kind": self.kind, "target": self.target, "args": self.args, "attn": self.attn,

@@ -58,6 +58,7 @@ class Stage:
     phase: str
     # how this stage's model was made from the previous stage's: (direction, mapping, source)
     transition: tuple | None = field(default=None, repr=False)
+    _module: torch.nn.Module | None = field(default=None, repr=False, compare=False)
 
     def map_optimizer_state(self, state: dict[str, dict]) -> dict[str, dict]:
         """Carry per-parameter optimizer state (AdamW ``exp_avg``/``exp_avg_sq``/``step``,
@@ -81,6 +82,17 @@ class Stage:
                 entry["step"] = steps[0].clone() if isinstance(steps[0], torch.Tensor) else steps[0]
             out[name] = entry
         return out
+
+    def module(self) -> torch.nn.Module:
+        """This stage's model as the user's own class at this level's sizes (``vf.to_module``),
+        holding the stage's own tensors: train it with any trainer (a ``transformers.Trainer``,
+        Lightning) and the cycle's next transition starts from what it learned. The same object
+        on every call."""
+        if self._module is None:
+            from .module import to_module
+
+            self._module = to_module(self.model, share=True)
+        return self._module
 
     def __repr__(self) -> str:
         return (f"Stage(index={self.index}, level={self.level}, steps={self.steps}, "
@@ -277,11 +289,17 @@ class VCycle:
         else:
             raise ScheduleError(f"stage moves from level {frm} to {to}; a V-cycle moves one level")
 
-    def result(self) -> torch.nn.Module:
-        """The level-0 model after the last stage (its state_dict loads into the user's class)."""
+    def result(self, as_module: bool = False) -> torch.nn.Module:
+        """The level-0 model after the last stage (its state_dict loads into the user's class);
+        with ``as_module=True`` an instance of the user's class holding its tensors
+        (``vf.to_module``; for Hugging Face models ``save_pretrained`` works on it)."""
         if not self._done:
             raise ScheduleError(f"the cycle has run {self._next} of {len(self.schedule)} stages; "
                                 "iterate it to the end first")
+        if as_module:
+            from .module import to_module
+
+            return to_module(self._model, share=True)
         return self._model
 
     # -- reporting ------------------------------------------------------------------------------

@@ -1,0 +1,193 @@
+"""Your model back at its new size: vf.to_module gives the original class at a level's sizes
+(config updated), loaded strictly, computing the level's function; also through
+save_pretrained/from_pretrained, the CLI's --format hf/module and every MODEL form."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import vcyclefx as vf
+from tests.conftest import other_inputs, output_tensor, rel_error
+from tools import zoo
+from vcyclefx.specs import model_from_spec
+
+
+def _hf(name):
+    T = zoo._hf_quiet()
+    torch.manual_seed(0)
+    if name == "qwen2":
+        cfg = T.Qwen2Config(vocab_size=128, hidden_size=64, num_hidden_layers=2,
+                            num_attention_heads=8, num_key_value_heads=4, intermediate_size=128,
+                            max_position_embeddings=64, use_cache=False)
+        return T.Qwen2ForCausalLM(cfg), (zoo._tokens(128),)
+    cfg = T.ViTConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, intermediate_size=128, num_labels=10)
+    return T.ViTForImageClassification(cfg), (zoo._image(),)
+
+
+# name -> (build, config fields expected after coalesce(0.5, 0.5), after decoalesce(2, 2))
+HF_CASES = {
+    "gpt2": (zoo.gpt2, dict(n_embd=32, n_head=2, n_layer=1), dict(n_embd=128, n_head=8, n_layer=4)),
+    "llama": (zoo.llama, dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                              intermediate_size=64, num_hidden_layers=1, head_dim=8),
+              dict(hidden_size=128, num_attention_heads=16, num_key_value_heads=8,
+                   intermediate_size=256, num_hidden_layers=4, head_dim=8)),
+    "bert": (zoo.bert, dict(hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                            num_hidden_layers=1),
+             dict(hidden_size=128, num_attention_heads=8, intermediate_size=256,
+                  num_hidden_layers=4)),
+    "qwen2": (lambda: _hf("qwen2"), dict(hidden_size=32, num_attention_heads=4,
+                                          num_key_value_heads=2, intermediate_size=64,
+                                          num_hidden_layers=1),
+              dict(hidden_size=128, num_attention_heads=16, num_key_value_heads=8,
+                   intermediate_size=256, num_hidden_layers=4)),
+    "hf-vit": (lambda: _hf("vit"), dict(hidden_size=32, num_attention_heads=2,
+                                         intermediate_size=64, num_hidden_layers=1),
+               dict(hidden_size=128, num_attention_heads=8, intermediate_size=256,
+                    num_hidden_layers=4)),
+}
+
+
+def _same_function(module, level, x) -> float:
+    module.eval(), level.eval()
+    with torch.no_grad():
+        return rel_error(output_tensor(module(*x)), output_tensor(level(*x)))
+
+
+@pytest.mark.parametrize("direction", ["coalesce", "decoalesce"])
+@pytest.mark.parametrize("name", list(HF_CASES))
+def test_hugging_face_levels_come_back_as_their_class_with_the_config_sizes(name, direction,
+                                                                             tmp_path):
+    build, down, up = HF_CASES[name]
+    model, example = build()
+    if direction == "coalesce":
+        level, _ = vf.coalesce(model, example, width=0.5, depth=0.5)
+    else:
+        level, _ = vf.decoalesce(model, example, width=2.0, depth=2.0)
+    mine = vf.to_module(level)
+    assert type(mine) is type(model)
+    expected = down if direction == "coalesce" else up
+    assert {k: getattr(mine.config, k) for k in expected} == expected
+    x = other_inputs(example) if name != "bert" else example  # BERT: mask/type ids as given
+    assert _same_function(mine, level, x) <= 1e-6
+    fresh = type(model)(mine.config)  # the config alone builds the same shapes: strict load
+    fresh.load_state_dict(level.state_dict(), strict=True)
+    mine.save_pretrained(tmp_path / "m")
+    back = type(model).from_pretrained(tmp_path / "m")
+    assert _same_function(back, level, x) <= 1e-6
+
+
+LIB_CASES = {
+    "timm-deit": ("timm:deit_tiny_patch16_224?img_size=32&patch_size=8&depth=2&num_classes=10"
+                  "&embed_dim=128&num_heads=4",
+                  dict(embed_dim=64, num_heads=2, depth=1), dict(embed_dim=256, num_heads=8, depth=4)),
+    "timm-convnext": ("timm:convnext_atto?num_classes=10&dims=(16,32,64,128)&depths=(2,2,2,2)",
+                      dict(dims=[8, 16, 32, 64], depths=[1, 1, 1, 1]),
+                      dict(dims=[32, 64, 128, 256], depths=[4, 4, 4, 4])),
+    "torchvision-vit": ("torchvision:vit_b_16?image_size=32&patch_size=8&num_layers=2&num_heads=4"
+                        "&hidden_dim=64&mlp_dim=128&num_classes=10",
+                        dict(hidden_dim=32, mlp_dim=64, num_layers=1),
+                        dict(hidden_dim=128, mlp_dim=256, num_layers=4)),
+}
+
+
+@pytest.mark.parametrize("direction", ["coalesce", "decoalesce"])
+@pytest.mark.parametrize("name", list(LIB_CASES))
+def test_timm_and_torchvision_levels_come_back_as_their_class_with_the_new_arguments(name,
+                                                                                      direction):
+    from vcyclefx.module import module_call
+
+    spec, down, up = LIB_CASES[name]
+    found = model_from_spec(spec, batch=1)
+    fn, kw = ((vf.coalesce, dict(width=0.5, depth=0.5)) if direction == "coalesce"
+              else (vf.decoalesce, dict(width=2.0, depth=2.0)))
+    level, _ = fn(found.model, found.example, recipe=found.recipe, **kw)
+    mine = vf.to_module(level)
+    assert type(mine) is type(found.model)
+    assert _same_function(mine, level, found.example) <= 1e-6
+    call = module_call(level)
+    expected = down if direction == "coalesce" else up
+    assert {k: call["kwargs"][k] for k in expected} == expected
+
+
+def test_a_level_no_configuration_can_express_is_refused_naming_the_tensor():
+    # timm's ViT derives head_dim = embed_dim // num_heads: 3 heads cannot be halved evenly,
+    # so the coalesced level keeps heads of the old size, which no argument expresses
+    found = model_from_spec("timm:deit_tiny_patch16_224?img_size=32&patch_size=8&depth=2"
+                            "&num_classes=10", batch=1)
+    level, _ = vf.coalesce(found.model, found.example, width=0.5, depth=0.5, recipe=found.recipe)
+    with pytest.raises(vf.LevelError, match=r"no configuration of timm\.models\.vision_transformer"
+                                            r"\.VisionTransformer reproduces this level: tensor "
+                                            r"blocks\.0\.attn\.\w+\.\w+ has shape"):
+        vf.to_module(level)
+
+
+def test_a_level_of_a_model_without_a_recipe_says_how_to_give_one():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    level, _ = vf.coalesce(Net(), (torch.randn(2, 8),), width=0.5)
+    with pytest.raises(vf.LevelError, match="does not know how its original model .* is built"):
+        vf.to_module(level)
+
+
+def test_cli_writes_a_hugging_face_directory_that_from_pretrained_loads(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from vcyclefx.cli import main
+
+    model, example = zoo.llama()
+    model.save_pretrained(tmp_path / "my-llama")
+    assert main(["coalesce", str(tmp_path / "my-llama"), "--width", "0.5", "--depth", "0.5",
+                 "-o", str(tmp_path / "small"), "--format", "hf", "--seq", "12"]) == 0
+    small = AutoModelForCausalLM.from_pretrained(tmp_path / "small")
+    assert (small.config.hidden_size, small.config.num_key_value_heads,
+            small.config.num_hidden_layers) == (32, 2, 1)
+    from vcyclefx.leveldir import load_level
+
+    level, _ = load_level(tmp_path / "small")  # the level files are beside the HF ones
+    assert level.info.example_inputs[0].shape == (2, 12)
+    assert _same_function(small, level, other_inputs(example)) <= 1e-6
+    assert main(["decoalesce", str(tmp_path / "small"), "-o", str(tmp_path / "big"),
+                 "--format", "hf"]) == 0
+    big = AutoModelForCausalLM.from_pretrained(tmp_path / "big")
+    assert big.config.hidden_size == 64 and big.config.num_hidden_layers == 2
+    # --format hf of a model that is not a Hugging Face one is refused before anything is written
+    assert main(["coalesce", "tools.zoo:nanogpt", "-o", str(tmp_path / "x"), "--format", "hf"]) == 2
+    assert "needs a Hugging Face model" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_format_module_writes_the_call_that_builds_the_class_at_the_new_sizes(tmp_path):
+    from vcyclefx.cli import main
+    from vcyclefx.export_module import load_module
+    from vcyclefx.leveldir import load_level
+
+    out = tmp_path / "small"
+    spec = LIB_CASES["torchvision-vit"][0]
+    assert main(["coalesce", spec, "--width", "0.5", "--depth", "0.5", "-o", str(out),
+                 "--format", "module"]) == 0
+    desc = json.loads((out / "module.json").read_text())
+    assert desc["call"] == "torchvision.models.vision_transformer.VisionTransformer"
+    assert desc["kwargs"]["hidden_dim"] == 32 and desc["kwargs"]["num_layers"] == 1
+    module = load_module(out)
+    level, _ = load_level(out)
+    assert _same_function(module, level, level.info.example_inputs) <= 1e-6
+
+
+def test_factory_models_with_keyword_overrides_round_trip_through_their_factory():
+    found = model_from_spec("tools.zoo:nanogpt?n_layer=4")
+    assert len(found.model.blocks if hasattr(found.model, "blocks") else found.model.h) == 4
+    level, _ = vf.coalesce(found.model, found.example, width=0.5, depth=0.5,
+                           recipe=found.recipe, frontend="fx")
+    mine = vf.to_module(level)
+    assert type(mine) is type(found.model)
+    assert _same_function(mine, level, found.example) <= 1e-6
