@@ -191,3 +191,33 @@ def test_factory_models_with_keyword_overrides_round_trip_through_their_factory(
     mine = vf.to_module(level)
     assert type(mine) is type(found.model)
     assert _same_function(mine, level, found.example) <= 1e-6
+
+
+def test_a_vcycle_trained_stage_by_stage_with_the_hugging_face_trainer_ends_in_a_loadable_model(
+        tmp_path):
+    from transformers import GPT2LMHeadModel, Trainer, TrainingArguments
+
+    model, example = zoo.gpt2(n_layer=4)
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 128, (64, 16), generator=g)]
+    cycle = vf.VCycle(model, example, levels=2, width=0.5, depth=0.5, alpha=0.25, steps=[3, 4, 3])
+    seen = []
+    for stage in cycle:
+        mine = stage.module()  # a GPT2LMHeadModel at this level's sizes, sharing the level's tensors
+        assert isinstance(mine, GPT2LMHeadModel) and mine is stage.module()
+        before = {k: v.clone() for k, v in stage.model.state_dict().items()}
+        args = TrainingArguments(output_dir=str(tmp_path / f"stage{stage.index}"),
+                                 max_steps=stage.steps, per_device_train_batch_size=8,
+                                 learning_rate=1e-3 * stage.lr_scale, report_to=[],
+                                 save_strategy="no", logging_strategy="no", use_cpu=True,
+                                 dataloader_num_workers=0, seed=stage.index)
+        Trainer(model=mine, args=args, train_dataset=data).train()
+        changed = [k for k, v in stage.model.state_dict().items() if not torch.equal(v, before[k])]
+        assert changed  # what the Trainer learned is in the level the next transition maps
+        seen.append((stage.level, mine.config.n_embd, mine.config.n_layer))
+    assert seen == [(0, 64, 4), (1, 32, 2), (0, 64, 4)]
+    final = cycle.result(as_module=True)
+    final.save_pretrained(tmp_path / "final")
+    back = GPT2LMHeadModel.from_pretrained(tmp_path / "final")
+    x = other_inputs(example)
+    assert _same_function(back, cycle.result(), x) <= 1e-6

@@ -86,7 +86,12 @@ class Recipe:
     def build(self, overrides: dict | None = None, device=None) -> nn.Module:
         """The model with ``overrides`` applied, on ``device`` (e.g. "meta")."""
         overrides = overrides or {}
-        ctx = torch.device(device) if device is not None else contextlib.nullcontext()
+        ctx = contextlib.nullcontext()
+        if device is not None:
+            ctx = contextlib.ExitStack()
+            ctx.enter_context(torch.device(device))
+            if str(device) == "meta":
+                ctx.enter_context(_SkipInPlaceOnMeta())
         if self.kind == HF:
             cls = import_object(self.target)
             cfg = cls.config_class.from_dict(self.config(overrides))
@@ -127,6 +132,19 @@ class Recipe:
             return None
         return Recipe(d["kind"], d["target"], dict(d["args"]), d.get("attn"),
                       bool(d.get("factory", False)), tuple(d.get("dropped", ())))
+
+
+class _SkipInPlaceOnMeta(torch.overrides.TorchFunctionMode):
+    """Weight initialisation on the meta device is only cost (a meta tensor has no values):
+    in-place ops on meta tensors return their input untouched (timm's trunc_normal_ of a small
+    ConvNeXt takes 0.15 s per build otherwise)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if (name.endswith("_") and not name.startswith("_") and args
+                and isinstance(args[0], torch.Tensor) and args[0].is_meta):
+            return args[0]
+        return func(*args, **(kwargs or {}))
 
 
 def _is_int(v) -> bool:
