@@ -156,3 +156,39 @@ def test_progress_bar_shows_step_level_loss_and_tokens_per_second_on_a_terminal(
     text = b"".join(chunks).decode(errors="replace")
     assert "baseline" in text and "20/20" in text
     assert "level=0 loss=" in text and "tok/s=" in text
+
+
+def test_the_driver_trains_a_llama_config_directory_and_writes_hugging_face_models(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg_dir = tmp_path / "llama"
+    LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=64, vocab_size=32000, max_position_embeddings=16,
+                use_cache=False).save_pretrained(cfg_dir)
+    cfg = tiny(tmp_path, model=str(cfg_dir), schedule="compare", steps=20, eval_every=10,
+               warmup=2)
+    summary = main(cfg)
+    for schedule in ("baseline", "vcycle"):
+        loss = summary["schedules"][schedule]["final_val_loss"]
+        assert loss < 5.0, (schedule, loss)  # below log(256) = 5.55: it learned something
+        back = LlamaForCausalLM.from_pretrained(tmp_path / "run" / f"{schedule}-hf")
+        assert back.config.vocab_size == 256  # the vocabulary comes from the data (bytes)
+        assert back.config.num_key_value_heads == 2 and back.config.num_hidden_layers == 2
+        back.load_state_dict(load_weights_dict(tmp_path / "run" / f"{schedule}.safetensors"),
+                             strict=False)
+    x = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        assert back(x).logits.shape == (2, 16, 256)
+
+
+def load_weights_dict(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_a_bad_model_option_is_refused_before_anything_is_written(tmp_path):
+    cfg = tiny(tmp_path, model=str(tmp_path / "no-such-config"))
+    with pytest.raises(ConfigError, match="--model .*no-such-config"):
+        main(cfg)
+    assert not (tmp_path / "run").exists()

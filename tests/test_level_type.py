@@ -157,3 +157,14 @@ def test_a_refused_training_run_leaves_no_output_directory(tmp_path, data, capsy
     err = capsys.readouterr().err
     assert err.startswith("vcyclefx train: error:") and str(path) in err, err
     assert not out.exists()
+
+
+def test_a_level_captured_from_a_view_runs_on_plain_inputs():
+    # export guards a view on its base tensor ("input_ids._base.size()[1] != ..."); capture
+    # takes copies, so a level made from a slice of a (B, T + 1) batch runs on any batch
+    model, _ = zoo.gpt2()
+    batch = torch.randint(0, 128, (2, 17))
+    level = vf.capture(model, (batch[:, :-1],))
+    plain = torch.randint(0, 128, (3, 16))
+    with torch.no_grad():
+        assert torch.equal(level.eval()(plain).logits, model.eval()(plain).logits)

@@ -57,7 +57,10 @@ def _check_inputs(model, example_inputs) -> tuple:
             f"parameter {bad[0]!r} has dtype {dict(model.named_parameters())[bad[0]].dtype}: "
             "vcyclefx maps float weights only (dequantize the model first)"
         )
-    return tuple(example_inputs)
+    # views are exported with guards on their base tensor ("input_ids._base.size()[1] !=
+    # input_ids.size()[1]" for a slice of a (B, T+1) batch), which fail on any other input:
+    # capture with plain copies
+    return tuple(x.detach().clone() if x._base is not None else x for x in example_inputs)
 
 
 def _batch_and_sequence(x: torch.Tensor) -> list[int]:

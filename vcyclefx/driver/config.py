@@ -36,7 +36,11 @@ def _f(default, help: str, **extra):
 
 @dataclass(frozen=True)
 class TrainConfig:
-    # --- model (a GPT-2 style causal LM, vcyclefx.gpt.GPT) ---
+    # --- model (a GPT-2 style causal LM, vcyclefx.gpt.GPT, unless --model names another) ---
+    model: str = _f("", "causal LM architecture to train instead of the built-in GPT: a Hugging "
+                        "Face config.json or model directory (random weights, vocabulary from "
+                        "the data) or a pkg.mod:factory(vocab_size=, seq_len=) returning a "
+                        "module; --n-layer/--n-head/--n-embd/--bias then do not apply")
     n_layer: int = _f(4, "transformer blocks of level 0 (the model you want at the end)")
     n_head: int = _f(4, "attention heads of level 0; n_embd must be a multiple of it")
     n_embd: int = _f(128, "residual stream width of level 0")

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch.utils import flop_counter
 
 from ..gpt import GPT, GPTConfig
+from .models import build_causal_lm, check_model, logits_of, save_hf
 from .checkpoint import (Point, RunState, atomic_write_text, load_weights, resume_config,
                          save_checkpoint, save_weights, set_rng_state)
 from .config import ConfigError, TrainConfig, check_runtime
@@ -83,7 +84,7 @@ def training_flops_per_token(module: torch.nn.Module, example_input_ids: torch.T
     devices = [example_input_ids.device] if example_input_ids.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), \
             flop_counter.FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as fc:
-        logits = module(example_input_ids)  # (B, T, vocab)
+        logits = logits_of(module(example_input_ids))  # (B, T, vocab)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), example_input_ids.flatten())
         torch.autograd.grad(loss, params, allow_unused=True)
     return fc.get_total_flops() / example_input_ids.numel()
@@ -188,6 +189,7 @@ def setup(cfg: TrainConfig) -> Runtime:
     if data.max_token >= vocab:
         raise ConfigError(f"--vocab-size {vocab} is too small for token id {data.max_token} in "
                           "the data: use --vocab-size 0 (from the data) or a larger one")
+    check_model(cfg.model)
     train_batches = Batches(data.train, "train", cfg.batch_size, cfg.seq_len, cfg.seed, dev)
     val_batches = Batches(data.val, "val", cfg.batch_size, cfg.seq_len, cfg.seed, dev)
     if not cfg.resume:
@@ -227,10 +229,13 @@ def cleanup(rt: Runtime | None) -> None:
 # ----------------------------------------------------------------------------- the loop
 
 
-def new_model(rt: Runtime) -> GPT:
-    """Level 0 with the run's initial weights (the same for every schedule of a run)."""
+def new_model(rt: Runtime) -> torch.nn.Module:
+    """Level 0 with the run's initial weights (the same for every schedule of a run): the
+    built-in GPT, or the ``--model`` architecture (``driver.models``)."""
     c = rt.cfg
     torch.manual_seed(c.seed)
+    if c.model:
+        return build_causal_lm(c.model, vocab_size=c.vocab_size, seq_len=c.seq_len, seed=c.seed)
     return GPT(GPTConfig(block_size=c.seq_len, vocab_size=c.vocab_size, n_layer=c.n_layer,
                          n_head=c.n_head, n_embd=c.n_embd, dropout=c.dropout, bias=c.bias))
 
@@ -313,7 +318,7 @@ def evaluate(rt: Runtime, module: torch.nn.Module) -> float:
         i = k * rt.world + rt.rank
         x, y = rt.val_batches.get(0, i if i < rt.cfg.eval_batches else rt.rank)
         with rt.autocast():
-            logits = module(x)  # (B, T, vocab)
+            logits = logits_of(module(x))  # (B, T, vocab)
         if i < rt.cfg.eval_batches:
             total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()).double()
     if rt.distributed:
@@ -390,7 +395,7 @@ def run_stage(rt: Runtime, module: torch.nn.Module, steps: int, lr_scale: float,
             last_micro = micro == local_accum - 1
             with t.grad_sync(last_micro):
                 with rt.autocast():
-                    logits = t.model(x)  # (B, T, vocab)
+                    logits = logits_of(t.model(x))  # (B, T, vocab)
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
                 (loss / local_accum).backward()
             loss_sum += loss.detach()
@@ -547,11 +552,15 @@ def run_vcycle(rt: Runtime, made: Cycle, point: Point | None, bar: ProgressBar |
 
 
 def _save_final(rt: Runtime, module: torch.nn.Module, schedule: str) -> None:
-    """The trained level-0 weights (they load with strict=True into vcyclefx.gpt.GPT)."""
+    """The trained level-0 weights (they load with strict=True into vcyclefx.gpt.GPT, or into
+    the ``--model`` class); a Hugging Face ``--model`` is also written as ``<schedule>-hf/``,
+    what ``from_pretrained`` loads."""
     if rt.master:
         tmp = rt.out / f".{schedule}.safetensors.tmp"
         save_weights(module.state_dict(keep_vars=True), tmp)
         os.replace(tmp, rt.out / f"{schedule}.safetensors")
+        if rt.cfg.model:
+            save_hf(module, rt.out / f"{schedule}-hf")
 
 
 def _print(bar: ProgressBar | None, text: str) -> None:
