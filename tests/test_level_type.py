@@ -168,3 +168,39 @@ def test_a_level_captured_from_a_view_runs_on_plain_inputs():
     plain = torch.randint(0, 128, (3, 16))
     with torch.no_grad():
         assert torch.equal(level.eval()(plain).logits, model.eval()(plain).logits)
+
+
+def _bart():
+    T = zoo._hf_quiet()
+    torch.manual_seed(0)
+    cfg = T.BartConfig(vocab_size=128, d_model=64, encoder_layers=2, decoder_layers=2,
+                       encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+                       decoder_ffn_dim=128, max_position_embeddings=64, use_cache=False)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 128, (2, 12), generator=g)
+    dec = torch.randint(3, 128, (2, 8), generator=g)
+    return T.BartForConditionalGeneration(cfg).eval(), ids, dec
+
+
+def test_keyword_example_inputs_capture_an_encoder_decoder_without_a_wrapper():
+    model, ids, dec = _bart()
+    with torch.no_grad():
+        ref = model(input_ids=ids, decoder_input_ids=dec).logits
+    # keyword inputs as example_kwargs= or as a dict; the level takes them positionally or by name
+    big, mapping = vf.decoalesce(model, (ids,), example_kwargs={"decoder_input_ids": dec},
+                                 width=2.0)
+    assert big.info.input_names == ("input_ids", "decoder_input_ids")
+    with torch.no_grad():
+        assert float((big.eval()(ids, dec).logits - ref).abs().max() / ref.abs().max()) <= 1e-5
+        other = (torch.randint(3, 128, (3, 10)), torch.randint(3, 128, (3, 5)))
+        assert big(other[0], decoder_input_ids=other[1]).logits.shape == (3, 5, 128)
+    back, _ = vf.coalesce(big, mapping=mapping)
+    level0 = vf.capture(model, {"input_ids": ids, "decoder_input_ids": dec})
+    for k, v in level0.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    cycle = vf.VCycle(model, (ids,), example_kwargs={"decoder_input_ids": dec}, levels=2,
+                      width=0.5, depth=0.5, steps=[1, 1, 1])
+    for stage in cycle:
+        pass
+    fresh, _, _ = _bart()
+    fresh.load_state_dict(cycle.result().state_dict(), strict=True)

@@ -16,6 +16,7 @@ then switched to the mode the model was in.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 import warnings
@@ -34,11 +35,18 @@ log = logging.getLogger("vcyclefx.capture")
 FRONTENDS = ("export", "fx")
 
 
-def _check_inputs(model, example_inputs) -> tuple:
+def _check_inputs(model, example_inputs, example_kwargs=None) -> tuple[tuple, dict]:
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"capture expects an nn.Module, got {type(model).__name__}")
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
+    if isinstance(example_inputs, dict):  # keyword inputs only
+        example_inputs, example_kwargs = (), {**example_inputs, **(example_kwargs or {})}
+    kwargs = dict(example_kwargs or {})
+    for k, v in kwargs.items():
+        if not isinstance(v, torch.Tensor):
+            raise CaptureError(f"example_kwargs[{k!r}] is a {type(v).__name__}; only tensors are "
+                               "supported as keyword example inputs")
     if not isinstance(example_inputs, (tuple, list)):
         raise CaptureError(
             "example_inputs must be a tuple of tensors for the model's forward(), "
@@ -60,7 +68,31 @@ def _check_inputs(model, example_inputs) -> tuple:
     # views are exported with guards on their base tensor ("input_ids._base.size()[1] !=
     # input_ids.size()[1]" for a slice of a (B, T+1) batch), which fail on any other input:
     # capture with plain copies
-    return tuple(x.detach().clone() if x._base is not None else x for x in example_inputs)
+    def plain(x):
+        return x.detach().clone() if x._base is not None else x
+
+    return tuple(plain(x) for x in example_inputs), {k: plain(v) for k, v in kwargs.items()}
+
+
+def _input_names(model, args: tuple, kwargs: dict) -> tuple:
+    """The forward() parameter name of every input, positional ones first ("" where a
+    ``*args`` parameter takes it)."""
+    try:
+        bound = inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments
+    except (TypeError, ValueError) as e:
+        if kwargs:
+            raise CaptureError(f"the example inputs do not fit {type(model).__name__}.forward: "
+                               f"{e}") from e
+        return ()
+    names = []
+    for name, value in bound.items():
+        if isinstance(value, tuple) and name not in kwargs:  # *args
+            names += [""] * len(value)
+        elif isinstance(value, dict) and name not in kwargs:  # **kwargs
+            names += list(value)
+        else:
+            names.append(name)
+    return tuple(names)
 
 
 def _batch_and_sequence(x: torch.Tensor) -> list[int]:
@@ -73,15 +105,40 @@ def _batch_and_sequence(x: torch.Tensor) -> list[int]:
     return [0]
 
 
-def _auto_dims(example_inputs: tuple):
-    return tuple({d: Dim.AUTO for d in _batch_and_sequence(x)} for x in example_inputs)
+def _auto_dims(example_inputs: tuple, kwargs: dict | None = None):
+    args = tuple({d: Dim.AUTO for d in _batch_and_sequence(x)} for x in example_inputs)
+    if not kwargs:
+        return args
+    return args, {k: {d: Dim.AUTO for d in _batch_and_sequence(x)} for k, x in kwargs.items()}
 
 
-def _export(module, args, dynamic: bool):
-    shapes = _auto_dims(args) if dynamic else None
+def _export(module, args, dynamic: bool, kwargs: dict | None = None):
+    shapes = _auto_dims(args, kwargs) if dynamic else None
+    if kwargs and shapes is not None:
+        shapes = _by_name(module, args, kwargs, shapes)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return torch.export.export(module, args, dynamic_shapes=shapes, strict=False)
+        return torch.export.export(module, args, kwargs=kwargs or None, dynamic_shapes=shapes,
+                                   strict=False)
+
+
+def _by_name(module, args, kwargs, shapes) -> dict:
+    """Dynamic shapes keyed by forward() parameter name (export's form when keywords are given)."""
+    names = list(inspect.signature(module.forward).bind_partial(*args).arguments)
+    return {**dict(zip(names, shapes[0])), **shapes[1]}
+
+
+def _flat_inputs(gm, n: int) -> None:
+    """The level takes every input positionally (and by its name): positional inputs first,
+    then the keyword ones in the order given, so ``level(*info.example_inputs)`` works."""
+    import torch.utils._pytree as pytree
+
+    cg = gm.graph._codegen
+    info = getattr(cg, "pytree_info", None)
+    if info is None:
+        return
+    cg.pytree_info = info._replace(in_spec=pytree.tree_flatten((tuple(range(n)), {}))[1])
+    gm.recompile()
 
 
 def _symbolic_trace(model, concrete_args):
@@ -115,8 +172,9 @@ def _dynamic_dims(gm) -> tuple:
 
 def capture(
     model: torch.nn.Module,
-    example_inputs,
+    example_inputs=(),
     *,
+    example_kwargs: dict | None = None,
     frontend: str = "export",
     dynamic: bool = True,
     concrete_args: dict | None = None,
@@ -126,12 +184,20 @@ def capture(
 
     ``dynamic=True`` keeps every input dimension symbolic that the model allows (batch, sequence);
     if export rejects that, the model is captured with static shapes and a note says why.
+    ``example_inputs`` is a tuple of tensors (or a dict of keyword tensors); ``example_kwargs``
+    adds keyword inputs (an encoder-decoder's ``decoder_input_ids``). The level takes every input
+    positionally, positional ones first and then the keyword ones in their order (or each by its
+    name); ``level.info.example_inputs`` holds them in that order.
     ``recipe`` (a :class:`vcyclefx.recipe.Recipe`) says how the model is built, for
     ``vf.to_module``; Hugging Face models are recognised without one.
     """
     if frontend not in FRONTENDS:
         raise CaptureError(f"frontend={frontend!r} is not one of {FRONTENDS}")
-    args = _check_inputs(model, example_inputs)
+    args, kwargs = _check_inputs(model, example_inputs, example_kwargs)
+    if kwargs and frontend == "fx":
+        raise CaptureError("keyword example inputs need frontend='export' (symbolic_trace binds "
+                           "positional inputs only)")
+    names = _input_names(model, args, kwargs)
     was_training = model.training
     start = time.perf_counter()
     notes: list[str] = []
@@ -139,12 +205,12 @@ def capture(
     try:
         target = _symbolic_trace(model, concrete_args) if frontend == "fx" else model
         try:
-            ep = _export(target, args, dynamic)
+            ep = _export(target, args, dynamic, kwargs)
         except Exception as dyn_err:  # noqa: BLE001
             if not dynamic:
                 raise _export_error(frontend, model, dyn_err) from dyn_err
             try:
-                ep = _export(target, args, False)
+                ep = _export(target, args, False, kwargs)
             except Exception as static_err:  # noqa: BLE001
                 raise _export_error(frontend, model, static_err) from static_err
             notes.append(
@@ -159,7 +225,8 @@ def capture(
         # random ops; the graph cannot switch them off for eval, so capture the eval-mode graph
         model.eval()
         try:
-            ep = _export(target if frontend == "fx" else model, args, dynamic and not notes)
+            ep = _export(target if frontend == "fx" else model, args, dynamic and not notes,
+                         kwargs)
         except Exception as e:  # noqa: BLE001
             raise _export_error(frontend, model, e) from e
         finally:
@@ -169,9 +236,12 @@ def capture(
             f"captured in eval mode: random ops {', '.join(random_ops)} (stochastic depth?) are "
             "not switchable train/eval in a graph, so they are left out; dropout stays switchable"
         )
+    if kwargs:
+        _flat_inputs(gm, len(args) + len(kwargs))
     unshare_size_arithmetic(gm)
     info = LevelInfo(
-        example_inputs=tuple(x.detach().clone() for x in args),
+        example_inputs=tuple(x.detach().clone() for x in (*args, *kwargs.values())),
+        input_names=names,
         frontend=frontend,
         source_class=f"{type(model).__module__}.{type(model).__qualname__}",
         dynamic_dims=_dynamic_dims(gm),

@@ -41,9 +41,16 @@ class LevelInfo:
     dynamic_dims: tuple = ()  # (input index, dim) pairs captured as symbolic
     notes: tuple = field(default_factory=tuple)  # capture remarks shown by inspect
     recipe: Any = None  # vcyclefx.recipe.Recipe: how the original model is built (to_module)
+    input_names: tuple = ()  # forward() parameter name of each example input ("" if unnamed)
 
-    def with_inputs(self, example_inputs: tuple) -> "LevelInfo":
-        return replace(self, example_inputs=example_inputs)
+    def as_call(self, inputs=None) -> tuple[tuple, dict]:
+        """(args, kwargs) that call the *original* model with ``inputs`` (default: the example
+        inputs): every input by its forward() name where all have one, else positionally."""
+        inputs = tuple(self.example_inputs if inputs is None else inputs)
+        names = self.input_names
+        if len(names) != len(inputs) or not all(names):
+            return inputs, {}
+        return (), dict(zip(names, inputs))
 
 
 class Level(GraphModule):

@@ -123,6 +123,7 @@ def _summary(level, info: LevelInfo, tensors: dict, aliases: dict, extra: dict |
         "aliases": aliases,
         "notes": list(info.notes),
         "recipe": info.recipe.to_json() if info.recipe is not None else None,
+        "input_names": list(info.input_names),
         **(extra or {}),
     }
 
@@ -235,7 +236,8 @@ def _assemble(ep, weights: dict, inputs: dict, meta: dict, where: str):
                      source_class=meta.get("source_class"),
                      dynamic_dims=tuple(tuple(x) for x in meta.get("dynamic_dims", [])),
                      notes=tuple(meta.get("notes", [])),
-                     recipe=Recipe.from_json(meta.get("recipe")))
+                     recipe=Recipe.from_json(meta.get("recipe")),
+                     input_names=tuple(meta.get("input_names", ())))
     return make_level(gm, info, training=meta.get("training", False))
 
 

@@ -168,7 +168,7 @@ def _rel_error(a, b) -> float:
     return worst
 
 
-def _verify(recipe: Recipe, overrides: dict, level, state, example) -> tuple[nn.Module | None, float]:
+def _verify(recipe: Recipe, overrides: dict, level, state, info) -> tuple[nn.Module | None, float]:
     try:
         module = recipe.build(overrides)
         module.load_state_dict(state, strict=True)
@@ -176,7 +176,8 @@ def _verify(recipe: Recipe, overrides: dict, level, state, example) -> tuple[nn.
         return None, float("inf")
     module.eval()
     with torch.no_grad():
-        err = _rel_error(module(*example), level(*example))
+        args, kwargs = info.as_call()
+        err = _rel_error(module(*args, **kwargs), level(*info.example_inputs))
     return module, err
 
 
@@ -203,7 +204,6 @@ def solve(level) -> tuple[Recipe, dict, nn.Module, float]:
         raise LevelError(_no_config_message(level, recipe, builder.shapes(closest), target,
                                             closest))
     state = level.state_dict()
-    example = info.example_inputs
     was_training = level.training
     level.eval()
     module, err, overrides, tried = None, float("inf"), exact[0], []
@@ -216,7 +216,7 @@ def solve(level) -> tuple[Recipe, dict, nn.Module, float]:
             for trial in trials:
                 if _mismatch(builder.shapes(trial), target) != 0:
                     continue
-                m, e = _verify(recipe, trial, level, state, example)
+                m, e = _verify(recipe, trial, level, state, info)
                 tried.append((trial, e))
                 if e <= TOLERANCE:
                     module, err, overrides = m, e, trial
