@@ -165,9 +165,15 @@ def test_the_driver_trains_a_llama_config_directory_and_writes_hugging_face_mode
     LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                 intermediate_size=64, vocab_size=32000, max_position_embeddings=16,
                 use_cache=False).save_pretrained(cfg_dir)
-    cfg = tiny(tmp_path, model=str(cfg_dir), schedule="compare", steps=20, eval_every=10,
-               warmup=2)
-    summary = main(cfg)
+    from vcyclefx.cli import main as vcyclefx_main
+
+    data = tiny(tmp_path).data  # writes the small corpus
+    args = ["train", "--model", str(cfg_dir), "--steps", "20", "--schedule", "compare",
+            "--data", data, "--cache-dir", str(tmp_path / "cache"), "-o", str(tmp_path / "run"),
+            "--seq-len", "32", "--batch-size", "8", "--warmup", "2", "--eval-every", "10",
+            "--eval-batches", "4", "--lr", "3e-3", "--quiet"]
+    assert vcyclefx_main(args) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     for schedule in ("baseline", "vcycle"):
         loss = summary["schedules"][schedule]["final_val_loss"]
         assert loss < 5.0, (schedule, loss)  # below log(256) = 5.55: it learned something
