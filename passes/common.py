@@ -13,11 +13,11 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-import torch
 from torch.fx import Graph, GraphModule, Node
 
 from vcyclefx.errors import PassCheckError
-from vcyclefx.level import build_level, fetch_attr, level_info, nonpersistent_buffers, shared_tensors
+from vcyclefx.level import build_level, level_info, shared_tensors
+from vcyclefx.level import fetch_attr, nonpersistent_buffers  # noqa: F401 - the passes' names
 
 log = logging.getLogger("vcyclefx.passes")
 

@@ -18,7 +18,7 @@ every tensor it does not receive new (ties between names are kept: one copy per 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import torch

@@ -21,7 +21,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 import warnings
 import zipfile
@@ -33,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from safetensors.torch import save as save_bytes
 from torch.export import Dim
 
-from .errors import LevelError, VCycleError
+from .errors import LevelError
 from .level import LevelInfo, level_info, make_level
 from .mapping import Mapping
 from .recipe import Recipe

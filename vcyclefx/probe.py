@@ -236,7 +236,7 @@ def probe_capture(model: torch.nn.Module, example_inputs, *, parallel: bool = Fa
 
     ``parallel=True`` runs the second capture in a forked child on another core where that is
     safe (Linux, one Python thread, CUDA not initialised); the command line uses it."""
-    args = _check_inputs(model, example_inputs)
+    args, _ = _check_inputs(model, example_inputs)
     plan = _plan_sizes(args)
     if plan is None:
         return None

@@ -241,8 +241,9 @@ def model_from_spec(spec: str, batch: int | None = None, seq: int | None = None)
             return ModelSpec(gm, level_info(gm).example_inputs, level_info(gm).recipe)
         if (p / "config.json").is_file():
             return _hf_directory(p, spec, batch, seq)
-        raise VCycleError(f"MODEL {spec!r}: the folder has neither level.json (a level directory) "
-                          "nor config.json (a Hugging Face model directory)")
+        raise VCycleError(f"MODEL {spec!r} is not a level directory (no level.json) and not a "
+                          "Hugging Face model directory (no config.json); make a level with "
+                          "'vcyclefx coalesce MODEL -o DIR'")
     if spec.startswith(("timm:", "torchvision:")):
         return _library(spec, batch)
     if ":" not in spec:

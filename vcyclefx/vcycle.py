@@ -20,15 +20,13 @@ stage index); ``VCycle(..., resume=DIR)`` continues after the last completed sta
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from .atomic import atomic_directory
 from .api import coalesce, decoalesce, interpolate
 from .errors import ScheduleError, VCycleError
 from .flops import tokens_in, training_flops_per_token
@@ -327,10 +325,7 @@ class VCycle:
 
     # -- checkpoints ------------------------------------------------------------------------------
     def _checkpoint(self, index: int) -> None:
-        root = self.checkpoint_dir
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".stage-{index:03d}.tmp-"))
-        try:
+        with atomic_directory(self.checkpoint_dir / f"stage-{index:03d}") as tmp:
             save_file(_weights(self._model), str(tmp / "model.safetensors"))
             for k, m in self._kept.items():
                 save_file(_weights(m), str(tmp / f"kept-level{k}.safetensors"))
@@ -344,13 +339,6 @@ class VCycle:
                                "depth_pairing": self.depth_pairing,
                                "depth_init": self.depth_init}}
             (tmp / "cycle.json").write_text(json.dumps(meta, indent=1))
-            final = root / f"stage-{index:03d}"
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
     def _resume(self, root: Path) -> None:
         ckpt = _latest(root)

@@ -91,9 +91,7 @@ def build_causal_lm(spec: str, *, vocab_size: int, seq_len: int, seed: int) -> t
 def save_hf(module: torch.nn.Module, directory: Path) -> None:
     """``module`` (a Hugging Face model, or a level of one) as ``save_pretrained`` output,
     written to a temporary sibling and renamed into place."""
-    import shutil
-    import tempfile
-
+    from ..atomic import atomic_directory
     from ..level import is_level
 
     if is_level(module):
@@ -102,12 +100,5 @@ def save_hf(module: torch.nn.Module, directory: Path) -> None:
         module = to_module(module)
     if not hasattr(module, "save_pretrained"):
         return
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
-    try:
+    with atomic_directory(directory) as tmp:
         module.save_pretrained(str(tmp), safe_serialization=True)
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
