@@ -135,7 +135,8 @@ def identity_zero_set(nodes: list[Node], block: str, chained) -> list[str]:
                 path, branch = (a, b) if _on_skip(a, x, memo) else (b, a)
                 if not _on_skip(path, x, memo):
                     raise PlanError(f"{where}: node {cur.name} adds two values that do not carry "
-                                    "the block input through; use depth_init='copy'")
+                                    "the block input through (a normalisation after the residual "
+                                    "sum: post-norm block?); use depth_init='copy'")
                 zero.extend(_zero_branch(branch, block, where))
                 cur = path
             elif cur.target in _PASS_THROUGH:

@@ -182,6 +182,7 @@ def _relname(target: str, block: str) -> str | None:
 
 def _signature(nodes: list[Node], block: str, tensors) -> tuple:
     index = {n: i for i, n in enumerate(nodes)}
+    shape = _BlockShapes()
     sig = []
     for n in nodes:
         args = []
@@ -193,12 +194,38 @@ def _signature(nodes: list[Node], block: str, tensors) -> tuple:
                 args.append(("param", rel if rel is not None else a.target,
                              tuple(tensors[a.target].shape)))
             elif a.op == "get_attr":  # a lifted constant: numbered per block by export
-                args.append(("const", _shape_of(a)))
+                args.append(("const", shape(a)))
             else:
                 args.append(("ext",))
-        lits = tuple(repr(x) for x in _literals(n))
-        sig.append((str(n.target), tuple(args), lits, _shape_of(n)))
+        lits = tuple(shape.text(repr(x)) for x in _literals(n))
+        sig.append((str(n.target), tuple(args), lits, shape(n)))
     return tuple(sig)
+
+
+_UNBACKED = re.compile(r"\bu\d+\b")
+
+
+_NODE_NAME = re.compile(r"on node '[^']*'")
+
+
+class _BlockShapes:
+    """``_shape_of`` for the nodes of one block, with data-dependent sizes (export's unbacked
+    symbols ``u0, u1, ...``, new ones per block) numbered by first appearance in the block, so
+    identical blocks have identical shapes; ``text`` does the same to a literal (the messages
+    of export's runtime assertions also name the node they check)."""
+
+    def __init__(self) -> None:
+        self.names: dict[str, str] = {}
+
+    def _rename(self, m: re.Match) -> str:
+        return self.names.setdefault(m.group(0), f"u#{len(self.names)}")
+
+    def text(self, s: str) -> str:
+        return _UNBACKED.sub(self._rename, _NODE_NAME.sub("on node", s))
+
+    def __call__(self, n: Node):
+        s = _shape_of(n)
+        return None if s is None else tuple(_UNBACKED.sub(self._rename, x) for x in s)
 
 
 def _literals(n: Node) -> list:
@@ -215,8 +242,9 @@ def _shape_of(n: Node):
 def _graph(nodes: list[Node], block: str, tensors) -> nx.DiGraph:
     g = nx.DiGraph()
     index = {n: i for i, n in enumerate(nodes)}
+    shape = _BlockShapes()
     for n in nodes:
-        label = (str(n.target), _shape_of(n))
+        label = (str(n.target), shape(n))
         g.add_node(index[n], label=label)
     for n in nodes:
         for a in n.all_input_nodes:
