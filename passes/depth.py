@@ -80,6 +80,17 @@ _ZERO_PRESERVING = _PASS_THROUGH | {
 }
 
 
+_MUL = {aten.mul.Tensor, aten.mul.Scalar}
+_SCALE = _MUL | {aten.div.Tensor, aten.div.Scalar}
+
+
+def _constant(x, block: str) -> bool:
+    """A number, or a tensor that is no parameter of the block (a lifted constant)."""
+    if not isinstance(x, Node):
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and x != 0
+    return x.op == "get_attr" and _param_of(x, block) is None
+
+
 def _param_of(x, block: str) -> str | None:
     """Relative name of the block tensor ``x`` is (through views, casts, unsqueezes)."""
     while isinstance(x, Node) and x.op == "call_function" and x.target in _PASS_THROUGH:
@@ -105,6 +116,10 @@ def _zero_branch(b: Node, block: str, where: str) -> list[str]:
         params = [r for a in node.args[:2] if (r := _param_of(a, block)) is not None]
         if params:
             return params[:1]
+    if node.target in _SCALE:  # a constant residual scale (c * branch, branch / c): zero the branch
+        branch = [a for a in node.args[:2] if not _constant(a, block)]
+        if len(branch) == 1 and (node.target in _MUL or branch[0] is node.args[0]):
+            return _zero_branch(branch[0], block, where)
     if node.target in _ADD:
         a, c = node.args[0], node.args[1]
         params = [r for x in (a, c) if (r := _param_of(x, block)) is not None]

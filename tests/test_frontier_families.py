@@ -53,7 +53,24 @@ FAMILIES: dict[str, Family] = {
                      relative_attention=True, pos_att_type=["p2c", "c2p"],
                      max_relative_positions=32), _tok()),
         identity="post-norm"),
+    # each residual branch multiplied by scale_depth / sqrt(layers) (identity growth zeroes the
+    # last write before the constant); multi-head latent attention (low-rank q and kv, a rotary
+    # part and a position-free part of each query/key head)
+    "minicpm3": Family(
+        lambda: (_hf("MiniCPM3ForCausalLM", "MiniCPM3Config", **TINY, num_key_value_heads=4,
+                     use_cache=False, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8,
+                     qk_rope_head_dim=8, v_head_dim=16, max_position_embeddings=64), _tok())),
 }
+SLOW_FAMILIES: dict[str, Family] = {
+    # branch -> RMSNorm (peri-norm) -> * residual_multiplier -> + residual
+    "hyperclovax": Family(
+        lambda: (_hf("HyperCLOVAXForCausalLM", "HyperCLOVAXConfig", **TINY, num_key_value_heads=2,
+                     use_post_norm=True, residual_multiplier=0.5, use_cache=False,
+                     max_position_embeddings=64), _tok())),
+}
+ALL = {**FAMILIES, **SLOW_FAMILIES}
+CASES = [pytest.param(n, id=n) for n in FAMILIES] + [
+    pytest.param(n, id=n, marks=pytest.mark.slow) for n in SLOW_FAMILIES]
 
 
 def _out(o) -> torch.Tensor:
@@ -79,7 +96,7 @@ class _Clock:
 
 @functools.lru_cache(maxsize=None)
 def _captured(name: str):
-    model, x = FAMILIES[name].build()
+    model, x = ALL[name].build()
     model.eval()
     clock = _Clock()
     level = clock("capture", vf.capture, model, x)
@@ -90,9 +107,9 @@ def _loss(model, x):
     return _out(model(*x)).float().pow(2).mean()
 
 
-@pytest.mark.parametrize("name", list(FAMILIES))
+@pytest.mark.parametrize("name", CASES)
 def test_frontier_family_width_depth_identity_and_round_trip_are_exact_and_bounded(name):
-    fam = FAMILIES[name]
+    fam = ALL[name]
     model, x, level, _ = _captured(name)
     clock = _Clock()
     report = clock("inspect", vf.inspect, level)
@@ -119,9 +136,9 @@ def test_frontier_family_width_depth_identity_and_round_trip_are_exact_and_bound
             vf.decoalesce(level, depth=2.0, depth_init="identity")
 
 
-@pytest.mark.parametrize("name", list(FAMILIES))
+@pytest.mark.parametrize("name", CASES)
 def test_frontier_family_coalesced_level_exports_to_onnx(name, tmp_path):
-    fam = FAMILIES[name]
+    fam = ALL[name]
     _, _, level, _ = _captured(name)
     small, _ = vf.coalesce(level, width=0.5, depth=fam.depth)
     clock = _Clock()
@@ -129,9 +146,9 @@ def test_frontier_family_coalesced_level_exports_to_onnx(name, tmp_path):
     assert path.exists()
 
 
-@pytest.mark.parametrize("name", list(FAMILIES))
+@pytest.mark.parametrize("name", CASES)
 def test_frontier_family_two_level_vcycle_result_loads_strictly_into_the_original_class(name):
-    fam = FAMILIES[name]
+    fam = ALL[name]
     model, x, level, _ = _captured(name)
     clock = _Clock()
     cycle = clock("VCycle", vf.VCycle, level, levels=2, width=0.5, depth=fam.depth, steps=[1, 1, 1])
@@ -150,3 +167,43 @@ def test_frontier_family_two_level_vcycle_result_loads_strictly_into_the_origina
     fresh.eval()
     with torch.no_grad():
         assert rel_error(_out(final.eval()(*x)), _out(fresh(*x))) <= 1e-5
+
+
+class _ScaledBlock(torch.nn.Module):
+    """A pre-norm block ``x + scale(f(x))``, ``scale`` multiplying or dividing by a number."""
+
+    def __init__(self, scale, d=16):
+        super().__init__()
+        self.scale = scale
+        self.f = torch.nn.Sequential(torch.nn.LayerNorm(d), torch.nn.Linear(d, 2 * d),
+                                     torch.nn.GELU(), torch.nn.Linear(2 * d, d))
+
+    def forward(self, x):
+        return x + self.scale(self.f(x))
+
+
+class _ScaledResidual(torch.nn.Module):
+    def __init__(self, scale, n=3, d=16):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(_ScaledBlock(scale, d) for _ in range(n))
+        self.head = torch.nn.Linear(d, 4)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("scale", [lambda h: 0.3 * h, lambda h: h * 0.3, lambda h: h / 4.0],
+                         ids=["c*branch", "branch*c", "branch/c"])
+def test_identity_growth_zeroes_the_last_write_before_a_constant_residual_scale(scale):
+    torch.manual_seed(0)
+    model = _ScaledResidual(scale).eval()
+    x = (torch.randn(2, 5, 16),)
+    level = vf.capture(model, x)
+    with torch.no_grad():
+        want = model(*x)
+        deep, mapping = vf.decoalesce(level, depth=2.0, depth_init="identity")
+        assert rel_error(deep.eval()(*x), want) <= 1e-5
+    assert mapping.chains[0].zero_on_identity == ["f.3.bias", "f.3.weight"]
+    assert len(deep.state_dict()) == 2 * len(level.state_dict()) - 2  # the head is not repeated
