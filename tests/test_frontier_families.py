@@ -38,6 +38,29 @@ TINY = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_h
             intermediate_size=128)
 
 
+class _Seq2Seq(torch.nn.Module):
+    """An encoder-decoder called with ``decoder_input_ids`` as a keyword (positional inputs
+    until capture takes keyword example inputs)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.m = model
+
+    def forward(self, input_ids, decoder_input_ids):
+        return self.m(input_ids=input_ids, decoder_input_ids=decoder_input_ids).logits
+
+
+def _seq2seq(batch=2, src=16, tgt=12, vocab=128):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randint(0, vocab, (batch, src), generator=g),
+            torch.randint(0, vocab, (batch, tgt), generator=g))
+
+
+T5_TINY = dict(vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
+               num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=16,
+               decoder_start_token_id=0, use_cache=False)
+
+
 @dataclass(frozen=True)
 class Family:
     build: Callable[[], tuple]  # () -> (model, example inputs); the same weights every call
@@ -60,6 +83,11 @@ FAMILIES: dict[str, Family] = {
         lambda: (_hf("MiniCPM3ForCausalLM", "MiniCPM3Config", **TINY, num_key_value_heads=4,
                      use_cache=False, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8,
                      qk_rope_head_dim=8, v_head_dim=16, max_position_embeddings=64), _tok())),
+    # encoder-decoder with bucketed relative attention bias per layer (UMT5: no sharing of the
+    # bias across layers), RMSNorm without mean; its ONNX export needs the graph normalised
+    # (contiguous -> clone) where torch.onnx.export of the model itself fails
+    "umt5": Family(lambda: (_Seq2Seq(_hf("UMT5ForConditionalGeneration", "UMT5Config", **T5_TINY)),
+                            _seq2seq())),
 }
 SLOW_FAMILIES: dict[str, Family] = {
     # branch -> RMSNorm (peri-norm) -> * residual_multiplier -> + residual
@@ -207,3 +235,37 @@ def test_identity_growth_zeroes_the_last_write_before_a_constant_residual_scale(
         assert rel_error(deep.eval()(*x), want) <= 1e-5
     assert mapping.chains[0].zero_on_identity == ["f.3.bias", "f.3.weight"]
     assert len(deep.state_dict()) == 2 * len(level.state_dict()) - 2  # the head is not repeated
+
+
+class _HeadsMerge(torch.nn.Module):
+    def forward(self, x):  # (B, H, T, Dh) -> (B, T, H * Dh)
+        b, h, t, d = x.shape
+        y = x.transpose(1, 2).contiguous()
+        z = x.transpose(1, 2).contiguous()
+        z.add_(1.0)  # written in place: its contiguous stays (aliasing would differ)
+        return y.view(b, t, h * d) + z.reshape(b, t, h * d)
+
+
+def test_normalise_for_onnx_makes_contiguous_a_clone_unless_it_is_written_in_place():
+    from torch.export import Dim
+
+    from vcyclefx.onnx_export import normalise_for_onnx
+
+    x = torch.randn(2, 4, 6, 8)
+    ep = torch.export.export(_HeadsMerge(), (x,), dynamic_shapes=({0: Dim.AUTO, 2: Dim.AUTO},),
+                             strict=False)
+    gm = ep.module()
+    want = gm(x)
+    changed = normalise_for_onnx(gm)
+    assert len(changed) == 1 and "contiguous -> clone" in changed[0]
+    assert [n.target for n in gm.graph.nodes].count(torch.ops.aten.contiguous.default) == 1
+    assert torch.equal(gm(x), want)
+
+
+@pytest.mark.slow
+def test_level0_of_a_relative_attention_encoder_decoder_exports_where_the_plain_exporter_fails(tmp_path):
+    model, x, level, _ = _captured("umt5")
+    with pytest.raises(Exception, match="Cannot view a tensor"):
+        torch.onnx.export(model, x, str(tmp_path / "plain.onnx"), dynamo=True, report=False,
+                          dynamic_shapes=({0: "batch", 1: "src"}, {0: "batch", 1: "tgt"}))
+    assert vf.export_onnx(level, None, tmp_path / "level0.onnx", check=True).exists()

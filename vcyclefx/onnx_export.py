@@ -8,7 +8,11 @@
    (``level_info(level).dynamic_dims``: batch, sequence) kept dynamic, and translated by the
    dynamo-based ``torch.onnx`` exporter (opset >= 18). Inputs are named after the level's
    placeholders (the model's ``forward`` arguments), outputs after their pytree paths (``logits``
-   for a Hugging Face ``ModelOutput``), dynamic axes ``batch``/``sequence``/``<input>_dim<d>``;
+   for a Hugging Face ``ModelOutput``), dynamic axes ``batch``/``sequence``/``<input>_dim<d>``.
+   Before translation the re-exported graph is normalised where the exporter's own
+   decomposition step fails on what torch runs (:func:`normalise_for_onnx`: ``contiguous``
+   becomes a contiguous ``clone``, a ``view`` of a tensor not known to be contiguous becomes a
+   ``reshape``), so a level exports where a plain ``torch.onnx.export`` of its model fails;
 3. the file passes ``onnx.checker.check_model(full_check=True)``;
 4. with ``check=True`` it is run in onnxruntime on fresh random inputs at two sizes different
    from the capture's (along the dynamic dimensions only, sizes the torch level accepts) and
@@ -90,6 +94,9 @@ def export_onnx(
     level, args = _level_and_inputs(level, example_inputs, frontend)
     with _eval_mode(level), _staging(path) as stage:
         ep = _reexport(level, args)
+        changed = normalise_for_onnx(ep.graph_module)
+        if changed:
+            log.info("export: normalised for the exporter: %s", ", ".join(changed))
         names = _io_names(level, ep, args)
         log.info("export: %s -> %s (opset %d, inputs %s, outputs %s, dynamic axes %s)",
                  _source(level), path, opset, ", ".join(names.inputs),
@@ -259,6 +266,86 @@ def _reexport(level, args):
                           f"export): {type(e).__name__}: {_first_line(e)}") from e
 
 
+def normalise_for_onnx(gm) -> list[str]:
+    """Rewrite, in place, the nodes of an exported graph that torch runs but the ONNX exporter's
+    decomposition step rejects under symbolic sizes; returns ``"<node>: <old> -> <new>"`` per
+    change. Both rewrites compute the same values; they only differ in aliasing, so a node whose
+    result an in-place op writes into is left alone.
+
+    - ``contiguous(x)``: the decomposition may keep ``x``'s strides when it cannot decide that a
+      transposed ``(B, T, H, Dh)`` tensor is not contiguous, and the ``view`` after it then fails
+      ("Cannot view a tensor with shape ... and strides ..."); a ``clone`` with
+      ``memory_format=torch.contiguous_format`` always lays the copy out contiguously.
+    - ``view(x, size)`` where ``x``'s strides (as the graph records them) are not the contiguous
+      ones: ``reshape``, which copies where a view is impossible.
+    """
+    import torch
+
+    aten = torch.ops.aten
+    changed = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or _written_in_place(node):
+            continue
+        if node.target is aten.contiguous.default:
+            fmt = node.kwargs.get("memory_format", torch.contiguous_format)
+            if fmt is not torch.contiguous_format:
+                continue
+            node.target = aten.clone.default
+            node.args = node.args[:1]
+            node.kwargs = {"memory_format": torch.contiguous_format}
+            changed.append(f"{node.name}: contiguous -> clone(memory_format=contiguous_format)")
+        elif node.target is aten.view.default and not _known_contiguous(node.args[0]):
+            node.target = aten.reshape.default
+            changed.append(f"{node.name}: view -> reshape")
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+    return changed
+
+
+def _written_in_place(node) -> bool:
+    """Some user of ``node`` writes into it (an in-place or out= op)."""
+    from torch.fx import Node
+
+    for user in node.users:
+        schema = getattr(user.target, "_schema", None)
+        if schema is None:
+            continue
+        for i, a in enumerate(schema.arguments):
+            if a.alias_info is None or not a.alias_info.is_write:
+                continue
+            value = user.kwargs.get(a.name, user.args[i] if i < len(user.args) else None)
+            if isinstance(value, Node) and value is node:
+                return True
+    return False
+
+
+def _known_contiguous(x) -> bool:
+    """``x``'s recorded strides are the row-major ones (size-1 axes ignored)."""
+    import sympy
+    import torch
+
+    val = x.meta.get("val") if hasattr(x, "meta") else None
+    if not isinstance(val, torch.Tensor):
+        return False
+    expected = sympy.Integer(1)
+    for size, stride in reversed(list(zip(val.shape, val.stride()))):
+        size_e, stride_e = _expr(size), _expr(stride)
+        if size_e == 1:
+            continue
+        if sympy.expand(stride_e - expected) != 0:
+            return False
+        expected = expected * size_e
+    return True
+
+
+def _expr(v):
+    import sympy
+    import torch
+
+    return v.node.expr if isinstance(v, torch.SymInt) else sympy.Integer(int(v))
+
+
 @dataclass(frozen=True)
 class _Names:
     inputs: list[str]
@@ -359,7 +446,7 @@ def _translate(ep, names: _Names, opset: int, report_dir: Path, table):
         raise ExportError(_conversion_message(e)) from e
 
 
-_NODE_RE = re.compile(r"Error when translating node %(\S+) .*?target=([\w.]+)")
+_NODE_RE = re.compile(r"(?:Error when translating node|While executing) %(\S+) .*?target=([\w.]+)")
 _OP_RE = re.compile(r"<OpOverload\(op='([\w.]+)', overload='(\w+)'\)>")
 
 
