@@ -9,6 +9,8 @@ The new graph is built from one template block (the first block of the input cha
 that do not depend on the chain come first, then the new blocks (each a copy of the template
 with its own parameters, named ``<container>.<prefix><j>`` so the level's state_dict looks like
 a smaller/larger instance of the user's model), then the nodes that read the chain's output.
+A shared chain's new blocks are applications ``<module>@<j>`` of the one module: they read the
+same tensors, so its weights are kept as they are (the mean of a group of identical tensors).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 from vcyclefx.analysis import Analysis
-from vcyclefx.chains import _relname, chained_input, ownership
+from vcyclefx.chains import _relname, chained_input, is_application, module_path, ownership
 from vcyclefx.errors import PlanError
 from vcyclefx.mapping import ChainMap
 from vcyclefx.registry import get_arg
@@ -201,8 +203,24 @@ def _retarget_stack(meta: dict, old: str, new: str) -> dict:
     return meta
 
 
+def _retarget_application(meta: dict, path: str, j: int) -> dict:
+    """Stack keys of ``path`` and the modules inside it numbered as call ``j`` (``@j``, none for
+    the first call), the way torch.export numbers repeated calls."""
+    stack = meta.get("nn_module_stack")
+    if not stack:
+        return meta
+    out = {}
+    for k, (p, typ) in stack.items():
+        if p == path or p.startswith(path + "."):
+            k = re.sub(r"@\d+$", "", k) + (f"@{j}" if j else "")
+        out[k] = (p, typ)
+    meta = dict(meta)
+    meta["nn_module_stack"] = out
+    return meta
+
+
 def _blocks(gm: GraphModule, paths: list[str]) -> list[list[Node]]:
-    owned, _ = ownership(gm)
+    owned, _ = ownership(gm, applications=is_application(paths[0]))
     out = []
     for p in paths:
         if p not in owned:
@@ -224,7 +242,7 @@ def _rebuild_chain(graph: Graph, cm: ChainMap, src: list[str], dst: list[str], e
             if n in local:
                 return local[n]
             if n.op == "get_attr" and n.target in src_params and _relname(n.target, block0) is not None:
-                new_target = f"{name}.{_relname(n.target, block0)}"
+                new_target = f"{module_path(name)}.{_relname(n.target, block0)}"
                 g = graph.get_attr(new_target)
                 g.meta = dict(n.meta)
                 local[n] = g
@@ -235,7 +253,8 @@ def _rebuild_chain(graph: Graph, cm: ChainMap, src: list[str], dst: list[str], e
 
         for t in template:
             new = graph.node_copy(t, arg)
-            new.meta = _retarget_stack(dict(t.meta), block0, name)
+            new.meta = (_retarget_application(dict(t.meta), module_path(name), j)
+                        if is_application(name) else _retarget_stack(dict(t.meta), block0, name))
             local[t] = new
         prev = local
     assert prev is not None
@@ -250,6 +269,8 @@ def _new_tensors(gm: GraphModule, cm: ChainMap, src: list[str], dst: list[str], 
                  depth_init: str, rel_names: list[str]) -> dict[str, torch.Tensor]:
     params = dict(gm.named_parameters(remove_duplicate=False))
     out: dict[str, torch.Tensor] = {}
+    if is_application(src[0]):
+        return out  # applications of one module: the mean of identical tensors is the tensor
     if direction == COALESCE:
         groups = cm.groups  # small block g <- large blocks groups[g]
         for g, members in enumerate(groups):
@@ -362,12 +383,15 @@ def _one_chain(gm: GraphModule, cm: ChainMap, plan: DepthPlan) -> GraphModule:
     nonpersistent = set()
     for name in nonpersistent_buffers(gm):
         rel = _relname(name, src[0])
-        if rel is not None:
+        if rel is not None and is_application(src[0]):
+            nonpersistent.add(name)
+        elif rel is not None:
             nonpersistent.update(f"{d}.{rel}" for d in dst)
         elif not any(_relname(name, b) for b in src):
             nonpersistent.add(name)
     old_buffers = {n for n, _ in gm.named_buffers(remove_duplicate=False)}
-    buffers = {f"{d}.{rel}" for rel in rel_names if f"{src[0]}.{rel}" in old_buffers for d in dst}
+    buffers = set() if is_application(src[0]) else {
+        f"{d}.{rel}" for rel in rel_names if f"{src[0]}.{rel}" in old_buffers for d in dst}
     new = rebuild(gm, graph, tensors, nonpersistent=nonpersistent, buffers=buffers)
     check_graph(new, what="depth pass", source=gm)
     return new

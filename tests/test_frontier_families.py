@@ -88,6 +88,12 @@ FAMILIES: dict[str, Family] = {
     # (contiguous -> clone) where torch.onnx.export of the model itself fails
     "umt5": Family(lambda: (_Seq2Seq(_hf("UMT5ForConditionalGeneration", "UMT5Config", **T5_TINY)),
                             _seq2seq())),
+    # one layer group applied 4 times with the same weights (a shared chain: depth changes the
+    # number of applications), factorised embeddings (32 -> 64 projection)
+    "albert": Family(
+        lambda: (_hf("AlbertForMaskedLM", "AlbertConfig", **{**TINY, "num_hidden_layers": 4},
+                     embedding_size=32, max_position_embeddings=64), _tok()),
+        identity="applications of one module with shared weights"),
 }
 SLOW_FAMILIES: dict[str, Family] = {
     # branch -> RMSNorm (peri-norm) -> * residual_multiplier -> + residual
@@ -153,8 +159,8 @@ def test_frontier_family_width_depth_identity_and_round_trip_are_exact_and_bound
     small, _ = clock("coalesce 0.5/0.5", vf.coalesce, level, width=0.5, depth=fam.depth)
     with torch.no_grad():
         assert torch.isfinite(_out(small.eval()(*x))).all()
-    if fam.depth != 1.0:
-        assert len(small.state_dict()) < len(level.state_dict())  # blocks were merged
+    if fam.depth != 1.0:  # blocks (or applications of a shared block) were merged
+        assert sum(map(len, vf.inspect(small).chains)) < sum(map(len, report.chains))
     if fam.identity is None:
         deep, _ = clock("identity growth", vf.decoalesce, level, depth=2.0, depth_init="identity")
         with torch.no_grad():
@@ -269,3 +275,27 @@ def test_level0_of_a_relative_attention_encoder_decoder_exports_where_the_plain_
         torch.onnx.export(model, x, str(tmp_path / "plain.onnx"), dynamo=True, report=False,
                           dynamic_shapes=({0: "batch", 1: "src"}, {0: "batch", 1: "tgt"}))
     assert vf.export_onnx(level, None, tmp_path / "level0.onnx", check=True).exists()
+
+
+def test_shared_layers_coalesce_to_fewer_applications_of_the_same_weights():
+    """ALBERT at depth 0.5 is ALBERT with half the layers and the same weights."""
+    model, x, level, _ = _captured("albert")
+    report = vf.inspect(level)
+    (chain,) = report.chains
+    assert chain.shared and len(chain) == 4 and chain.depth_ok
+    small, mapping = vf.coalesce(level, depth=0.5)
+    assert len(vf.inspect(small).chains[0]) == 2
+    assert small.state_dict().keys() == level.state_dict().keys()
+    for k, v in level.state_dict().items():
+        assert torch.equal(v, small.state_dict()[k]), k
+    half = _hf("AlbertForMaskedLM", "AlbertConfig", **{**TINY, "num_hidden_layers": 2},
+               embedding_size=32, max_position_embeddings=64).eval()
+    half.load_state_dict(small.state_dict(), strict=True)
+    with torch.no_grad():
+        assert rel_error(_out(small.eval()(*x)), _out(half(*x))) <= 1e-6
+        deep, _ = vf.decoalesce(level, depth=2.0)  # copies: 8 applications
+        assert len(vf.inspect(deep).chains[0]) == 8
+        eight = _hf("AlbertForMaskedLM", "AlbertConfig", **{**TINY, "num_hidden_layers": 8},
+                    embedding_size=32, max_position_embeddings=64).eval()
+        eight.load_state_dict(deep.state_dict(), strict=True)
+        assert rel_error(_out(deep.eval()(*x)), _out(eight(*x))) <= 1e-6
