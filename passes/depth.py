@@ -78,8 +78,17 @@ def _nonneg(n) -> bool:
 # linear ops that map a zero input to zero output (crops, shifts, zero padding, indexing)
 _ZERO_PRESERVING = _PASS_THROUGH | {
     aten.slice.Tensor, aten.roll.default, aten.narrow.default, aten.select.int,
-    aten.constant_pad_nd.default, aten.index.Tensor, aten.expand.default,
+    aten.constant_pad_nd.default, aten.index.Tensor, aten.expand.default, aten.to.device,
+    aten.sum.dim_IntList, aten.mean.dim,  # e.g. the sum of a token's top-k expert outputs
 }
+# grouped (per-expert) matmuls: the argument holding the weights
+_GROUPED = {"aten::_grouped_mm": "mat2", "transformers::grouped_mm_fallback": "weight"}
+
+
+def _grouped_weight(node: Node):
+    schema = getattr(node.target, "_schema", None)
+    arg = _GROUPED.get(schema.name) if schema is not None else None
+    return get_arg(node, arg, None) if arg else None
 
 
 _MUL = {aten.mul.Tensor, aten.mul.Scalar}
@@ -102,13 +111,17 @@ def _param_of(x, block: str) -> str | None:
     return None
 
 
-def _zero_branch(b: Node, block: str, where: str) -> list[str]:
-    """Tensors to zero so that the residual branch ``b`` is exactly zero."""
+def _zero_branch(b: Node, block: str, where: str, within: frozenset = frozenset()) -> list[str]:
+    """Tensors to zero so that the residual branch ``b`` is exactly zero (``within``: the
+    block's nodes; a search that leaves them fails)."""
     node = b
     while isinstance(node, Node) and node.op == "call_function" and node.target in _ZERO_PRESERVING:
         node = node.args[0]
-    if not isinstance(node, Node) or node.op != "call_function":
+    if not isinstance(node, Node) or node.op != "call_function" or (within and node not in within):
         raise PlanError(f"{where}: cannot find the last parameterised op writing into the residual")
+    grouped = _grouped_weight(node)
+    if grouped is not None and (r := _param_of(grouped, block)) is not None:
+        return [r]  # the experts' last projection: every expert writes zero
     if node.target in _AFFINE:
         names = [r for arg in _AFFINE[node.target]
                  if (r := _param_of(get_arg(node, arg, None), block)) is not None]
@@ -121,15 +134,22 @@ def _zero_branch(b: Node, block: str, where: str) -> list[str]:
     if node.target in _SCALE:  # a constant residual scale (c * branch, branch / c): zero the branch
         branch = [a for a in node.args[:2] if not _constant(a, block)]
         if len(branch) == 1 and (node.target in _MUL or branch[0] is node.args[0]):
-            return _zero_branch(branch[0], block, where)
+            return _zero_branch(branch[0], block, where, within)
+        if node.target in _MUL and len(branch) == 2:  # gate * branch (routing weights): zero a factor
+            for factor in branch:
+                try:
+                    return _zero_branch(factor, block, where, within)
+                except PlanError:
+                    continue
     if node.target in _ADD:
         a, c = node.args[0], node.args[1]
         params = [r for x in (a, c) if (r := _param_of(x, block)) is not None]
         others = [x for x in (a, c) if isinstance(x, Node) and _param_of(x, block) is None]
         if len(params) == 1 and len(others) == 1:  # branch + bias
-            return params + _zero_branch(others[0], block, where)
+            return params + _zero_branch(others[0], block, where, within)
         if not params and len(others) == 2:  # parallel branches (GPT-NeoX, Phi): zero both
-            return _zero_branch(others[0], block, where) + _zero_branch(others[1], block, where)
+            return (_zero_branch(others[0], block, where, within)
+                    + _zero_branch(others[1], block, where, within))
     raise PlanError(
         f"{where}: the residual branch ends in {node.target} at node {node.name}, which vcyclefx "
         "cannot zero; use depth_init='copy'"
@@ -154,7 +174,7 @@ def identity_zero_set(nodes: list[Node], block: str, chained) -> list[str]:
                     raise PlanError(f"{where}: node {cur.name} adds two values that do not carry "
                                     "the block input through (a normalisation after the residual "
                                     "sum: post-norm block?); use depth_init='copy'")
-                zero.extend(_zero_branch(branch, block, where))
+                zero.extend(_zero_branch(branch, block, where, frozenset(nodes)))
                 cur = path
             elif cur.target in _PASS_THROUGH:
                 cur = cur.args[0]

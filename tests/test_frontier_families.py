@@ -94,8 +94,25 @@ FAMILIES: dict[str, Family] = {
         lambda: (_hf("AlbertForMaskedLM", "AlbertConfig", **{**TINY, "num_hidden_layers": 4},
                      embedding_size=32, max_position_embeddings=64), _tok()),
         identity="applications of one module with shared weights"),
+    # mixture of experts: softmax top-2 router over 4 experts stored as 3-D tensors, sorted
+    # routing, histc counts, grouped matmuls; q/k norms over the whole width
+    "olmoe": Family(
+        lambda: (_hf("OlmoeForCausalLM", "OlmoeConfig", **{**TINY, "intermediate_size": 32},
+                     num_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+                     use_cache=False), _tok())),
 }
 SLOW_FAMILIES: dict[str, Family] = {
+    # mixture of experts with a sigmoid-gated shared expert beside the routed ones
+    "qwen2_moe": Family(
+        lambda: (_hf("Qwen2MoeForCausalLM", "Qwen2MoeConfig", **TINY, num_key_value_heads=2,
+                     num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                     shared_expert_intermediate_size=48, max_position_embeddings=64,
+                     use_cache=False), _tok())),
+    # mixture of experts with sparsemixer routing and a GQA decoder
+    "phimoe": Family(
+        lambda: (_hf("PhimoeForCausalLM", "PhimoeConfig", **{**TINY, "intermediate_size": 32},
+                     num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                     max_position_embeddings=64, use_cache=False), _tok())),
     # branch -> RMSNorm (peri-norm) -> * residual_multiplier -> + residual
     "hyperclovax": Family(
         lambda: (_hf("HyperCLOVAXForCausalLM", "HyperCLOVAXConfig", **TINY, num_key_value_heads=2,
@@ -299,3 +316,27 @@ def test_shared_layers_coalesce_to_fewer_applications_of_the_same_weights():
                     embedding_size=32, max_position_embeddings=64).eval()
         eight.load_state_dict(deep.state_dict(), strict=True)
         assert rel_error(_out(deep.eval()(*x)), _out(eight(*x))) <= 1e-6
+
+
+def test_moe_experts_are_one_pinned_space_and_each_expert_ffn_width_is_resizable():
+    """The router's rows, the counts per expert and the experts axis of the 3-D weights are one
+    space, pinned because top-k routing picks experts by value; every expert's FFN width is a
+    space of the 3-D weights (producer rows of gate_up_proj, consumer columns of down_proj)."""
+    _, _, level, _ = _captured("olmoe")
+    report = vf.inspect(level)
+    experts = [s for s in report.spaces
+               if any(m.tensor == "model.layers.0.mlp.gate.weight" and m.axis == 0 for m in s.members)]
+    assert len(experts) == 1 and experts[0].size == 4 and not experts[0].resizable
+    members = {(m.tensor, m.axis) for m in experts[0].members}
+    assert {("model.layers.0.mlp.experts.gate_up_proj", 0),
+            ("model.layers.0.mlp.experts.down_proj", 0)} <= members
+    assert "topk along it" in experts[0].reason and "selects units by value" in experts[0].reason
+    width = [s for s in report.spaces if s.resizable and
+             {m.tensor for m in s.members} == {"model.layers.0.mlp.experts.gate_up_proj",
+                                               "model.layers.0.mlp.experts.down_proj"}]
+    assert len(width) == 1 and width[0].size == 32
+    roles = {(m.tensor, m.axis): m.role for m in width[0].members}
+    assert roles[("model.layers.0.mlp.experts.down_proj", 2)] == "consumer"
+    assert roles[("model.layers.0.mlp.experts.gate_up_proj", 1)] == "producer"
+    small, _ = vf.coalesce(level, width=0.5)
+    assert small.get_parameter("model.layers.0.mlp.experts.gate_up_proj").shape == (4, 32, 32)

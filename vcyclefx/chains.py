@@ -166,7 +166,7 @@ def find_chains(gm: GraphModule) -> list[Chain]:
         kids = children[container]
         if len(kids) < 2 or any(_inside(container, t) for t in taken):
             continue
-        sigs = [_signature(owner_nodes[k], k, tensors) for k in kids]
+        sigs = [_signature(gm, owner_nodes[k], k, tensors) for k in kids]
         i = 0
         while i < len(kids):
             j = i + 1
@@ -243,7 +243,7 @@ def _relname(target: str, block: str) -> str | None:
     return target[len(block) + 1 :] if target.startswith(block + ".") else None
 
 
-def _signature(nodes: list[Node], block: str, tensors) -> tuple:
+def _signature(gm: GraphModule, nodes: list[Node], block: str, tensors) -> tuple:
     index = {n: i for i, n in enumerate(nodes)}
     shape = _BlockShapes()
     sig = []
@@ -256,6 +256,8 @@ def _signature(nodes: list[Node], block: str, tensors) -> tuple:
                 rel = _relname(a.target, block)
                 args.append(("param", rel if rel is not None else a.target,
                              tuple(tensors[a.target].shape)))
+            elif a.op == "get_attr" and _is_body(gm, a):  # a higher-order op's body
+                args.append(("body", _body_signature(gm, a)))
             elif a.op == "get_attr":  # a lifted constant: numbered per block by export
                 args.append(("const", shape(a)))
             else:
@@ -328,17 +330,33 @@ def _isomorphic(a: nx.DiGraph, b: nx.DiGraph) -> bool:
     return nx.vf2pp_is_isomorphic(a, b, node_label="label")
 
 
-def _external_inputs(nodes: list[Node], block: str) -> list[Node]:
+def _external_inputs(gm: GraphModule, nodes: list[Node], block: str) -> list[Node]:
+    """Values a block reads from outside: not its own tensors, nor the bodies of its
+    higher-order ops (``wrap_with_set_grad_enabled``'s submodule: export makes one per call,
+    and their code is part of the block's signature)."""
     own = set(nodes)
     out: list[Node] = []
     for n in nodes:
         for a in n.all_input_nodes:
             if a in own or a in out:
                 continue
-            if a.op == "get_attr" and _relname(a.target, block) is not None:
+            if a.op == "get_attr" and (_relname(a.target, block) is not None or _is_body(gm, a)):
                 continue
             out.append(a)
     return out
+
+
+def _is_body(gm: GraphModule, node: Node) -> bool:
+    try:
+        return isinstance(gm.get_submodule(node.target), GraphModule)
+    except AttributeError:
+        return False
+
+
+def _body_signature(gm: GraphModule, node: Node) -> tuple:
+    body = gm.get_submodule(node.target)
+    return tuple((n.op, str(n.target) if n.op == "call_function" else "", _shape_of(n))
+                 for n in body.graph.nodes)
 
 
 def _make_chain(gm, container, run, owner_nodes, tensors, get_attrs) -> Chain | None:
@@ -347,7 +365,7 @@ def _make_chain(gm, container, run, owner_nodes, tensors, get_attrs) -> Chain | 
     for b, ns in zip(run[1:], block_nodes[1:]):
         if not _isomorphic(g0, _graph(ns, b, tensors)):
             return None
-    ins = [_external_inputs(ns, b) for b, ns in zip(run, block_nodes)]
+    ins = [_external_inputs(gm, ns, b) for b, ns in zip(run, block_nodes)]
     if len({len(x) for x in ins}) != 1:
         return None
     shared, chained = [], []

@@ -93,7 +93,7 @@ def export_onnx(
                           f"{path / 'level.onnx'}")
     level, args = _level_and_inputs(level, example_inputs, frontend)
     with _eval_mode(level), _staging(path) as stage:
-        ep = _reexport(level, args)
+        ep = _reexport(_exportable(level), args)
         changed = normalise_for_onnx(ep.graph_module)
         if changed:
             log.info("export: normalised for the exporter: %s", ", ".join(changed))
@@ -264,6 +264,58 @@ def _reexport(level, args):
     except Exception as e:  # noqa: BLE001
         raise ExportError(f"torch.export of the level in eval mode failed (step 1 of the ONNX "
                           f"export): {type(e).__name__}: {_first_line(e)}") from e
+
+
+def grouped_mm_rows(input, weight, offs):
+    """``input`` (S, k) @ ``weight`` (E, k, n) by groups of rows (``offs``: each group's end row)
+    as ops every exporter knows: each row's group is the number of group ends at or before it,
+    the row is multiplied by its group's matrix, rows past the last end are zero (what
+    transformers' ``grouped_mm_fallback`` leaves there). Same values; memory S * k * n."""
+    import torch
+
+    rows = torch.arange(input.shape[0], device=input.device)
+    ends = offs.to(rows.dtype)
+    group = (rows.unsqueeze(-1) >= ends.unsqueeze(0)).sum(-1).clamp(max=weight.shape[0] - 1)
+    out = torch.bmm(input.unsqueeze(1), weight[group]).squeeze(1)  # (S, 1, k) @ (S, k, n)
+    return out * (rows < ends[-1]).unsqueeze(-1).to(out.dtype)
+
+
+def _grouped_mm_2d_3d(self, mat2, offs=None, bias=None, out_dtype=None):
+    if offs is None or self.dim() != 2 or mat2.dim() != 3 or bias is not None:
+        import torch
+
+        return torch.ops.aten._grouped_mm.default(self, mat2, offs, bias, out_dtype)
+    return grouped_mm_rows(self, mat2, offs).to(out_dtype or self.dtype)
+
+
+def _replacements() -> dict:
+    """Ops the ONNX exporter has no lowering for -> a function of ordinary ops computing the
+    same values; a level's graph calls these instead while it is re-exported for ONNX."""
+    import torch
+
+    table = {torch.ops.aten._grouped_mm.default: _grouped_mm_2d_3d}
+    fallback = getattr(getattr(torch.ops, "transformers", None), "grouped_mm_fallback", None)
+    if fallback is not None:
+        table[fallback.default] = lambda input, weight, offs: grouped_mm_rows(input, weight, offs)
+    return table
+
+
+def _exportable(level):
+    """``level`` itself, or (where it calls an op in :func:`_replacements`) a GraphModule over
+    the same tensors whose graph calls the replacement instead, for the re-export only."""
+    import torch
+
+    table = _replacements()
+    if not any(n.op == "call_function" and n.target in table for n in level.graph.nodes):
+        return level
+    graph = torch.fx.Graph()
+    graph.output(graph.graph_copy(level.graph, {}))
+    graph._codegen = level.graph._codegen
+    for n in graph.nodes:
+        if n.op == "call_function" and n.target in table:
+            log.info("export: %s (%s) is computed with ordinary ops for the exporter", n.name, n.target)
+            n.target = table[n.target]
+    return torch.fx.GraphModule(level, graph)
 
 
 def normalise_for_onnx(gm) -> list[str]:

@@ -21,6 +21,10 @@ rule of their own: they compute what their functional overload computes and writ
 argument, so :func:`rule_for` derives their rule from the functional op's rule and ties the
 output to the argument written (``self`` for in-place ops, ``out`` for ``out=`` ones). A rule
 asks :func:`op_of` (not ``node.target``) which op it is analysing.
+
+Ops of libraries that register them only when imported (``transformers::grouped_mm_fallback``)
+are registered by qualified name, ``"namespace::name"`` (every overload) or
+``"namespace::name.overload"``; the name is matched when a graph meets the op.
 """
 
 from __future__ import annotations
@@ -45,17 +49,27 @@ class Rule:
 
 _RULES: dict[Any, Rule] = {}
 _DERIVED: dict[Any, Rule | None] = {}  # in-place / out= overload -> rule derived on first use
+_BY_NAME: dict[str, Rule] = {}  # "namespace::name[.overload]" -> rule, for ops not imported yet
 
 
 def register_rule(*targets, rewrite: RewriteFn | None = None, replace: bool = False):
     """Decorator registering ``fn`` as the analysis rule of every op in ``targets``.
 
     ``targets`` are op overloads (``torch.ops.aten.linear.default``), OpOverloadPackets (all
-    overloads), Python callables (``operator.mul``) or higher-order ops.
+    overloads), Python callables (``operator.mul``), higher-order ops, or qualified op names
+    (``"transformers::grouped_mm_fallback"``) for ops that exist once their library is imported.
     """
 
     def deco(fn: RuleFn) -> RuleFn:
+        _DERIVED.clear()  # derived rules may now come from this one
         for t in targets:
+            if isinstance(t, str):
+                if "::" not in t:
+                    raise ValueError(f"{t!r}: an op name is 'namespace::name[.overload]'")
+                if t in _BY_NAME and not replace:
+                    raise ValueError(f"a rule for {t} is already registered (pass replace=True)")
+                _BY_NAME[t] = Rule(fn, rewrite)
+                continue
             keys = [getattr(t, o) for o in t.overloads()] if isinstance(t, torch._ops.OpOverloadPacket) else [t]
             for k in keys:
                 if k in _RULES and not replace:
@@ -66,8 +80,17 @@ def register_rule(*targets, rewrite: RewriteFn | None = None, replace: bool = Fa
     return deco
 
 
+def _own_rule(target) -> Rule | None:
+    """The rule registered for ``target`` itself (by identity, else by qualified name)."""
+    rule = _RULES.get(target)
+    if rule is None and _BY_NAME and isinstance(target, torch._ops.OpOverload):
+        name = target._schema.name
+        rule = _BY_NAME.get(f"{name}.{target._overloadname}") or _BY_NAME.get(name)
+    return rule
+
+
 def rule_for(node: Node) -> Rule:
-    rule = _RULES.get(node.target) or _derived_rule(node.target)
+    rule = _own_rule(node.target) or _derived_rule(node.target)
     if rule is None:
         raise UnsupportedOp(
             f"{node.format_node()}: op {_op_name(node.target)} has no vcyclefx rule, so the "
@@ -79,17 +102,17 @@ def rule_for(node: Node) -> Rule:
 
 
 def has_rule(target) -> bool:
-    return target in _RULES or _derived_rule(target) is not None
+    return _own_rule(target) is not None or _derived_rule(target) is not None
 
 
 def op_of(node: Node):
     """The op a rule analyses ``node`` as: the functional overload of an in-place or ``out=``
     overload without a rule of its own, else ``node.target``."""
     t = node.target
-    if t in _RULES:
+    if _own_rule(t) is not None:
         return t
     f = functional_of(t)
-    return f if f is not None and f in _RULES else t
+    return f if f is not None and _own_rule(f) is not None else t
 
 
 # -- in-place and out= overloads ------------------------------------------------------------------
@@ -135,7 +158,7 @@ def functional_of(target):
 def _derived_rule(target) -> Rule | None:
     if target not in _DERIVED:
         f = functional_of(target)
-        base = _RULES.get(f) if f is not None else None
+        base = _own_rule(f) if f is not None else None
         _DERIVED[target] = None if base is None else Rule(_tie_written(base.analyze), base.rewrite)
     return _DERIVED[target]
 
@@ -181,7 +204,7 @@ def _op_name(target) -> str:
 
 
 def registered_ops() -> list[str]:
-    return sorted(str(k) for k in _RULES)
+    return sorted([str(k) for k in _RULES] + list(_BY_NAME))
 
 
 # -- arguments by name ------------------------------------------------------------------------

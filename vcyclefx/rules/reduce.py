@@ -83,8 +83,10 @@ def _index_valued(ctx, node):
     src = ctx.dims(node.args[0])
     dim = ctx.arg(node, "dim", None)
     dims = norm_dims(dim, len(src)) if dim is not None else list(range(len(src)))
+    why = ("selects units by value: duplicating or merging units changes which are picked"
+           if op_of(node) is aten.topk.default else "position-dependent")
     for d in dims:
-        ctx.pin(src[d], f"{_opname(node)} along it at {ctx.where(node)} (position-dependent)")
+        ctx.pin(src[d], f"{_opname(node)} along it at {ctx.where(node)} ({why})")
     if op_of(node) in (aten.cumsum.default, aten.cumprod.default, aten.logcumsumexp.default):
         ctx.set_out(node, src)
         return
