@@ -9,6 +9,8 @@ The new graph is built from one template block (the first block of the input cha
 that do not depend on the chain come first, then the new blocks (each a copy of the template
 with its own parameters, named ``<container>.<prefix><j>`` so the level's state_dict looks like
 a smaller/larger instance of the user's model), then the nodes that read the chain's output.
+A shared chain's new blocks are applications ``<module>@<j>`` of the one module: they read the
+same tensors, so its weights are kept as they are (the mean of a group of identical tensors).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 from vcyclefx.analysis import Analysis
-from vcyclefx.chains import _relname, chained_input, ownership
+from vcyclefx.chains import _relname, chained_input, is_application, module_path, ownership
 from vcyclefx.errors import PlanError
 from vcyclefx.mapping import ChainMap
 from vcyclefx.registry import get_arg
@@ -76,8 +78,28 @@ def _nonneg(n) -> bool:
 # linear ops that map a zero input to zero output (crops, shifts, zero padding, indexing)
 _ZERO_PRESERVING = _PASS_THROUGH | {
     aten.slice.Tensor, aten.roll.default, aten.narrow.default, aten.select.int,
-    aten.constant_pad_nd.default, aten.index.Tensor, aten.expand.default,
+    aten.constant_pad_nd.default, aten.index.Tensor, aten.expand.default, aten.to.device,
+    aten.sum.dim_IntList, aten.mean.dim,  # e.g. the sum of a token's top-k expert outputs
 }
+# grouped (per-expert) matmuls: the argument holding the weights
+_GROUPED = {"aten::_grouped_mm": "mat2", "transformers::grouped_mm_fallback": "weight"}
+
+
+def _grouped_weight(node: Node):
+    schema = getattr(node.target, "_schema", None)
+    arg = _GROUPED.get(schema.name) if schema is not None else None
+    return get_arg(node, arg, None) if arg else None
+
+
+_MUL = {aten.mul.Tensor, aten.mul.Scalar}
+_SCALE = _MUL | {aten.div.Tensor, aten.div.Scalar}
+
+
+def _constant(x, block: str) -> bool:
+    """A number, or a tensor that is no parameter of the block (a lifted constant)."""
+    if not isinstance(x, Node):
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and x != 0
+    return x.op == "get_attr" and _param_of(x, block) is None
 
 
 def _param_of(x, block: str) -> str | None:
@@ -89,13 +111,17 @@ def _param_of(x, block: str) -> str | None:
     return None
 
 
-def _zero_branch(b: Node, block: str, where: str) -> list[str]:
-    """Tensors to zero so that the residual branch ``b`` is exactly zero."""
+def _zero_branch(b: Node, block: str, where: str, within: frozenset = frozenset()) -> list[str]:
+    """Tensors to zero so that the residual branch ``b`` is exactly zero (``within``: the
+    block's nodes; a search that leaves them fails)."""
     node = b
     while isinstance(node, Node) and node.op == "call_function" and node.target in _ZERO_PRESERVING:
         node = node.args[0]
-    if not isinstance(node, Node) or node.op != "call_function":
+    if not isinstance(node, Node) or node.op != "call_function" or (within and node not in within):
         raise PlanError(f"{where}: cannot find the last parameterised op writing into the residual")
+    grouped = _grouped_weight(node)
+    if grouped is not None and (r := _param_of(grouped, block)) is not None:
+        return [r]  # the experts' last projection: every expert writes zero
     if node.target in _AFFINE:
         names = [r for arg in _AFFINE[node.target]
                  if (r := _param_of(get_arg(node, arg, None), block)) is not None]
@@ -105,14 +131,25 @@ def _zero_branch(b: Node, block: str, where: str) -> list[str]:
         params = [r for a in node.args[:2] if (r := _param_of(a, block)) is not None]
         if params:
             return params[:1]
+    if node.target in _SCALE:  # a constant residual scale (c * branch, branch / c): zero the branch
+        branch = [a for a in node.args[:2] if not _constant(a, block)]
+        if len(branch) == 1 and (node.target in _MUL or branch[0] is node.args[0]):
+            return _zero_branch(branch[0], block, where, within)
+        if node.target in _MUL and len(branch) == 2:  # gate * branch (routing weights): zero a factor
+            for factor in branch:
+                try:
+                    return _zero_branch(factor, block, where, within)
+                except PlanError:
+                    continue
     if node.target in _ADD:
         a, c = node.args[0], node.args[1]
         params = [r for x in (a, c) if (r := _param_of(x, block)) is not None]
         others = [x for x in (a, c) if isinstance(x, Node) and _param_of(x, block) is None]
         if len(params) == 1 and len(others) == 1:  # branch + bias
-            return params + _zero_branch(others[0], block, where)
+            return params + _zero_branch(others[0], block, where, within)
         if not params and len(others) == 2:  # parallel branches (GPT-NeoX, Phi): zero both
-            return _zero_branch(others[0], block, where) + _zero_branch(others[1], block, where)
+            return (_zero_branch(others[0], block, where, within)
+                    + _zero_branch(others[1], block, where, within))
     raise PlanError(
         f"{where}: the residual branch ends in {node.target} at node {node.name}, which vcyclefx "
         "cannot zero; use depth_init='copy'"
@@ -135,8 +172,9 @@ def identity_zero_set(nodes: list[Node], block: str, chained) -> list[str]:
                 path, branch = (a, b) if _on_skip(a, x, memo) else (b, a)
                 if not _on_skip(path, x, memo):
                     raise PlanError(f"{where}: node {cur.name} adds two values that do not carry "
-                                    "the block input through; use depth_init='copy'")
-                zero.extend(_zero_branch(branch, block, where))
+                                    "the block input through (a normalisation after the residual "
+                                    "sum: post-norm block?); use depth_init='copy'")
+                zero.extend(_zero_branch(branch, block, where, frozenset(nodes)))
                 cur = path
             elif cur.target in _PASS_THROUGH:
                 cur = cur.args[0]
@@ -185,8 +223,24 @@ def _retarget_stack(meta: dict, old: str, new: str) -> dict:
     return meta
 
 
+def _retarget_application(meta: dict, path: str, j: int) -> dict:
+    """Stack keys of ``path`` and the modules inside it numbered as call ``j`` (``@j``, none for
+    the first call), the way torch.export numbers repeated calls."""
+    stack = meta.get("nn_module_stack")
+    if not stack:
+        return meta
+    out = {}
+    for k, (p, typ) in stack.items():
+        if p == path or p.startswith(path + "."):
+            k = re.sub(r"@\d+$", "", k) + (f"@{j}" if j else "")
+        out[k] = (p, typ)
+    meta = dict(meta)
+    meta["nn_module_stack"] = out
+    return meta
+
+
 def _blocks(gm: GraphModule, paths: list[str]) -> list[list[Node]]:
-    owned, _ = ownership(gm)
+    owned, _ = ownership(gm, applications=is_application(paths[0]))
     out = []
     for p in paths:
         if p not in owned:
@@ -208,7 +262,7 @@ def _rebuild_chain(graph: Graph, cm: ChainMap, src: list[str], dst: list[str], e
             if n in local:
                 return local[n]
             if n.op == "get_attr" and n.target in src_params and _relname(n.target, block0) is not None:
-                new_target = f"{name}.{_relname(n.target, block0)}"
+                new_target = f"{module_path(name)}.{_relname(n.target, block0)}"
                 g = graph.get_attr(new_target)
                 g.meta = dict(n.meta)
                 local[n] = g
@@ -219,7 +273,8 @@ def _rebuild_chain(graph: Graph, cm: ChainMap, src: list[str], dst: list[str], e
 
         for t in template:
             new = graph.node_copy(t, arg)
-            new.meta = _retarget_stack(dict(t.meta), block0, name)
+            new.meta = (_retarget_application(dict(t.meta), module_path(name), j)
+                        if is_application(name) else _retarget_stack(dict(t.meta), block0, name))
             local[t] = new
         prev = local
     assert prev is not None
@@ -234,6 +289,8 @@ def _new_tensors(gm: GraphModule, cm: ChainMap, src: list[str], dst: list[str], 
                  depth_init: str, rel_names: list[str]) -> dict[str, torch.Tensor]:
     params = dict(gm.named_parameters(remove_duplicate=False))
     out: dict[str, torch.Tensor] = {}
+    if is_application(src[0]):
+        return out  # applications of one module: the mean of identical tensors is the tensor
     if direction == COALESCE:
         groups = cm.groups  # small block g <- large blocks groups[g]
         for g, members in enumerate(groups):
@@ -346,12 +403,15 @@ def _one_chain(gm: GraphModule, cm: ChainMap, plan: DepthPlan) -> GraphModule:
     nonpersistent = set()
     for name in nonpersistent_buffers(gm):
         rel = _relname(name, src[0])
-        if rel is not None:
+        if rel is not None and is_application(src[0]):
+            nonpersistent.add(name)
+        elif rel is not None:
             nonpersistent.update(f"{d}.{rel}" for d in dst)
         elif not any(_relname(name, b) for b in src):
             nonpersistent.add(name)
     old_buffers = {n for n, _ in gm.named_buffers(remove_duplicate=False)}
-    buffers = {f"{d}.{rel}" for rel in rel_names if f"{src[0]}.{rel}" in old_buffers for d in dst}
+    buffers = set() if is_application(src[0]) else {
+        f"{d}.{rel}" for rel in rel_names if f"{src[0]}.{rel}" in old_buffers for d in dst}
     new = rebuild(gm, graph, tensors, nonpersistent=nonpersistent, buffers=buffers)
     check_graph(new, what="depth pass", source=gm)
     return new

@@ -39,11 +39,19 @@ class Chain:
         return len(self.blocks)
 
     @property
+    def shared(self) -> bool:
+        """The blocks are applications of one module (the same weights)."""
+        return bool(self.blocks) and is_application(self.blocks[0])
+
+    @property
     def params_per_block(self) -> int:
         return len(self.params[0]) if self.params else 0
 
     def name_pattern(self) -> tuple[str, int] | None:
-        """(prefix, first index) when block paths are ``<container>.<prefix><int>``."""
+        """(prefix, first index) when block paths are ``<container>.<prefix><int>`` (or the
+        applications ``<container>@<int>`` of a shared chain)."""
+        if self.shared:
+            return f"{self.container}@", 0
         tails = [b[len(self.container) + 1 :] if self.container else b for b in self.blocks]
         m = [re.fullmatch(r"(.*?)(\d+)", t) for t in tails]
         if not all(m) or len({x.group(1) for x in m}) != 1:
@@ -54,6 +62,8 @@ class Chain:
         return m[0].group(1), idx[0]
 
     def block_name(self, j: int) -> str:
+        if self.shared:
+            return application_name(self.container, j)
         pat = self.name_pattern()
         assert pat is not None
         prefix, first = pat
@@ -61,9 +71,35 @@ class Chain:
         return f"{base}{prefix}{first + j}"
 
 
-def _stack_paths(node: Node) -> list[str]:
+_CALL_INDEX = re.compile(r"@(\d+)$")
+
+
+def application_name(path: str, k: int) -> str:
+    """The name of the ``k``-th application of the module at ``path`` (``k`` from 0)."""
+    return f"{path}@{k}"
+
+
+def is_application(block: str) -> bool:
+    return "@" in block
+
+
+def module_path(block: str) -> str:
+    """The module path of a block (of an application: the module it applies)."""
+    return block.split("@", 1)[0]
+
+
+def _stack_paths(node: Node, applications: bool = False) -> list[str]:
     stack = node.meta.get("nn_module_stack") or {}
-    return [v[0] for v in stack.values() if isinstance(v, tuple) and v[0]]
+    out = []
+    for key, v in stack.items():
+        if not (isinstance(v, tuple) and v[0]):
+            continue
+        if applications:
+            m = _CALL_INDEX.search(str(key))
+            out.append(application_name(v[0], int(m.group(1)) if m else 0))
+        else:
+            out.append(v[0])
+    return out
 
 
 def _container(path: str) -> str:
@@ -81,11 +117,13 @@ def _is_size_value(n: Node) -> bool:
     return isinstance(v, (torch.SymInt, int)) and not isinstance(v, bool)
 
 
-def ownership(gm: GraphModule) -> tuple[dict[str, list[Node]], dict[str, list[str]]]:
+def ownership(gm: GraphModule, applications: bool = False
+              ) -> tuple[dict[str, list[Node]], dict[str, list[str]]]:
     """Nodes each module path owns (in graph order) and each container's children in the
     order they run. Tensor ops are owned through ``nn_module_stack``; symbolic-size arithmetic
     (which export shares and the normaliser copies per use) is owned by a module when all of its
-    users are."""
+    users are. With ``applications`` the owners are the calls of each module
+    (``<path>@<k>``), so a module run several times owns one node list per run."""
     owner_nodes: dict[str, list[Node]] = {}
     children: dict[str, list[str]] = {}
     owners_of: dict[Node, set[str]] = {}
@@ -93,7 +131,7 @@ def ownership(gm: GraphModule) -> tuple[dict[str, list[Node]], dict[str, list[st
     for n in gm.graph.nodes:
         if n.op != "call_function" or _is_size_value(n):
             continue
-        paths = _stack_paths(n)
+        paths = _stack_paths(n, applications)
         owners_of[n] = set(paths)
         for p in paths:
             owner_nodes.setdefault(p, []).append(n)
@@ -128,7 +166,7 @@ def find_chains(gm: GraphModule) -> list[Chain]:
         kids = children[container]
         if len(kids) < 2 or any(_inside(container, t) for t in taken):
             continue
-        sigs = [_signature(owner_nodes[k], k, tensors) for k in kids]
+        sigs = [_signature(gm, owner_nodes[k], k, tensors) for k in kids]
         i = 0
         while i < len(kids):
             j = i + 1
@@ -142,7 +180,31 @@ def find_chains(gm: GraphModule) -> list[Chain]:
                     chains.append(chain)
                     taken.extend(run)
             i = j
+    chains.extend(_shared_chains(gm, tensors, get_attrs, taken))
     return chains
+
+
+def _shared_chains(gm, tensors, get_attrs, taken: list[str]) -> list[Chain]:
+    """Chains of applications of one module (shared weights), outermost modules first; modules
+    inside a block of another chain are left to it."""
+    owner_nodes, children = ownership(gm, applications=True)
+    calls: dict[str, list[str]] = {}
+    for kids in children.values():
+        for k in kids:
+            calls.setdefault(module_path(k), []).append(k)
+    out: list[Chain] = []
+    for path in sorted(calls, key=lambda p: (p.count("."), p)):
+        run = calls[path]
+        if len(run) < 2 or not path or any(_inside(path, module_path(t)) or
+                                           _inside(module_path(t), path) for t in taken):
+            continue
+        if run != [application_name(path, k) for k in range(len(run))]:
+            continue  # not every call is numbered in order: leave it
+        chain = _make_chain(gm, path, run, owner_nodes, tensors, get_attrs)
+        if chain is not None:
+            out.append(chain)
+            taken.append(path)
+    return out
 
 
 def _check_numbering(chain: Chain, siblings: list[str]) -> None:
@@ -177,11 +239,13 @@ def _inside(path: str, block: str) -> bool:
 
 
 def _relname(target: str, block: str) -> str | None:
+    block = module_path(block)
     return target[len(block) + 1 :] if target.startswith(block + ".") else None
 
 
-def _signature(nodes: list[Node], block: str, tensors) -> tuple:
+def _signature(gm: GraphModule, nodes: list[Node], block: str, tensors) -> tuple:
     index = {n: i for i, n in enumerate(nodes)}
+    shape = _BlockShapes()
     sig = []
     for n in nodes:
         args = []
@@ -192,13 +256,41 @@ def _signature(nodes: list[Node], block: str, tensors) -> tuple:
                 rel = _relname(a.target, block)
                 args.append(("param", rel if rel is not None else a.target,
                              tuple(tensors[a.target].shape)))
+            elif a.op == "get_attr" and _is_body(gm, a):  # a higher-order op's body
+                args.append(("body", _body_signature(gm, a)))
             elif a.op == "get_attr":  # a lifted constant: numbered per block by export
-                args.append(("const", _shape_of(a)))
+                args.append(("const", shape(a)))
             else:
                 args.append(("ext",))
-        lits = tuple(repr(x) for x in _literals(n))
-        sig.append((str(n.target), tuple(args), lits, _shape_of(n)))
+        lits = tuple(shape.text(repr(x)) for x in _literals(n))
+        sig.append((str(n.target), tuple(args), lits, shape(n)))
     return tuple(sig)
+
+
+_UNBACKED = re.compile(r"\bu\d+\b")
+
+
+_NODE_NAME = re.compile(r"on node '[^']*'")
+
+
+class _BlockShapes:
+    """``_shape_of`` for the nodes of one block, with data-dependent sizes (export's unbacked
+    symbols ``u0, u1, ...``, new ones per block) numbered by first appearance in the block, so
+    identical blocks have identical shapes; ``text`` does the same to a literal (the messages
+    of export's runtime assertions also name the node they check)."""
+
+    def __init__(self) -> None:
+        self.names: dict[str, str] = {}
+
+    def _rename(self, m: re.Match) -> str:
+        return self.names.setdefault(m.group(0), f"u#{len(self.names)}")
+
+    def text(self, s: str) -> str:
+        return _UNBACKED.sub(self._rename, _NODE_NAME.sub("on node", s))
+
+    def __call__(self, n: Node):
+        s = _shape_of(n)
+        return None if s is None else tuple(_UNBACKED.sub(self._rename, x) for x in s)
 
 
 def _literals(n: Node) -> list:
@@ -215,8 +307,9 @@ def _shape_of(n: Node):
 def _graph(nodes: list[Node], block: str, tensors) -> nx.DiGraph:
     g = nx.DiGraph()
     index = {n: i for i, n in enumerate(nodes)}
+    shape = _BlockShapes()
     for n in nodes:
-        label = (str(n.target), _shape_of(n))
+        label = (str(n.target), shape(n))
         g.add_node(index[n], label=label)
     for n in nodes:
         for a in n.all_input_nodes:
@@ -237,17 +330,33 @@ def _isomorphic(a: nx.DiGraph, b: nx.DiGraph) -> bool:
     return nx.vf2pp_is_isomorphic(a, b, node_label="label")
 
 
-def _external_inputs(nodes: list[Node], block: str) -> list[Node]:
+def _external_inputs(gm: GraphModule, nodes: list[Node], block: str) -> list[Node]:
+    """Values a block reads from outside: not its own tensors, nor the bodies of its
+    higher-order ops (``wrap_with_set_grad_enabled``'s submodule: export makes one per call,
+    and their code is part of the block's signature)."""
     own = set(nodes)
     out: list[Node] = []
     for n in nodes:
         for a in n.all_input_nodes:
             if a in own or a in out:
                 continue
-            if a.op == "get_attr" and _relname(a.target, block) is not None:
+            if a.op == "get_attr" and (_relname(a.target, block) is not None or _is_body(gm, a)):
                 continue
             out.append(a)
     return out
+
+
+def _is_body(gm: GraphModule, node: Node) -> bool:
+    try:
+        return isinstance(gm.get_submodule(node.target), GraphModule)
+    except AttributeError:
+        return False
+
+
+def _body_signature(gm: GraphModule, node: Node) -> tuple:
+    body = gm.get_submodule(node.target)
+    return tuple((n.op, str(n.target) if n.op == "call_function" else "", _shape_of(n))
+                 for n in body.graph.nodes)
 
 
 def _make_chain(gm, container, run, owner_nodes, tensors, get_attrs) -> Chain | None:
@@ -256,7 +365,7 @@ def _make_chain(gm, container, run, owner_nodes, tensors, get_attrs) -> Chain | 
     for b, ns in zip(run[1:], block_nodes[1:]):
         if not _isomorphic(g0, _graph(ns, b, tensors)):
             return None
-    ins = [_external_inputs(ns, b) for b, ns in zip(run, block_nodes)]
+    ins = [_external_inputs(gm, ns, b) for b, ns in zip(run, block_nodes)]
     if len({len(x) for x in ins}) != 1:
         return None
     shared, chained = [], []

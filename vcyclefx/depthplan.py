@@ -2,7 +2,8 @@
 
 ``depth`` is a factor on block counts. ``adjacent`` (the paper's default) groups consecutive
 blocks (2i, 2i+1); ``strided`` groups i with i + L/2. Odd counts give uneven groups (5 blocks at
-0.5 -> groups of 2, 2, 1); the mapping records the grouping.
+0.5 -> groups of 2, 2, 1); the mapping records the grouping. A shared chain (one module
+applied several times) changes its number of applications the same way.
 """
 
 from __future__ import annotations
@@ -70,7 +71,14 @@ def plan_depth(analysis: Analysis, factor: float, pairing: str = "adjacent", *, 
         # a coalescing mapping keeps the zero set too, so that it can later de-coalesce with
         # identity blocks; an empty set (not residual) then means "copies only"
         zero: list[str] = []
-        if coalesce or depth_init == "identity":
+        if c.shared and depth_init == "identity" and not coalesce:
+            raise PlanError(
+                f"depth_init='identity' on chain {c.container}: its {n} blocks are applications "
+                "of one module with shared weights, so zeroing the last write of a new "
+                "application would zero it in every application; use depth_init='copy'")
+        if c.shared:
+            pass  # no identity growth for shared weights: the mapping keeps an empty zero set
+        elif coalesce or depth_init == "identity":
             try:
                 zero = identity_zero_set(c.nodes[0], c.blocks[0], c.chained)
             except PlanError:

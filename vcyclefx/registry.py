@@ -15,6 +15,16 @@ your own with::
         ctx.normalized(x[-1], node)       # mean/variance over the last axis
 
 Arguments are read by name from the op's schema (``ctx.arg(node, "dim")``), never by position.
+
+In-place (``add_.Tensor``, ``detach_.default``) and ``out=`` (``add.out``) overloads need no
+rule of their own: they compute what their functional overload computes and write it into an
+argument, so :func:`rule_for` derives their rule from the functional op's rule and ties the
+output to the argument written (``self`` for in-place ops, ``out`` for ``out=`` ones). A rule
+asks :func:`op_of` (not ``node.target``) which op it is analysing.
+
+Ops of libraries that register them only when imported (``transformers::grouped_mm_fallback``)
+are registered by qualified name, ``"namespace::name"`` (every overload) or
+``"namespace::name.overload"``; the name is matched when a graph meets the op.
 """
 
 from __future__ import annotations
@@ -38,17 +48,28 @@ class Rule:
 
 
 _RULES: dict[Any, Rule] = {}
+_DERIVED: dict[Any, Rule | None] = {}  # in-place / out= overload -> rule derived on first use
+_BY_NAME: dict[str, Rule] = {}  # "namespace::name[.overload]" -> rule, for ops not imported yet
 
 
 def register_rule(*targets, rewrite: RewriteFn | None = None, replace: bool = False):
     """Decorator registering ``fn`` as the analysis rule of every op in ``targets``.
 
     ``targets`` are op overloads (``torch.ops.aten.linear.default``), OpOverloadPackets (all
-    overloads), Python callables (``operator.mul``) or higher-order ops.
+    overloads), Python callables (``operator.mul``), higher-order ops, or qualified op names
+    (``"transformers::grouped_mm_fallback"``) for ops that exist once their library is imported.
     """
 
     def deco(fn: RuleFn) -> RuleFn:
+        _DERIVED.clear()  # derived rules may now come from this one
         for t in targets:
+            if isinstance(t, str):
+                if "::" not in t:
+                    raise ValueError(f"{t!r}: an op name is 'namespace::name[.overload]'")
+                if t in _BY_NAME and not replace:
+                    raise ValueError(f"a rule for {t} is already registered (pass replace=True)")
+                _BY_NAME[t] = Rule(fn, rewrite)
+                continue
             keys = [getattr(t, o) for o in t.overloads()] if isinstance(t, torch._ops.OpOverloadPacket) else [t]
             for k in keys:
                 if k in _RULES and not replace:
@@ -59,19 +80,121 @@ def register_rule(*targets, rewrite: RewriteFn | None = None, replace: bool = Fa
     return deco
 
 
+def _own_rule(target) -> Rule | None:
+    """The rule registered for ``target`` itself (by identity, else by qualified name)."""
+    rule = _RULES.get(target)
+    if rule is None and _BY_NAME and isinstance(target, torch._ops.OpOverload):
+        name = target._schema.name
+        rule = _BY_NAME.get(f"{name}.{target._overloadname}") or _BY_NAME.get(name)
+    return rule
+
+
 def rule_for(node: Node) -> Rule:
-    rule = _RULES.get(node.target)
+    rule = _own_rule(node.target) or _derived_rule(node.target)
     if rule is None:
         raise UnsupportedOp(
             f"{node.format_node()}: op {_op_name(node.target)} has no vcyclefx rule, so the "
             "analysis cannot tell how it relates the axes of its inputs and outputs. Register "
             "one with @vcyclefx.register_rule(<op>) (see vcyclefx/registry.py for an example)."
+            + _no_functional_hint(node.target)
         )
     return rule
 
 
 def has_rule(target) -> bool:
-    return target in _RULES
+    return _own_rule(target) is not None or _derived_rule(target) is not None
+
+
+def op_of(node: Node):
+    """The op a rule analyses ``node`` as: the functional overload of an in-place or ``out=``
+    overload without a rule of its own, else ``node.target``."""
+    t = node.target
+    if _own_rule(t) is not None:
+        return t
+    f = functional_of(t)
+    return f if f is not None and _own_rule(f) is not None else t
+
+
+# -- in-place and out= overloads ------------------------------------------------------------------
+def _written(schema) -> list:
+    return [a for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+
+
+def _signature(args) -> list[tuple[str, str]]:
+    return [(a.name, str(a.type)) for a in args]
+
+
+def functional_of(target):
+    """The functional overload an in-place (``add_.Tensor`` -> ``add.Tensor``) or ``out=``
+    (``add.out`` -> ``add.Tensor``) overload computes, or None."""
+    if not isinstance(target, torch._ops.OpOverload):
+        return None
+    schema = target._schema
+    written = _written(schema)
+    if not written:
+        return None
+    ns, _, name = schema.name.partition("::")
+    packet_ns = getattr(torch.ops, ns, None)
+    if name.endswith("_") and not name.endswith("__") and written[0].name == schema.arguments[0].name:
+        packet = getattr(packet_ns, name[:-1], None)  # in-place: same arguments, no write
+        want = _signature(schema.arguments)
+        preferred = schema.overload_name or "default"
+    else:
+        if any(not a.kwarg_only for a in written):
+            return None  # an argument written in place that is not an out= buffer
+        packet = getattr(packet_ns, name, None)  # out=: the other arguments, one overload
+        names = {a.name for a in written}
+        want = _signature([a for a in schema.arguments if a.name not in names])
+        preferred = None
+    if not isinstance(packet, torch._ops.OpOverloadPacket):
+        return None
+    candidates = [getattr(packet, o) for o in packet.overloads()]
+    candidates = [c for c in candidates if not _written(c._schema)
+                  and _signature(c._schema.arguments) == want]
+    candidates.sort(key=lambda c: (c._schema.overload_name or "default") != preferred)
+    return candidates[0] if candidates else None
+
+
+def _derived_rule(target) -> Rule | None:
+    if target not in _DERIVED:
+        f = functional_of(target)
+        base = _own_rule(f) if f is not None else None
+        _DERIVED[target] = None if base is None else Rule(_tie_written(base.analyze), base.rewrite)
+    return _DERIVED[target]
+
+
+def _tie_written(analyze: RuleFn) -> RuleFn:
+    """The functional op's rule, then the output is the argument written: the same axes where
+    the shapes agree. (An in-place view op such as ``unsqueeze_`` gives its argument a new
+    shape; export makes every later reader read the op's output, so its functional rule is
+    the whole story.)"""
+
+    def rule(ctx, node: Node) -> None:
+        analyze(ctx, node)
+        written = [get_arg(node, a.name, None) for a in _written(node.target._schema)]
+        out = ctx.out.get(node)
+        outs = out if len(written) > 1 and isinstance(out, list) else [out]
+        res = []
+        for o, w in zip(outs, written):
+            t = ctx.dims(w) if isinstance(w, Node) else None
+            if isinstance(o, list) and isinstance(t, list) and [d.size for d in o] == [d.size for d in t]:
+                ctx.unify_all(t, o, node)
+                o = t
+            res.append(o)
+        ctx.set_out(node, res if len(written) > 1 else res[0])
+
+    rule.__name__ = f"written_{getattr(analyze, '__name__', 'rule')}"
+    return rule
+
+
+def _no_functional_hint(target) -> str:
+    if isinstance(target, torch._ops.OpOverload) and _written(target._schema):
+        f = functional_of(target)
+        if f is None:
+            return (" It writes into an argument and has no functional overload whose rule could "
+                    "be reused.")
+        return f" Its functional form {f} has no rule either."
+    return ""
 
 
 def _op_name(target) -> str:
@@ -81,7 +204,7 @@ def _op_name(target) -> str:
 
 
 def registered_ops() -> list[str]:
-    return sorted(str(k) for k in _RULES)
+    return sorted([str(k) for k in _RULES] + list(_BY_NAME))
 
 
 # -- arguments by name ------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch.fx import Node
 
 from ..dims import PROD
-from ..registry import register_rule
+from ..registry import op_of, register_rule
 from ._util import aten, broadcast_into
 
 
@@ -48,8 +48,8 @@ def _mm(ctx, node):
 
 @register_rule(aten.addmm.default, aten.baddbmm.default)
 def _addmm(ctx, node):
-    a = ctx.arg(node, "mat1") if node.target is aten.addmm.default else ctx.arg(node, "batch1")
-    b = ctx.arg(node, "mat2") if node.target is aten.addmm.default else ctx.arg(node, "batch2")
+    a = ctx.arg(node, "mat1") if op_of(node) is aten.addmm.default else ctx.arg(node, "batch1")
+    b = ctx.arg(node, "mat2") if op_of(node) is aten.addmm.default else ctx.arg(node, "batch2")
     out = _mm_like(ctx, node, a, b)
     broadcast_into(ctx, node, out, [ctx.arg(node, "self")])
 
@@ -120,8 +120,8 @@ def _conv_rewrite(rw, node):
 @register_rule(*_CONV, *_CONV_T, rewrite=_conv_rewrite)
 def _conv(ctx, node):
     x, w, b = ctx.arg(node, "input"), ctx.arg(node, "weight"), ctx.arg(node, "bias")
-    transposed = node.target in _CONV_T or (
-        node.target is aten.convolution.default and ctx.arg(node, "transposed")
+    transposed = op_of(node) in _CONV_T or (
+        op_of(node) is aten.convolution.default and ctx.arg(node, "transposed")
     )
     groups = ctx.arg(node, "groups", 1)
     xd, wd = ctx.dims(x), ctx.dims(w)

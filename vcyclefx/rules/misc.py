@@ -9,7 +9,7 @@ import torch
 from torch.fx import Node
 
 from ..dims import Dim
-from ..registry import register_rule
+from ..registry import op_of, register_rule
 from ._util import aten, broadcast_into, norm_dim, norm_dims, ops, shape_entries_rewrite
 
 
@@ -173,19 +173,24 @@ def _index(ctx, node):
     del before
 
 
-@register_rule(aten.index_put.default, aten.index_put_.default, aten._unsafe_index_put.default,
-               aten.scatter.src, aten.scatter.value, aten.scatter_add.default,
-               aten.scatter_.src, aten.scatter_.value, aten.index_add.default,
-               aten.index_copy.default, aten.index_fill.int_Scalar, aten.masked_scatter_.default)
+@register_rule(aten.index_put.default, aten._unsafe_index_put.default, aten.scatter.src,
+               aten.scatter.value, aten.scatter.reduce, aten.scatter.value_reduce,
+               aten.scatter_add.default, aten.scatter_reduce.two, aten.index_add.default,
+               aten.index_copy.default, aten.index_fill.int_Scalar, aten.index_fill.int_Tensor,
+               aten.index_reduce.default, aten.masked_scatter.default)
 def _index_put(ctx, node):
+    """Writes at addressed positions of ``self``: the output has ``self``'s axes and the
+    addressed axis is pinned (a masked scatter addresses by a mask that broadcasts to it)."""
     src = ctx.dims(node.args[0])
-    if node.target in (aten.index_put.default, aten.index_put_.default, aten._unsafe_index_put.default):
+    if op_of(node) in (aten.index_put.default, aten._unsafe_index_put.default):
         for i, t in enumerate(ctx.arg(node, "indices")):
             if t is not None:
                 ctx.index_axis(node, node.args[0], i, "written by index_put")
-    elif node.target is not aten.masked_scatter_.default:
+    elif op_of(node) is aten.masked_scatter.default:
+        broadcast_into(ctx, node, src, [ctx.arg(node, "mask")])
+    else:
         dim = norm_dim(ctx.arg(node, "dim"), len(src))
-        ctx.index_axis(node, node.args[0], dim, f"written by {node.target}")
+        ctx.index_axis(node, node.args[0], dim, f"written by {op_of(node)}")
     ctx.set_out(node, src)
 
 
@@ -201,15 +206,14 @@ def _one_hot(ctx, node):
 @register_rule(aten.roll.default, aten.flip.default, aten.tril.default, aten.triu.default,
                aten.diff.default, aten.constant_pad_nd.default, aten.pad.default,
                aten.reflection_pad2d.default, aten.replication_pad2d.default,
-               aten.pixel_shuffle.default, aten.pixel_unshuffle.default, aten.tril_.default,
-               aten.triu_.default)
+               aten.pixel_shuffle.default, aten.pixel_unshuffle.default)
 def _positional(ctx, node):
     """Ops that move, mask or pad by position: the axes they act on are pinned."""
     src = ctx.dims(node.args[0])
     out = ctx.out_fresh(node)
     n = len(src)
-    t = node.target
-    if t in (aten.tril.default, aten.triu.default, aten.tril_.default, aten.triu_.default):
+    t = op_of(node)
+    if t in (aten.tril.default, aten.triu.default):
         acted = [n - 2, n - 1]
     elif t in (aten.roll.default, aten.flip.default):
         acted = norm_dims(ctx.arg(node, "dims"), n)

@@ -1,4 +1,8 @@
-"""Elementwise ops: outputs have the (broadcast) axes of their tensor inputs."""
+"""Elementwise ops: outputs have the (broadcast) axes of their tensor inputs.
+
+Only functional overloads are listed: an in-place (``relu_``, ``add_``) or ``out=`` overload
+gets its functional op's rule from the registry, with its output tied to the argument written.
+"""
 
 from __future__ import annotations
 
@@ -6,32 +10,35 @@ from ..registry import register_rule
 from ._util import aten, broadcast_into, tensor_args
 
 _UNARY = """
-relu relu_ gelu gelu_ silu silu_ tanh tanh_ sigmoid sigmoid_ exp exp_ log log1p expm1 neg abs
-sqrt rsqrt reciprocal sin cos erf softplus hardtanh hardtanh_ leaky_relu leaky_relu_ hardswish
-hardswish_ hardsigmoid hardsigmoid_ mish elu elu_ celu selu relu6 square clone contiguous detach
-alias lift_fresh_copy _to_copy clamp clamp_ clamp_min clamp_max floor ceil round trunc sign
-logical_not bitwise_not isnan isinf nan_to_num fill fill_ zeros_like ones_like empty_like
-full_like rand_like randn_like dropout feature_dropout alpha_dropout feature_alpha_dropout
-dropout_ feature_dropout_ alpha_dropout_ feature_alpha_dropout_ rrelu rrelu_ sigmoid_ silu_
-type_as bernoulli bernoulli_ exponential_ uniform_ normal_ zero_ sgn frac erfinv atan asin acos
-sinh cosh asinh acosh atanh tan log2 log10 exp2 threshold positive logit view_as expand_as to
-""".split()
+relu gelu silu tanh sigmoid exp log log1p expm1 neg abs sqrt rsqrt reciprocal sin cos erf
+softplus hardtanh leaky_relu hardswish hardsigmoid mish elu celu selu relu6 square clone
+contiguous detach alias lift_fresh_copy _to_copy clamp clamp_min clamp_max clip floor ceil round
+trunc sign logical_not bitwise_not isnan isinf nan_to_num fill zeros_like ones_like empty_like
+full_like rand_like randn_like dropout feature_dropout alpha_dropout feature_alpha_dropout rrelu
+type_as bernoulli exponential uniform normal_ zero sgn frac erfinv atan asin acos sinh cosh asinh
+acosh atanh tan log2 log10 exp2 threshold positive logit view_as expand_as to
+""".split()  # normal_ (in place) has no functional overload with its arguments
 
 _BROADCAST = """
-add add_ sub sub_ rsub mul mul_ div div_ pow pow_ maximum minimum fmax fmin eq ne lt le gt ge
-logical_and logical_or logical_xor bitwise_and bitwise_or bitwise_xor __and__ __or__ __xor__
-where masked_fill masked_fill_ lerp lerp_ addcmul addcmul_ addcdiv addcdiv_ fmod remainder atan2
-hypot xlogy floor_divide copy copy_ masked_scatter
+add sub rsub mul div pow maximum minimum fmax fmin eq ne lt le gt ge logical_and logical_or
+logical_xor bitwise_and bitwise_or bitwise_xor __and__ __or__ __xor__ where masked_fill lerp
+addcmul addcdiv fmod remainder atan2 hypot xlogy floor_divide copy
 """.split()
 
 
 def _expand_targets(names: list[str]) -> list:
-    """Every overload of the named aten ops that exist in this torch build."""
+    """Every overload of the named aten ops that exist in this torch build, less those that
+    write into an argument (in-place and out= forms, derived by the registry), except for ops
+    that exist only in place."""
     out = []
     for name in names:
         packet = getattr(aten, name, None)
         if packet is not None:
-            out.extend(getattr(packet, o) for o in packet.overloads())
+            ops_ = [getattr(packet, o) for o in packet.overloads()]
+            if not name.endswith("_"):
+                ops_ = [o for o in ops_ if not any(a.alias_info is not None and a.alias_info.is_write
+                                                    for a in o._schema.arguments)]
+            out.extend(ops_)
     return list(dict.fromkeys(out))
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch.fx import Node
 
 from ..dims import PROD
-from ..registry import register_rule
+from ..registry import op_of, register_rule
 from ._util import aten, norm_dim, norm_dims, shape_entries_rewrite
 
 
@@ -47,13 +47,13 @@ def _share(ctx, node, out, kept):
 
 
 def _opname(node: Node) -> str:
-    return str(node.target).split(".")[1] if str(node.target).startswith("aten.") else str(node.target)
+    return str(op_of(node)).split(".")[1] if str(op_of(node)).startswith("aten.") else str(op_of(node))
 
 
 @register_rule(aten.mean.dim, aten.mean.default, aten.nanmean.default)
 def _mean(ctx, node):
-    _reduce(ctx, node, "dim" if node.target is not aten.mean.default else None,
-            "keepdim" if node.target is not aten.mean.default else None)
+    _reduce(ctx, node, "dim" if op_of(node) is not aten.mean.default else None,
+            "keepdim" if op_of(node) is not aten.mean.default else None)
 
 
 @register_rule(aten.sum.dim_IntList, aten.sum.default, aten.nansum.default, aten.prod.dim_int,
@@ -61,7 +61,7 @@ def _mean(ctx, node):
                aten.linalg_vector_norm.default, aten.norm.Scalar, aten.count_nonzero.dim_IntList)
 def _sum(ctx, node):
     dims_arg = {aten.sum.default: None, aten.prod.default: None, aten.norm.Scalar: None,
-                aten.nansum.default: "dim"}.get(node.target, "dim")
+                aten.nansum.default: "dim"}.get(op_of(node), "dim")
     keep = None if dims_arg is None else "keepdim"
     _reduce(ctx, node, dims_arg, keep, mode="pin")
 
@@ -69,7 +69,7 @@ def _sum(ctx, node):
 @register_rule(aten.amax.default, aten.amin.default, aten.max.default, aten.min.default,
                aten.any.dim, aten.any.dims, aten.any.default, aten.all.dim, aten.all.default)
 def _max(ctx, node):
-    if node.target in (aten.max.default, aten.min.default, aten.any.default, aten.all.default):
+    if op_of(node) in (aten.max.default, aten.min.default, aten.any.default, aten.all.default):
         _reduce(ctx, node, None, None, mode="none")
     else:
         _reduce(ctx, node, "dim", "keepdim", mode="none")
@@ -83,12 +83,14 @@ def _index_valued(ctx, node):
     src = ctx.dims(node.args[0])
     dim = ctx.arg(node, "dim", None)
     dims = norm_dims(dim, len(src)) if dim is not None else list(range(len(src)))
+    why = ("selects units by value: duplicating or merging units changes which are picked"
+           if op_of(node) is aten.topk.default else "position-dependent")
     for d in dims:
-        ctx.pin(src[d], f"{_opname(node)} along it at {ctx.where(node)} (position-dependent)")
-    if node.target in (aten.cumsum.default, aten.cumprod.default, aten.logcumsumexp.default):
+        ctx.pin(src[d], f"{_opname(node)} along it at {ctx.where(node)} ({why})")
+    if op_of(node) in (aten.cumsum.default, aten.cumprod.default, aten.logcumsumexp.default):
         ctx.set_out(node, src)
         return
-    if node.target in (aten.topk.default, aten.sort.default, aten.cummax.default):
+    if op_of(node) in (aten.topk.default, aten.sort.default, aten.cummax.default):
         out = ctx.out_fresh(node)
         for o in out:
             for i, (a, b) in enumerate(zip(o, src)):
@@ -102,7 +104,7 @@ def _var(ctx, node):
     corr = ctx.arg(node, "correction", None)
     unbiased = ctx.arg(node, "unbiased", None) if corr is None else None
     biased = (corr is not None and float(corr) == 0.0) or unbiased is False
-    if node.target in (aten.var.correction, aten.std.correction, aten.var_mean.correction,
+    if op_of(node) in (aten.var.correction, aten.std.correction, aten.var_mean.correction,
                        aten.std_mean.correction) and corr is None:
         biased = False  # correction=None means the default, 1
     _reduce(ctx, node, "dim", "keepdim", mode="mean" if biased else "pin")
@@ -259,5 +261,5 @@ def _pool(ctx, node):
 
 
 def _spatial_rank(node: Node) -> int:
-    name = str(node.target)
+    name = str(op_of(node))
     return 1 if "1d" in name else 3 if "3d" in name else 2

@@ -7,7 +7,7 @@ from typing import Any
 from torch.fx import Node
 
 from ..dims import CAT, PROD, Dim, is_static, quotient
-from ..registry import register_rule
+from ..registry import op_of, register_rule
 from ._util import aten, norm_dim, shape_entries_rewrite
 
 _INT_MAX = 2**62
@@ -15,7 +15,7 @@ _INT_MAX = 2**62
 
 # -- reshape family -----------------------------------------------------------------------------
 def _shape_arg(node) -> str:
-    return "shape" if node.target is aten.reshape.default else "size"
+    return "shape" if op_of(node) is aten.reshape.default else "size"
 
 
 def _reshape(ctx, node):
@@ -38,7 +38,7 @@ register_rule(
 
 
 @register_rule(aten.flatten.using_ints, aten.squeeze.default, aten.squeeze.dim, aten.squeeze.dims,
-               aten.unsqueeze.default, aten.squeeze_.dim, aten.unsqueeze_.default)
+               aten.unsqueeze.default)
 def _flatten_like(ctx, node):
     src = ctx.dims(node.args[0])
     out = ctx.out_fresh(node)
@@ -67,7 +67,7 @@ def norm_dims_ordered(dims, ndim):
     return [norm_dim(d, ndim) for d in dims]
 
 
-@register_rule(aten.transpose.int, aten.transpose_.default, aten.swapaxes.default, aten.swapdims.default)
+@register_rule(aten.transpose.int, aten.swapaxes.default, aten.swapdims.default)
 def _transpose(ctx, node):
     src = list(ctx.dims(node.args[0]))
     a = norm_dim(node.args[1], len(src))
@@ -221,11 +221,11 @@ def _rewrite_split(rw, node) -> dict[str, Any]:
     old = [p.size for p in parts]
     if new == old:
         return {}
-    if node.target is aten.chunk.default:  # a count of pieces: stays right while they are equal
+    if op_of(node) is aten.chunk.default:  # a count of pieces: stays right while they are equal
         if len(set(new)) == 1:
             return {}
         return {"__target__": aten.split_with_sizes.default, "split_sizes": new}
-    if node.target in (aten.split.Tensor, aten.split_copy.Tensor):
+    if op_of(node) in (aten.split.Tensor, aten.split_copy.Tensor):
         if len(set(new[:-1])) > 1 or new[-1] > new[0]:
             return {"__target__": aten.split_with_sizes.default, "split_sizes": new}
         return {"split_size": new[0]}
