@@ -25,7 +25,7 @@ loss (``reach 1x``). The table printed last gives medians over seeds and [min, m
 directory gets ``table.json`` and ``frontier.png`` (loss against FLOPs and wall seconds).
 
     python tools/bench_savings.py --out runs/frontier --seeds 1337,4242,7 --jobs 1 \\
-        --variants paper,carry,id+a0.75+carry -- --eval-every 100 --eval-batches 40
+        --variants paper,id+a0.75+carry+x1.5 -- --eval-every 100 --eval-batches 40
     python tools/bench_savings.py --list
 """
 
@@ -57,27 +57,35 @@ PAPER = ["--depth-init", "copy", "--alpha", "0.25", "--no-carry-optimizer",
          "--stage-warmup", "0"]
 ID = ["--depth-init", "identity"]
 CARRY = ["--carry-optimizer"]
+X15 = ["--vcycle-steps", "x1.5"]
 VARIANTS: dict[str, list[str]] = {
     "paper": [],
-    "carry": CARRY,  # gradient-following AdamW moments through the transitions
-    "identity": ID,  # function-preserving growth instead of block copies
-    "id+a0.5": [*ID, "--alpha", "0.5"],
-    "id+a0.75": [*ID, "--alpha", "0.75"],
-    "id+a0.9": [*ID, "--alpha", "0.9"],
-    "id+a0.5+carry": [*ID, "--alpha", "0.5", *CARRY],
+    "paper+x1.5": X15,
+    "carry+x1.5": [*CARRY, *X15],  # gradient-following AdamW moments through the transitions
+    "id+x1.5": [*ID, *X15],  # function-preserving growth instead of block copies
+    "id+a0.75+x1.5": [*ID, "--alpha", "0.75", *X15],
+    "id+a0.5+carry+x1.5": [*ID, "--alpha", "0.5", *CARRY, *X15],
+    "id+a0.75+carry+x1.5": [*ID, "--alpha", "0.75", *CARRY, *X15],
+    "id+a0.9+carry+x1.5": [*ID, "--alpha", "0.9", *CARRY, *X15],
+    "id+a1+carry+x1.5": [*ID, "--alpha", "1.0", *CARRY, *X15],
+    # the V-cycle's step budget (its FLOPs are counted in full, so any budget is fair)
     "id+a0.75+carry": [*ID, "--alpha", "0.75", *CARRY],
-    "id+a0.9+carry": [*ID, "--alpha", "0.9", *CARRY],
-    "id+a1+carry": [*ID, "--alpha", "1.0", *CARRY],
-    "id+a0.75+carry+warm50": [*ID, "--alpha", "0.75", *CARRY, "--stage-warmup", "50"],
-    "id+a0.75+carry+global": [*ID, "--alpha", "0.75", *CARRY, "--lr-schedule", "global"],
-    # share of the steps per stage (down, bottom, up)
-    "id+a0.75+carry+f.05/.30/.65": [*ID, "--alpha", "0.75", *CARRY, "--fractions", "0.05,0.3,0.65"],
-    "id+a0.75+carry+f.10/.45/.45": [*ID, "--alpha", "0.75", *CARRY, "--fractions", "0.1,0.45,0.45"],
-    "id+a0.75+carry+f.02/.60/.38": [*ID, "--alpha", "0.75", *CARRY, "--fractions", "0.02,0.6,0.38"],
-    # the V-cycle's step budget (its FLOPs are still counted in full)
-    "paper+x1.5": ["--vcycle-steps", "x1.5"],
-    "id+a0.75+carry+x1.5": [*ID, "--alpha", "0.75", *CARRY, "--vcycle-steps", "x1.5"],
     "id+a0.75+carry+x1.25": [*ID, "--alpha", "0.75", *CARRY, "--vcycle-steps", "x1.25"],
+    "id+a0.75+carry+x2": [*ID, "--alpha", "0.75", *CARRY, "--vcycle-steps", "x2"],
+    # share of the steps per stage (down, bottom, up)
+    "id+a0.75+carry+x1.5+f.05/.30/.65": [*ID, "--alpha", "0.75", *CARRY, *X15,
+                                         "--fractions", "0.05,0.3,0.65"],
+    "id+a0.75+carry+x1.5+f.05/.60/.35": [*ID, "--alpha", "0.75", *CARRY, *X15,
+                                         "--fractions", "0.05,0.6,0.35"],
+    "id+a0.75+carry+x1.5+f.15/.45/.40": [*ID, "--alpha", "0.75", *CARRY, *X15,
+                                         "--fractions", "0.15,0.45,0.4"],
+    # learning-rate envelope of the later stages
+    "id+a0.75+carry+x1.5+warm50": [*ID, "--alpha", "0.75", *CARRY, *X15, "--stage-warmup", "50"],
+    "id+a0.75+carry+x1.5+global": [*ID, "--alpha", "0.75", *CARRY, *X15,
+                                   "--lr-schedule", "global"],
+    # which dimension the coarse level shrinks
+    "id+a0.75+carry+x1.5+d-only": [*ID, "--alpha", "0.75", *CARRY, *X15, "--width", "1.0"],
+    "id+a0.75+carry+x1.5+w-only": [*ID, "--alpha", "0.75", *CARRY, *X15, "--depth", "1.0"],
 }
 
 
