@@ -29,7 +29,7 @@ def test_frontier_study_tunes_the_lr_builds_the_frontier_and_scores_a_variant(tm
     (v,) = table["variants"]
     assert v["name"] == "id+a0.75+carry+x1.5" and v["runs"] == 1 and v["scale"] == 2.0
     seed = v["per_seed"]["1"]
-    assert seed["flops_saving"] is not None and seed["wall_saving_own"] is not None
+    assert seed["flops_saving"] is not None and seed["wall_saving"] is not None and seed["raw_wall_saving"] is not None
     assert (tmp_path / "study" / "frontier.png").read_bytes()[:4] == b"\x89PNG"
     out = capsys.readouterr().out.splitlines()
     assert out[-1].startswith("id+a0.75+carry+x1.5")  # the table is printed last

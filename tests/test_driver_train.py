@@ -179,10 +179,15 @@ def test_compare_writes_the_effective_saving_against_the_1x_and_1_5x_baselines(t
     need = flops.cost_at(vc["final_val_loss"], extrapolate=True)
     assert eff["flops"] == pytest.approx(1 - vc["total_flops"] / need.value)
     assert eff["flops_extrapolated"] == need.extrapolated
-    sps = (b1["wall_seconds"] / 40 + b15["wall_seconds"] / 60) / 2  # median of two
+    # steady wall: per stage its steps x the median seconds per step between training records
+    recs = rows(Path(cfg.out))
+    for name, s in summary["schedules"].items():
+        assert 0 < s["steady_wall_seconds"] <= 1.5 * s["wall_seconds"], name
+    assert {r["schedule"] for r in recs if r["event"] == "stage"} == set(summary["schedules"])
+    sps = (b1["steady_wall_seconds"] / 40 + b15["steady_wall_seconds"] / 60) / 2  # median of 2
     assert eff["baseline_seconds_per_step"] == pytest.approx(sps)
     wall = Frontier.from_points([(40 * sps, b1["final_val_loss"]), (60 * sps, b15["final_val_loss"])])
-    assert eff["wall"] == pytest.approx(1 - vc["wall_seconds"] / wall.cost_at(
+    assert eff["wall"] == pytest.approx(1 - vc["steady_wall_seconds"] / wall.cost_at(
         vc["final_val_loss"], extrapolate=True).value)
     text = capsys.readouterr().out
     assert "effective saving against the baseline frontier" in text

@@ -16,10 +16,11 @@ reused, so an interrupted study continues where it stopped. Every run uses the o
 4. every variant at its rates on every seed.
 
 A run's **effective saving** is ``1 - C / C_frontier(L)`` against its own seed's frontier (same
-initial weights, data order and validation batches), in FLOPs; in wall seconds with the frontier
-priced at the baseline's measured seconds per step (``wall``: the median of that seed's frontier
-runs; ``wall*``: the run's own level-0 seconds per step, which cancels machine load between
-separate runs exactly). Outside the frontier's bracket the figure is extrapolated from the
+initial weights, data order and validation batches), in FLOPs, and in wall seconds: ``wall`` uses
+steady wall times (``vcyclefx.driver.saving.steady_wall``: per stage its steps x the median
+seconds per step, plus capture and transitions as measured, so the load spikes of a shared
+machine drop out) with the frontier priced at that seed's baselines' steady seconds per step;
+``raw wall`` uses the measured totals as they are. Outside the frontier's bracket the figure is extrapolated from the
 nearest segment and marked ``~``. Also kept, labelled: the saving to reach the 1x baseline's final
 loss (``reach 1x``). The table printed last gives medians over seeds and [min, max]; the study
 directory gets ``table.json`` and ``frontier.png`` (loss against FLOPs and wall seconds).
@@ -47,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 from vcyclefx.driver.config import preset  # noqa: E402
 from vcyclefx.driver.logger import read_metrics  # noqa: E402
 from vcyclefx.driver.plot import reach  # noqa: E402
-from vcyclefx.driver.saving import saving_against  # noqa: E402
+from vcyclefx.driver.saving import saving_against, steady_wall  # noqa: E402
 
 # Every variant starts from the paper's recipe, spelled out so that a change of the driver's
 # defaults does not change what a stored run means; a variant's options override it. A step
@@ -128,17 +129,6 @@ def run_all(jobs: list[tuple[list[str], Path]], parallel: int, threads: int) -> 
 # ----------------------------------------------------------------------------- measuring
 
 
-def _level0_seconds_per_step(records: list[dict]) -> float | None:
-    """Training seconds per step of level 0 inside the run (its last level-0 stage, first to
-    last training record, so transitions and the first step are left out)."""
-    last = max((r["stage"] for r in records if r["event"] == "train" and r["level"] == 0),
-               default=None)
-    tr = [r for r in records if r["event"] == "train" and r["stage"] == last]
-    if len(tr) < 2:
-        return None
-    return (tr[-1]["wall"] - tr[0]["wall"]) / max(1, tr[-1]["step"] - tr[0]["step"])
-
-
 def _after(records: list[dict], phase: str, n: int = 20) -> float | None:
     """Mean training loss over the first ``n`` steps of the first stage of ``phase``."""
     stage = next((r for r in records if r["event"] == "stage" and r["phase"] == phase), None)
@@ -153,20 +143,20 @@ def result(out: Path) -> dict:
     """Final loss, FLOPs, wall, steps and level-0 seconds per step of one finished run."""
     records = read_metrics(out / "metrics.jsonl")
     end = next(r for r in records if r["event"] == "end")
-    return {"loss": end["val_loss"], "flops": end["flops"], "wall": end["wall"],
-            "steps": end["step"], "sps": _level0_seconds_per_step(records),
+    return {"loss": end["val_loss"], "flops": end["flops"], "raw_wall": end["wall"],
+            "wall": steady_wall(records, end["schedule"]), "steps": end["step"],
             "after_down": _after(records, "bottom"), "after_up": _after(records, "up"),
             "evals": [r for r in records if r["event"] == "eval"]}
 
 
 def score(run: dict, frontier: list[dict], base_1x: dict) -> dict:
     """The effective savings of ``run`` on its seed's ``frontier`` (module docstring)."""
-    point = dict(flops=run["flops"], wall=run["wall"], loss=run["loss"])
-    eff = saving_against(frontier, point)
-    own = saving_against(frontier, point, seconds_per_step=run["sps"]) if run["sps"] else {}
+    eff = saving_against(frontier, dict(flops=run["flops"], wall=run["wall"], loss=run["loss"]))
+    raw = saving_against([dict(b, wall=b["raw_wall"]) for b in frontier],
+                         dict(flops=run["flops"], wall=run["raw_wall"], loss=run["loss"]))
     hit = reach(run["evals"], base_1x["loss"])
     return {"flops_saving": eff["flops"], "wall_saving": eff["wall"],
-            "wall_saving_own": own.get("wall"), "extrapolated": bool(eff["flops_extrapolated"]),
+            "raw_wall_saving": raw["wall"], "extrapolated": bool(eff["flops_extrapolated"]),
             "reach_flops_saving": 1 - hit["flops"] / base_1x["flops"] if hit else None}
 
 
@@ -283,25 +273,25 @@ def report(data: dict) -> str:
                  [(f"{lr:g}" + (" (best)" if lr == data["lr"] else ""), _range(*spread(v), loss))
                   for lr, v in data["lr_tuning"]])
     out.append(f"\nfrontier at lr {data['lr']:g} (min_lr lr/10):")
-    out += _grid(("budget", "steps", "final val loss", "FLOPs", "wall s", "s/step"),
+    out += _grid(("budget", "steps", "final val loss", "FLOPs", "steady wall s", "s/step"),
                  [(f"{b['budget']:g}x", b["steps"], _range(*b["loss"], loss), f"{b['flops']:.3e}",
                    f"{b['wall']:.0f}", f"{b['sps']:.4f}") for b in data["frontier"]])
     out.append(f"\nV-cycle rates tuned on seeds {data['tune_seeds']} (lr of level 0, coarse scale):")
     out += _grid(("variant", "lr", "coarse x", "final val loss"),
                  [(n, f"{lr:g}", f"{c:g}", loss(v)) for n, lr, c, v in data["vcycle_tuning"]])
     out.append(f"\neffective saving against each seed's frontier, median [min, max] over seeds "
-               f"(~ = some seeds extrapolated beyond the frontier; wall* at the run's own "
-               f"level-0 s/step; reach 1x = the older figure, FLOPs to the 1x baseline's loss):")
+               f"(~ = some seeds extrapolated beyond the frontier; wall: steady wall "
+               f"seconds, raw wall: measured; reach 1x = the older figure, FLOPs to the 1x baseline's loss):")
     rows = []
     for v in data["variants"]:
         rows.append((v["name"], f"{v['lr']:g}", f"{v['scale']:g}", v["runs"],
                      _range(*v["loss"], loss), f"{v['flops']:.3e}",
                      _range(*v["flops_saving"], pct) + ("~" if v["extrapolated"] else ""),
-                     _range(*v["wall_saving"], pct), _range(*v["wall_saving_own"], pct),
+                     _range(*v["wall_saving"], pct), _range(*v["raw_wall_saving"], pct),
                      _range(*v["reach_flops_saving"], pct),
                      "-" if v["after_up"] is None else f"{v['after_up']:.3f}"))
     out += _grid(("variant", "lr", "coarse x", "runs", "final val loss", "FLOPs", "FLOPs saving",
-                  "wall saving", "wall* saving", "reach 1x", "after up"), rows)
+                  "wall saving", "raw wall saving", "reach 1x", "after up"), rows)
     return "\n".join(out)
 
 
@@ -390,7 +380,7 @@ def main(argv=None) -> int:
             "after_up": spread(r["after_up"] for r in runs.values())[0],
             "extrapolated": any(sc["extrapolated"] for sc in scores.values()),
             **{k: spread(sc[k] for sc in scores.values())
-               for k in ("flops_saving", "wall_saving", "wall_saving_own", "reach_flops_saving")},
+               for k in ("flops_saving", "wall_saving", "raw_wall_saving", "reach_flops_saving")},
             "per_seed": {s: {**{k: v for k, v in runs[s].items() if k != "evals"}, **scores[s]}
                          for s in st.seeds},
         })

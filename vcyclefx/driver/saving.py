@@ -137,6 +137,32 @@ def saving_against(baselines: list[dict], schedule: dict, seconds_per_step: floa
     return out
 
 
+def steady_wall(records: list[dict], schedule: str) -> float | None:
+    """Training wall seconds of ``schedule`` in ``metrics.jsonl`` records with load spikes left
+    out: per stage, its steps times the median seconds per step between consecutive training
+    records, plus what happens between stages as measured (capture, coalescing, de-coalescing,
+    moment mapping: the gap from a stage's last training record to the next stage's start).
+
+    On a shared machine a few intervals take many times the others (another job runs); the
+    median ignores them, and the baseline and the V-cycle get the same treatment."""
+    recs = [r for r in records if r.get("schedule") == schedule]
+    stages = [r for r in recs if r["event"] == "stage"]
+    if not stages:
+        return None
+    total, last_wall = 0.0, 0.0
+    for st in stages:
+        total += st["wall"] - last_wall  # before the stage's first step (capture, transition)
+        train = [r for r in recs if r["event"] == "train" and r["stage"] == st["stage"]]
+        marks = [st] + train
+        rates = [(b["wall"] - a["wall"]) / (b["step"] - a["step"])
+                 for a, b in zip(marks, marks[1:]) if b["step"] > a["step"]]
+        if not rates:
+            return None
+        total += statistics.median(rates) * st["steps"]
+        last_wall = train[-1]["wall"] if train else st["wall"]
+    return total
+
+
 def describe(value: float | None, extrapolated: bool | None) -> str:
     """A saving as the tables print it: ``23.4%``, ``-5.0% (extrapolated)``, ``n/a``."""
     if value is None:
