@@ -77,6 +77,7 @@ def test_resume_after_sigkill_in_the_vcycle_of_a_compare_run_matches_an_uninterr
     (the level-0 weights kept for the interpolation after the coarse stage)."""
     data = corpus(tmp_path)
     common = [*TINY, "--schedule", "compare", "--steps", "200", "--ckpt-every", "25",
+              "--frontier-budgets", "1",  # one baseline keeps the test short
               "--data", str(data), "--cache-dir", str(tmp_path / "cache")]
     full, cut = tmp_path / "full", tmp_path / "cut"
     subprocess.run(train_cmd(*common, "-o", str(full)), env=env(), check=True,

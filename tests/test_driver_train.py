@@ -91,8 +91,9 @@ def test_compare_runs_both_schedules_on_the_same_data_and_reports_the_saving(tmp
     summary = main(cfg)
     out = Path(cfg.out)
     recs = rows(out)
-    assert set(summary["schedules"]) == {"baseline", "vcycle"}
+    assert list(summary["schedules"]) == ["baseline", "baseline-x1.5", "vcycle"]
     base, vc = summary["schedules"]["baseline"], summary["schedules"]["vcycle"]
+    assert summary["schedules"]["baseline-x1.5"]["steps"] == 120
     # default V-cycle: 5% level 0, 45% level 1 (lr x4), 50% level 0
     assert [(s["level"], s["steps"], s["lr_scale"]) for s in vc["stages"]] == \
         [(0, 4, 1.0), (1, 36, 4.0), (0, 40, 1.0)]
@@ -115,6 +116,7 @@ def test_compare_runs_both_schedules_on_the_same_data_and_reports_the_saving(tmp
         assert reached is None
     else:
         assert reached == pytest.approx(1 - vc["flops_to_baseline_loss"] / base["total_flops"])
+    assert "1x baseline" in summary["vcycle_saving"]["measure"]
     model = GPT(GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32))
     load_weights(model, out / "vcycle.safetensors")  # level 0 of the cycle, strict, into GPT
     assert sorted(p.name for p in (out / "vcycle").iterdir()) == ["stage-000", "stage-001",
@@ -198,3 +200,38 @@ def test_a_bad_model_option_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(ConfigError, match="--model .*no-such-config"):
         main(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_compare_writes_the_effective_saving_against_the_1x_and_1_5x_baselines(tmp_path, capsys):
+    """summary.json's effective_saving is 1 - C / C_frontier(L) on the frontier of the two
+    baselines (log-linear in cost), in FLOPs and in wall seconds at the baselines' seconds per
+    step; the table prints both measures, labelled, and a verdict."""
+    from vcyclefx.driver.saving import Frontier
+
+    cfg = tiny(tmp_path, schedule="compare", steps=40, eval_every=20, log_every=10)
+    summary = main(cfg)
+    eff = json.loads((Path(cfg.out) / "summary.json").read_text())["effective_saving"]
+    assert eff == summary["effective_saving"]
+    b1, b15 = summary["schedules"]["baseline"], summary["schedules"]["baseline-x1.5"]
+    vc = summary["schedules"]["vcycle"]
+    assert (b1["steps"], b15["steps"]) == (40, 60)
+    assert set(eff["budgets"]) == {"baseline", "baseline-x1.5"}
+    flops = Frontier.from_points([(b1["total_flops"], b1["final_val_loss"]),
+                                  (b15["total_flops"], b15["final_val_loss"])])
+    need = flops.cost_at(vc["final_val_loss"], extrapolate=True)
+    assert eff["flops"] == pytest.approx(1 - vc["total_flops"] / need.value)
+    assert eff["flops_extrapolated"] == need.extrapolated
+    # steady wall: per stage its steps x the median seconds per step between training records
+    recs = rows(Path(cfg.out))
+    for name, s in summary["schedules"].items():
+        assert 0 < s["steady_wall_seconds"] <= 1.5 * s["wall_seconds"], name
+    assert {r["schedule"] for r in recs if r["event"] == "stage"} == set(summary["schedules"])
+    sps = (b1["steady_wall_seconds"] / 40 + b15["steady_wall_seconds"] / 60) / 2  # median of 2
+    assert eff["baseline_seconds_per_step"] == pytest.approx(sps)
+    wall = Frontier.from_points([(40 * sps, b1["final_val_loss"]), (60 * sps, b15["final_val_loss"])])
+    assert eff["wall"] == pytest.approx(1 - vc["steady_wall_seconds"] / wall.cost_at(
+        vc["final_val_loss"], extrapolate=True).value)
+    text = capsys.readouterr().out
+    assert "effective saving against the baseline frontier" in text
+    assert "to reach the 1x baseline's final loss" in text and "Verdict: the V-cycle" in text
+    assert (Path(cfg.out) / "baseline-x1.5.safetensors").exists()

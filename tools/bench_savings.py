@@ -1,24 +1,32 @@
-"""How much does the V-cycle save to reach the baseline's final validation loss? A study runner.
+"""Does the V-cycle save training compute? A frontier study against a tuned baseline.
 
-Runs ``vcyclefx train`` as subprocesses: the baseline once per seed (``--schedule baseline``; it
-does not depend on any V-cycle option), then every chosen V-cycle variant per seed (``--schedule
-vcycle``, the same data order and initial weights), at most ``--jobs`` at a time, each with
-``OMP_NUM_THREADS = cores // jobs``. A run directory that already has ``summary.json`` is reused,
-so an interrupted study continues where it stopped. The table printed last has, per variant
-(medians over seeds and repeats):
+Runs ``tools/train.py`` (this checkout's driver) as subprocesses, at most ``--jobs`` at a time
+with ``OMP_NUM_THREADS = cores // jobs``; a run directory that already has ``summary.json`` is
+reused, so an interrupted study continues where it stopped. Every run uses the options after
+``--`` (e.g. ``--eval-batches 40``) on top of ``--preset``. The study, in order:
 
-- final val loss, total training FLOPs, training wall seconds of the run;
-- FLOPs / wall seconds at which level 0 first reaches the baseline's final val loss (linear
-  interpolation between evaluations, ``vcyclefx.driver.plot.reach``) and the saving against
-  the baseline of the same seed (``1 - reach / baseline total``);
-- ``wall* %``: the wall saving against the baseline's wall estimated from this run's own
-  level-0 seconds per step (baseline steps x that), which cancels the load difference between
-  two runs on a shared machine; the measured one is ``wall %``;
-- ``after up``: mean training loss over the first 20 steps after the de-coalesce (the level-0
-  stage after the coarsest one), and ``after down`` the same after coalescing, to see whether
-  carrying the AdamW moments helps (run with ``--log-every 2``).
+1. **baseline learning rate**: the baseline at 1x ``--steps`` for every ``--lrs`` value (min_lr =
+   lr / 10, its own warm-up and full cosine) and seed; the best median final loss wins;
+2. **frontier**: the baseline at every ``--budgets`` multiple of the steps with that lr, per seed;
+   the frontier L(C) is piecewise linear in log C (``vcyclefx/driver/saving.py``);
+3. **V-cycle rates**, for every variant in ``--tune`` on ``--tune-seeds``: level 0's peak lr over
+   ``--vcycle-lr-factors`` x the baseline's (coarse scale fixed at the middle of
+   ``--coarse-scales``), then the coarse level's lr scale over ``--coarse-scales`` at the best
+   of those; the lowest final loss wins. Variants not in ``--tune`` use the first tuned one's;
+4. every variant at its rates on every seed.
 
-    python tools/bench_savings.py --out runs/savings --variants default,short-first,carry
+A run's **effective saving** is ``1 - C / C_frontier(L)`` against its own seed's frontier (same
+initial weights, data order and validation batches), in FLOPs, and in wall seconds: ``wall`` uses
+steady wall times (``vcyclefx.driver.saving.steady_wall``: per stage its steps x the median
+seconds per step, plus capture and transitions as measured, so the load spikes of a shared
+machine drop out) with the frontier priced at that seed's baselines' steady seconds per step;
+``raw wall`` uses the measured totals as they are. Outside the frontier's bracket the figure is extrapolated from the
+nearest segment and marked ``~``. Also kept, labelled: the saving to reach the 1x baseline's final
+loss (``reach 1x``). The table printed last gives medians over seeds and [min, max]; the study
+directory gets ``table.json`` and ``frontier.png`` (loss against FLOPs and wall seconds).
+
+    python tools/bench_savings.py --out runs/frontier --seeds 1337,4242,7 --jobs 1 \\
+        --variants paper,id+a0.75+carry+x1.5 -- --eval-every 100 --eval-batches 40
     python tools/bench_savings.py --list
 """
 
@@ -40,67 +48,52 @@ sys.path.insert(0, str(ROOT))
 from vcyclefx.driver.config import preset  # noqa: E402
 from vcyclefx.driver.logger import read_metrics  # noqa: E402
 from vcyclefx.driver.plot import reach  # noqa: E402
+from vcyclefx.driver.saving import saving_against, steady_wall  # noqa: E402
 
-# name -> extra options of `vcyclefx train --schedule vcycle` (on top of --preset and the common
-# options). A variant whose options contain "--schedule baseline" is a plain run (a control).
-# A step count written "xF" is F times the baseline's steps (the preset's, or --steps in extra).
+# Every variant starts from the paper's recipe, spelled out so that a change of the driver's
+# defaults does not change what a stored run means; a variant's options override it. A step
+# count written "xF" is F times the baseline's steps.
+PAPER = ["--depth-init", "copy", "--alpha", "0.25", "--no-carry-optimizer",
+         "--fractions", "0.05,0.45,0.5", "--vcycle-steps", "x1", "--lr-schedule", "stage",
+         "--stage-warmup", "0"]
+ID = ["--depth-init", "identity"]
+CARRY = ["--carry-optimizer"]
+X15 = ["--vcycle-steps", "x1.5"]
 VARIANTS: dict[str, list[str]] = {
-    "default": [],
-    # schedule shape: the first level-0 stage and the coarse stage's share
-    "f.02/.20/.78": ["--fractions", "0.02,0.2,0.78"],
-    "f.02/.40/.58": ["--fractions", "0.02,0.4,0.58"],
-    "f.05/.20/.75": ["--fractions", "0.05,0.2,0.75"],
-    "f.05/.30/.65": ["--fractions", "0.05,0.3,0.65"],
-    "f.05/.60/.35": ["--fractions", "0.05,0.6,0.35"],
-    "f.10/.30/.60": ["--fractions", "0.1,0.3,0.6"],
-    "f.20/.30/.50": ["--fractions", "0.2,0.3,0.5"],
-    # step budget of the V-cycle (the paper's GPT recipe: 1.05x)
-    "steps1.05": ["--vcycle-steps", "x1.05"],
-    "steps1.25": ["--vcycle-steps", "x1.25"],
-    "steps1.5": ["--vcycle-steps", "x1.5"],
-    "steps2": ["--vcycle-steps", "x2"],
-    # learning rate of the coarse level
-    "lr1": ["--lr-scales", "1,1"],
-    "lr2": ["--lr-scales", "1,2"],
-    # interpolation weight of the de-coalesced model
-    "alpha0.5": ["--alpha", "0.5"],
-    "alpha1.0": ["--alpha", "1.0"],
-    # which dimension shrinks
-    "w0.5/d1.0": ["--depth", "1.0"],
-    "w1.0/d0.5": ["--width", "1.0"],
-    # pairing
-    "adjacent": ["--pairing", "adjacent"],
-    "similarity": ["--pairing", "similarity"],
-    "depth-strided": ["--depth-pairing", "strided"],
-    # new blocks of the de-coalesced level: exact identities, and how much of it is kept
-    "identity": ["--depth-init", "identity"],
-    "id+a0.5": ["--depth-init", "identity", "--alpha", "0.5"],
-    "id+a0.75": ["--depth-init", "identity", "--alpha", "0.75"],
-    "id+a0.9": ["--depth-init", "identity", "--alpha", "0.9"],
-    "id+a1.0": ["--depth-init", "identity", "--alpha", "1.0"],
-    "id+a0.9+steps2": ["--depth-init", "identity", "--alpha", "0.9", "--vcycle-steps", "x2"],
-    "id+a0.9+f.05/.20/.75": ["--depth-init", "identity", "--alpha", "0.9",
-                             "--fractions", "0.05,0.2,0.75"],
-    "id+a0.75+steps1.5": ["--depth-init", "identity", "--alpha", "0.75", "--vcycle-steps", "x1.5"],
-    "carry+steps1.5": ["--carry-optimizer", "--vcycle-steps", "x1.5"],
-    "id+a0.75+carry+steps1.5": ["--depth-init", "identity", "--alpha", "0.75",
-                                "--carry-optimizer", "--vcycle-steps", "x1.5"],
-    # optimizer state through the transitions
-    "carry": ["--carry-optimizer"],
-    # learning-rate envelope
-    "lr-global": ["--lr-schedule", "global"],
-    "warm50": ["--stage-warmup", "50"],
-    # combinations
-    "a0.5+global": ["--alpha", "0.5", "--lr-schedule", "global"],
-    "a0.5+steps1.25": ["--alpha", "0.5", "--vcycle-steps", "x1.25"],
-    "a1.0+steps1.25": ["--alpha", "1.0", "--vcycle-steps", "x1.25"],
-    # controls: the plain model trained for fewer steps (its own cosine)
-    "baseline-0.7": ["--schedule", "baseline", "--steps", "x0.7"],
-    "baseline-0.8": ["--schedule", "baseline", "--steps", "x0.8"],
+    "paper": [],
+    "paper+x1.5": X15,
+    "carry+x1.5": [*CARRY, *X15],  # gradient-following AdamW moments through the transitions
+    "id+x1.5": [*ID, *X15],  # function-preserving growth instead of block copies
+    "id+a0.75+x1.5": [*ID, "--alpha", "0.75", *X15],
+    "id+a0.5+carry+x1.5": [*ID, "--alpha", "0.5", *CARRY, *X15],
+    "id+a0.75+carry+x1.5": [*ID, "--alpha", "0.75", *CARRY, *X15],
+    "id+a0.9+carry+x1.5": [*ID, "--alpha", "0.9", *CARRY, *X15],
+    "id+a1+carry+x1.5": [*ID, "--alpha", "1.0", *CARRY, *X15],
+    # the V-cycle's step budget (its FLOPs are counted in full, so any budget is fair)
+    "id+a0.75+carry": [*ID, "--alpha", "0.75", *CARRY],
+    "id+a0.75+carry+x1.25": [*ID, "--alpha", "0.75", *CARRY, "--vcycle-steps", "x1.25"],
+    "id+a0.75+carry+x2": [*ID, "--alpha", "0.75", *CARRY, "--vcycle-steps", "x2"],
+    # share of the steps per stage (down, bottom, up)
+    "id+a0.75+carry+x1.5+f.05/.30/.65": [*ID, "--alpha", "0.75", *CARRY, *X15,
+                                         "--fractions", "0.05,0.3,0.65"],
+    "id+a0.75+carry+x1.5+f.05/.60/.35": [*ID, "--alpha", "0.75", *CARRY, *X15,
+                                         "--fractions", "0.05,0.6,0.35"],
+    "id+a0.75+carry+x1.5+f.15/.45/.40": [*ID, "--alpha", "0.75", *CARRY, *X15,
+                                         "--fractions", "0.15,0.45,0.4"],
+    # learning-rate envelope of the later stages
+    "id+a0.75+carry+x1.5+warm50": [*ID, "--alpha", "0.75", *CARRY, *X15, "--stage-warmup", "50"],
+    "id+a0.75+carry+x1.5+global": [*ID, "--alpha", "0.75", *CARRY, *X15,
+                                   "--lr-schedule", "global"],
+    # which dimension the coarse level shrinks
+    "id+a0.75+carry+x1.5+d-only": [*ID, "--alpha", "0.75", *CARRY, *X15, "--width", "1.0"],
+    "id+a0.75+carry+x1.5+w-only": [*ID, "--alpha", "0.75", *CARRY, *X15, "--depth", "1.0"],
 }
 
 
-def run(cmd: list[str], out: Path, threads: int) -> subprocess.Popen | None:
+# ----------------------------------------------------------------------------- running
+
+
+def start(cmd: list[str], out: Path, threads: int) -> subprocess.Popen | None:
     if (out / "summary.json").exists():
         return None
     if out.exists():  # an unfinished run: start it again from nothing
@@ -109,6 +102,7 @@ def run(cmd: list[str], out: Path, threads: int) -> subprocess.Popen | None:
         shutil.rmtree(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     log = open(out.parent / f"{out.name}.log", "w")
+    # the child imports this checkout's vcyclefx (tools/train.py puts ROOT first on sys.path)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     print(f"start {out.name}: {' '.join(cmd[2:])}", flush=True)
     return subprocess.Popen(cmd + ["-o", str(out)], stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -120,7 +114,7 @@ def run_all(jobs: list[tuple[list[str], Path]], parallel: int, threads: int) -> 
     while pending or running:
         while pending and len(running) < parallel:
             cmd, out = pending.pop(0)
-            p = run(cmd, out, threads)
+            p = start(cmd, out, threads)
             if p is not None:
                 running.append((p, out, time.monotonic()))
         time.sleep(1)
@@ -132,7 +126,10 @@ def run_all(jobs: list[tuple[list[str], Path]], parallel: int, threads: int) -> 
                 print(f"done  {out.name}: {status} in {time.monotonic() - t0:.0f}s", flush=True)
 
 
-def _transition_loss(records: list[dict], phase: str, n: int = 20) -> float | None:
+# ----------------------------------------------------------------------------- measuring
+
+
+def _after(records: list[dict], phase: str, n: int = 20) -> float | None:
     """Mean training loss over the first ``n`` steps of the first stage of ``phase``."""
     stage = next((r for r in records if r["event"] == "stage" and r["phase"] == phase), None)
     if stage is None:
@@ -142,74 +139,99 @@ def _transition_loss(records: list[dict], phase: str, n: int = 20) -> float | No
     return statistics.fmean(losses) if losses else None
 
 
-def _level0_seconds_per_step(records: list[dict]) -> float | None:
-    """Training seconds per step of level 0 inside the run (its last level-0 stage, first to
-    last training record, so transitions and the first step are left out)."""
-    last = max((r["stage"] for r in records if r["event"] == "train" and r["level"] == 0),
-               default=None)
-    tr = [r for r in records if r["event"] == "train" and r["stage"] == last]
-    if len(tr) < 2:
-        return None
-    return (tr[-1]["wall"] - tr[0]["wall"]) / max(1, tr[-1]["step"] - tr[0]["step"])
-
-
-def measure(out: Path, base: dict) -> dict:
+def result(out: Path) -> dict:
+    """Final loss, FLOPs, wall, steps and level-0 seconds per step of one finished run."""
     records = read_metrics(out / "metrics.jsonl")
     end = next(r for r in records if r["event"] == "end")
-    evals = [r for r in records if r["event"] == "eval"]
-    hit = reach(evals, base["loss"])
-    sps = _level0_seconds_per_step(records)
-    own_base_wall = sps * base["steps"] if sps else None
-    return {
-        "loss": end["val_loss"], "flops": end["flops"], "wall": end["wall"],
-        "flops_reach": hit["flops"] if hit else None, "wall_reach": hit["wall"] if hit else None,
-        "flops_saving": 1 - hit["flops"] / base["flops"] if hit else None,
-        "wall_saving": 1 - hit["wall"] / base["wall"] if hit else None,
-        "wall_saving_own": 1 - hit["wall"] / own_base_wall if hit and own_base_wall else None,
-        "after_down": _transition_loss(records, "bottom"),
-        "after_up": _transition_loss(records, "up"),
-    }
+    return {"loss": end["val_loss"], "flops": end["flops"], "raw_wall": end["wall"],
+            "wall": steady_wall(records, end["schedule"]), "steps": end["step"],
+            "after_down": _after(records, "bottom"), "after_up": _after(records, "up"),
+            "evals": [r for r in records if r["event"] == "eval"]}
 
 
-def baseline_of(out: Path) -> dict:
-    records = read_metrics(out / "metrics.jsonl")
-    end = next(r for r in records if r["event"] == "end")
-    return {"loss": end["val_loss"], "flops": end["flops"], "wall": end["wall"],
-            "steps": end["step"]}
+def score(run: dict, frontier: list[dict], base_1x: dict) -> dict:
+    """The effective savings of ``run`` on its seed's ``frontier`` (module docstring)."""
+    eff = saving_against(frontier, dict(flops=run["flops"], wall=run["wall"], loss=run["loss"]))
+    raw = saving_against([dict(b, wall=b["raw_wall"]) for b in frontier],
+                         dict(flops=run["flops"], wall=run["raw_wall"], loss=run["loss"]))
+    hit = reach(run["evals"], base_1x["loss"])
+    return {"flops_saving": eff["flops"], "wall_saving": eff["wall"],
+            "raw_wall_saving": raw["wall"], "extrapolated": bool(eff["flops_extrapolated"]),
+            "reach_flops_saving": 1 - hit["flops"] / base_1x["flops"] if hit else None}
 
 
-def _median(values, worst: float = float("inf")):
-    """Median where None ("never reached") counts as ``worst``; None if the median is one."""
-    m = statistics.median([worst if v is None else v for v in values])
-    return None if m in (float("inf"), float("-inf")) else m
+def spread(values) -> tuple[float | None, float | None, float | None]:
+    """(median, min, max) of the values that are not None."""
+    vs = [v for v in values if v is not None]
+    if not vs:
+        return None, None, None
+    return statistics.median(vs), min(vs), max(vs)
 
 
-def _summary(ms: list[dict]) -> dict:
-    low_is_bad = ("flops_saving", "wall_saving", "wall_saving_own")
-    return {k: _median([m[k] for m in ms], float("-inf") if k in low_is_bad else float("inf"))
-            for k in ms[0]}
+# ----------------------------------------------------------------------------- the study
 
 
-def _fmt(v, spec, scale=1.0):
-    return "never" if v is None else format(v * scale, spec)
+class Study:
+    def __init__(self, a: argparse.Namespace):
+        self.a, self.root = a, Path(a.out)
+        self.seeds = [int(s) for s in a.seeds.split(",")]
+        self.tune_seeds = ([int(s) for s in a.tune_seeds.split(",")] if a.tune_seeds
+                           else self.seeds[:1])
+        self.steps = _baseline_steps(a.preset, a.extra)
+        self.threads = max(1, (os.cpu_count() or 1) // a.jobs)
+        self.train = [sys.executable, str(ROOT / "tools" / "train.py"), "--preset", a.preset,
+                      "--quiet", *a.extra]
 
+    def run(self, jobs) -> None:
+        run_all(jobs, self.a.jobs, self.threads)
 
-def table(rows: list[tuple[str, int, dict]], base: dict) -> str:
-    head = ("variant", "runs", "final val", "FLOPs", "wall s", "FLOPs to base", "FLOPs %",
-            "wall to base", "wall %", "wall* %", "after down", "after up")
-    out = [head]
-    for name, n, m in rows:
-        out.append((name, str(n), _fmt(m["loss"], ".4f"), _fmt(m["flops"], ".3e"),
-                    _fmt(m["wall"], ".0f"), _fmt(m["flops_reach"], ".3e"),
-                    _fmt(m["flops_saving"], ".1f", 100), _fmt(m["wall_reach"], ".0f"),
-                    _fmt(m["wall_saving"], ".1f", 100), _fmt(m["wall_saving_own"], ".1f", 100),
-                    _fmt(m["after_down"], ".3f"), _fmt(m["after_up"], ".3f")))
-    widths = [max(len(r[i]) for r in out) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in out]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append(f"baseline: final val loss {base['loss']:.4f}, {base['flops']:.3e} FLOPs, "
-                 f"{base['wall']:.0f} s (median over seeds/repeats), {base['steps']} steps")
-    return "\n".join(lines)
+    @staticmethod
+    def _rates(lr: float) -> list[str]:
+        return ["--lr", f"{lr:g}", "--min-lr", f"{lr / 10:g}"]
+
+    def baseline(self, lr: float, budget: float, seed: int) -> tuple[list[str], Path]:
+        cmd = [*self.train, "--seed", str(seed), "--schedule", "baseline", *self._rates(lr),
+               "--steps", str(round(budget * self.steps))]
+        return cmd, self.root / f"base-lr{lr:g}-x{budget:g}-s{seed}"
+
+    def vcycle(self, name: str, lr: float, scale: float, seed: int) -> tuple[list[str], Path]:
+        opts = [str(round(float(o[1:]) * self.steps)) if re.fullmatch(r"x[0-9.]+", o) else o
+                for o in [*PAPER, *VARIANTS[name]]]
+        cmd = [*self.train, "--seed", str(seed), "--schedule", "vcycle", "--log-every", "2",
+               "--steps", str(self.steps), *opts, *self._rates(lr), "--lr-scales", f"1,{scale:g}"]
+        return cmd, self.root / f"{name.replace('/', '_')}-lr{lr:g}-c{scale:g}-s{seed}"
+
+    def best_lr(self) -> tuple[float, dict]:
+        lrs = [float(x) for x in self.a.lrs.split(",")]
+        self.run([self.baseline(lr, 1.0, s) for s in self.seeds for lr in lrs])
+        losses = {lr: [result(self.baseline(lr, 1.0, s)[1])["loss"] for s in self.seeds]
+                  for lr in lrs}
+        return min(lrs, key=lambda lr: statistics.median(losses[lr])), losses
+
+    def frontiers(self, lr: float) -> dict[int, list[dict]]:
+        budgets = [float(x) for x in self.a.budgets.split(",")]
+        self.run([self.baseline(lr, b, s) for s in self.seeds for b in budgets])
+        return {s: [dict(result(self.baseline(lr, b, s)[1]), budget=b) for b in budgets]
+                for s in self.seeds}
+
+    def tune(self, name: str, base_lr: float) -> tuple[float, float, list[tuple]]:
+        """Coordinate search: level-0 lr at the middle coarse scale, then the coarse scale."""
+        scales = [float(x) for x in self.a.coarse_scales.split(",")]
+        factors = [float(x) for x in self.a.vcycle_lr_factors.split(",")]
+        mid = scales[len(scales) // 2]
+        tried: list[tuple] = []
+
+        def loss(lr, scale):
+            self.run([self.vcycle(name, lr, scale, s) for s in self.tune_seeds])
+            value = statistics.median(result(self.vcycle(name, lr, scale, s)[1])["loss"]
+                                      for s in self.tune_seeds)
+            if (name, lr, scale, value) not in tried:
+                tried.append((name, lr, scale, value))
+            return value
+
+        lr = min((base_lr * f for f in factors), key=lambda x: loss(x, mid))
+        scale = min(scales, key=lambda c: loss(lr, c))
+        return lr, scale, tried
 
 
 def _baseline_steps(preset_name: str, extra: list[str]) -> int:
@@ -222,64 +244,162 @@ def _baseline_steps(preset_name: str, extra: list[str]) -> int:
     return preset(preset_name).steps
 
 
+# ----------------------------------------------------------------------------- reporting
+
+
+def _pct(v, extrapolated=False) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%" + ("~" if extrapolated else "")
+
+
+def _range(m, lo, hi, fmt) -> str:
+    if m is None:
+        return "-"
+    return f"{fmt(m)} [{fmt(lo)}, {fmt(hi)}]" if lo != hi else fmt(m)
+
+
+def _grid(head, rows) -> list[str]:
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in [head, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
+def report(data: dict) -> str:
+    loss = lambda v: f"{v:.4f}"  # noqa: E731
+    pct = lambda v: _pct(v)  # noqa: E731
+    out = [f"baseline peak lr at 1x ({data['steps']} steps), final val loss over seeds "
+           f"{data['seeds']}:"]
+    out += _grid(("lr", "median [min, max]"),
+                 [(f"{lr:g}" + (" (best)" if lr == data["lr"] else ""), _range(*spread(v), loss))
+                  for lr, v in data["lr_tuning"]])
+    out.append(f"\nfrontier at lr {data['lr']:g} (min_lr lr/10):")
+    out += _grid(("budget", "steps", "final val loss", "FLOPs", "steady wall s", "s/step"),
+                 [(f"{b['budget']:g}x", b["steps"], _range(*b["loss"], loss), f"{b['flops']:.3e}",
+                   f"{b['wall']:.0f}", f"{b['sps']:.4f}") for b in data["frontier"]])
+    out.append(f"\nV-cycle rates tuned on seeds {data['tune_seeds']} (lr of level 0, coarse scale):")
+    out += _grid(("variant", "lr", "coarse x", "final val loss"),
+                 [(n, f"{lr:g}", f"{c:g}", loss(v)) for n, lr, c, v in data["vcycle_tuning"]])
+    out.append(f"\neffective saving against each seed's frontier, median [min, max] over seeds "
+               f"(~ = some seeds extrapolated beyond the frontier; wall: steady wall "
+               f"seconds, raw wall: measured; reach 1x = the older figure, FLOPs to the 1x baseline's loss):")
+    rows = []
+    for v in data["variants"]:
+        rows.append((v["name"], f"{v['lr']:g}", f"{v['scale']:g}", v["runs"],
+                     _range(*v["loss"], loss), f"{v['flops']:.3e}",
+                     _range(*v["flops_saving"], pct) + ("~" if v["extrapolated"] else ""),
+                     _range(*v["wall_saving"], pct), _range(*v["raw_wall_saving"], pct),
+                     _range(*v["reach_flops_saving"], pct),
+                     "-" if v["after_up"] is None else f"{v['after_up']:.3f}"))
+    out += _grid(("variant", "lr", "coarse x", "runs", "final val loss", "FLOPs", "FLOPs saving",
+                  "wall saving", "raw wall saving", "reach 1x", "after up"), rows)
+    return "\n".join(out)
+
+
+def plot(data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for ax, key, label in zip(axes, ("flops", "wall"), ("training FLOPs", "training wall s")):
+        f = data["frontier"]
+        ax.errorbar([b[key] for b in f], [b["loss"][0] for b in f],
+                    yerr=[[b["loss"][0] - b["loss"][1] for b in f],
+                          [b["loss"][2] - b["loss"][0] for b in f]],
+                    fmt="s-", color="black", capsize=3, label=f"baseline frontier (lr {data['lr']:g})")
+        for b in f:
+            ax.annotate(f"{b['budget']:g}x", (b[key], b["loss"][0]), fontsize=8,
+                        textcoords="offset points", xytext=(4, 4))
+        for v in data["variants"]:
+            m, lo, hi = v["loss"]
+            ax.errorbar([v[key]], [m], yerr=[[m - lo], [hi - m]], fmt="o", capsize=3,
+                        label=f"{v['name']} ({_pct(v['flops_saving'][0])} FLOPs)")
+        ax.set_xscale("log")
+        ax.set_xlabel(label + " (log)")
+        ax.set_ylabel("final validation loss (median, range over seeds)")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="runs/savings", help="study directory (runs are reused)")
-    p.add_argument("--variants", default="default", help="comma-separated names (--list)")
-    p.add_argument("--seeds", default="1337", help="comma-separated seeds")
-    p.add_argument("--repeats", type=int, default=1, help="runs per variant and seed")
-    p.add_argument("--baseline-repeats", type=int, default=1, help="baseline runs per seed")
-    p.add_argument("--jobs", type=int, default=2, help="training processes at once")
+    p.add_argument("--out", default="runs/frontier", help="study directory (runs are reused)")
+    p.add_argument("--variants", default="paper", help="comma-separated names (--list)")
+    p.add_argument("--tune", default=None,
+                   help="variants whose V-cycle rates are tuned (default: all of --variants)")
+    p.add_argument("--seeds", default="1337,4242,7", help="comma-separated seeds")
+    p.add_argument("--tune-seeds", default="", help="seeds of the V-cycle rate search "
+                                                    "(default: the first seed)")
+    p.add_argument("--lrs", default="0.002,0.004,0.008", help="baseline peak lrs tried at 1x")
+    p.add_argument("--budgets", default="0.5,0.75,1,1.5", help="frontier budgets (x --steps)")
+    p.add_argument("--vcycle-lr-factors", default="0.5,1,2",
+                   help="level-0 lrs of the V-cycle tried, x the tuned baseline lr")
+    p.add_argument("--coarse-scales", default="1,2,4", help="coarse-level lr scales tried")
+    p.add_argument("--jobs", type=int, default=1, help="training processes at once")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--list", action="store_true", help="print the variants and exit")
-    p.add_argument("extra", nargs="*", help="options for every run (after --), e.g. --steps 1600")
+    p.add_argument("extra", nargs="*", help="options for every run (after --)")
     a = p.parse_args(argv)
     if a.list:
+        print(f"{'(every variant)':28s} {' '.join(PAPER)}")
         for name, opts in VARIANTS.items():
-            print(f"{name:16s} {' '.join(opts)}")
+            print(f"{name:28s} {' '.join(opts)}")
         return 0
     names = [v for v in a.variants.split(",") if v]
-    unknown = [v for v in names if v not in VARIANTS]
+    tune = names if a.tune is None else [v for v in a.tune.split(",") if v]
+    unknown = [v for v in names + tune if v not in VARIANTS]
     if unknown:
         p.error(f"unknown variants {unknown}; see --list")
-    seeds = [int(s) for s in a.seeds.split(",")]
-    root = Path(a.out)
-    threads = max(1, (os.cpu_count() or 1) // a.jobs)
-    train = [sys.executable, str(ROOT / "tools" / "train.py"), "--preset", a.preset, "--quiet",
-             *a.extra]
-    steps = _baseline_steps(a.preset, a.extra)
-    jobs = []
-    for seed in seeds:
-        for r in range(a.baseline_repeats):
-            jobs.append(([*train, "--seed", str(seed), "--schedule", "baseline"],
-                         root / f"baseline-s{seed}-r{r}"))
-    for name in names:
-        opts = [str(round(float(o[1:]) * steps)) if re.fullmatch(r"x[0-9.]+", o) else o
-                for o in VARIANTS[name]]
-        schedule = [] if "--schedule" in opts else ["--schedule", "vcycle", "--log-every", "2"]
-        for seed in seeds:
-            for r in range(a.repeats):
-                jobs.append(([*train, "--seed", str(seed), *schedule, *opts],
-                             root / f"{name.replace('/', '_')}-s{seed}-r{r}"))
-    print(f"{len(jobs)} runs, {a.jobs} at a time, OMP_NUM_THREADS={threads}", flush=True)
-    run_all(jobs, a.jobs, threads)
+    st = Study(a)
+    lr, lr_losses = st.best_lr()
+    fronts = st.frontiers(lr)
+    rates, tried = {}, []
+    for name in [n for n in tune if n in names]:
+        got = st.tune(name, lr)
+        rates[name] = got[:2]
+        tried += got[2]
+    scales = [float(x) for x in a.coarse_scales.split(",")]
+    first = next(iter(rates.values())) if rates else (lr, scales[len(scales) // 2])
+    st.run([st.vcycle(n, *rates.get(n, first), s) for n in names for s in st.seeds])
 
-    bases = {seed: [baseline_of(root / f"baseline-s{seed}-r{r}") for r in range(a.baseline_repeats)]
-             for seed in seeds}
-    base_med = {seed: {k: _median([b[k] for b in bs]) for k in bs[0]} for seed, bs in bases.items()}
-    rows = []
+    base_1x = {s: next(b for b in fronts[s] if b["budget"] == 1.0) for s in st.seeds}
+    variants = []
     for name in names:
-        ms = [measure(root / f"{name.replace('/', '_')}-s{seed}-r{r}", base_med[seed])
-              for seed in seeds for r in range(a.repeats)]
-        rows.append((name, len(ms), _summary(ms)))
-        if len(ms) > 1:
-            for seed in seeds:
-                for r in range(a.repeats):
-                    m = measure(root / f"{name.replace('/', '_')}-s{seed}-r{r}", base_med[seed])
-                    rows.append((f"  s{seed} r{r}", 1, m))
-    all_base = {k: _median([b[k] for bs in bases.values() for b in bs]) for k in base_med[seeds[0]]}
-    (root / "table.json").write_text(json.dumps({"rows": rows, "baseline": base_med}, indent=1))
-    print(table(rows, all_base))
+        vlr, scale = rates.get(name, first)
+        runs = {s: result(st.vcycle(name, vlr, scale, s)[1]) for s in st.seeds}
+        scores = {s: score(runs[s], fronts[s], base_1x[s]) for s in st.seeds}
+        variants.append({
+            "name": name, "lr": vlr, "scale": scale, "runs": len(runs),
+            "loss": spread(r["loss"] for r in runs.values()),
+            "flops": statistics.median(r["flops"] for r in runs.values()),
+            "wall": statistics.median(r["wall"] for r in runs.values()),
+            "after_up": spread(r["after_up"] for r in runs.values())[0],
+            "extrapolated": any(sc["extrapolated"] for sc in scores.values()),
+            **{k: spread(sc[k] for sc in scores.values())
+               for k in ("flops_saving", "wall_saving", "raw_wall_saving", "reach_flops_saving")},
+            "per_seed": {s: {**{k: v for k, v in runs[s].items() if k != "evals"}, **scores[s]}
+                         for s in st.seeds},
+        })
+    budgets = sorted({b["budget"] for bs in fronts.values() for b in bs})
+    frontier = []
+    for b in budgets:
+        pts = [x for s in st.seeds for x in fronts[s] if x["budget"] == b]
+        frontier.append({"budget": b, "steps": pts[0]["steps"],
+                         "loss": spread(x["loss"] for x in pts),
+                         "flops": statistics.median(x["flops"] for x in pts),
+                         "wall": statistics.median(x["wall"] for x in pts),
+                         "sps": statistics.median(x["wall"] / x["steps"] for x in pts)})
+    data = {"steps": st.steps, "seeds": st.seeds, "tune_seeds": st.tune_seeds, "lr": lr,
+            "lr_tuning": [[k, v] for k, v in lr_losses.items()], "frontier": frontier, "vcycle_tuning": tried,
+            "variants": variants, "extra": a.extra, "preset": a.preset}
+    st.root.mkdir(parents=True, exist_ok=True)
+    (st.root / "table.json").write_text(json.dumps(data, indent=1, default=str))
+    plot(data, st.root / "frontier.png")
+    print(report(data))
     return 0
 
 

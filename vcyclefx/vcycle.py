@@ -61,21 +61,22 @@ class Stage:
     def map_optimizer_state(self, state: dict[str, dict]) -> dict[str, dict]:
         """Carry per-parameter optimizer state (AdamW ``exp_avg``/``exp_avg_sq``/``step``,
         keyed by parameter name, from the previous stage's model) through this stage's
-        transition. The first moment is mapped like the parameters; the second moment the same
-        way and clamped at 0, so it stays non-negative. The paper uses a fresh optimizer per
-        stage instead (the default of the driver); see BENCHMARKS.md for the measured effect."""
+        transition. The moments follow the gradients, not the parameters (DESIGN.md, derived in
+        ``vcyclefx/moments.py``): where de-coalescing copies a producer unit k times each copy
+        gets ``exp_avg / k`` and ``exp_avg_sq / k^2``, a split consumer's parts keep both, and
+        coalescing applies the inverse; block copies keep the moments of the block they copy and
+        coalescing averages them. The step count is kept. The paper uses a fresh optimizer per
+        stage instead (the driver's default unless ``--carry-optimizer``); see BENCHMARKS.md."""
         if self.transition is None:
             return dict(state)
         direction, mapping, source = self.transition
-        out: dict[str, dict] = {}
         keys = {k for v in state.values() for k, t in v.items() if isinstance(t, torch.Tensor) and t.dim() > 0}
-        mapped = {k: _map_tensors(source, {n: v[k] for n, v in state.items() if k in v},
-                                  direction, mapping) for k in keys}
+        mapped = _map_tensors(source, {k: {n: v[k] for n, v in state.items() if k in v}
+                                       for k in keys}, direction, mapping)
         steps = [v["step"] for v in state.values() if "step" in v]
+        out: dict[str, dict] = {}
         for name, _ in self.model.named_parameters():
             entry = {k: mapped[k][name] for k in keys if name in mapped[k]}
-            if "exp_avg_sq" in entry:
-                entry["exp_avg_sq"] = entry["exp_avg_sq"].clamp_min(0)
             if steps:
                 entry["step"] = steps[0].clone() if isinstance(steps[0], torch.Tensor) else steps[0]
             out[name] = entry
@@ -362,18 +363,13 @@ class VCycle:
         self._done = self._next >= len(self.schedule)
 
 
-def _map_tensors(source, tensors: dict[str, torch.Tensor], direction: str, mapping: Mapping) -> dict:
-    """Send per-parameter tensors (shaped like ``source``'s parameters) through a mapping by
-    running the same passes on a copy of ``source`` that holds them as its weights."""
-    carrier = clone_level(source)
-    with torch.no_grad():
-        params = dict(carrier.named_parameters(remove_duplicate=False))
-        for name, t in tensors.items():
-            if name in params:
-                params[name].copy_(t)
-    fn = coalesce if direction == "coalesce" else decoalesce
-    moved, _ = fn(carrier, mapping=mapping)
-    return {k: v.detach().clone() for k, v in moved.named_parameters(remove_duplicate=False)}
+def _map_tensors(source, tensors: dict[str, dict[str, torch.Tensor]], direction: str,
+                 mapping: Mapping) -> dict[str, dict[str, torch.Tensor]]:
+    """Send per-parameter optimizer tensors (``{"exp_avg": {name: tensor}, ...}``, shaped like
+    ``source``'s parameters) through a mapping, as the gradients move (``vcyclefx.moments``)."""
+    from .moments import map_moments
+
+    return map_moments(source, tensors, direction, mapping)
 
 
 def _weights(module) -> dict[str, torch.Tensor]:

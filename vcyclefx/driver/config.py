@@ -77,8 +77,14 @@ class TrainConfig:
     beta2: float = _f(0.95, "AdamW beta2 (nanoGPT)")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this; 0 = off")
     # --- schedule ---
-    schedule: str = _f("vcycle", "vcycle, baseline, or compare (both, same data order and init)",
-                       choices=SCHEDULES)
+    schedule: str = _f("vcycle", "vcycle, baseline, or compare (the baseline at every "
+                                 "--frontier-budgets budget, then the V-cycle; same data order "
+                                 "and init)", choices=SCHEDULES)
+    frontier_budgets: tuple[float, ...] = _f((1.0, 1.5), "baseline budgets of --schedule compare "
+                                             "as multiples of --steps, each with its own warm-up "
+                                             "and full cosine decay; the V-cycle's effective "
+                                             "saving is read off their frontier (1 must be one)",
+                                             parse="floats")
     levels: int = _f(2, "levels of the V-cycle (2 = one coalesced level below the model)")
     width: float = _f(0.5, "width factor from one level to the next smaller one")
     depth: float = _f(0.5, "depth factor from one level to the next smaller one")
@@ -128,7 +134,7 @@ class TrainConfig:
     quiet: bool = _f(False, "no progress bar")
 
     def __post_init__(self):
-        for name in ("fractions", "lr_scales"):  # JSON gives lists, the command line strings
+        for name in ("fractions", "lr_scales", "frontier_budgets"):  # JSON gives lists, the command line strings
             object.__setattr__(self, name, parse_floats(getattr(self, name), name))
         _check_ranges(self)
 
@@ -248,6 +254,10 @@ def _check_ranges(c: TrainConfig) -> None:
         need(all(f > 0 for f in c.fractions) and abs(sum(c.fractions) - 1) <= 1e-6,
              f"--fractions {','.join(map(str, c.fractions))} must be positive and sum to 1 (they "
              f"sum to {sum(c.fractions):g})")
+    need(1.0 in c.frontier_budgets and all(b > 0 for b in c.frontier_budgets)
+         and len(set(c.frontier_budgets)) == len(c.frontier_budgets),
+         f"--frontier-budgets {','.join(map(str, c.frontier_budgets))} must be distinct positive "
+         "multiples of --steps and include 1 (the baseline of --steps), e.g. 1,1.5")
     if c.lr_scales:
         need(len(c.lr_scales) == c.levels and all(x > 0 for x in c.lr_scales),
              f"--lr-scales needs {c.levels} positive factors, one per level (level 0 first), got "

@@ -274,9 +274,28 @@ def optimizer_state_from_names(module: torch.nn.Module, named: dict[str, dict],
     return {"state": state, "param_groups": param_groups}
 
 
+def baseline_name(budget: float) -> str:
+    """The schedule name of the baseline at ``budget`` x ``--steps``: ``baseline`` at 1x (the one
+    the "reach the baseline's final loss" figures use), else ``baseline-x1.5`` and the like."""
+    return "baseline" if budget == 1.0 else f"baseline-x{budget:g}"
+
+
 def schedule_steps(cfg: TrainConfig, schedule: str) -> int:
-    """Optimizer steps of a whole schedule: ``--vcycle-steps`` (or ``--steps``) for the V-cycle."""
-    return cfg.vcycle_total_steps if schedule == "vcycle" else cfg.steps
+    """Optimizer steps of a whole schedule: ``--vcycle-steps`` (or ``--steps``) for the V-cycle,
+    ``round(F * --steps)`` for the baseline ``baseline-xF``."""
+    if schedule == "vcycle":
+        return cfg.vcycle_total_steps
+    if schedule.startswith("baseline-x"):
+        return max(1, round(float(schedule[len("baseline-x"):]) * cfg.steps))
+    return cfg.steps
+
+
+def schedule_order(cfg: TrainConfig) -> list[str]:
+    """What a run trains, in order: compare = every frontier baseline (1x first), then the V-cycle."""
+    if cfg.schedule != "compare":
+        return [cfg.schedule]
+    budgets = sorted(cfg.frontier_budgets, key=lambda b: (b != 1.0, b))
+    return [baseline_name(b) for b in budgets] + ["vcycle"]
 
 
 def lr_at(cfg: TrainConfig, step: int, steps: int | None = None, warmup: int | None = None) -> float:
@@ -455,11 +474,13 @@ def _restore(rt: Runtime, point: Point | None, module: torch.nn.Module, state: R
     return point.state, optim_state
 
 
-def run_baseline(rt: Runtime, point: Point | None, bar: ProgressBar | None) -> RunState:
+def run_baseline(rt: Runtime, point: Point | None, bar: ProgressBar | None,
+                 name: str = "baseline") -> RunState:
+    """The plain model for the steps of the baseline ``name`` (its own warm-up and cosine)."""
     model = new_model(rt)
-    state, optim_state = _restore(rt, point, model, RunState("baseline"))
-    state, _ = run_stage(rt, model, rt.cfg.steps, 1.0, 0, state, optim_state, bar)
-    _save_final(rt, model, "baseline")
+    state, optim_state = _restore(rt, point, model, RunState(name))
+    state, _ = run_stage(rt, model, schedule_steps(rt.cfg, name), 1.0, 0, state, optim_state, bar)
+    _save_final(rt, model, name)
     return state
 
 
@@ -573,7 +594,7 @@ def _print(bar: ProgressBar | None, text: str) -> None:
 
 def train(rt: Runtime) -> None:
     cfg = rt.cfg
-    order = ["baseline", "vcycle"] if cfg.schedule == "compare" else [cfg.schedule]
+    order = schedule_order(cfg)
     point = rt.resume_point
     made = make_cycle(rt) if "vcycle" in order and "vcycle" not in rt.done else None
     for name in order:
@@ -583,8 +604,8 @@ def train(rt: Runtime) -> None:
         bar = ProgressBar(schedule_steps(cfg, name), here.state.step if here else 0, name,
                           enabled=rt.master and not cfg.quiet)
         try:
-            if name == "baseline":
-                state = run_baseline(rt, here, bar)
+            if name.startswith("baseline"):
+                state = run_baseline(rt, here, bar, name)
             else:
                 state = run_vcycle(rt, made, here, bar)
         finally:
