@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import operator
 
-import torch
 from torch.fx import Node
 
 from ..registry import op_of, register_rule
