@@ -23,11 +23,12 @@ def split(spec: str) -> list[tuple[str, float]]:
     t0 = time.perf_counter()
     import vcyclefx as vf
     from vcyclefx.analysis import analyze
-    from vcyclefx.leveldir import load_model_spec
+    from vcyclefx.specs import model_from_spec
     from vcyclefx.probe import probe_capture
 
     t1 = time.perf_counter()
-    model, example = load_model_spec(spec)
+    found = model_from_spec(spec)
+    model, example = found.model, found.example
     t2 = time.perf_counter()
     level = probe_capture(model, example, parallel=True)
     name = "capture (probe: 2 static exports, forked)"

@@ -13,7 +13,8 @@ from passes.width import COALESCE, DECOALESCE, WidthPlan, width_pass
 
 from .analysis import analyze
 from .errors import LevelError, MappingError, PlanError
-from .level import as_level, clone_level, level_info
+from .capture import as_level
+from .level import clone_level, level_info
 from .mapping import Mapping
 from .plan import plan_width
 

@@ -27,7 +27,10 @@ from torch.export import Dim
 from passes.normalize import unshare_size_arithmetic
 
 from .errors import CaptureError
-from .level import LevelInfo, own_level
+from torch.fx import GraphModule
+
+from .errors import LevelError
+from .level import LevelInfo, is_level, own_level
 from .recipe import recipe_of
 
 log = logging.getLogger("vcyclefx.capture")
@@ -285,3 +288,24 @@ def _export_error(frontend: str, model, e: Exception) -> CaptureError:
         f"{type(e).__name__}: {_first_line(e)}. {hint}; make sure forward() runs on the example "
         "inputs as given (call model(*example_inputs) to check)."
     )
+
+
+def as_level(model, example_inputs=None, **capture_kwargs) -> GraphModule:
+    """``model`` as a level: captured if it is an ``nn.Module``, as is if vcyclefx made it."""
+    if is_level(model):
+        return model
+    if isinstance(model, GraphModule) and example_inputs is None:
+        raise LevelError(
+            "this GraphModule was not made by vcyclefx, so it does not remember its inputs: "
+            "pass example_inputs=(...) to capture it"
+        )
+    if not isinstance(model, torch.nn.Module):
+        raise LevelError(
+            f"expected an nn.Module or a GraphModule made by vcyclefx, got {type(model).__name__}"
+        )
+    if example_inputs is None:
+        raise LevelError(
+            f"{type(model).__name__} is not captured yet: pass example_inputs=(tensor, ...), "
+            "a tuple of example tensors for its forward()"
+        )
+    return capture(model, example_inputs, **capture_kwargs)

@@ -28,7 +28,6 @@ from torch.fx import Graph, GraphModule
 from passes.device import module_device, move_device_literals_
 from passes.mode import switch_mode_
 
-from .errors import LevelError
 
 KEY = "vcyclefx"
 
@@ -264,26 +263,3 @@ def level_info(gm) -> LevelInfo | None:
 
 def is_level(obj) -> bool:
     return isinstance(obj, GraphModule) and level_info(obj) is not None
-
-
-def as_level(model, example_inputs=None, **capture_kwargs) -> GraphModule:
-    """``model`` as a level: captured if it is an ``nn.Module``, as is if vcyclefx made it."""
-    if is_level(model):
-        return model
-    if isinstance(model, GraphModule) and example_inputs is None:
-        raise LevelError(
-            "this GraphModule was not made by vcyclefx, so it does not remember its inputs: "
-            "pass example_inputs=(...) to capture it"
-        )
-    if not isinstance(model, torch.nn.Module):
-        raise LevelError(
-            f"expected an nn.Module or a GraphModule made by vcyclefx, got {type(model).__name__}"
-        )
-    if example_inputs is None:
-        raise LevelError(
-            f"{type(model).__name__} is not captured yet: pass example_inputs=(tensor, ...), "
-            "a tuple of example tensors for its forward()"
-        )
-    from .capture import capture
-
-    return capture(model, example_inputs, **capture_kwargs)

@@ -18,10 +18,7 @@ import datetime as _dt
 import importlib
 import io
 import json
-import os
 import re
-import shutil
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -32,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from safetensors.torch import save as save_bytes
 from torch.export import Dim
 
+from .atomic import atomic_directory
 from .errors import LevelError
 from .level import LevelInfo, level_info, make_level
 from .mapping import Mapping
@@ -83,9 +81,7 @@ def save_level(level, directory, mapping: Mapping | None = None, *, overwrite: b
     info = level_info(level)
     if info is None:
         raise LevelError("save_level expects a level made by vcyclefx (vf.coalesce/decoalesce/capture)")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
-    try:
+    with atomic_directory(directory) as tmp:
         ep = reexport(level)
         torch.export.save(ep, tmp / "level.pt2")
         tensors, aliases = _canonical_state(level)
@@ -97,16 +93,6 @@ def save_level(level, directory, mapping: Mapping | None = None, *, overwrite: b
         (tmp / "level.json").write_text(json.dumps(summary, indent=1))
         if also is not None:
             also(tmp)
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 
@@ -266,11 +252,3 @@ def load_level(directory) -> tuple[torch.fx.GraphModule, Mapping | None]:
     gm = _assemble(ep, weights, inputs, meta, str(d))
     mapping = Mapping.load(d / "mapping.json") if (d / "mapping.json").is_file() else None
     return gm, mapping
-
-
-def load_model_spec(spec: str, batch: int | None = None, seq: int | None = None):
-    """MODEL on the command line -> (model, example_inputs); see :mod:`vcyclefx.specs`."""
-    from .specs import model_from_spec
-
-    found = model_from_spec(spec, batch=batch, seq=seq)
-    return found.model, found.example

@@ -227,7 +227,8 @@ def _raise_on_mismatch(results: list[OutputCheck], rtol: float, atol: float) -> 
 def _level_and_inputs(level, example_inputs, frontend):
     import torch
 
-    from .level import as_level, level_info
+    from .capture import as_level
+    from .level import level_info
 
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
@@ -706,7 +707,7 @@ def register_cli(subparsers) -> None:
 def _cmd_export_onnx(args) -> int:
     import sys
 
-    from .leveldir import load_model_spec
+    from .specs import model_from_spec
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("export-onnx: %(message)s"))
@@ -716,7 +717,8 @@ def _cmd_export_onnx(args) -> int:
     log.propagate = False
     try:
         log.info("loading %s", args.level)
-        model, example = load_model_spec(args.level)
+        found = model_from_spec(args.level)
+        model, example = found.model, found.example
         out = export_onnx(model, example, args.output, check=args.check, opset=args.opset,
                           rtol=args.rtol, frontend=args.frontend)
         log.info("wrote %s (%.1f kB)", out, out.stat().st_size / 1024)

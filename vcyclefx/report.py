@@ -12,7 +12,8 @@ import torch
 from .analysis import Analysis, Space, analyze
 from .chains import Chain
 from .errors import AnalysisError
-from .level import as_level, is_level, level_info
+from .capture import as_level
+from .level import is_level, level_info
 
 log = logging.getLogger("vcyclefx.report")
 

@@ -30,7 +30,8 @@ from .atomic import atomic_directory
 from .api import coalesce, decoalesce, interpolate
 from .errors import ScheduleError, VCycleError
 from .flops import tokens_in, training_flops_per_token
-from .level import as_level, clone_level, is_level, level_info
+from .capture import as_level
+from .level import clone_level, is_level, level_info
 from .mapping import Mapping
 
 PHASES = ("down", "bottom", "up")
