@@ -29,6 +29,7 @@ are registered by qualified name, ``"namespace::name"`` (every overload) or
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -129,6 +130,7 @@ def _signature(args, first_by_type: bool = False) -> list[tuple[str, str]]:
     return out
 
 
+@functools.lru_cache(maxsize=None)
 def functional_of(target):
     """The functional overload an in-place (``add_.Tensor`` -> ``add.Tensor``) or ``out=``
     (``add.out`` -> ``add.Tensor``) overload computes, or None."""
