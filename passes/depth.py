@@ -250,8 +250,11 @@ def _blocks(gm: GraphModule, paths: list[str]) -> list[list[Node]]:
 
 
 def _rebuild_chain(graph: Graph, cm: ChainMap, src: list[str], dst: list[str], env: dict,
-                   template: list[Node], src_params: set[str]) -> dict[Node, Node]:
-    """Emit the ``dst`` blocks into ``graph``; returns template node -> node of the last block."""
+                   template: list[Node], src_params: set[str],
+                   unused: list[Node] = ()) -> dict[Node, Node]:
+    """Emit the ``dst`` blocks into ``graph``; returns template node -> node of the last block.
+    ``unused``: the template block's tensors that no op reads (a dummy norm weight), given to
+    every new block too, so that each block has the tensors of the user's block."""
     feeds = {chained_input(template, link): link[2] for link in cm_chained(cm)}
     block0 = src[0]
     prev: dict[Node, Node] | None = None
@@ -276,6 +279,8 @@ def _rebuild_chain(graph: Graph, cm: ChainMap, src: list[str], dst: list[str], e
             new.meta = (_retarget_application(dict(t.meta), module_path(name), j)
                         if is_application(name) else _retarget_stack(dict(t.meta), block0, name))
             local[t] = new
+        for n in unused:
+            arg(n)
         prev = local
     assert prev is not None
     return prev
@@ -390,7 +395,9 @@ def _one_chain(gm: GraphModule, cm: ChainMap, plan: DepthPlan) -> GraphModule:
     early = [n for n in gm.graph.nodes if not skip(n) and (order[n] < first or n in needed)]
     for n in early:
         env[n] = graph.node_copy(n, lambda a: env[a])
-    last = _rebuild_chain(graph, cm, src, dst, env, template, src_params)
+    unused = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target in src_params
+              and not n.users and _relname(n.target, src[0]) is not None]
+    last = _rebuild_chain(graph, cm, src, dst, env, template, src_params, unused)
     for n, pos in last_pos.items():
         env[n] = last[template[pos]]
     for n in gm.graph.nodes:

@@ -119,6 +119,14 @@ class ShapeUpdater:
             for a in expr.args:
                 out = out + self._symint(a)
             return out
+        from torch.utils._sympy.functions import FloorDiv, Mod, PythonMod
+
+        if isinstance(expr, FloorDiv):  # a sequence padded to whole chunks: (T + pad) // chunk
+            return self._symint(expr.args[0]) // self._symint(expr.args[1])
+        if isinstance(expr, (Mod, PythonMod, sympy.Mod)):
+            return self._symint(expr.args[0]) % self._symint(expr.args[1])
+        if isinstance(expr, sympy.Pow) and expr.exp.is_Integer and expr.exp > 0:
+            return self._symint(expr.base) ** int(expr.exp)
         raise ValueError(f"cannot build a size for {expr}")
 
     def _fake(self, like: torch.Tensor, shape: tuple):

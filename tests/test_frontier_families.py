@@ -100,8 +100,21 @@ FAMILIES: dict[str, Family] = {
         lambda: (_hf("OlmoeForCausalLM", "OlmoeConfig", **{**TINY, "intermediate_size": 32},
                      num_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
                      use_cache=False), _tok())),
+    # selective state-space decoder (Mamba-2): chunked scan over a sequence padded to whole
+    # chunks (symbolic sizes with floor division and modulo), depthwise causal convolution,
+    # per-head A and D, B and C shared by the heads of a group (repeat_interleave)
+    "mamba2": Family(
+        lambda: (_hf("Mamba2ForCausalLM", "Mamba2Config", vocab_size=128, hidden_size=64,
+                     state_size=8, num_hidden_layers=2, expand=2, conv_kernel=4, num_heads=8,
+                     head_dim=16, n_groups=1, chunk_size=8, use_cache=False), _tok())),
 }
 SLOW_FAMILIES: dict[str, Family] = {
+    # selective state-space decoder with a recurrent scan: export unrolls its Python loop over
+    # the sequence, so the level has a static sequence length (batch stays symbolic)
+    "falcon_mamba": Family(
+        lambda: (_hf("FalconMambaForCausalLM", "FalconMambaConfig", vocab_size=128,
+                     hidden_size=64, state_size=8, num_hidden_layers=2, expand=2, conv_kernel=4,
+                     use_cache=False), _tok())),
     # mixture of experts with a sigmoid-gated shared expert beside the routed ones
     "qwen2_moe": Family(
         lambda: (_hf("Qwen2MoeForCausalLM", "Qwen2MoeConfig", **TINY, num_key_value_heads=2,
@@ -340,3 +353,20 @@ def test_moe_experts_are_one_pinned_space_and_each_expert_ffn_width_is_resizable
     assert roles[("model.layers.0.mlp.experts.gate_up_proj", 1)] == "producer"
     small, _ = vf.coalesce(level, width=0.5)
     assert small.get_parameter("model.layers.0.mlp.experts.gate_up_proj").shape == (4, 32, 32)
+
+
+def test_inspect_and_coalesce_of_a_four_layer_recurrent_ssm_stay_well_under_the_bound():
+    """A 4-layer recurrent-scan SSM (about 125K parameters; export unrolls its scan into 16
+    identical time steps per layer) took minutes in the block-isomorphism search; blocks are
+    now compared under the position map the depth pass uses."""
+    model = _hf("FalconMambaForCausalLM", "FalconMambaConfig", vocab_size=1000, hidden_size=64,
+                state_size=16, num_hidden_layers=4, expand=2, conv_kernel=4, use_cache=False).eval()
+    assert 100_000 < sum(p.numel() for p in model.parameters()) < 1_000_000
+    x = _tok(vocab=1000)
+    clock = _Clock()
+    level = clock("capture", vf.capture, model, x)
+    report = clock("inspect", vf.inspect, level)
+    assert [len(c) for c in report.chains] == [4]
+    small, _ = clock("coalesce", vf.coalesce, level, width=0.5, depth=0.5)
+    assert len(vf.inspect(small).chains[0]) == 2
+    assert clock.times["inspect"] < 5.0 and clock.times["coalesce"] < 10.0, clock.times

@@ -50,7 +50,7 @@ class Context:
 
     def __init__(self, gm: GraphModule):
         self.gm = gm
-        self.table = DimTable()
+        self.table = DimTable(_shape_env_equality(gm))
         self.out: dict[Node, Any] = {}
         self.prov: dict[Node, Any] = {}  # param-derived nodes: per axis set of (tensor, axis)
         self.roles: dict[tuple[str, int], set[str]] = {}
@@ -234,6 +234,31 @@ class Context:
 
 
 _getitem = operator.getitem
+
+
+def _shape_env_equality(gm: GraphModule):
+    """``(a, b) -> bool``: the capture's shape environment proves ``a == b`` from its guards
+    (None when the graph has no symbolic sizes)."""
+    env = None
+    for n in gm.graph.nodes:
+        v = n.meta.get("val")
+        for s in (v.shape if isinstance(v, torch.Tensor) else [v]):
+            if isinstance(s, torch.SymInt):
+                env = s.node.shape_env
+                break
+        if env is not None:
+            break
+    if env is None:
+        return None
+    import sympy
+
+    def known_equal(a, b) -> bool:
+        try:
+            return env._maybe_evaluate_static(sympy.Eq(sympy.sympify(a), sympy.sympify(b))) is sympy.true
+        except Exception:  # noqa: BLE001 - an expression the environment cannot read: not known
+            return False
+
+    return known_equal
 
 
 def _tensor_inputs(node: Node) -> list[Node]:

@@ -110,10 +110,22 @@ class DimConflict(Exception):
 
 
 class DimTable:
-    """Union-find over dims with structural refinement."""
+    """Union-find over dims with structural refinement.
 
-    def __init__(self) -> None:
+    ``known_equal(a, b)`` (optional) decides equalities of symbolic sizes that algebra alone
+    cannot: the capture's shape environment knows its guards (a sequence padded to a multiple
+    of the chunk size and reshaped back is the sequence again)."""
+
+    def __init__(self, known_equal=None) -> None:
         self.dims: list[Dim] = []
+        self.known_equal = known_equal
+
+    def _same(self, a: Size, b: Size) -> bool:
+        if _eq(a, b):
+            return True
+        if self.known_equal is None or (isinstance(a, int) and isinstance(b, int)):
+            return False
+        return bool(self.known_equal(a, b))
 
     # -- creation / lookup -------------------------------------------------------------------
     def new(self, size) -> Dim:
@@ -148,7 +160,7 @@ class DimTable:
         ra, rb = self.find(a), self.find(b)
         if ra is rb:
             return
-        if not _eq(ra.size, rb.size):
+        if not self._same(ra.size, rb.size):
             raise DimConflict(f"{where}: cannot unify axes of size {ra.size} and {rb.size}")
         if ra.size == 1:
             return
@@ -168,7 +180,7 @@ class DimTable:
         incompatible way (its leaves are then pinned with the reason)."""
         r = self.find(d)
         total = _mul_all([p.size for p in parts]) if kind == PROD else _sum_all([p.size for p in parts])
-        if not _eq(total, r.size):
+        if not self._same(total, r.size):
             raise DimConflict(f"{where}: {kind} of sizes {[p.size for p in parts]} != {r.size}")
         if len(parts) == 1:
             self.unify(r, parts[0], where)

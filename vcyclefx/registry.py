@@ -29,6 +29,7 @@ are registered by qualified name, ``"namespace::name"`` (every overload) or
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -120,10 +121,16 @@ def _written(schema) -> list:
     return [a for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
 
 
-def _signature(args) -> list[tuple[str, str]]:
-    return [(a.name, str(a.type)) for a in args]
+def _signature(args, first_by_type: bool = False) -> list[tuple[str, str]]:
+    """(name, type) per argument; the first by type only where ``first_by_type`` (in-place ops
+    call it ``self`` where some functional ops call it ``input``: ``dropout_`` / ``dropout``)."""
+    out = [(a.name, str(a.type)) for a in args]
+    if first_by_type and out:
+        out[0] = ("", out[0][1])
+    return out
 
 
+@functools.lru_cache(maxsize=None)
 def functional_of(target):
     """The functional overload an in-place (``add_.Tensor`` -> ``add.Tensor``) or ``out=``
     (``add.out`` -> ``add.Tensor``) overload computes, or None."""
@@ -137,7 +144,7 @@ def functional_of(target):
     packet_ns = getattr(torch.ops, ns, None)
     if name.endswith("_") and not name.endswith("__") and written[0].name == schema.arguments[0].name:
         packet = getattr(packet_ns, name[:-1], None)  # in-place: same arguments, no write
-        want = _signature(schema.arguments)
+        want = _signature(schema.arguments, first_by_type=True)
         preferred = schema.overload_name or "default"
     else:
         if any(not a.kwarg_only for a in written):
@@ -150,7 +157,7 @@ def functional_of(target):
         return None
     candidates = [getattr(packet, o) for o in packet.overloads()]
     candidates = [c for c in candidates if not _written(c._schema)
-                  and _signature(c._schema.arguments) == want]
+                  and _signature(c._schema.arguments, preferred is not None) == want]
     candidates.sort(key=lambda c: (c._schema.overload_name or "default") != preferred)
     return candidates[0] if candidates else None
 
@@ -244,6 +251,9 @@ def get_arg(node: Node, name: str, default: Any = _NO_DEFAULT) -> Any:
             if default is not _NO_DEFAULT:
                 return default
             raise KeyError(f"{node.format_node()}: argument {name!r} missing")
+    f = functional_of(node.target)  # a derived rule reads the functional op's names
+    if f is not None and (i := arg_index(f, name)) is not None and i < len(node.args):
+        return node.args[i]
     if default is not _NO_DEFAULT:
         return default
     raise KeyError(f"{node.format_node()}: {node.target} has no argument {name!r}")
