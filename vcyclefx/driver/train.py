@@ -451,7 +451,7 @@ def run_stage(rt: Runtime, module: torch.nn.Module, steps: int, lr_scale: float,
             save_checkpoint(rt, *t.checkpoint_state(opt), state)
         clock.restart()
     t.finish()
-    return state, (opt.state_dict() if cfg.carry_optimizer else None)
+    return state, (opt.state_dict() if cfg.carries_optimizer else None)
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -501,7 +501,7 @@ def make_cycle(rt: Runtime) -> Cycle:
     vdir = rt.out / "vcycle"
     cycle = vf.VCycle(model, example, levels=cfg.levels, width=cfg.width, depth=cfg.depth,
                       alpha=cfg.alpha, total_steps=cfg.vcycle_total_steps,
-                      fractions=cfg.fractions or None, lr_scales=cfg.lr_scales or None,
+                      fractions=cfg.fractions or None, lr_scales=cfg.vcycle_lr_scales(),
                       pairing=cfg.pairing, depth_pairing=cfg.depth_pairing,
                       depth_init=cfg.depth_init, checkpoint_dir=vdir, resume=vdir if cfg.resume else None)
     if not rt.master:
@@ -522,7 +522,7 @@ def run_vcycle(rt: Runtime, made: Cycle, point: Point | None, bar: ProgressBar |
     state needs nothing more: it is in the driver's checkpoint of the stage it was carried into,
     or, at a stage end, the checkpoint's optimizer state is carried into the next stage.
     """
-    cycle, carry = made.cycle, rt.cfg.carry_optimizer
+    cycle, carry = made.cycle, rt.cfg.carries_optimizer
     if rt.master and point is None:
         _print(bar, str(cycle.schedule))
     state, optim_state = _restore(rt, None, cycle.level0, RunState("vcycle", wall=made.seconds))
