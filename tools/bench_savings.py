@@ -87,6 +87,18 @@ VARIANTS: dict[str, list[str]] = {
     "id+a0.75+carry+x1.5+warm50": [*ID, "--alpha", "0.75", *CARRY, *X15, "--stage-warmup", "50"],
     "id+a0.75+carry+x1.5+global": [*ID, "--alpha", "0.75", *CARRY, *X15,
                                    "--lr-schedule", "global"],
+    # combinations of the levers that paid alone (more coarse steps, one lr envelope)
+    "id+a0.75+carry+x1.5+f.05/.60/.35+global": [*ID, "--alpha", "0.75", *CARRY, *X15,
+                                                "--fractions", "0.05,0.6,0.35",
+                                                "--lr-schedule", "global"],
+    "id+a0.75+carry+x1.5+f.05/.70/.25": [*ID, "--alpha", "0.75", *CARRY, *X15,
+                                         "--fractions", "0.05,0.7,0.25"],
+    "id+a0.75+carry+x1.5+f.05/.70/.25+global": [*ID, "--alpha", "0.75", *CARRY, *X15,
+                                                "--fractions", "0.05,0.7,0.25",
+                                                "--lr-schedule", "global"],
+    "id+a0.75+carry+x2+f.05/.60/.35+global": [*ID, "--alpha", "0.75", *CARRY,
+                                              "--vcycle-steps", "x2", "--fractions",
+                                              "0.05,0.6,0.35", "--lr-schedule", "global"],
     # which dimension the coarse level shrinks
     "id+a0.75+carry+x1.5+d-only": [*ID, "--alpha", "0.75", *CARRY, *X15, "--width", "1.0"],
     "id+a0.75+carry+x1.5+w-only": [*ID, "--alpha", "0.75", *CARRY, *X15, "--depth", "1.0"],
