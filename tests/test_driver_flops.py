@@ -58,7 +58,7 @@ def test_stage_lr_global_envelope_vs_restart_per_stage():
     from vcyclefx.driver.train import RunState, stage_lr
 
     c = TrainConfig(lr=1e-3, min_lr=1e-4, warmup=10, steps=110, stage_warmup=4,
-                    lr_schedule="global")
+                    lr_schedule="global", vcycle_budget=1.0)
     coarse = RunState("vcycle", step=60, stage=1, stage_step=0)
     # global: the envelope at step 60 (half way), x4, ramped over stage_warmup + 1 steps
     assert abs(stage_lr(c, coarse, 50, 4.0) - 4 * 5.5e-4 / 5) < 1e-12

@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--seq-len", "32",
         "--batch-size", "8", "--eval-every", "20", "--eval-batches", "2", "--log-every", "1",
-        "--warmup", "5", "--quiet"]
+        "--warmup", "5", "--vcycle-budget", "1", "--quiet"]
 
 
 def corpus(tmp: Path) -> Path:

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from vcyclefx.driver.saving import (Frontier, describe, effective_saving, saving_against,
-                                    steady_wall)
+                                    steady_seconds_per_step, steady_wall)
 
 
 def law(c: float) -> float:
@@ -72,12 +72,15 @@ def test_saving_against_uses_the_baselines_seconds_per_step_for_the_wall_axis():
 
 def test_steady_wall_counts_median_step_times_and_the_transitions_but_not_load_spikes():
     def rec(event, stage, step, wall, **kw):
-        return dict(event=event, schedule="vcycle", stage=stage, step=step, wall=wall, **kw)
+        return dict(event=event, schedule="vcycle", stage=stage, level=stage, step=step,
+                    wall=wall, **kw)
 
     records = [rec("stage", 0, 0, 2.0, steps=4)]  # 2 s of capture before the first step
     records += [rec("train", 0, s, 2.0 + 0.1 * s) for s in (1, 2, 3)]
     records += [rec("train", 0, 4, 2.3 + 5.0)]  # another job ran: 5 s spike in one step
     records += [rec("stage", 1, 4, 7.8, steps=6)]  # 0.5 s of coalescing
     records += [rec("train", 1, 4 + s, 7.8 + 0.02 * s) for s in range(1, 7)]
-    records += [dict(event="stage", schedule="baseline", stage=0, step=0, wall=9.0, steps=1)]
+    records += [dict(event="stage", schedule="baseline", stage=0, level=0, step=0, wall=9.0,
+                    steps=1)]
     assert steady_wall(records, "vcycle") == pytest.approx(2.0 + 4 * 0.1 + 0.5 + 6 * 0.02)
+    assert steady_seconds_per_step(records, "vcycle", level=0) == pytest.approx(0.1)

@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "tools" / "train.py")
 SMALL = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--seq-len", "32",
          "--batch-size", "4", "--grad-accum", "2", "--warmup", "1", "--log-every", "1",
-         "--eval-every", "50", "--eval-batches", "3", "--ckpt-every", "20", "--quiet"]
+         "--eval-every", "50", "--eval-batches", "3", "--ckpt-every", "20", "--vcycle-budget", "1",
+         "--quiet"]
 
 
 def env() -> dict:

@@ -28,7 +28,10 @@ def test_fractions_and_lr_scales_parse_from_the_command_line_and_survive_json():
     cfg = parse("--fractions", "0.1,0.3,0.6", "--lr-scales", "1,2", "--vcycle-steps", "840")
     assert (cfg.fractions, cfg.lr_scales, cfg.vcycle_total_steps) == ((0.1, 0.3, 0.6), (1.0, 2.0), 840)
     assert TrainConfig.from_dict(json.loads(cfg.to_json())) == cfg  # a resumed run compares equal
-    assert parse().fractions == () and parse().vcycle_total_steps == 800  # 0 = --steps
+    assert parse().fractions == () and parse().vcycle_total_steps == 1200  # 0 = 1.5 x --steps
+    assert parse("--vcycle-budget", "1").vcycle_total_steps == 800
+    assert parse().vcycle_lr_scales() == [1.0, 2.0] and parse("--levels", "3").vcycle_lr_scales() \
+        == [1.0, 2.0, 2.0]
 
 
 @pytest.mark.parametrize("argv,msg", [
@@ -50,9 +53,11 @@ def test_depth_similarity_pairing_is_refused_by_argparse_choices(capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
-def test_carry_optimizer_with_fsdp_fails_at_start_up():
+def test_carry_optimizer_with_fsdp_fails_at_start_up_and_its_default_is_off_there():
     with pytest.raises(ConfigError, match="--carry-optimizer.*--fsdp.*drop one"):
         check_runtime(TrainConfig(carry_optimizer=True, fsdp=True), "cpu", 2)
+    check_runtime(TrainConfig(fsdp=True, grad_accum=2), "cpu", 2)  # default: carry unless sharded
+    assert TrainConfig().carries_optimizer and not TrainConfig(fsdp=True).carries_optimizer
 
 
 def test_fractions_lr_scales_steps_and_pairing_reach_the_vcycle(tmp_path):
@@ -95,7 +100,7 @@ def test_carry_optimizer_changes_the_first_update_after_each_transition(tmp_path
     step count of the bias correction) change the update; --vcycle-steps sets the total."""
     common = dict(schedule="vcycle", steps=30, vcycle_steps=40, fractions=(0.1, 0.4, 0.5),
                   lr_scales=(1.0, 2.0), eval_every=0, log_every=1)
-    fresh = main(tiny(tmp_path, **common, out=str(tmp_path / "fresh")))
+    fresh = main(tiny(tmp_path, **common, carry_optimizer=False, out=str(tmp_path / "fresh")))
     carried = main(tiny(tmp_path, **common, carry_optimizer=True, out=str(tmp_path / "carry")))
     a = [r for r in rows(tmp_path / "fresh") if r["event"] == "train"]
     b = [r for r in rows(tmp_path / "carry") if r["event"] == "train"]

@@ -24,6 +24,7 @@ DEPTH_PAIRINGS = ("adjacent", "strided")
 DEPTH_INITS = ("copy", "identity")
 LR_SCHEDULES = ("global", "stage")
 DTYPES = ("auto", "float32", "bfloat16")
+COARSE_LR_SCALE = 2.0  # lr factor of the coarse levels when --lr-scales is not given (tuned)
 
 
 class ConfigError(VCycleError):
@@ -63,8 +64,9 @@ class TrainConfig:
     # --- optimisation (nanoGPT: AdamW, cosine with warm-up, clipping) ---
     steps: int = _f(800, "optimizer steps of the baseline (and of the V-cycle unless "
                          "--vcycle-steps is given)")
-    lr: float = _f(1e-3, "peak learning rate of level 0 (stage lr = lr * the stage's lr scale)")
-    min_lr: float = _f(1e-4, "learning rate at the end of the cosine decay")
+    lr: float = _f(6e-3, "peak learning rate of level 0 (stage lr = lr * the stage's lr scale); "
+                         "6e-3 is the tiny preset's tuned value (BENCHMARKS.md)")
+    min_lr: float = _f(6e-4, "learning rate at the end of the cosine decay (lr / 10)")
     warmup: int = _f(50, "linear warm-up steps at the start of a schedule")
     lr_schedule: str = _f("stage", "stage: every V-cycle stage its own warm-up + cosine over its "
                                    "steps, as the authors' separate run per stage; global: one "
@@ -88,29 +90,34 @@ class TrainConfig:
     levels: int = _f(2, "levels of the V-cycle (2 = one coalesced level below the model)")
     width: float = _f(0.5, "width factor from one level to the next smaller one")
     depth: float = _f(0.5, "depth factor from one level to the next smaller one")
-    alpha: float = _f(0.25, "interpolation weight of the de-coalesced model (paper: 0.25 for GPT)")
-    vcycle_steps: int = _f(0, "optimizer steps of the V-cycle, split among its stages; 0 = --steps "
-                              "(the same token budget as the baseline; the paper's GPT recipe "
-                              "gives the V-cycle 105K steps vs 100K)")
+    alpha: float = _f(0.75, "interpolation weight of the de-coalesced model (the paper: 0.25 for "
+                            "GPT; 0.75 with identity growth measured best, BENCHMARKS.md)")
+    vcycle_steps: int = _f(0, "optimizer steps of the V-cycle, split among its stages; 0 = "
+                              "--vcycle-budget x --steps")
+    vcycle_budget: float = _f(1.5, "V-cycle steps as a multiple of --steps when --vcycle-steps is "
+                                   "0 (its FLOPs are counted in full; 1.5 measured best, the "
+                                   "paper's GPT recipe uses 1.05)")
     fractions: tuple[float, ...] = _f((), "share of the V-cycle's steps per stage, comma-separated "
                                           "(2 levels: down,bottom,up); empty = 0.05,0.45,0.5, the "
                                           "shape of the paper's GPT recipe", parse="floats")
     lr_scales: tuple[float, ...] = _f((), "learning-rate factor per level, comma-separated (level "
-                                          "0 first); empty = 1 at level 0 and 4 below, the "
-                                          "paper's GPT recipe", parse="floats")
+                                          "0 first); empty = 1 at level 0 and 2 below (tuned; "
+                                          "the paper's GPT recipe uses 4)", parse="floats")
     pairing: str = _f("strided", "which width units are coalesced together: strided (i with i + "
                                  "n/2, the paper), adjacent (2i, 2i+1), or similarity (most "
                                  "similar weights, chosen at each coalescing)", choices=PAIRINGS)
     depth_pairing: str = _f("adjacent", "which blocks are coalesced together: adjacent (2i, "
                                         "2i+1, the paper) or strided (i with i + L/2)",
                             choices=DEPTH_PAIRINGS)
-    depth_init: str = _f("copy", "how de-coalescing fills the new blocks: copy (the paper) or "
-                                 "identity (their last residual writes zeroed, so the de-coalesced "
-                                 "model computes the coarse level's function)",
+    depth_init: str = _f("identity", "how de-coalescing fills the new blocks: identity (their last "
+                                     "residual writes zeroed, so the de-coalesced model computes "
+                                     "the coarse level's function) or copy (the paper)",
                          choices=DEPTH_INITS)
-    carry_optimizer: bool = _f(False, "carry the AdamW moments through every coalesce/de-coalesce "
-                                      "(Stage.map_optimizer_state) instead of a fresh optimizer "
-                                      "per stage (the paper)")
+    carry_optimizer: bool | None = _f(None, "carry the AdamW moments through every coalesce/de-"
+                                            "coalesce, as the gradients move "
+                                            "(Stage.map_optimizer_state), instead of a fresh "
+                                            "optimizer per stage (the paper); default: on, except "
+                                            "with --fsdp (which shards the moments)")
     # --- runtime ---
     out: str = _f("", "output directory; empty = runs/<timestamp>", short="-o")
     resume: str = _f("", "resume the run in this directory from its latest checkpoint")
@@ -168,7 +175,16 @@ class TrainConfig:
 
     @property
     def vcycle_total_steps(self) -> int:
-        return self.vcycle_steps or self.steps
+        return self.vcycle_steps or max(1, round(self.vcycle_budget * self.steps))
+
+    @property
+    def carries_optimizer(self) -> bool:
+        """``--carry-optimizer`` as given, else on unless ``--fsdp``."""
+        return (not self.fsdp) if self.carry_optimizer is None else self.carry_optimizer
+
+    def vcycle_lr_scales(self) -> list[float]:
+        """``--lr-scales``, else 1 at level 0 and ``COARSE_LR_SCALE`` at every coarser level."""
+        return list(self.lr_scales) or [1.0] + [COARSE_LR_SCALE] * (self.levels - 1)
 
 
 def parse_floats(value, name: str = "value") -> tuple[float, ...]:
@@ -239,7 +255,9 @@ def _check_ranges(c: TrainConfig) -> None:
     need(0 <= c.alpha <= 1, f"--alpha must be in [0, 1], got {c.alpha}")
     need(c.peak_flops > 0, "--peak-flops must be positive")
     need(c.vocab_size == 0 or c.vocab_size >= 2, "--vocab-size must be 0 (from data) or >= 2")
-    need(c.vcycle_steps >= 0, f"--vcycle-steps must be >= 0 (0 = --steps), got {c.vcycle_steps}")
+    need(c.vcycle_steps >= 0,
+         f"--vcycle-steps must be >= 0 (0 = --vcycle-budget x --steps), got {c.vcycle_steps}")
+    need(c.vcycle_budget > 0, f"--vcycle-budget must be positive, got {c.vcycle_budget}")
     need(c.pairing in PAIRINGS, f"--pairing {c.pairing!r}: choose one of {', '.join(PAIRINGS)}")
     need(c.depth_init in DEPTH_INITS,
          f"--depth-init {c.depth_init!r}: choose one of {', '.join(DEPTH_INITS)}")
@@ -270,7 +288,7 @@ def _opt(name: str) -> str:
 
 def check_runtime(c: TrainConfig, device_type: str, world_size: int) -> None:
     """Start-up checks that depend on the machine; each failure says the fix."""
-    if c.carry_optimizer and c.fsdp:
+    if c.carry_optimizer is True and c.fsdp:
         raise ConfigError("--carry-optimizer maps whole AdamW moment tensors between levels, and "
                           "--fsdp shards them over the processes: drop one of the two")
     if c.fsdp and world_size < 2:

@@ -163,6 +163,19 @@ def steady_wall(records: list[dict], schedule: str) -> float | None:
     return total
 
 
+def steady_seconds_per_step(records: list[dict], schedule: str, level: int = 0) -> float | None:
+    """The median seconds per step of ``schedule``'s stages at ``level`` (as ``steady_wall``):
+    the rate at which a run trained that level, load spikes left out. Pricing a baseline
+    frontier at a V-cycle run's own level-0 rate cancels sustained load between separate runs."""
+    recs = [r for r in records if r.get("schedule") == schedule]
+    rates = []
+    for st in (r for r in recs if r["event"] == "stage" and r["level"] == level):
+        marks = [st] + [r for r in recs if r["event"] == "train" and r["stage"] == st["stage"]]
+        rates += [(b["wall"] - a["wall"]) / (b["step"] - a["step"])
+                  for a, b in zip(marks, marks[1:]) if b["step"] > a["step"]]
+    return statistics.median(rates) if rates else None
+
+
 def describe(value: float | None, extrapolated: bool | None) -> str:
     """A saving as the tables print it: ``23.4%``, ``-5.0% (extrapolated)``, ``n/a``."""
     if value is None:

@@ -1,12 +1,12 @@
 """The training recipe: ``main(cfg)`` -> setup -> train -> cleanup (nanoGPT loop, torchtune shape).
 
 One function trains any module, the plain GPT (baseline) or a V-cycle stage's level:
-``run_stage(rt, module, steps, lr_scale, level, state)``. Per stage it makes a fresh AdamW (the
-paper resets the optimizer at every stage; ``--carry-optimizer`` maps the previous stage's
-moments through the transition instead), measures the training FLOPs per token of that module
-from its graph (``training_flops_per_token``), compiles it on CUDA, wraps it in DDP (or shards
-it with FSDP2) when several processes run, and steps it with cosine LR, gradient accumulation
-and clipping.
+``run_stage(rt, module, steps, lr_scale, level, state)``. Per stage it makes an AdamW that
+carries the previous stage's moments mapped through the transition as the gradients move (the
+default; ``--no-carry-optimizer`` starts each stage fresh, as the paper does), measures the
+training FLOPs per token of that module from its graph (``training_flops_per_token``), compiles
+it on CUDA, wraps it in DDP (or shards it with FSDP2) when several processes run, and steps it
+with cosine LR, gradient accumulation and clipping.
 
 Learning rate with ``--lr-schedule global`` at optimizer step ``s`` of a schedule, counted over
 all its stages::
@@ -456,7 +456,7 @@ def run_stage(rt: Runtime, module: torch.nn.Module, steps: int, lr_scale: float,
             save_checkpoint(rt, *t.checkpoint_state(opt), state)
         clock.restart()
     t.finish()
-    return state, (opt.state_dict() if cfg.carry_optimizer else None)
+    return state, (opt.state_dict() if cfg.carries_optimizer else None)
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -506,7 +506,7 @@ def make_cycle(rt: Runtime) -> Cycle:
     vdir = rt.out / "vcycle"
     cycle = vf.VCycle(model, example, levels=cfg.levels, width=cfg.width, depth=cfg.depth,
                       alpha=cfg.alpha, total_steps=cfg.vcycle_total_steps,
-                      fractions=cfg.fractions or None, lr_scales=cfg.lr_scales or None,
+                      fractions=cfg.fractions or None, lr_scales=cfg.vcycle_lr_scales(),
                       pairing=cfg.pairing, depth_pairing=cfg.depth_pairing,
                       depth_init=cfg.depth_init, checkpoint_dir=vdir, resume=vdir if cfg.resume else None)
     if not rt.master:
@@ -515,9 +515,10 @@ def make_cycle(rt: Runtime) -> Cycle:
 
 
 def run_vcycle(rt: Runtime, made: Cycle, point: Point | None, bar: ProgressBar | None) -> RunState:
-    """Every stage of the V-cycle trained by ``run_stage``: a fresh optimizer per stage (the
-    paper), or with ``--carry-optimizer`` the previous stage's AdamW state sent through the
-    stage's transition by ``Stage.map_optimizer_state`` (timed as training, like the transition).
+    """Every stage of the V-cycle trained by ``run_stage``: the previous stage's AdamW state sent
+    through the stage's transition by ``Stage.map_optimizer_state`` (the default; timed as
+    training, like the transition), or a fresh optimizer per stage (``--no-carry-optimizer``, the
+    paper; the default under ``--fsdp``).
 
     Resuming: the VCycle continues after its last completed stage c; the driver's checkpoint is
     either inside stage c + 1 (load its weights into that stage's model and go on) or at the
@@ -527,7 +528,7 @@ def run_vcycle(rt: Runtime, made: Cycle, point: Point | None, bar: ProgressBar |
     state needs nothing more: it is in the driver's checkpoint of the stage it was carried into,
     or, at a stage end, the checkpoint's optimizer state is carried into the next stage.
     """
-    cycle, carry = made.cycle, rt.cfg.carry_optimizer
+    cycle, carry = made.cycle, rt.cfg.carries_optimizer
     if rt.master and point is None:
         _print(bar, str(cycle.schedule))
     state, optim_state = _restore(rt, None, cycle.level0, RunState("vcycle", wall=made.seconds))
