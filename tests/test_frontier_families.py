@@ -370,3 +370,36 @@ def test_inspect_and_coalesce_of_a_four_layer_recurrent_ssm_stay_well_under_the_
     small, _ = clock("coalesce", vf.coalesce, level, width=0.5, depth=0.5)
     assert len(vf.inspect(small).chains[0]) == 2
     assert clock.times["inspect"] < 5.0 and clock.times["coalesce"] < 10.0, clock.times
+
+
+class _Recurrent(torch.nn.Module):
+    """A scan written as a Python loop over the sequence (as recurrent SSM kernels are)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(32, 16)
+        self.cell = torch.nn.Linear(16, 16)
+        self.head = torch.nn.Linear(16, 32)
+
+    def forward(self, input_ids):
+        x = self.emb(input_ids)
+        h = torch.zeros_like(x[:, 0])
+        outs = []
+        for t in range(x.shape[1]):
+            h = torch.tanh(self.cell(h) + x[:, t])
+            outs.append(h)
+        return self.head(torch.stack(outs, 1))
+
+
+def test_capture_says_when_export_fixed_the_sequence_length():
+    torch.manual_seed(0)
+    x = torch.randint(0, 32, (2, 6))
+    level = vf.capture(_Recurrent(), (x,))
+    notes = [n for n in level.info.notes if "axis 1 (sequence) is static at 6" in n]
+    assert len(notes) == 1 and notes[0].startswith("input_ids")
+    assert (0, 0) in level.info.dynamic_dims and (0, 1) not in level.info.dynamic_dims
+    assert "static at 6" in str(vf.inspect(level))
+    # a model that keeps the sequence symbolic gets no such note
+    plain = vf.capture(torch.nn.Sequential(torch.nn.Embedding(32, 16), torch.nn.Linear(16, 4)), (x,))
+    assert (0, 1) in plain.info.dynamic_dims
+    assert not any("is static" in n for n in plain.info.notes)

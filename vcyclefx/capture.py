@@ -173,6 +173,24 @@ def _dynamic_dims(gm) -> tuple:
     return tuple(dims)
 
 
+def _specialised_notes(inputs: tuple, names: tuple, dynamic_dims: tuple) -> list[str]:
+    """A note per dimension capture asked to keep symbolic that export fixed to its example
+    size, so that a user whose level refuses another length knows why from ``inspect``."""
+    kept = set(dynamic_dims)
+    notes = []
+    for i, x in enumerate(inputs):
+        for d in _batch_and_sequence(x):
+            if (i, d) not in kept and x.shape[d] > 1:
+                name = names[i] if i < len(names) else f"input {i}"
+                axis = "batch" if d == 0 else "sequence"
+                notes.append(
+                    f"{name} axis {d} ({axis}) is static at {x.shape[d]}: the model uses that "
+                    "size as a Python int (for example a loop over the sequence), so "
+                    "torch.export fixed it; the level runs at this size only (capture with "
+                    "example inputs of the size you will run)")
+    return notes
+
+
 def capture(
     model: torch.nn.Module,
     example_inputs=(),
@@ -242,12 +260,15 @@ def capture(
     if kwargs:
         _flat_inputs(gm, len(args) + len(kwargs))
     unshare_size_arithmetic(gm)
+    dynamic_dims = _dynamic_dims(gm)
+    if dynamic and not any(n.startswith("captured with static shapes") for n in notes):
+        notes += _specialised_notes((*args, *kwargs.values()), names, dynamic_dims)
     info = LevelInfo(
         example_inputs=tuple(x.detach().clone() for x in (*args, *kwargs.values())),
         input_names=names,
         frontend=frontend,
         source_class=f"{type(model).__module__}.{type(model).__qualname__}",
-        dynamic_dims=_dynamic_dims(gm),
+        dynamic_dims=dynamic_dims,
         notes=tuple(notes),
         recipe=recipe if recipe is not None else recipe_of(model),
     )
