@@ -144,6 +144,19 @@ def default_fractions(levels: int) -> list[float]:
     return out
 
 
+def recommended_fractions(levels: int) -> list[float]:
+    """The measured recipe's shape: 5% per stage on the way down and on the way up, the rest at
+    the coarsest level (for 2 levels: 5% / 90% / 5%; BENCHMARKS.md, frontier study). Use it with
+    ``depth_init="identity"``, ``alpha=0.75``, ``lr_scales`` 2 below level 0, carried optimizer
+    moments (``Stage.map_optimizer_state``), one cosine learning-rate decay over the whole cycle
+    and 1.5x the baseline's steps (the driver's defaults)."""
+    edges = 0.05 * (2 * levels - 2)
+    if levels > 1 and edges >= 1.0:
+        raise ScheduleError(f"levels={levels}: 5% per transition stage leaves nothing for the "
+                            "coarsest level; give fractions= yourself")
+    return [0.05] * (levels - 1) + [1.0 - edges] + [0.05] * (levels - 1)
+
+
 def build_schedule(levels: int, *, total_steps: int | None = None, fractions=None, steps=None,
                    lr_scales=None) -> Schedule:
     if not isinstance(levels, int) or levels < 1:

@@ -17,6 +17,7 @@ import warnings
 from dataclasses import dataclass, field
 
 from ..errors import VCycleError
+from ..vcycle import recommended_fractions
 
 SCHEDULES = ("vcycle", "baseline", "compare")
 PAIRINGS = ("strided", "adjacent", "similarity")
@@ -68,9 +69,10 @@ class TrainConfig:
                          "6e-3 is the tiny preset's tuned value (BENCHMARKS.md)")
     min_lr: float = _f(6e-4, "learning rate at the end of the cosine decay (lr / 10)")
     warmup: int = _f(50, "linear warm-up steps at the start of a schedule")
-    lr_schedule: str = _f("stage", "stage: every V-cycle stage its own warm-up + cosine over its "
-                                   "steps, as the authors' separate run per stage; global: one "
-                                   "warm-up + cosine over all steps, the stage's lr scale on top",
+    lr_schedule: str = _f("global", "global: one warm-up + cosine over all the V-cycle's steps, "
+                                    "the stage's lr scale on top (measured best, BENCHMARKS.md); "
+                                    "stage: every V-cycle stage its own warm-up + cosine over its "
+                                    "steps, as the authors' separate run per stage",
                           choices=LR_SCHEDULES)
     stage_warmup: int = _f(0, "warm-up steps at the start of every later V-cycle stage (0 as the "
                               "paper: the optimizer is reset but not warmed up)")
@@ -82,7 +84,7 @@ class TrainConfig:
     schedule: str = _f("vcycle", "vcycle, baseline, or compare (the baseline at every "
                                  "--frontier-budgets budget, then the V-cycle; same data order "
                                  "and init)", choices=SCHEDULES)
-    frontier_budgets: tuple[float, ...] = _f((1.0, 1.5), "baseline budgets of --schedule compare "
+    frontier_budgets: tuple[float, ...] = _f((0.75, 1.0, 1.5), "baseline budgets of --schedule compare "
                                              "as multiples of --steps, each with its own warm-up "
                                              "and full cosine decay; the V-cycle's effective "
                                              "saving is read off their frontier (1 must be one)",
@@ -98,8 +100,10 @@ class TrainConfig:
                                    "0 (its FLOPs are counted in full; 1.5 measured best, the "
                                    "paper's GPT recipe uses 1.05)")
     fractions: tuple[float, ...] = _f((), "share of the V-cycle's steps per stage, comma-separated "
-                                          "(2 levels: down,bottom,up); empty = 0.05,0.45,0.5, the "
-                                          "shape of the paper's GPT recipe", parse="floats")
+                                          "(2 levels: down,bottom,up); empty = 5% per stage on "
+                                          "the way down and up, the rest at the coarsest level "
+                                          "(0.05,0.9,0.05; measured best, BENCHMARKS.md; the "
+                                          "paper's GPT recipe: 0.05,0.45,0.5)", parse="floats")
     lr_scales: tuple[float, ...] = _f((), "learning-rate factor per level, comma-separated (level "
                                           "0 first); empty = 1 at level 0 and 2 below (tuned; "
                                           "the paper's GPT recipe uses 4)", parse="floats")
@@ -181,6 +185,10 @@ class TrainConfig:
     def carries_optimizer(self) -> bool:
         """``--carry-optimizer`` as given, else on unless ``--fsdp``."""
         return (not self.fsdp) if self.carry_optimizer is None else self.carry_optimizer
+
+    def vcycle_fractions(self) -> list[float]:
+        """``--fractions``, else the recommended shape (``vcyclefx.vcycle.recommended_fractions``)."""
+        return list(self.fractions) or recommended_fractions(self.levels)
 
     def vcycle_lr_scales(self) -> list[float]:
         """``--lr-scales``, else 1 at level 0 and ``COARSE_LR_SCALE`` at every coarser level."""

@@ -6,8 +6,8 @@ caller see the same numbers, and a finished run can be summarised again (``finis
 Two measures of the saving, labelled as such wherever they are printed or saved:
 
 - **effective saving** (``effective_saving`` in summary.json; the one that counts): against the
-  frontier of the baselines a ``--schedule compare`` run trains (``--frontier-budgets``, 1x and
-  1.5x of ``--steps`` by default, each fully decayed), ``1 - C / C_frontier(L)`` for the
+  frontier of the baselines a ``--schedule compare`` run trains (``--frontier-budgets``, 0.75x,
+  1x and 1.5x of ``--steps`` by default, each fully decayed), ``1 - C / C_frontier(L)`` for the
   schedule's final level-0 loss L, in FLOPs and in wall seconds, the wall frontier priced at the
   baselines' own seconds per step in this run (``vcyclefx/driver/saving.py``). Outside the
   frontier's bracket the figure is extrapolated from its nearest segment and says so.
@@ -120,6 +120,10 @@ def verdict(summary: dict) -> str | None:
              else "")
     if f > 0 and (w is None or w > 0):
         return f"Verdict: the V-cycle pays here{where}: effective saving {figures}."
+    if f > 0:
+        return (f"Verdict: the V-cycle saves training FLOPs but not wall time here{where}: "
+                f"effective saving {figures} (the coarse level runs fewer FLOPs per second, and "
+                "capture and transitions cost time that FLOPs do not show).")
     return (f"Verdict: the V-cycle does not pay here{where}: effective saving {figures} "
             "(negative: the plain baseline reaches the V-cycle's loss for less).")
 

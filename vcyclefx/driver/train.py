@@ -506,7 +506,7 @@ def make_cycle(rt: Runtime) -> Cycle:
     vdir = rt.out / "vcycle"
     cycle = vf.VCycle(model, example, levels=cfg.levels, width=cfg.width, depth=cfg.depth,
                       alpha=cfg.alpha, total_steps=cfg.vcycle_total_steps,
-                      fractions=cfg.fractions or None, lr_scales=cfg.vcycle_lr_scales(),
+                      fractions=cfg.vcycle_fractions(), lr_scales=cfg.vcycle_lr_scales(),
                       pairing=cfg.pairing, depth_pairing=cfg.depth_pairing,
                       depth_init=cfg.depth_init, checkpoint_dir=vdir, resume=vdir if cfg.resume else None)
     if not rt.master:
