@@ -131,6 +131,7 @@ def test_fsdp_with_carried_optimizer_equals_the_one_process_vcycle(runs):
     assert diff < 1e-4
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # one process is meant
 def test_sharded_checkpoint_is_per_rank_shards_and_loads_whole_without_a_process_group(runs):
     """The final checkpoint of the 2-process run: each rank wrote its own shard file (nothing
     gathered on rank 0), and it loads here, one process, no process group, into whole tensors
@@ -167,6 +168,17 @@ def test_sharded_run_killed_in_the_coarse_stage_resumes_on_one_process_with_the_
     resume_on_one_process(cut)
     assert_same_run(tmp / "two", cut)
     assert len(rows(cut, "train")) == 20  # nothing logged twice, nothing missing
+
+
+def test_sharded_run_killed_resumes_on_two_processes_into_its_shards_exactly(runs):
+    tmp, common = runs
+    cut = tmp / "cut-two"
+    assert kill_after_checkpoint([*TORCHRUN, *common, "--fsdp", "-o", str(cut)], cut,
+                                 min_step=8) == -signal.SIGKILL
+    assert not (cut / "summary.json").exists()
+    subprocess.run([*TORCHRUN, "--resume", str(cut), "--quiet"], env=env(), check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=300)
+    assert_same_run(tmp / "two", cut, tol=1e-6)
 
 
 def test_two_process_checkpoint_at_a_stage_end_resumes_on_one_process(runs):
