@@ -354,15 +354,16 @@ def _record(rt, state, level, event, **values) -> dict:
 
 def run_stage(rt: Runtime, module: torch.nn.Module, steps: int, lr_scale: float, level: int,
               state: RunState, optim_state: dict | None = None, bar: ProgressBar | None = None,
-              phase: str = "", carried: dict[str, dict] | None = None) -> tuple[RunState, dict | None]:
+              phase: str = "", carried: dict[str, dict] | None = None,
+              hand_on: bool = False) -> tuple[RunState, dict | None]:
     """Train ``module`` (GPT or a level) for the remaining steps of the stage ``state`` is in.
 
     The optimizer starts fresh, or from ``optim_state`` (a checkpoint's: a state_dict, or the
     path of a ``--fsdp`` checkpoint's ``dcp/``, which also holds the weights), or from
     ``carried`` (the previous stage's state mapped to this stage's parameters, keyed by name;
-    ``--carry-optimizer``). Returns the state and, with ``--carry-optimizer``, the optimizer's
-    final state by name, whole tensors on every rank (``Trainee.state_by_name``) for the next
-    stage to carry (else None).
+    ``--carry-optimizer``). Returns the state and, with ``hand_on`` (a next stage will carry
+    it), the optimizer's final state by name, whole tensors on every rank
+    (``Trainee.state_by_name``; under FSDP a gather, so only made when it is used), else None.
 
     Long because it is the whole nanoGPT step loop, kept in one piece so it reads top to
     bottom: micro-batches with gradient sync only on the last, clipping, the optimizer step,
@@ -440,7 +441,7 @@ def run_stage(rt: Runtime, module: torch.nn.Module, steps: int, lr_scale: float,
             save_checkpoint(rt, t, opt, state)
         clock.restart()
     t.finish()
-    return state, (t.state_by_name(opt) if cfg.carries_optimizer else None)
+    return state, (t.state_by_name(opt) if hand_on else None)
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -553,9 +554,11 @@ def run_vcycle(rt: Runtime, made: Cycle, point: Point | None, bar: ProgressBar |
             point = None
         else:
             state.stage, state.stage_step, optim_state = stage.index, 0, None
+        last = stage.index == len(cycle.schedule) - 1
         state, final_optim = run_stage(rt, stage.model, stage.steps, stage.lr_scale, stage.level,
-                                       state, optim_state, bar, phase=stage.phase, carried=carried)
-        previous = final_optim if carry else None
+                                       state, optim_state, bar, phase=stage.phase, carried=carried,
+                                       hand_on=carry and not last)
+        previous = final_optim
     if point is not None:  # every stage was complete: resumed after the very end
         state = point.state
     _save_final(rt, cycle.result(), "vcycle")
