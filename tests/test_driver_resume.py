@@ -2,8 +2,9 @@
 
 A real subprocess is killed with SIGKILL once it has written a checkpoint (and has usually
 logged past it), then continued with --resume; every training loss, every validation loss and
-the summary must equal those of an uninterrupted run with the same options. (More cases, FSDP
-and a kill in the last stage, are in test_driver_slow.py.)
+the summary must equal those of an uninterrupted run with the same options. (More cases: FSDP
+and a kill in the last stage in test_driver_slow.py; sharded checkpoints resumed on one or two
+processes in test_driver_fsdp.py.)
 """
 
 from __future__ import annotations

@@ -1,11 +1,18 @@
 """Checkpoints of a training run and resuming from them.
 
-A checkpoint is a directory ``ckpt/<schedule>-<step>/`` with ``model.safetensors`` (the weights of
-the module being trained, tied tensors stored once), ``optim.pt`` (``torch.save`` of the optimizer
-state_dict, read back with ``weights_only=True``) and ``state.json`` (:class:`RunState`, per-rank
-RNG states, finished schedules, and the ``metrics.jsonl`` length to truncate to). It is written to
-a temporary directory that is renamed into place, then ``ckpt/latest.json`` is replaced to point
-at it; only the newest checkpoint is kept.
+A checkpoint is a directory ``ckpt/<schedule>-<step>/`` holding ``state.json`` (:class:`RunState`,
+per-rank RNG states, finished schedules, and the ``metrics.jsonl`` length to truncate to) and the
+weights and optimizer state in one of two formats:
+- without ``--fsdp``: ``model.safetensors`` (the weights of the module being trained, tied tensors
+  stored once) and ``optim.pt`` (``torch.save`` of the optimizer state_dict, read back with
+  ``weights_only=True``);
+- with ``--fsdp``: ``dcp/``, a ``torch.distributed.checkpoint`` of ``{"model", "optim"}`` (the
+  state dicts of ``torch.distributed.checkpoint.state_dict``, keyed by name). Every rank writes
+  its own shards, nothing is gathered on rank 0, and it loads on any number of processes: on
+  several into this run's shards, on one (no process group) into whole tensors.
+It is written to a temporary directory that is renamed into place (``vcyclefx.atomic``), then
+``ckpt/latest.json`` is replaced to point at it; only the newest checkpoint is kept. Several nodes
+must share the output directory (one filesystem, e.g. NFS): every rank writes into it.
 
 Data needs no state of its own: batches are a pure function of (seed, step, micro-batch), so the
 step to draw next is all there is to save.
@@ -14,9 +21,11 @@ step to draw next is all there is to save.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,9 +33,12 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
+from ..atomic import atomic_directory
 from .config import ConfigError, TrainConfig
+from .parallel import optimizer_state_by_name
 
 if TYPE_CHECKING:
+    from .parallel import Trainee
     from .train import Runtime
 
 
@@ -45,7 +57,7 @@ class RunState:
 
 
 
-_RESUMABLE_CHANGES = {"resume", "out", "quiet", "ckpt_every", "device", "cache_dir"}
+_RESUMABLE_CHANGES = {"resume", "out", "quiet", "ckpt_every", "device", "cache_dir", "cpu_offload"}
 
 
 @dataclass
@@ -57,6 +69,7 @@ class Point:
     metrics_offset: int
     done: dict
     rng: list
+    sharded: bool = False  # a torch.distributed.checkpoint in dir / "dcp" (a --fsdp run)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -107,27 +120,47 @@ def set_rng_state(rng: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(dec(rng["cuda"]), device)
 
 
-def save_checkpoint(rt: Runtime, model_state: dict, optim_state: dict, state: RunState) -> None:
+@contextlib.contextmanager
+def _quiet_dcp():
+    """torch.distributed.checkpoint warns on every call without a process group that it assumes
+    one process: that is meant here (a sharded run resumed on one process)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def save_checkpoint(rt: Runtime, trainee: Trainee, opt, state: RunState) -> None:
+    """A checkpoint of ``trainee`` and ``opt`` after ``state``; every rank calls it."""
+    import torch.distributed.checkpoint as dcp
+
+    model_state, optim_state = trainee.checkpoint_state(opt)
     rngs = [rng_state(rt.device)]
     if rt.distributed:
         rngs = [None] * rt.world
         dist.all_gather_object(rngs, rng_state(rt.device))
+    root = rt.out / "ckpt"
+    name = f"{state.schedule}-{state.step:07d}"
+    with (atomic_directory(root / name) if rt.master else contextlib.nullcontext()) as tmp:
+        if rt.cfg.fsdp:
+            if rt.master:
+                (tmp / "dcp").mkdir()
+            if rt.distributed:  # every rank writes its shards into rank 0's temporary directory
+                box = [str(tmp)]
+                dist.broadcast_object_list(box, src=0)
+                tmp = Path(box[0])
+            with _quiet_dcp():  # returns on every rank once all shards and the metadata are written
+                dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp / "dcp")
+        if rt.master:
+            if not rt.cfg.fsdp:
+                save_weights(model_state, tmp / "model.safetensors")
+                torch.save(optim_state, tmp / "optim.pt")
+            # data state: batches are a pure function of (seed, step, micro-batch), so the step
+            # to draw next is all there is to save
+            meta = dict(version=1, format="dcp" if rt.cfg.fsdp else "safetensors",
+                        state=vars(state), metrics_offset=rt.logger.offset(), done=rt.done,
+                        rng=rngs, data={"seed": rt.cfg.seed, "next_step": state.step})
+            (tmp / "state.json").write_text(json.dumps(meta))
     if rt.master:
-        root = rt.out / "ckpt"
-        name = f"{state.schedule}-{state.step:07d}"
-        tmp = root / f".{name}.tmp"
-        tmp.mkdir(parents=True, exist_ok=True)
-        save_weights(model_state, tmp / "model.safetensors")
-        torch.save(optim_state, tmp / "optim.pt")
-        # data state: batches are a pure function of (seed, step, micro-batch), so the step
-        # to draw next is all there is to save
-        meta = dict(version=1, state=vars(state), metrics_offset=rt.logger.offset(), done=rt.done,
-                    rng=rngs, data={"seed": rt.cfg.seed, "next_step": state.step})
-        (tmp / "state.json").write_text(json.dumps(meta))
-        final = root / name
-        if final.exists():  # the same step written again after a resume
-            shutil.rmtree(final)
-        os.replace(tmp, final)
         atomic_write_text(root / "latest.json", json.dumps({"dir": name}))
         for old in root.iterdir():  # keep only the newest
             if old.is_dir() and old.name != name:
@@ -136,13 +169,55 @@ def save_checkpoint(rt: Runtime, model_state: dict, optim_state: dict, state: Ru
         dist.barrier()
 
 
+def load_sharded(trainee: Trainee, opt, path: Path) -> None:
+    """Weights and optimizer state of the ``--fsdp`` checkpoint ``path`` (``.../dcp``) into
+    ``trainee`` and ``opt``, resharded for this run's processes (whole tensors on one process,
+    read without a process group)."""
+    import torch.distributed.checkpoint as dcp
+
+    model_state, optim_state = trainee.checkpoint_state(opt)  # this run's own layout
+    with _quiet_dcp():
+        dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=path)
+    trainee.load_checkpoint_state(opt, model_state, optim_state)
+
+
+def saved_optimizer_by_name(rt: Runtime, point: Point, module: torch.nn.Module) -> dict[str, dict]:
+    """The optimizer state of the checkpoint ``point`` (taken at the end of the stage that trained
+    ``module``) by name, whole tensors on ``module``'s device on every rank: what the next
+    stage carries through its transition."""
+    if not point.sharded:
+        saved = torch.load(point.dir / "optim.pt", weights_only=True, map_location=rt.device)
+        if any(isinstance(k, str) for k in saved["state"]):  # an older --fsdp checkpoint
+            return saved["state"]
+        return optimizer_state_by_name(module, saved)
+    import torch.distributed.checkpoint as dcp
+
+    # AdamW's per-parameter state (make_optimizer), read whole from the shards
+    named = {n: {"step": torch.zeros(()), "exp_avg": torch.zeros_like(p),
+                 "exp_avg_sq": torch.zeros_like(p)}
+             for n, p in module.named_parameters() if p.requires_grad}
+    with _quiet_dcp():
+        dcp.load({"optim": {"state": named}}, checkpoint_id=point.dir / "dcp")
+    return named
+
+
+def restore_rng(rt: Runtime, point: Point) -> None:
+    """This rank's RNG state of ``point``; a rank the checkpoint has none for (resumed on more
+    processes than it was written by) starts the stream a fresh run gives that rank."""
+    if rt.rank < len(point.rng):
+        set_rng_state(point.rng[rt.rank], rt.device)
+    else:
+        torch.manual_seed(rt.cfg.seed + 1 + rt.rank)
+
+
 def latest_checkpoint(out: Path) -> Point | None:
     pointer = out / "ckpt" / "latest.json"
     if not pointer.exists():
         return None
     d = out / "ckpt" / json.loads(pointer.read_text())["dir"]
     meta = json.loads((d / "state.json").read_text())
-    return Point(d, RunState(**meta["state"]), meta["metrics_offset"], meta["done"], meta["rng"])
+    return Point(d, RunState(**meta["state"]), meta["metrics_offset"], meta["done"], meta["rng"],
+                 sharded=meta.get("format") == "dcp")
 
 
 def resume_config(cfg: TrainConfig, out: Path) -> tuple[TrainConfig, Point | None]:

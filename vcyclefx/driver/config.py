@@ -120,8 +120,9 @@ class TrainConfig:
     carry_optimizer: bool | None = _f(None, "carry the AdamW moments through every coalesce/de-"
                                             "coalesce, as the gradients move "
                                             "(Stage.map_optimizer_state), instead of a fresh "
-                                            "optimizer per stage (the paper); default: on, except "
-                                            "with --fsdp (which shards the moments)")
+                                            "optimizer per stage (the paper); default: on (under "
+                                            "--fsdp the sharded moments are gathered whole for "
+                                            "each transition and resharded)")
     # --- runtime ---
     out: str = _f("", "output directory; empty = runs/<timestamp>", short="-o")
     resume: str = _f("", "resume the run in this directory from its latest checkpoint")
@@ -141,6 +142,10 @@ class TrainConfig:
                               "0 = only at stage ends")
     fsdp: bool = _f(False, "shard weights, gradients and optimizer state over the processes "
                            "(FSDP2 fully_shard) instead of DDP, for models that do not fit one GPU")
+    cpu_offload: bool = _f(False, "with --fsdp on CUDA: keep the sharded parameters, gradients and "
+                                  "optimizer state in CPU memory (FSDP2 CPUOffloadPolicy; the "
+                                  "optimizer steps on the CPU), for levels whose shards do not "
+                                  "fit the GPUs")
     peak_flops: float = _f(989e12, "peak FLOP/s of one device for MFU (H100 SXM bf16 dense)")
     quiet: bool = _f(False, "no progress bar")
 
@@ -183,8 +188,8 @@ class TrainConfig:
 
     @property
     def carries_optimizer(self) -> bool:
-        """``--carry-optimizer`` as given, else on unless ``--fsdp``."""
-        return (not self.fsdp) if self.carry_optimizer is None else self.carry_optimizer
+        """``--carry-optimizer`` as given, else on (also with ``--fsdp``)."""
+        return self.carry_optimizer is not False
 
     def vcycle_fractions(self) -> list[float]:
         """``--fractions``, else the recommended shape (``vcyclefx.vcycle.recommended_fractions``)."""
@@ -295,11 +300,18 @@ def _opt(name: str) -> str:
 
 
 def check_runtime(c: TrainConfig, device_type: str, world_size: int) -> None:
-    """Start-up checks that depend on the machine; each failure says the fix."""
-    if c.carry_optimizer is True and c.fsdp:
-        raise ConfigError("--carry-optimizer maps whole AdamW moment tensors between levels, and "
-                          "--fsdp shards them over the processes: drop one of the two")
-    if c.fsdp and world_size < 2:
+    """Start-up checks that depend on the machine; each failure says the fix. They run before
+    the output directory is made, so a refused run writes nothing."""
+    if c.cpu_offload and device_type != "cuda":
+        raise ConfigError(f"--cpu-offload moves FSDP2's shards from GPU memory to CPU memory, and "
+                          f"this run is on {device_type} (no GPU): drop --cpu-offload, or run on "
+                          "CUDA GPUs with --fsdp --device cuda")
+    if c.cpu_offload and not c.fsdp:
+        raise ConfigError("--cpu-offload is FSDP2's CPU offload of the sharded parameters, "
+                          "gradients and optimizer state: add --fsdp (under torchrun "
+                          "--nproc_per_node N), or drop --cpu-offload")
+    # a --fsdp run resumed on one process trains unsharded and keeps its checkpoint format
+    if c.fsdp and world_size < 2 and not c.resume:
         raise ConfigError("--fsdp shards over processes, and this is a single process: launch with "
                           "torchrun --nproc_per_node N (N >= 2), or drop --fsdp")
     if c.grad_accum % world_size:

@@ -46,12 +46,14 @@ from torch.utils import flop_counter
 
 from ..gpt import GPT, GPTConfig
 from .models import build_causal_lm, check_model, logits_of, save_hf
-from .checkpoint import (Point, RunState, atomic_write_text, load_weights, resume_config,
-                         save_checkpoint, save_weights, set_rng_state)
+from .checkpoint import (Point, RunState, atomic_write_text, load_sharded, load_weights,
+                         restore_rng, resume_config, save_checkpoint, save_weights,
+                         saved_optimizer_by_name)
 from .config import ConfigError, TrainConfig, check_runtime
 from .data import Batches, TokenData, load_data
 from .logger import MetricLogger, ProgressBar
-from .parallel import Trainee
+from .parallel import (Trainee, _optimized, optimizer_state_by_name,  # noqa: F401 (re-exported)
+                       optimizer_state_from_names)
 
 
 # ----------------------------------------------------------------------------- FLOPs
@@ -182,7 +184,7 @@ def setup(cfg: TrainConfig) -> Runtime:
                               f"--out, or continue it with --resume {out}")
     # the inputs are checked (data read, vocabulary fits) before anything is written: a refused
     # run leaves no output directory behind
-    data = _load_data_once(cfg, rank, world)
+    data = _load_data_once(cfg, local_rank, world)
     vocab = cfg.vocab_size or data.vocab_size
     if cfg.vocab_size == 0:
         cfg = cfg.replace(vocab_size=vocab)
@@ -209,12 +211,13 @@ def setup(cfg: TrainConfig) -> Runtime:
     )
 
 
-def _load_data_once(cfg: TrainConfig, rank: int, world: int) -> TokenData:
-    """Rank 0 builds the cache first; the others then only map it."""
-    if world > 1 and rank != 0:
+def _load_data_once(cfg: TrainConfig, local_rank: int, world: int) -> TokenData:
+    """The first process of every node (LOCAL_RANK 0) builds the cache (written atomically, so
+    nodes sharing one cache directory may race harmlessly); the others then only map it."""
+    if world > 1 and local_rank != 0:
         dist.barrier()
     data = load_data(cfg.data, cfg.val_fraction, cfg.cache_dir, cfg.vocab_size)
-    if world > 1 and rank == 0:
+    if world > 1 and local_rank == 0:
         dist.barrier()
     return data
 
@@ -240,38 +243,15 @@ def new_model(rt: Runtime) -> torch.nn.Module:
                          n_head=c.n_head, n_embd=c.n_embd, dropout=c.dropout, bias=c.bias))
 
 
-def _optimized(module: torch.nn.Module) -> tuple[list, list]:
-    """(matrices, vectors): the two parameter groups of ``make_optimizer``, in its order."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    return [p for p in params if p.dim() >= 2], [p for p in params if p.dim() < 2]
-
-
 def make_optimizer(module: torch.nn.Module, cfg: TrainConfig, lr: float,
                    device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (nanoGPT); fused on CUDA."""
+    """AdamW with weight decay on matrices only (nanoGPT); fused on CUDA (not with
+    ``--cpu-offload``, whose optimizer steps on the CPU)."""
     matrices, vectors = _optimized(module)
     groups = [{"params": matrices, "weight_decay": cfg.weight_decay},
               {"params": vectors, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2),
-                             fused=device.type == "cuda")
-
-
-def optimizer_state_by_name(module: torch.nn.Module, optim_state: dict) -> dict[str, dict]:
-    """``make_optimizer(module)``'s ``state_dict()`` (keyed by position) keyed by parameter
-    name instead: the form ``Stage.map_optimizer_state`` takes and returns."""
-    names = {id(p): n for n, p in module.named_parameters()}
-    order = [names[id(p)] for group in _optimized(module) for p in group]
-    return {order[i]: entry for i, entry in optim_state["state"].items()}
-
-
-def optimizer_state_from_names(module: torch.nn.Module, named: dict[str, dict],
-                               param_groups: list[dict]) -> dict:
-    """The inverse of ``optimizer_state_by_name``: a state_dict for ``make_optimizer(module)``
-    (``param_groups`` from that optimizer) holding ``named``'s per-parameter state."""
-    names = {id(p): n for n, p in module.named_parameters()}
-    order = [names[id(p)] for group in _optimized(module) for p in group]
-    state = {i: named[n] for i, n in enumerate(order) if named.get(n)}
-    return {"state": state, "param_groups": param_groups}
+                             fused=device.type == "cuda" and not cfg.cpu_offload)
 
 
 def baseline_name(budget: float) -> str:
@@ -374,13 +354,16 @@ def _record(rt, state, level, event, **values) -> dict:
 
 def run_stage(rt: Runtime, module: torch.nn.Module, steps: int, lr_scale: float, level: int,
               state: RunState, optim_state: dict | None = None, bar: ProgressBar | None = None,
-              phase: str = "", carried: dict[str, dict] | None = None) -> tuple[RunState, dict | None]:
+              phase: str = "", carried: dict[str, dict] | None = None,
+              hand_on: bool = False) -> tuple[RunState, dict | None]:
     """Train ``module`` (GPT or a level) for the remaining steps of the stage ``state`` is in.
 
-    The optimizer starts fresh, or from ``optim_state`` (a checkpoint's, keyed by position), or
-    from ``carried`` (the previous stage's state mapped to this stage's parameters, keyed by
-    name; ``--carry-optimizer``). Returns the state and, with ``--carry-optimizer``, the
-    optimizer's final ``state_dict()`` for the next stage to carry (else None).
+    The optimizer starts fresh, or from ``optim_state`` (a checkpoint's: a state_dict, or the
+    path of a ``--fsdp`` checkpoint's ``dcp/``, which also holds the weights), or from
+    ``carried`` (the previous stage's state mapped to this stage's parameters, keyed by name;
+    ``--carry-optimizer``). Returns the state and, with ``hand_on`` (a next stage will carry
+    it), the optimizer's final state by name, whole tensors on every rank
+    (``Trainee.state_by_name``; under FSDP a gather, so only made when it is used), else None.
 
     Long because it is the whole nanoGPT step loop, kept in one piece so it reads top to
     bottom: micro-batches with gradient sync only on the last, clipping, the optimizer step,
@@ -391,10 +374,12 @@ def run_stage(rt: Runtime, module: torch.nn.Module, steps: int, lr_scale: float,
     t = Trainee(rt, module)
     fpt = training_flops_per_token(t.raw, rt.train_batches.get(0, 0)[0][:1].to(t.raw_device))
     opt = make_optimizer(t.local, cfg, cfg.lr * lr_scale, rt.device)  # fresh per stage (paper)
-    if carried is not None and optim_state is None:
-        optim_state = optimizer_state_from_names(t.local, carried, opt.state_dict()["param_groups"])
-    if optim_state is not None:
+    if isinstance(optim_state, Path):
+        load_sharded(t, opt, optim_state)
+    elif optim_state is not None:
         t.load_optimizer(opt, optim_state)
+    elif carried is not None:
+        t.load_by_name(opt, carried)
     if state.stage_step == 0:
         _record(rt, state, level, "stage", steps=steps, lr_scale=lr_scale, phase=phase,
                 flops_per_token=fpt, optimizer="fresh" if carried is None else "carried",
@@ -453,24 +438,29 @@ def run_stage(rt: Runtime, module: torch.nn.Module, steps: int, lr_scale: float,
             state.val_loss = evaluate(rt, t.local)
             _record(rt, state, level, "eval", val_loss=state.val_loss)
         if do_ckpt:
-            save_checkpoint(rt, *t.checkpoint_state(opt), state)
+            save_checkpoint(rt, t, opt, state)
         clock.restart()
     t.finish()
-    return state, (opt.state_dict() if cfg.carries_optimizer else None)
+    return state, (t.state_by_name(opt) if hand_on else None)
 
 
 # ----------------------------------------------------------------------------- schedules
 
 
 def _restore(rt: Runtime, point: Point | None, module: torch.nn.Module, state: RunState):
-    """Weights, optimizer state and RNG of ``point`` (if any); returns (state, optim_state)."""
+    """Weights, optimizer state and RNG of ``point`` (if any); returns (state, optim_state).
+    A ``--fsdp`` checkpoint's weights and optimizer state are loaded by ``run_stage`` once the
+    module is sharded: ``optim_state`` is then the path of its ``dcp/``."""
     if point is None:
         torch.manual_seed(rt.cfg.seed + 1 + rt.rank)  # dropout stream, per rank
         return state, None
-    load_weights(module, point.dir / "model.safetensors")
-    optim_state = torch.load(point.dir / "optim.pt", weights_only=True,
-                             map_location="cpu" if rt.cfg.fsdp else rt.device)
-    set_rng_state(point.rng[rt.rank], rt.device)
+    if point.sharded:
+        optim_state = point.dir / "dcp"
+    else:
+        load_weights(module, point.dir / "model.safetensors")
+        optim_state = torch.load(point.dir / "optim.pt", weights_only=True,
+                                 map_location="cpu" if rt.cfg.fsdp else rt.device)
+    restore_rng(rt, point)
     return point.state, optim_state
 
 
@@ -518,7 +508,9 @@ def run_vcycle(rt: Runtime, made: Cycle, point: Point | None, bar: ProgressBar |
     """Every stage of the V-cycle trained by ``run_stage``: the previous stage's AdamW state sent
     through the stage's transition by ``Stage.map_optimizer_state`` (the default; timed as
     training, like the transition), or a fresh optimizer per stage (``--no-carry-optimizer``, the
-    paper; the default under ``--fsdp``).
+    paper). Under ``--fsdp`` the state is gathered whole for the transition and resharded by the
+    next stage (``Trainee.state_by_name`` / ``load_by_name``), the same computation as on one
+    process.
 
     Resuming: the VCycle continues after its last completed stage c; the driver's checkpoint is
     either inside stage c + 1 (load its weights into that stage's model and go on) or at the
@@ -533,13 +525,13 @@ def run_vcycle(rt: Runtime, made: Cycle, point: Point | None, bar: ProgressBar |
         _print(bar, str(cycle.schedule))
     state, optim_state = _restore(rt, None, cycle.level0, RunState("vcycle", wall=made.seconds))
     stages = iter(cycle)
-    previous = None  # (module, optimizer state_dict) the last stage ended with, when carrying
+    previous = None  # the optimizer state by name the last stage ended with, when carrying
     while True:
         t0 = time.perf_counter()
         stage = next(stages, None)  # coalescing / de-coalescing happens here: it counts as training
         carried = None
         if stage is not None and point is None and previous is not None:
-            carried = stage.map_optimizer_state(optimizer_state_by_name(*previous))
+            carried = stage.map_optimizer_state(previous)
         state.wall += time.perf_counter() - t0
         if stage is None:
             break
@@ -550,12 +542,10 @@ def run_vcycle(rt: Runtime, made: Cycle, point: Point | None, bar: ProgressBar |
                 state, optim_state = _restore(rt, point, stage.model, state)
             elif stage.index == at + 1 and done_at:
                 if carry:  # the optimizer of the stage that ended, saved at its end
-                    saved = torch.load(point.dir / "optim.pt", weights_only=True,
-                                       map_location=rt.device)
                     carried = stage.map_optimizer_state(
-                        optimizer_state_by_name(stage.transition[2], saved))
+                        saved_optimizer_by_name(rt, point, stage.transition[2]))
                 state, optim_state = point.state, None
-                set_rng_state(point.rng[rt.rank], rt.device)
+                restore_rng(rt, point)
                 state.stage, state.stage_step = stage.index, 0
             else:
                 raise ConfigError(f"--resume {rt.out}: the driver checkpoint is in stage {at} but "
@@ -564,9 +554,11 @@ def run_vcycle(rt: Runtime, made: Cycle, point: Point | None, bar: ProgressBar |
             point = None
         else:
             state.stage, state.stage_step, optim_state = stage.index, 0, None
+        last = stage.index == len(cycle.schedule) - 1
         state, final_optim = run_stage(rt, stage.model, stage.steps, stage.lr_scale, stage.level,
-                                       state, optim_state, bar, phase=stage.phase, carried=carried)
-        previous = (stage.model, final_optim) if carry else None
+                                       state, optim_state, bar, phase=stage.phase, carried=carried,
+                                       hand_on=carry and not last)
+        previous = final_optim
     if point is not None:  # every stage was complete: resumed after the very end
         state = point.state
     _save_final(rt, cycle.result(), "vcycle")
