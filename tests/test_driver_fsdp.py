@@ -32,7 +32,8 @@ TRAIN = str(ROOT / "tools" / "train.py")
 OPTS = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--seq-len", "32",
         "--batch-size", "4", "--grad-accum", "2", "--steps", "20", "--vcycle-budget", "1",
         "--warmup", "1", "--log-every", "1", "--eval-every", "10", "--eval-batches", "2",
-        "--ckpt-every", "4", "--schedule", "vcycle", "--device", "cpu", "--quiet"]
+        "--ckpt-every", "4", "--schedule", "vcycle", "--device", "cpu", "--quiet",
+        "--fractions", "0.05,0.45,0.5"]  # stages end at steps 1 and 10: a long stage on each level
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
             "2", TRAIN]
 
