@@ -193,3 +193,39 @@ def test_identity_depth_init_makes_the_way_up_keep_the_coarse_function():
     assert float((start[2] - end[1]).norm() / end[1].norm()) <= 1e-5
     with pytest.raises(vf.ScheduleError, match="depth_init='zero'"):
         vf.VCycle(level, levels=2, depth_init="zero", steps=[1, 1, 1])
+
+
+def test_the_readme_recommended_recipe_runs_and_carries_every_parameters_moments():
+    """The README's recommended V-cycle block, run as written: 5/90/5 stages at lr x1/x2/x1, and
+    every stage after the first starts with AdamW moments of its own parameters' shapes (the
+    mapped ones, not zeros)."""
+    import pathlib
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = text.index("from vcyclefx.vcycle import recommended_fractions")
+    block = text[start:text.index("```", start)]
+    model, example_inputs = zoo.ZOO["gpt2"]()
+    seen = []
+
+    def my_train_loop(m, opt, steps):
+        started = {n: opt.state[p]["exp_avg"].clone() for n, p in m.named_parameters()
+                   if p in opt.state}
+        seen.append((steps, started, {n: tuple(p.shape) for n, p in m.named_parameters()}))
+        batches = _batches(example_inputs, len(seen))
+        for _ in range(steps):
+            opt.zero_grad()
+            _loss(m, next(batches)).backward()
+            opt.step()
+
+    scope = dict(vf=vf, torch=torch, model=model, example_inputs=example_inputs, peak_lr=1e-3,
+                 baseline_steps=40, my_train_loop=my_train_loop)
+    exec(compile(block, "README.md", "exec"), scope)
+    cycle = scope["cycle"]
+    assert [(s.level, s.steps, s.lr_scale) for s in cycle.schedule.stages] == \
+        [(0, 3, 1.0), (1, 54, 2.0), (0, 3, 1.0)]
+    assert [steps for steps, _, _ in seen] == [3, 54, 3]
+    assert seen[0][1] == {}  # a fresh optimizer at the start
+    for _, started, shapes in seen[1:]:
+        assert set(started) == set(shapes)  # every parameter's moments were carried
+        assert all(tuple(t.shape) == shapes[n] for n, t in started.items())
+        assert sum(float(t.abs().sum()) for t in started.values()) > 0

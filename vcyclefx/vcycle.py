@@ -67,7 +67,7 @@ class Stage:
         gets ``exp_avg / k`` and ``exp_avg_sq / k^2``, a split consumer's parts keep both, and
         coalescing applies the inverse; block copies keep the moments of the block they copy and
         coalescing averages them. The step count is kept. The paper uses a fresh optimizer per
-        stage instead (the driver's default unless ``--carry-optimizer``); see BENCHMARKS.md."""
+        stage instead (the driver carries them unless ``--no-carry-optimizer``); see BENCHMARKS.md."""
         if self.transition is None:
             return dict(state)
         direction, mapping, source = self.transition
