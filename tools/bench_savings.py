@@ -125,6 +125,8 @@ VARIANTS: dict[str, list[str]] = {
     # a smaller model have done as well?"
     "small-alone+x1.5": ["--schedule", "baseline", "--n-layer", "2", "--n-head", "2",
                          "--n-embd", "64", "--steps", "x1.5"],
+    "small-alone+x3": ["--schedule", "baseline", "--n-layer", "2", "--n-head", "2",
+                       "--n-embd", "64", "--steps", "x3"],
     # which dimension the coarse level shrinks
     "id+a0.75+carry+x1.5+d-only": [*ID, "--alpha", "0.75", *CARRY, *X15, "--width", "1.0"],
     "id+a0.75+carry+x1.5+w-only": [*ID, "--alpha", "0.75", *CARRY, *X15, "--depth", "1.0"],
