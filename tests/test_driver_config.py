@@ -89,3 +89,12 @@ def test_train_subcommand_is_registered_in_the_vcyclefx_cli():
 
     args = build_parser().parse_args(["train", "--steps", "3", "--schedule", "baseline"])
     assert args.command == "train" and config_from_args(args).steps == 3
+
+
+def test_alpha_one_with_a_narrower_level_warns_that_duplicated_units_stay_identical():
+    with pytest.warns(UserWarning, match="--alpha 1 .*stay identical"):
+        check_runtime(TrainConfig(alpha=1.0), "cpu", 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_runtime(TrainConfig(alpha=0.75), "cpu", 1)
+        check_runtime(TrainConfig(alpha=1.0, width=1.0), "cpu", 1)  # depth only: no duplicates

@@ -93,7 +93,9 @@ class TrainConfig:
     width: float = _f(0.5, "width factor from one level to the next smaller one")
     depth: float = _f(0.5, "depth factor from one level to the next smaller one")
     alpha: float = _f(0.75, "interpolation weight of the de-coalesced model (the paper: 0.25 for "
-                            "GPT; 0.75 with identity growth measured best, BENCHMARKS.md)")
+                            "GPT; 0.75 measured best with identity growth, BENCHMARKS.md); 1 "
+                            "keeps duplicated width units identical for ever (a half-width model "
+                            "in the full shape)")
     vcycle_steps: int = _f(0, "optimizer steps of the V-cycle, split among its stages; 0 = "
                               "--vcycle-budget x --steps")
     vcycle_budget: float = _f(1.5, "V-cycle steps as a multiple of --steps when --vcycle-steps is "
@@ -327,4 +329,9 @@ def check_runtime(c: TrainConfig, device_type: str, world_size: int) -> None:
     if c.compile and device_type == "cpu":
         warnings.warn("--compile on CPU uses inductor's C++ backend: the first steps of every "
                       "level spend tens of seconds compiling; use --no-compile for short runs",
+                      stacklevel=2)
+    if c.alpha == 1.0 and c.width < 1.0 and c.schedule != "baseline":
+        warnings.warn("--alpha 1 with --width below 1: the de-coalesced model's duplicated width "
+                      "units get identical gradients, so they stay identical for ever (a "
+                      "half-width model in the full shape; BENCHMARKS.md); use --alpha below 1",
                       stacklevel=2)

@@ -119,7 +119,9 @@ def verdict(summary: dict) -> str | None:
     where = (" (extrapolated beyond the measured baselines)" if eff.get("flops_extrapolated")
              else "")
     if f > 0 and (w is None or w > 0):
-        return f"Verdict: the V-cycle pays here{where}: effective saving {figures}."
+        return (f"Verdict: the V-cycle pays here{where}: effective saving {figures}, against "
+                "the full-size model's baselines (a smaller model trained alone can do better "
+                "when the budget is small for the full size: BENCHMARKS.md, 'Frontier study').")
     if f > 0:
         return (f"Verdict: the V-cycle saves training FLOPs but not wall time here{where}: "
                 f"effective saving {figures} (the coarse level runs fewer FLOPs per second, and "
