@@ -10,7 +10,6 @@ node's metadata (``meta["vcyclefx_train_p"]``), so eval -> train restores it.
 
 from __future__ import annotations
 
-import copy
 
 import torch
 from torch.fx import GraphModule, Node
@@ -81,7 +80,3 @@ def switch_mode_(gm: GraphModule, training: bool) -> GraphModule:
         object.__setattr__(sub, "training", training)
     return gm
 
-
-def switch_mode(gm: GraphModule, training: bool) -> GraphModule:
-    """Pure form: a copy of ``gm`` in the requested mode; ``gm`` is left as it was."""
-    return switch_mode_(copy.deepcopy(gm), training)

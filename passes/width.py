@@ -343,9 +343,6 @@ class Rewriter:
     def record(self, node: Node, key: str):
         return self.analysis.records.get(node, {}).get(key)
 
-    def literal(self, node: Node, key: str):
-        return self.analysis.literals.get((node, key))
-
 
 def _apply_changes(new_node: Node, changes: dict) -> None:
     target = changes.pop("__target__", None)

@@ -88,7 +88,6 @@ class Analysis:
     roles: dict[tuple[str, int], set[str]]
     consumers: list[Consumer]
     spaces: list[Space]
-    literals: dict[tuple[Node, str], Dim]  # literal ints that are sizes of a dim
     records: dict[Node, dict]  # per-node data rules keep for the rewrite
     chains: list = field(default_factory=list)
     seconds: float = 0.0
@@ -213,7 +212,7 @@ def analyze(gm: GraphModule, *, chains: bool = True) -> Analysis:
     spaces = _collect_spaces(ctx, tensors)
     result = Analysis(
         gm=gm, table=ctx.table, node_dims=ctx.out, tensors=tensors, alias_of=alias_of,
-        roles=ctx.roles, consumers=ctx.consumers, spaces=spaces, literals=ctx.literals,
+        roles=ctx.roles, consumers=ctx.consumers, spaces=spaces,
         records=ctx.records,
     )
     if chains:

@@ -55,7 +55,6 @@ class Context:
         self.prov: dict[Node, Any] = {}  # param-derived nodes: per axis set of (tensor, axis)
         self.roles: dict[tuple[str, int], set[str]] = {}
         self.consumers: list[Consumer] = []
-        self.literals: dict[tuple[Node, str], Dim] = {}
         self.records: dict[Node, dict] = {}
         self.replicas: list[tuple[Dim, Node]] = []
         self._contracted: list[tuple[Dim, list[tuple[Node, int]], str]] = []
@@ -165,10 +164,6 @@ class Context:
     def replica(self, d: Dim, node: Node) -> None:
         """``d`` is a replication factor made by ``node`` (expand/repeat of a size-1 axis)."""
         self.replicas.append((d, node))
-
-    def literal(self, node: Node, key: str, d: Dim) -> None:
-        """The literal int argument ``key`` of ``node`` is the size of ``d``."""
-        self.literals[(node, key)] = d
 
     def record(self, node: Node, **info) -> None:
         self.records.setdefault(node, {}).update(info)

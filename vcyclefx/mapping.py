@@ -101,14 +101,6 @@ class Mapping:
                 return s
         raise KeyError(key)
 
-    @property
-    def width_changed(self) -> bool:
-        return bool(self.spaces)
-
-    @property
-    def depth_changed(self) -> bool:
-        return bool(self.chains)
-
     def validate(self) -> None:
         if self.version != VERSION:
             raise MappingError(f"mapping version {self.version} is not supported (this vcyclefx reads {VERSION})")

@@ -102,10 +102,6 @@ def rule_for(node: Node) -> Rule:
     return rule
 
 
-def has_rule(target) -> bool:
-    return _own_rule(target) is not None or _derived_rule(target) is not None
-
-
 def op_of(node: Node):
     """The op a rule analyses ``node`` as: the functional overload of an in-place or ``out=``
     overload without a rule of its own, else ``node.target``."""
@@ -208,10 +204,6 @@ def _op_name(target) -> str:
     if isinstance(target, (torch._ops.OpOverload, torch._ops.HigherOrderOperator)):
         return str(target)
     return getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or str(target)
-
-
-def registered_ops() -> list[str]:
-    return sorted([str(k) for k in _RULES] + list(_BY_NAME))
 
 
 # -- arguments by name ------------------------------------------------------------------------

@@ -498,9 +498,8 @@ def make_cycle(rt: Runtime) -> Cycle:
                       alpha=cfg.alpha, total_steps=cfg.vcycle_total_steps,
                       fractions=cfg.vcycle_fractions(), lr_scales=cfg.vcycle_lr_scales(),
                       pairing=cfg.pairing, depth_pairing=cfg.depth_pairing,
-                      depth_init=cfg.depth_init, checkpoint_dir=vdir, resume=vdir if cfg.resume else None)
-    if not rt.master:
-        cycle.checkpoint_dir = None  # one writer; every rank rebuilds the same levels
+                      depth_init=cfg.depth_init, checkpoint_dir=vdir, resume=vdir if cfg.resume else None,
+                      write_checkpoints=rt.master)  # one writer; every rank rebuilds the same levels
     return Cycle(cycle, time.perf_counter() - t0)
 
 
