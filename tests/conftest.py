@@ -113,3 +113,37 @@ def one_step_lowers_loss(level, example) -> tuple[float, float]:
     with torch.no_grad():
         after = loss_fn()
     return float(before.detach()), float(after)
+
+
+def kill_after_checkpoint(cmd: list[str], out, env: dict, min_step: int, schedule: str | None = None,
+                          timeout: float = 300) -> int:
+    """Start ``cmd`` and SIGKILL it, with its children (torchrun's workers), as soon as
+    ``out/ckpt/latest.json`` names a checkpoint of ``schedule`` (any schedule if None) at step
+    >= ``min_step``; its return code (``-SIGKILL`` when it was killed)."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import time
+    from pathlib import Path
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pointer = Path(out) / "ckpt" / "latest.json"
+    deadline = time.monotonic() + timeout
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            if pointer.exists():
+                sched, step = json.loads(pointer.read_text())["dir"].rsplit("-", 1)
+                if (schedule is None or sched == schedule) and int(step) >= min_step:
+                    kids = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                          text=True).stdout.split()
+                    for pid in kids:
+                        os.kill(int(pid), signal.SIGKILL)
+                    proc.send_signal(signal.SIGKILL)
+                    break
+            time.sleep(0.005)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode

@@ -17,7 +17,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +25,7 @@ import torch
 from vcyclefx.driver.cli import add_train_arguments, config_from_args
 from vcyclefx.driver.config import ConfigError, TrainConfig, check_runtime
 from vcyclefx.driver.train import main
+from tests.conftest import kill_after_checkpoint as kill_run
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "tools" / "train.py")
@@ -87,24 +87,7 @@ def runs(tmp_path_factory):
 def kill_after_checkpoint(cmd: list[str], out: Path, min_step: int) -> int:
     """Start ``cmd`` (torchrun), SIGKILL its workers and itself once a checkpoint at step >=
     ``min_step`` exists."""
-    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    pointer = out / "ckpt" / "latest.json"
-    deadline = time.monotonic() + 300
-    try:
-        while proc.poll() is None and time.monotonic() < deadline:
-            if pointer.exists() and int(json.loads(pointer.read_text())["dir"].rsplit("-", 1)[1]) >= min_step:
-                workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
-                                         text=True).stdout.split()
-                for pid in workers:
-                    os.kill(int(pid), signal.SIGKILL)
-                proc.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.005)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    return proc.returncode
+    return kill_run(cmd, out, env(), min_step)
 
 
 def resume_on_one_process(out: Path) -> None:

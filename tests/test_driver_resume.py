@@ -14,8 +14,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from tests.conftest import kill_after_checkpoint as kill_run
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--seq-len", "32",
@@ -53,22 +54,7 @@ def kill_after_checkpoint(cmd: list[str], out: Path, schedule: str, min_step: in
                           timeout: float = 300) -> int:
     """Start ``cmd``, SIGKILL it as soon as a checkpoint of ``schedule`` at step >= min_step
     exists."""
-    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    pointer = out / "ckpt" / "latest.json"
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if pointer.exists():
-                sched, step = json.loads(pointer.read_text())["dir"].rsplit("-", 1)
-                if sched == schedule and int(step) >= min_step:
-                    proc.send_signal(signal.SIGKILL)
-                    break
-            time.sleep(0.01)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    return proc.returncode
+    return kill_run(cmd, out, env(), min_step, schedule, timeout)
 
 
 def test_resume_after_sigkill_in_the_vcycle_of_a_compare_run_matches_an_uninterrupted_run(tmp_path):

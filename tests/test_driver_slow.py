@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import kill_after_checkpoint as kill_run
+
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "tools" / "train.py")
 SMALL = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--seq-len", "32",
@@ -42,23 +44,7 @@ def records(out: Path) -> list[tuple]:
 def kill_tree_after_checkpoint(cmd: list[str], out: Path, schedule: str, min_step: int) -> int:
     """SIGKILL ``cmd`` and its children (torchrun's workers) once a checkpoint of ``schedule``
     at step >= min_step exists."""
-    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    pointer = out / "ckpt" / "latest.json"
-    deadline = time.monotonic() + 600
-    while proc.poll() is None and time.monotonic() < deadline:
-        if pointer.exists():
-            name = json.loads(pointer.read_text())["dir"]
-            sched, step = name.rsplit("-", 1)
-            if sched == schedule and int(step) >= min_step:
-                kids = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
-                                      text=True).stdout.split()
-                for pid in kids:
-                    os.kill(int(pid), signal.SIGKILL)
-                proc.send_signal(signal.SIGKILL)
-                break
-        time.sleep(0.01)
-    proc.wait(timeout=60)
-    return proc.returncode
+    return kill_run(cmd, out, env(), min_step, schedule, timeout=600)
 
 
 @pytest.mark.slow
@@ -100,6 +86,9 @@ def test_tiny_preset_compare_finishes_within_15_minutes_and_learns(tmp_path):
     assert base["final_val_loss"] < 2.5 and vc["final_val_loss"] < 2.6  # from 5.35 at step 0
     assert vc["total_flops"] < 0.75 * base["total_flops"]
     assert (out / "loss.png").exists() and "V-cycle saving" in res.stdout
+    eff = summary["effective_saving"]  # against the 0.75x / 1x / 1.5x baselines of this run
+    assert set(eff["budgets"]) == {"baseline-x0.75", "baseline", "baseline-x1.5"}
+    assert "effective saving against the baseline frontier" in res.stdout and "Verdict:" in res.stdout
 
 
 @pytest.mark.slow
