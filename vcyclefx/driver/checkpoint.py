@@ -26,7 +26,6 @@ import json
 import os
 import shutil
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,39 +36,14 @@ from ..atomic import atomic_directory
 from .config import ConfigError, TrainConfig
 from .parallel import optimizer_state_by_name
 
+from .runtime import Point, RunState, Runtime
+
 if TYPE_CHECKING:
     from .parallel import Trainee
-    from .train import Runtime
-
-
-@dataclass
-class RunState:
-    """Progress of one schedule; JSON-serialisable, saved in every checkpoint."""
-
-    schedule: str
-    step: int = 0  # optimizer steps done, over all stages
-    stage: int = 0  # index of the stage in progress
-    stage_step: int = 0  # steps done in that stage
-    tokens: int = 0
-    flops: float = 0.0
-    wall: float = 0.0  # seconds spent training (not evaluating or checkpointing)
-    val_loss: float | None = None  # latest validation loss
 
 
 
 _RESUMABLE_CHANGES = {"resume", "out", "quiet", "ckpt_every", "device", "cache_dir", "cpu_offload"}
-
-
-@dataclass
-class Point:
-    """A checkpoint to resume from."""
-
-    dir: Path
-    state: RunState
-    metrics_offset: int
-    done: dict
-    rng: list
-    sharded: bool = False  # a torch.distributed.checkpoint in dir / "dcp" (a --fsdp run)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

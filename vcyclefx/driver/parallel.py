@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from .train import Runtime
+    from .runtime import Runtime
 
 
 def _optimized(module: torch.nn.Module) -> tuple[list, list]:

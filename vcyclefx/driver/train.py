@@ -31,12 +31,11 @@ MFU (per device) = training FLOPs per token * tokens/s over all processes
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -46,7 +45,8 @@ from torch.utils import flop_counter
 
 from ..gpt import GPT, GPTConfig
 from .models import build_causal_lm, check_model, logits_of, save_hf
-from .checkpoint import (Point, RunState, atomic_write_text, load_sharded, load_weights,
+from .runtime import Point, RunState, Runtime  # noqa: F401 (RunState re-exported)
+from .checkpoint import (atomic_write_text, load_sharded, load_weights,
                          restore_rng, resume_config, save_checkpoint, save_weights,
                          saved_optimizer_by_name)
 from .config import ConfigError, TrainConfig, check_runtime
@@ -93,39 +93,6 @@ def training_flops_per_token(module: torch.nn.Module, example_input_ids: torch.T
 
 
 # ----------------------------------------------------------------------------- setup
-
-
-@dataclass
-class Runtime:
-    """What setup() builds and every stage uses."""
-
-    cfg: TrainConfig
-    out: Path
-    device: torch.device
-    autocast_dtype: torch.dtype | None  # None = float32, no autocast
-    compile: bool
-    rank: int
-    world: int
-    local_rank: int
-    data: TokenData
-    train_batches: Batches
-    val_batches: Batches
-    logger: MetricLogger
-    resume_point: Point | None = None
-    done: dict = field(default_factory=dict)  # finished schedule -> its final val loss
-
-    @property
-    def distributed(self) -> bool:
-        return self.world > 1
-
-    @property
-    def master(self) -> bool:
-        return self.rank == 0
-
-    def autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
 
 def _device(cfg: TrainConfig, local_rank: int) -> torch.device:

@@ -10,6 +10,7 @@ from torch.fx import Node
 
 from ..dims import Dim
 from ..registry import op_of, register_rule
+from ..walk import walk
 from ._util import aten, broadcast_into, norm_dim, norm_dims, ops, shape_entries_rewrite
 
 
@@ -263,8 +264,6 @@ def _pointwise_loss(ctx, node):
 # -- higher-order ops: analyse the body with its inputs bound -------------------------------------------
 def _hop(sub_arg_index: int):
     def rule(ctx, node):
-        from ..analysis import walk
-
         sub_node = node.args[sub_arg_index]
         sub = getattr(ctx.gm, sub_node.target)
         operands = node.args[sub_arg_index + 1 :]
