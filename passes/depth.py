@@ -22,13 +22,13 @@ from dataclasses import dataclass
 import torch
 from torch.fx import Graph, GraphModule, Node
 
-from vcyclefx.analysis import Analysis
-from vcyclefx.chains import _relname, chained_input, is_application, module_path, ownership
+from vcyclefx.analysis.analyze import Analysis
+from vcyclefx.analysis.chains import _relname, chained_input, is_application, module_path, ownership
 from vcyclefx.errors import PlanError
-from vcyclefx.mapping import ChainMap
-from vcyclefx.registry import get_arg
+from vcyclefx.plan.mapping import ChainMap
+from vcyclefx.analysis.registry import get_arg
 
-from .common import PassResult, check_graph, fetch_attr, nonpersistent_buffers, rebuild
+from passes.common import PassResult, check_graph, fetch_attr, nonpersistent_buffers, rebuild
 
 aten = torch.ops.aten
 COALESCE = "coalesce"

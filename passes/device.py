@@ -22,7 +22,7 @@ def _device_args(target) -> list[str]:
 def move_device_literals_(gm: GraphModule, device: torch.device) -> bool:
     """Rewrite every device literal of ``gm`` (and its higher-order-op bodies) to ``device``;
     returns whether anything changed. In place: it is what ``level.to(...)`` calls."""
-    from vcyclefx.registry import get_arg, set_arg
+    from vcyclefx.analysis.registry import get_arg, set_arg
 
     changed = False
     for node in gm.graph.nodes:

@@ -29,14 +29,14 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 
-from vcyclefx.analysis import PRODUCER, Analysis
-from vcyclefx.dims import PROD, Dim, layout_size, new_size
+from vcyclefx.analysis.analyze import PRODUCER, Analysis
+from vcyclefx.analysis.dims import PROD, Dim, layout_size, new_size
 from vcyclefx.errors import PlanError
-from vcyclefx.mapping import Compensation, SpaceMap
-from vcyclefx.registry import get_arg, rule_for, set_arg
+from vcyclefx.plan.mapping import Compensation, SpaceMap
+from vcyclefx.analysis.registry import get_arg, rule_for, set_arg
 
-from .common import PassResult, check_graph, copy_graph, fetch_attr, rebuild
-from .meta import ShapeUpdater
+from passes.common import PassResult, check_graph, copy_graph, fetch_attr, rebuild
+from passes.meta import ShapeUpdater
 
 log = logging.getLogger("vcyclefx.passes.width")
 aten = torch.ops.aten

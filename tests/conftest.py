@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import vcyclefx as vf
-from tools import zoo
+from vcyclefx import zoo
 
 ZOO_NAMES = list(zoo.ZOO)
 CHAIN_NAMES = ZOO_NAMES  # every zoo model has a chain

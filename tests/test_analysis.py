@@ -7,8 +7,8 @@ import torch
 
 import vcyclefx as vf
 from tests.conftest import captured
-from tools import zoo
-from vcyclefx.analysis import analyze
+from vcyclefx import zoo
+from vcyclefx.analysis.analyze import analyze
 
 
 def resizable(a):

@@ -9,17 +9,17 @@ import torch
 
 import vcyclefx as vf
 from tests.conftest import other_inputs
-from tools import zoo
+from vcyclefx import zoo
 from vcyclefx.cli import main
-from vcyclefx.leveldir import load_level
+from vcyclefx.export.leveldir import load_level
 
 
 @pytest.mark.parametrize("spec,needle", [
     ("no_colon_here", "expected 'package.module:factory'"),
     ("not_a_module_xyz:factory", "cannot import module 'not_a_module_xyz'"),
-    ("tools.zoo:no_such_factory", "has no callable 'no_such_factory'"),
+    ("vcyclefx.zoo:no_such_factory", "has no callable 'no_such_factory'"),
     ("missing_file.pt2", "missing_file.pt2': no such file"),
-    ("tools.zoo:SEQ", "has no callable 'SEQ'"),
+    ("vcyclefx.zoo:SEQ", "has no callable 'SEQ'"),
 ])
 def test_bad_model_strings_name_what_is_wrong(spec, needle, capsys):
     assert main(["inspect", spec]) == 2
@@ -28,7 +28,7 @@ def test_bad_model_strings_name_what_is_wrong(spec, needle, capsys):
 
 
 def test_inspect_json_lists_spaces_chains_and_tied_tensors(capsys):
-    assert main(["inspect", "tools.zoo:gpt2", "--json"]) == 0
+    assert main(["inspect", "vcyclefx.zoo:gpt2", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     resizable = [s for s in data["spaces"] if s["resizable"]]
     assert len(resizable) == 5
@@ -40,7 +40,7 @@ def test_inspect_json_lists_spaces_chains_and_tied_tensors(capsys):
 
 def test_coalesce_decoalesce_interpolate_round_trip_through_level_directories(tmp_path, capsys):
     small, big, mixed = tmp_path / "small", tmp_path / "big", tmp_path / "mixed"
-    assert main(["coalesce", "tools.zoo:gpt2", "--width", "0.5", "--depth", "0.5", "-o", str(small)]) == 0
+    assert main(["coalesce", "vcyclefx.zoo:gpt2", "--width", "0.5", "--depth", "0.5", "-o", str(small)]) == 0
     assert sorted(p.name for p in small.iterdir()) == [
         "inputs.safetensors", "level.json", "level.pt2", "mapping.json", "weights.safetensors"]
     summary = json.loads((small / "level.json").read_text())
@@ -66,6 +66,6 @@ def test_existing_output_directory_is_not_overwritten_without_force(tmp_path, ca
     out = tmp_path / "lvl"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    assert main(["coalesce", "tools.zoo:gpt2", "-o", str(out)]) == 2
+    assert main(["coalesce", "vcyclefx.zoo:gpt2", "-o", str(out)]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"

@@ -7,8 +7,8 @@ import torch
 
 import vcyclefx as vf
 from tests.conftest import assert_runs_elsewhere_and_trains, captured, other_inputs, output_tensor, rel_error
-from tools import zoo
-from vcyclefx.analysis import analyze
+from vcyclefx import zoo
+from vcyclefx.analysis.analyze import analyze
 
 NAMES = list(zoo.ZOO)
 POST_NORM = {"bert"}  # zeroing residual branches cannot give the identity under a post-norm

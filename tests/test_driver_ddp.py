@@ -82,7 +82,7 @@ def test_two_process_fsdp2_matches_one_process_and_saves_whole_weights(one_proce
     torchrun(common, tmp_path / "fsdp", "--fsdp")
     assert_same_run(one, tmp_path / "fsdp")
     from vcyclefx.driver.train import load_weights
-    from vcyclefx.gpt import GPT, GPTConfig
+    from vcyclefx.zoo.gpt import GPT, GPTConfig
 
     model = GPT(GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32))
     load_weights(model, tmp_path / "fsdp" / "baseline.safetensors")  # full, strict, unsharded

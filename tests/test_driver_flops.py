@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from vcyclefx.capture import capture
+from vcyclefx.capture.frontend import capture
 from vcyclefx.driver.config import TrainConfig
 from vcyclefx.driver.train import lr_at, training_flops_per_token
-from vcyclefx.gpt import GPT, GPTConfig
+from vcyclefx.zoo.gpt import GPT, GPTConfig
 
 
 def expected_flops_per_token(L: int, C: int, V: int, T: int) -> int:

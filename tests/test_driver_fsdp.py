@@ -104,7 +104,7 @@ def test_fsdp_with_carried_optimizer_equals_the_one_process_vcycle(runs):
     assert [(r["level"], r["optimizer"]) for r in rows(tmp / "one", "stage")] == \
         [(r["level"], r["optimizer"]) for r in stages]
     from vcyclefx.driver.checkpoint import load_weights
-    from vcyclefx.gpt import GPT, GPTConfig
+    from vcyclefx.zoo.gpt import GPT, GPTConfig
 
     a, b = (GPT(GPTConfig(block_size=32, vocab_size=256, n_layer=2, n_head=2, n_embd=32))
             for _ in range(2))
@@ -124,7 +124,7 @@ def test_sharded_checkpoint_is_per_rank_shards_and_loads_whole_without_a_process
     import torch.distributed.checkpoint as dcp
 
     from vcyclefx.driver.checkpoint import latest_checkpoint, load_weights
-    from vcyclefx.gpt import GPT, GPTConfig
+    from vcyclefx.zoo.gpt import GPT, GPTConfig
 
     tmp, _ = runs
     point = latest_checkpoint(tmp / "two")

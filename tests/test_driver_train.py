@@ -11,7 +11,7 @@ import torch
 
 from vcyclefx.driver.config import ConfigError, TrainConfig
 from vcyclefx.driver.train import load_weights, main
-from vcyclefx.gpt import GPT, GPTConfig
+from vcyclefx.zoo.gpt import GPT, GPTConfig
 
 FIELDS = {"event", "step", "schedule", "stage", "level", "loss", "val_loss", "lr", "tokens",
           "flops", "wall", "tok_per_s", "mfu"}

@@ -21,7 +21,7 @@ from vcyclefx.driver.config import ConfigError, TrainConfig, check_runtime
 from vcyclefx.driver.plot import reach, summarize
 from vcyclefx.driver.train import (make_cycle, make_optimizer, main, optimizer_state_by_name,
                                    optimizer_state_from_names, setup)
-from vcyclefx.gpt import GPT, GPTConfig
+from vcyclefx.zoo.gpt import GPT, GPTConfig
 
 
 def test_fractions_and_lr_scales_parse_from_the_command_line_and_survive_json():

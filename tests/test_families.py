@@ -140,7 +140,7 @@ ONNX_CASES = [pytest.param(n, id=n, marks=() if n in ONNX_DEFAULT else pytest.ma
 def test_family_coalesced_level_exports_to_onnx_and_matches_torch(name, tmp_path):
     import onnx
 
-    from vcyclefx.onnx_export import check_onnx
+    from vcyclefx.export.onnx import check_onnx
 
     model, example = {**FAMILIES, **SLOW_FAMILIES}[name]()
     model.eval()

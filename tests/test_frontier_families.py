@@ -285,7 +285,7 @@ class _HeadsMerge(torch.nn.Module):
 def test_normalise_for_onnx_makes_contiguous_a_clone_unless_it_is_written_in_place():
     from torch.export import Dim
 
-    from vcyclefx.onnx_export import normalise_for_onnx
+    from vcyclefx.export.onnx import normalise_for_onnx
 
     x = torch.randn(2, 4, 6, 8)
     ep = torch.export.export(_HeadsMerge(), (x,), dynamic_shapes=({0: Dim.AUTO, 2: Dim.AUTO},),

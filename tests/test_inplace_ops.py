@@ -11,8 +11,8 @@ import torch
 
 import vcyclefx as vf
 from tests.conftest import rel_error
-from vcyclefx.analysis import analyze
-from vcyclefx.registry import functional_of, op_of, rule_for
+from vcyclefx.analysis.analyze import analyze
+from vcyclefx.analysis.registry import functional_of, op_of, rule_for
 
 aten = torch.ops.aten
 

@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 
 import vcyclefx as vf
 from tests.conftest import other_inputs, output_tensor
-from tools import zoo
+from vcyclefx import zoo
 from vcyclefx.level import Level
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,7 +94,7 @@ def test_coalesce_of_a_pt2_saved_from_a_hugging_face_model_works_in_a_fresh_proc
     assert res.returncode == 0, res.stderr
     summary = json.loads((tmp_path / "s" / "level.json").read_text())
     assert summary["source_class"] == "transformers.models.gpt2.modeling_gpt2.GPT2LMHeadModel"
-    from vcyclefx.leveldir import load_level
+    from vcyclefx.export.leveldir import load_level
 
     small, _ = load_level(tmp_path / "s")
     assert _out(small.eval(), example).shape == (2, 16, 128)

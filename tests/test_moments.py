@@ -8,7 +8,7 @@ import torch
 import vcyclefx as vf
 from tests.conftest import fresh_level, output_tensor
 from vcyclefx.level import clone_level
-from vcyclefx.vcycle import Stage
+from vcyclefx.train.vcycle import Stage
 
 
 def _loss(model, ids):

@@ -16,12 +16,12 @@ import torch
 from torch import nn
 
 import vcyclefx as vf
-from tools import zoo
+from vcyclefx import zoo
 from vcyclefx import cli
 from vcyclefx.errors import ExportError, PlanError, VCycleError
 from vcyclefx.level import level_info
-from vcyclefx.leveldir import save_level
-from vcyclefx.onnx_export import check_onnx, export_onnx
+from vcyclefx.export.leveldir import save_level
+from vcyclefx.export.onnx import check_onnx, export_onnx
 
 RTOL = 1e-4
 KINDS = ("level0", "coalesced", "decoalesced")

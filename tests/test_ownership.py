@@ -9,7 +9,7 @@ import torch
 
 import vcyclefx as vf
 from tests.conftest import ZOO_NAMES, output_tensor
-from tools import zoo
+from vcyclefx import zoo
 from vcyclefx.level import shared_tensors
 
 VARIANTS = {  # name -> (coalesce factors, decoalesce factors)

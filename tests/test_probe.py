@@ -13,12 +13,12 @@ import sympy
 import torch
 
 import vcyclefx as vf
-from tools import zoo
-from vcyclefx.analysis import analyze
-from vcyclefx.dims import SIZES
+from vcyclefx import zoo
+from vcyclefx.analysis.analyze import analyze
+from vcyclefx.analysis.dims import SIZES
 from vcyclefx.level import level_info
-from vcyclefx.probe import _can_fork, probe_capture
-from vcyclefx.report import Report
+from vcyclefx.capture.probe import _can_fork, probe_capture
+from vcyclefx.analysis.report import Report
 
 
 def _comparable(report: Report | dict) -> str:
@@ -154,7 +154,7 @@ def test_forked_probe_gives_the_labels_of_the_sequential_probe():
 
 def test_inspect_program_prints_the_whole_report_and_exits_zero():
     """`vcyclefx inspect` leaves without interpreter teardown; its output must be complete."""
-    out = subprocess.run([sys.executable, "-m", "vcyclefx.cli", "inspect", "tools.zoo:bert", "--json"],
+    out = subprocess.run([sys.executable, "-m", "vcyclefx.cli", "inspect", "vcyclefx.zoo:bert", "--json"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     model, x = zoo.bert()

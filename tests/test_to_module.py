@@ -11,8 +11,8 @@ import torch
 
 import vcyclefx as vf
 from tests.conftest import other_inputs, output_tensor, rel_error
-from tools import zoo
-from vcyclefx.specs import model_from_spec
+from vcyclefx import zoo
+from vcyclefx.capture.specs import model_from_spec
 
 
 def _hf(name):
@@ -98,7 +98,7 @@ LIB_CASES = {
 @pytest.mark.parametrize("name", list(LIB_CASES))
 def test_timm_and_torchvision_levels_come_back_as_their_class_with_the_new_arguments(name,
                                                                                       direction):
-    from vcyclefx.module import module_call
+    from vcyclefx.export.module import module_call
 
     spec, down, up = LIB_CASES[name]
     found = model_from_spec(spec, batch=1)
@@ -151,7 +151,7 @@ def test_cli_writes_a_hugging_face_directory_that_from_pretrained_loads(tmp_path
     small = AutoModelForCausalLM.from_pretrained(tmp_path / "small")
     assert (small.config.hidden_size, small.config.num_key_value_heads,
             small.config.num_hidden_layers) == (32, 2, 1)
-    from vcyclefx.leveldir import load_level
+    from vcyclefx.export.leveldir import load_level
 
     level, _ = load_level(tmp_path / "small")  # the level files are beside the HF ones
     assert level.info.example_inputs[0].shape == (2, 12)
@@ -161,15 +161,15 @@ def test_cli_writes_a_hugging_face_directory_that_from_pretrained_loads(tmp_path
     big = AutoModelForCausalLM.from_pretrained(tmp_path / "big")
     assert big.config.hidden_size == 64 and big.config.num_hidden_layers == 2
     # --format hf of a model that is not a Hugging Face one is refused before anything is written
-    assert main(["coalesce", "tools.zoo:nanogpt", "-o", str(tmp_path / "x"), "--format", "hf"]) == 2
+    assert main(["coalesce", "vcyclefx.zoo:nanogpt", "-o", str(tmp_path / "x"), "--format", "hf"]) == 2
     assert "needs a Hugging Face model" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 
 def test_cli_format_module_writes_the_call_that_builds_the_class_at_the_new_sizes(tmp_path):
     from vcyclefx.cli import main
-    from vcyclefx.export_module import load_module
-    from vcyclefx.leveldir import load_level
+    from vcyclefx.export.formats import load_module
+    from vcyclefx.export.leveldir import load_level
 
     out = tmp_path / "small"
     spec = LIB_CASES["torchvision-vit"][0]
@@ -184,7 +184,7 @@ def test_cli_format_module_writes_the_call_that_builds_the_class_at_the_new_size
 
 
 def test_factory_models_with_keyword_overrides_round_trip_through_their_factory():
-    found = model_from_spec("tools.zoo:nanogpt?n_layer=4")
+    found = model_from_spec("vcyclefx.zoo:nanogpt?n_layer=4")
     assert len(found.model.blocks if hasattr(found.model, "blocks") else found.model.h) == 4
     level, _ = vf.coalesce(found.model, found.example, width=0.5, depth=0.5,
                            recipe=found.recipe, frontend="fx")

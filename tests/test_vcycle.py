@@ -9,7 +9,7 @@ import torch
 
 import vcyclefx as vf
 from tests.conftest import captured, fresh_level, output_tensor
-from tools import zoo
+from vcyclefx import zoo
 
 
 def _loss(model, batch):
@@ -202,7 +202,7 @@ def test_the_readme_recommended_recipe_runs_and_carries_every_parameters_moments
     import pathlib
 
     text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
-    start = text.index("from vcyclefx.vcycle import recommended_fractions")
+    start = text.index("from vcyclefx.train.vcycle import recommended_fractions")
     block = text[start:text.index("```", start)]
     model, example_inputs = zoo.ZOO["gpt2"]()
     seen = []

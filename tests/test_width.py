@@ -9,9 +9,9 @@ import torch
 
 import vcyclefx as vf
 from tests.conftest import assert_runs_elsewhere_and_trains, captured, other_inputs, output_tensor, rel_error
-from tools import zoo
-from vcyclefx.analysis import analyze
-from vcyclefx.plan import predict_parameters
+from vcyclefx import zoo
+from vcyclefx.analysis.analyze import analyze
+from vcyclefx.plan.width import predict_parameters
 
 NAMES = list(zoo.ZOO)
 
@@ -178,7 +178,7 @@ def test_cli_failure_leaves_no_partial_level_directory(tmp_path):
     from vcyclefx.cli import main
 
     out = tmp_path / "level"
-    assert main(["coalesce", "tools.zoo:gpt2", "--width", "0.001", "-o", str(out)]) == 2
+    assert main(["coalesce", "vcyclefx.zoo:gpt2", "--width", "0.001", "-o", str(out)]) == 2
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir()] == []
 

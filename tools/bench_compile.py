@@ -35,8 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from vcyclefx.capture import capture  # noqa: E402
-from vcyclefx.gpt import GPT, GPTConfig  # noqa: E402
+from vcyclefx.capture.frontend import capture  # noqa: E402
+from vcyclefx.zoo.gpt import GPT, GPTConfig  # noqa: E402
 
 PRESETS = {
     "tiny": dict(n_layer=4, n_head=4, n_embd=128, seq_len=128, batch=32),

@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 import vcyclefx as vf  # noqa: E402
 from tests.conftest import other_inputs, output_tensor, rel_error  # noqa: E402
-from tools import zoo  # noqa: E402
+from vcyclefx import zoo  # noqa: E402
 from vcyclefx.errors import PlanError  # noqa: E402
 
 

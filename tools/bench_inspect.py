@@ -4,7 +4,7 @@ median; side by side (alternating) with ``--frontend export``, which skips the p
 exports once with symbolic batch/sequence sizes (the way inspect worked before the probe).
 Also the in-process split of the default path for the first model.
 
-    python tools/bench_inspect.py --repeats 5 tools.zoo:gpt2_base
+    python tools/bench_inspect.py --repeats 5 vcyclefx.zoo:gpt2_base
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ def split(spec: str) -> list[tuple[str, float]]:
     gc.disable()  # as the command does
     t0 = time.perf_counter()
     import vcyclefx as vf
-    from vcyclefx.analysis import analyze
-    from vcyclefx.specs import model_from_spec
-    from vcyclefx.probe import probe_capture
+    from vcyclefx.analysis.analyze import analyze
+    from vcyclefx.capture.specs import model_from_spec
+    from vcyclefx.capture.probe import probe_capture
 
     t1 = time.perf_counter()
     found = model_from_spec(spec)
@@ -37,7 +37,7 @@ def split(spec: str) -> list[tuple[str, float]]:
     t3 = time.perf_counter()
     a = analyze(level)
     t4 = time.perf_counter()
-    from vcyclefx.report import Report
+    from vcyclefx.analysis.report import Report
 
     str(Report(a))
     t5 = time.perf_counter()
@@ -54,7 +54,7 @@ def _run(spec: str, extra: list[str]) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("models", nargs="*", default=["tools.zoo:gpt2_base"])
+    ap.add_argument("models", nargs="*", default=["vcyclefx.zoo:gpt2_base"])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--split", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()

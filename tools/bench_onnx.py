@@ -22,9 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import vcyclefx as vf  # noqa: E402
-from tools import zoo  # noqa: E402
+from vcyclefx import zoo  # noqa: E402
 from vcyclefx.errors import PlanError  # noqa: E402
-from vcyclefx.onnx_export import check_onnx  # noqa: E402
+from vcyclefx.export.onnx import check_onnx  # noqa: E402
 
 KINDS = ("level0", "coalesced", "decoalesced")
 

@@ -18,11 +18,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import vcyclefx as vf  # noqa: E402
-import vcyclefx.module as M  # noqa: E402
-from vcyclefx.specs import model_from_spec  # noqa: E402
+import vcyclefx.export.module as M  # noqa: E402
+from vcyclefx.capture.specs import model_from_spec  # noqa: E402
 
 SPECS = [
-    "tools.zoo:gpt2", "tools.zoo:llama", "tools.zoo:bert",
+    "vcyclefx.zoo:gpt2", "vcyclefx.zoo:llama", "vcyclefx.zoo:bert",
     "timm:deit_tiny_patch16_224?img_size=32&patch_size=8&depth=2&num_classes=10&embed_dim=128"
     "&num_heads=4",
     "timm:convnext_atto?num_classes=10&dims=(16,32,64,128)&depths=(2,2,2,2)",

@@ -50,8 +50,8 @@ def dense_width(analysis, plan):
     import torch
 
     from passes.width import COALESCE
-    from vcyclefx.analysis import PRODUCER
-    from vcyclefx.dims import CAT, PROD, Dim, layout_size
+    from vcyclefx.analysis.analyze import PRODUCER
+    from vcyclefx.analysis.dims import CAT, PROD, Dim, layout_size
 
     by_root = {analysis.space(sm.key).root.id: sm for sm in plan.spaces}
 
@@ -111,12 +111,12 @@ def child(what: str) -> dict:
     import torch
 
     torch.set_num_threads(2)
-    from tools.zoo import gpt2_base_real
+    from vcyclefx.zoo import gpt2_base_real
 
     import vcyclefx as vf
     from passes.width import COALESCE, WidthPlan, width_pass
-    from vcyclefx.analysis import analyze
-    from vcyclefx.plan import plan_width
+    from vcyclefx.analysis.analyze import analyze
+    from vcyclefx.plan.width import plan_width
 
     model, example = gpt2_base_real()
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())

@@ -10,41 +10,32 @@ Public API (a contract; see DESIGN.md)::
     cycle = vf.VCycle(model, example_inputs, levels=2, width=0.5, depth=0.5, alpha=0.25)
 """
 
-import gc as _gc
 import importlib
 
-# Importing torch makes ~10^6 objects; collecting cycles among them while they are being made
-# only costs time (0.2-0.3 s on a 2-core machine), so the collector waits until we are done.
-_gc_was_enabled = _gc.isenabled()
-_gc.disable()
-try:
-    from .capture import capture  # eager: the submodule has the function's name
-    from .errors import (
-        AnalysisError,
-        CaptureError,
-        ExportError,
-        LevelError,
-        MappingError,
-        PlanError,
-        ScheduleError,
-        UnsupportedOp,
-        VCycleError,
-    )
-    from .mapping import Mapping
-    from .registry import register_rule
-finally:
-    if _gc_was_enabled:
-        _gc.enable()
+from vcyclefx.analysis.registry import register_rule
+from vcyclefx.capture import capture  # the package vcyclefx.capture is shadowed by its function
+from vcyclefx.errors import (
+    AnalysisError,
+    CaptureError,
+    ExportError,
+    LevelError,
+    MappingError,
+    PlanError,
+    ScheduleError,
+    UnsupportedOp,
+    VCycleError,
+)
+from vcyclefx.plan.mapping import Mapping
 
 # The rest of the API is loaded on first use (PEP 562), so that `import vcyclefx` and the CLI
 # do not pay for modules a command does not need.
 _LAZY = {
     "coalesce": "api", "decoalesce": "api", "interpolate": "api",
-    "inspect": "report", "Report": "report",
-    "export_onnx": "onnx_export",
-    "VCycle": "vcycle", "Stage": "vcycle", "Schedule": "vcycle",
-    "training_flops_per_token": "flops",
-    "to_module": "module",
+    "inspect": "analysis.report", "Report": "analysis.report",
+    "export_onnx": "export.onnx",
+    "VCycle": "train.vcycle", "Stage": "train.vcycle", "Schedule": "train.vcycle",
+    "training_flops_per_token": "train.flops",
+    "to_module": "export.module",
 }
 
 

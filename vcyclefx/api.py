@@ -11,12 +11,12 @@ import torch
 
 from passes.width import COALESCE, DECOALESCE, WidthPlan, width_pass
 
-from .analysis import analyze
-from .errors import LevelError, MappingError, PlanError
-from .capture import as_level
-from .level import clone_level, level_info
-from .mapping import Mapping
-from .plan import plan_width
+from vcyclefx.analysis.analyze import analyze
+from vcyclefx.errors import LevelError, MappingError, PlanError
+from vcyclefx.capture.frontend import as_level
+from vcyclefx.level import clone_level, level_info
+from vcyclefx.plan.mapping import Mapping
+from vcyclefx.plan.width import plan_width
 
 
 def tensor_shapes(level) -> dict[str, list[int]]:
@@ -68,7 +68,7 @@ def _depth(level, chains, direction, depth_init=None):
 def _plan_depth(level, factor, pairing, coalesce, depth_init="copy"):
     if factor == 1:
         return []
-    from .depthplan import plan_depth
+    from vcyclefx.plan.depth import plan_depth
 
     return plan_depth(analyze(level), factor, pairing, coalesce=coalesce, depth_init=depth_init)
 

@@ -7,12 +7,12 @@ import gc
 import os
 import sys
 
-from .errors import VCycleError
+from vcyclefx.errors import VCycleError
 
 
 def _cmd_inspect(args) -> int:
-    from .report import _inspect
-    from .specs import model_from_spec
+    from vcyclefx.analysis.report import _inspect
+    from vcyclefx.capture.specs import model_from_spec
 
     # A short, read-only command: the cyclic garbage collector would spend seconds scanning the
     # objects that importing torch and the model's library made, and collect almost nothing.
@@ -40,7 +40,7 @@ def _progress(msg: str) -> None:
 
 
 def _level_summary(level, mapping) -> dict:
-    from .analysis import analyze
+    from vcyclefx.analysis.analyze import analyze
 
     a = analyze(level)
     return {
@@ -62,9 +62,9 @@ def _check_output(args) -> None:
 
 
 def _cmd_coalesce(args) -> int:
-    from . import api
-    from .leveldir import save_level
-    from .specs import model_from_spec
+    from vcyclefx import api
+    from vcyclefx.export.leveldir import save_level
+    from vcyclefx.capture.specs import model_from_spec
 
     _check_output(args)
     found = model_from_spec(args.model, batch=args.batch, seq=args.seq)
@@ -82,9 +82,9 @@ def _cmd_coalesce(args) -> int:
 def _cmd_decoalesce(args) -> int:
     from pathlib import Path
 
-    from . import api
-    from .leveldir import load_level, save_level
-    from .specs import model_from_spec
+    from vcyclefx import api
+    from vcyclefx.export.leveldir import load_level, save_level
+    from vcyclefx.capture.specs import model_from_spec
 
     _check_output(args)
     if Path(args.model).is_dir() and (Path(args.model) / "level.json").is_file():
@@ -111,8 +111,8 @@ def _cmd_decoalesce(args) -> int:
 
 
 def _cmd_interpolate(args) -> int:
-    from . import api
-    from .leveldir import load_level, save_level
+    from vcyclefx import api
+    from vcyclefx.export.leveldir import load_level, save_level
 
     _check_output(args)
     a, mapping = load_level(args.dir_a)
@@ -132,7 +132,7 @@ MODEL_HELP = ("package.module:factory returning (model, example_inputs), timm:NA
 
 def _recipe_kwargs(found) -> dict:
     """Capture options for a model named on the command line (nothing for a level)."""
-    from .level import is_level
+    from vcyclefx.level import is_level
 
     return {} if is_level(found.model) or found.recipe is None else {"recipe": found.recipe}
 
@@ -141,7 +141,7 @@ def _writer(level, args):
     """What --format adds to the level directory (checked before anything is written)."""
     if args.format == "level":
         return None
-    from .export_module import module_writer
+    from vcyclefx.export.formats import module_writer
 
     _progress(f"solving for the original class at the level's sizes (--format {args.format})")
     return module_writer(level, args.format)
@@ -227,7 +227,7 @@ def _register_optional(sub) -> None:
     heavy imports happen only when they run)."""
     import importlib
 
-    for module in ("vcyclefx.onnx_export", "vcyclefx.driver.cli"):
+    for module in ("vcyclefx.export.onnx", "vcyclefx.driver.cli"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as e:

@@ -39,7 +39,7 @@ class LevelInfo:
     source_class: str | None  # "module.QualName" of the user's original class
     dynamic_dims: tuple = ()  # (input index, dim) pairs captured as symbolic
     notes: tuple = field(default_factory=tuple)  # capture remarks shown by inspect
-    recipe: Any = None  # vcyclefx.recipe.Recipe: how the original model is built (to_module)
+    recipe: Any = None  # vcyclefx.capture.recipe.Recipe: how the original model is built (to_module)
     input_names: tuple = ()  # forward() parameter name of each example input ("" if unnamed)
 
     def as_call(self, inputs=None) -> tuple[tuple, dict]:
@@ -81,13 +81,13 @@ class Level(GraphModule):
         return res
 
     def __reduce__(self):
-        from .leveldir import level_to_bytes
+        from vcyclefx.export.leveldir import level_to_bytes
 
         return (_level_from_bytes, (level_to_bytes(self),))
 
 
 def _level_from_bytes(data: bytes) -> Level:
-    from .leveldir import level_from_bytes
+    from vcyclefx.export.leveldir import level_from_bytes
 
     return level_from_bytes(data)
 

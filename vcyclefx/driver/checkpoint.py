@@ -10,7 +10,7 @@ weights and optimizer state in one of two formats:
   state dicts of ``torch.distributed.checkpoint.state_dict``, keyed by name). Every rank writes
   its own shards, nothing is gathered on rank 0, and it loads on any number of processes: on
   several into this run's shards, on one (no process group) into whole tensors.
-It is written to a temporary directory that is renamed into place (``vcyclefx.atomic``), then
+It is written to a temporary directory that is renamed into place (``vcyclefx.store``), then
 ``ckpt/latest.json`` is replaced to point at it; only the newest checkpoint is kept. Several nodes
 must share the output directory (one filesystem, e.g. NFS): every rank writes into it.
 
@@ -32,14 +32,14 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from ..atomic import atomic_directory
-from .config import ConfigError, TrainConfig
-from .parallel import optimizer_state_by_name
+from vcyclefx.store import atomic_directory
+from vcyclefx.driver.config import ConfigError, TrainConfig
+from vcyclefx.driver.parallel import optimizer_state_by_name
 
-from .runtime import Point, RunState, Runtime
+from vcyclefx.driver.runtime import Point, RunState, Runtime
 
 if TYPE_CHECKING:
-    from .parallel import Trainee
+    from vcyclefx.driver.parallel import Trainee
 
 
 

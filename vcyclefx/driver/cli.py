@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from .config import PRESETS, ConfigError, TrainConfig
+from vcyclefx.driver.config import PRESETS, ConfigError, TrainConfig
 
 _TYPES = {"int": int, "float": float, "str": str}
 
@@ -68,7 +68,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    from .train import main as train_main
+    from vcyclefx.driver.train import main as train_main
 
     train_main(cfg)
     return 0
@@ -86,7 +86,7 @@ def register_cli(subparsers) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry of ``tools/train.py``: the same options as ``vcyclefx train``."""
-    from ..errors import VCycleError
+    from vcyclefx.errors import VCycleError
 
     p = argparse.ArgumentParser(prog="train.py", description="vcyclefx training driver "
                                 "(same options as `vcyclefx train`)")

@@ -16,8 +16,8 @@ import json
 import warnings
 from dataclasses import dataclass, field
 
-from ..errors import VCycleError
-from ..vcycle import recommended_fractions
+from vcyclefx.errors import VCycleError
+from vcyclefx.train.vcycle import recommended_fractions
 
 SCHEDULES = ("vcycle", "baseline", "compare")
 PAIRINGS = ("strided", "adjacent", "similarity")
@@ -38,7 +38,7 @@ def _f(default, help: str, **extra):
 
 @dataclass(frozen=True)
 class TrainConfig:
-    # --- model (a GPT-2 style causal LM, vcyclefx.gpt.GPT, unless --model names another) ---
+    # --- model (a GPT-2 style causal LM, vcyclefx.zoo.gpt.GPT, unless --model names another) ---
     model: str = _f("", "causal LM architecture to train instead of the built-in GPT: a Hugging "
                         "Face config.json or model directory (random weights, vocabulary from "
                         "the data) or a pkg.mod:factory(vocab_size=, seq_len=) returning a "
@@ -194,7 +194,7 @@ class TrainConfig:
         return self.carry_optimizer is not False
 
     def vcycle_fractions(self) -> list[float]:
-        """``--fractions``, else the recommended shape (``vcyclefx.vcycle.recommended_fractions``)."""
+        """``--fractions``, else the recommended shape (``vcyclefx.train.vcycle.recommended_fractions``)."""
         return list(self.fractions) or recommended_fractions(self.levels)
 
     def vcycle_lr_scales(self) -> list[float]:

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ConfigError
+from vcyclefx.driver.config import ConfigError
 
 SEPARATOR = b"\x00"
 TOKEN_DTYPES = (np.uint8, np.uint16, np.uint32)

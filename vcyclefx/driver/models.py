@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError
+from vcyclefx.driver.config import ConfigError
 
 
 def logits_of(out) -> torch.Tensor:
@@ -91,11 +91,11 @@ def build_causal_lm(spec: str, *, vocab_size: int, seq_len: int, seed: int) -> t
 def save_hf(module: torch.nn.Module, directory: Path) -> None:
     """``module`` (a Hugging Face model, or a level of one) as ``save_pretrained`` output,
     written to a temporary sibling and renamed into place."""
-    from ..atomic import atomic_directory
-    from ..level import is_level
+    from vcyclefx.store import atomic_directory
+    from vcyclefx.level import is_level
 
     if is_level(module):
-        from ..module import to_module
+        from vcyclefx.export.module import to_module
 
         module = to_module(module)
     if not hasattr(module, "save_pretrained"):

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from .runtime import Runtime
+    from vcyclefx.driver.runtime import Runtime
 
 
 def _optimized(module: torch.nn.Module) -> tuple[list, list]:

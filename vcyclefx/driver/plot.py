@@ -28,8 +28,8 @@ import json
 import os
 from pathlib import Path
 
-from .logger import read_metrics
-from .saving import describe, saving_against, steady_wall
+from vcyclefx.driver.logger import read_metrics
+from vcyclefx.driver.saving import describe, saving_against, steady_wall
 
 REACH = "to reach the 1x baseline's final loss (one budget, not the frontier)"
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from .config import TrainConfig
-from .data import Batches, TokenData
-from .logger import MetricLogger
+from vcyclefx.driver.config import TrainConfig
+from vcyclefx.driver.data import Batches, TokenData
+from vcyclefx.driver.logger import MetricLogger
 
 
 @dataclass

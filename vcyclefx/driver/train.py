@@ -43,16 +43,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils import flop_counter
 
-from ..gpt import GPT, GPTConfig
-from .models import build_causal_lm, check_model, logits_of, save_hf
-from .runtime import Point, RunState, Runtime  # noqa: F401 (RunState re-exported)
-from .checkpoint import (atomic_write_text, load_sharded, load_weights,
+from vcyclefx.zoo.gpt import GPT, GPTConfig
+from vcyclefx.driver.models import build_causal_lm, check_model, logits_of, save_hf
+from vcyclefx.driver.runtime import Point, RunState, Runtime  # noqa: F401 (RunState re-exported)
+from vcyclefx.driver.checkpoint import (atomic_write_text, load_sharded, load_weights,
                          restore_rng, resume_config, save_checkpoint, save_weights,
                          saved_optimizer_by_name)
-from .config import ConfigError, TrainConfig, check_runtime
-from .data import Batches, TokenData, load_data
-from .logger import MetricLogger, ProgressBar
-from .parallel import (Trainee, _optimized, optimizer_state_by_name,  # noqa: F401 (re-exported)
+from vcyclefx.driver.config import ConfigError, TrainConfig, check_runtime
+from vcyclefx.driver.data import Batches, TokenData, load_data
+from vcyclefx.driver.logger import MetricLogger, ProgressBar
+from vcyclefx.driver.parallel import (Trainee, _optimized, optimizer_state_by_name,  # noqa: F401 (re-exported)
                        optimizer_state_from_names)
 
 
@@ -532,7 +532,7 @@ def run_vcycle(rt: Runtime, made: Cycle, point: Point | None, bar: ProgressBar |
 
 
 def _save_final(rt: Runtime, module: torch.nn.Module, schedule: str) -> None:
-    """The trained level-0 weights (they load with strict=True into vcyclefx.gpt.GPT, or into
+    """The trained level-0 weights (they load with strict=True into vcyclefx.zoo.gpt.GPT, or into
     the ``--model`` class); a Hugging Face ``--model`` is also written as ``<schedule>-hf/``,
     what ``from_pretrained`` loads."""
     if rt.master:
@@ -575,7 +575,7 @@ def train(rt: Runtime) -> None:
 
 def main(cfg: TrainConfig) -> dict | None:
     """Run the recipe; returns the summary on rank 0 (None on other ranks)."""
-    from .plot import finish
+    from vcyclefx.driver.plot import finish
 
     rt = None
     try:

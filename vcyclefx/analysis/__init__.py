@@ -1,0 +1,1 @@
+"""Analysis: the spaces (resizable axes) and chains (repeated blocks) of a captured graph, from one rule per op."""

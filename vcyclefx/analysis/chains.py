@@ -1,0 +1,433 @@
+"""Chains: runs of structurally identical blocks that feed each other in sequence.
+
+Candidates come from the module structure recorded on every node (``meta["nn_module_stack"]``):
+the children of one container (``transformer.h.0``, ``transformer.h.1``, ...), in the order the
+graph runs them. A run of consecutive children is a chain when (1) their subgraphs are
+isomorphic, node for node, including parameter shapes and relative parameter names (checked with
+networkx), and (2) each block reads a value the previous block produced. No model, module or
+class name is looked at.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import networkx as nx
+import torch
+from torch.fx import GraphModule, Node
+
+from vcyclefx.analysis.dims import sizes_of
+
+
+@dataclass
+class Chain:
+    container: str  # module path holding the blocks, e.g. "transformer.h"
+    blocks: list[str]  # module path of each block, in execution order
+    nodes: list[list[Node]] = field(repr=False)  # call_function nodes each block owns
+    params: list[dict[str, str]] = field(repr=False)  # per block: relative name -> tensor name
+    shared_inputs: list[Node] = field(repr=False)  # values every block reads from outside
+    # (user position, input index, producer position): block k reads, as input number
+    # `input index` of its node at `user position`, the node at `producer position` of block k-1
+    chained: list[tuple[int, int, int]] = field(repr=False)
+    inputs0: list[Node] = field(repr=False)  # block 0's external inputs, by slot
+    exits: list[tuple[int, list[Node]]] = field(repr=False)  # last block's (position, users)
+    depth_ok: bool = True
+    reason: str = ""  # why depth changes are not possible, if so
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def shared(self) -> bool:
+        """The blocks are applications of one module (the same weights)."""
+        return bool(self.blocks) and is_application(self.blocks[0])
+
+    @property
+    def params_per_block(self) -> int:
+        return len(self.params[0]) if self.params else 0
+
+    def name_pattern(self) -> tuple[str, int] | None:
+        """(prefix, first index) when block paths are ``<container>.<prefix><int>`` (or the
+        applications ``<container>@<int>`` of a shared chain)."""
+        if self.shared:
+            return f"{self.container}@", 0
+        tails = [b[len(self.container) + 1 :] if self.container else b for b in self.blocks]
+        m = [re.fullmatch(r"(.*?)(\d+)", t) for t in tails]
+        if not all(m) or len({x.group(1) for x in m}) != 1:
+            return None
+        idx = [int(x.group(2)) for x in m]
+        if idx != list(range(idx[0], idx[0] + len(idx))):
+            return None
+        return m[0].group(1), idx[0]
+
+    def block_name(self, j: int) -> str:
+        if self.shared:
+            return application_name(self.container, j)
+        pat = self.name_pattern()
+        assert pat is not None
+        prefix, first = pat
+        base = f"{self.container}." if self.container else ""
+        return f"{base}{prefix}{first + j}"
+
+
+_CALL_INDEX = re.compile(r"@(\d+)$")
+
+
+def application_name(path: str, k: int) -> str:
+    """The name of the ``k``-th application of the module at ``path`` (``k`` from 0)."""
+    return f"{path}@{k}"
+
+
+def is_application(block: str) -> bool:
+    return "@" in block
+
+
+def module_path(block: str) -> str:
+    """The module path of a block (of an application: the module it applies)."""
+    return block.split("@", 1)[0]
+
+
+def _stack_paths(node: Node, applications: bool = False) -> list[str]:
+    stack = node.meta.get("nn_module_stack") or {}
+    out = []
+    for key, v in stack.items():
+        if not (isinstance(v, tuple) and v[0]):
+            continue
+        if applications:
+            m = _CALL_INDEX.search(str(key))
+            out.append(application_name(v[0], int(m.group(1)) if m else 0))
+        else:
+            out.append(v[0])
+    return out
+
+
+def _container(path: str) -> str:
+    return path.rsplit(".", 1)[0] if "." in path else ""
+
+
+def _tensor_names(gm: GraphModule) -> dict[str, torch.Tensor]:
+    out = dict(gm.named_parameters(remove_duplicate=False))
+    out.update(gm.named_buffers(remove_duplicate=False))
+    return out
+
+
+def _is_size_value(n: Node) -> bool:
+    v = n.meta.get("val")
+    return isinstance(v, (torch.SymInt, int)) and not isinstance(v, bool)
+
+
+def ownership(gm: GraphModule, applications: bool = False
+              ) -> tuple[dict[str, list[Node]], dict[str, list[str]]]:
+    """Nodes each module path owns (in graph order) and each container's children in the
+    order they run. Tensor ops are owned through ``nn_module_stack``; symbolic-size arithmetic
+    (which export shares and the normaliser copies per use) is owned by a module when all of its
+    users are. With ``applications`` the owners are the calls of each module
+    (``<path>@<k>``), so a module run several times owns one node list per run."""
+    owner_nodes: dict[str, list[Node]] = {}
+    children: dict[str, list[str]] = {}
+    owners_of: dict[Node, set[str]] = {}
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or _is_size_value(n):
+            continue
+        paths = _stack_paths(n, applications)
+        owners_of[n] = set(paths)
+        for p in paths:
+            owner_nodes.setdefault(p, []).append(n)
+            kids = children.setdefault(_container(p), [])
+            if p not in kids:
+                kids.append(p)
+    for n in reversed(list(gm.graph.nodes)):
+        if n.op != "call_function" or not _is_size_value(n) or not n.users:
+            continue
+        if n.target is torch.ops.aten.sym_size.int and n.args[0] not in owners_of:
+            continue  # the size of a value from outside: shared by every block reading it
+        common = None
+        for u in n.users:
+            o = owners_of.get(u, set())
+            common = set(o) if common is None else common & o
+        if common:
+            owners_of[n] = common
+            for p in common:
+                owner_nodes.setdefault(p, []).append(n)
+    def position(n: Node) -> tuple:
+        # size arithmetic sits just before its first user: export computes a size once where
+        # it is first needed and the normaliser copies it before each later user, so blocks
+        # would otherwise list the same computation at different places
+        if _is_size_value(n) and n.users:
+            return (min(order[u] for u in n.users), -1, order[n])
+        return (order[n], 0, order[n])
+
+    for p in owner_nodes:
+        owner_nodes[p].sort(key=position)
+    return owner_nodes, children
+
+
+def find_chains(gm: GraphModule) -> list[Chain]:
+    owner_nodes, children = ownership(gm)
+    tensors = _tensor_names(gm)
+    get_attrs = {n.target: n for n in gm.graph.nodes if n.op == "get_attr"}
+    chains: list[Chain] = []
+    taken: list[str] = []
+    for container in sorted(children, key=lambda c: (c.count("."), c) if c else (-1, "")):
+        kids = children[container]
+        if len(kids) < 2 or any(_inside(container, t) for t in taken):
+            continue
+        sigs = [_signature(gm, owner_nodes[k], k, tensors) for k in kids]
+        i = 0
+        while i < len(kids):
+            j = i + 1
+            while j < len(kids) and sigs[j] == sigs[i]:
+                j += 1
+            if j - i >= 2:
+                run = kids[i:j]
+                chain = _make_chain(gm, container, run, owner_nodes, tensors, get_attrs)
+                if chain is not None:
+                    _check_numbering(chain, kids)
+                    chains.append(chain)
+                    taken.extend(run)
+            i = j
+    chains.extend(_shared_chains(gm, tensors, get_attrs, taken))
+    return chains
+
+
+def _shared_chains(gm, tensors, get_attrs, taken: list[str]) -> list[Chain]:
+    """Chains of applications of one module (shared weights), outermost modules first; modules
+    inside a block of another chain are left to it."""
+    owner_nodes, children = ownership(gm, applications=True)
+    calls: dict[str, list[str]] = {}
+    for kids in children.values():
+        for k in kids:
+            calls.setdefault(module_path(k), []).append(k)
+    out: list[Chain] = []
+    for path in sorted(calls, key=lambda p: (p.count("."), p)):
+        run = calls[path]
+        if len(run) < 2 or not path or any(_inside(path, module_path(t)) or
+                                           _inside(module_path(t), path) for t in taken):
+            continue
+        if run != [application_name(path, k) for k in range(len(run))]:
+            continue  # not every call is numbered in order: leave it
+        chain = _make_chain(gm, path, run, owner_nodes, tensors, get_attrs)
+        if chain is not None:
+            out.append(chain)
+            taken.append(path)
+    return out
+
+
+def _check_numbering(chain: Chain, siblings: list[str]) -> None:
+    """New blocks are numbered on from the chain's first block; a numbered sibling after the
+    chain (another run in the same Sequential) would collide, so depth changes are refused."""
+    pat = chain.name_pattern()
+    if pat is None:
+        chain.depth_ok, chain.reason = False, "block names are not numbered"
+        return
+    prefix, first = pat
+    base = f"{chain.container}." if chain.container else ""
+    last = first + len(chain) - 1
+    later = []
+    for s in siblings:
+        tail = s[len(base):]
+        if tail.startswith(prefix) and tail[len(prefix):].isdigit() and int(tail[len(prefix):]) > last:
+            later.append(s)
+    if later and chain.depth_ok:
+        chain.depth_ok = False
+        chain.reason = (f"{later[0]} follows the chain in the same container; renumbering it is "
+                        "not supported")
+
+
+def chained_input(nodes: list[Node], link) -> Node:
+    """The value a block reads from the previous block, located by a chain link."""
+    user, index, _ = link
+    return nodes[user].all_input_nodes[index]
+
+
+def _inside(path: str, block: str) -> bool:
+    return path == block or path.startswith(block + ".")
+
+
+def _relname(target: str, block: str) -> str | None:
+    block = module_path(block)
+    return target[len(block) + 1 :] if target.startswith(block + ".") else None
+
+
+def _signature(gm: GraphModule, nodes: list[Node], block: str, tensors) -> tuple:
+    index = {n: i for i, n in enumerate(nodes)}
+    shape = _BlockShapes()
+    sig = []
+    for n in nodes:
+        args = []
+        for a in n.all_input_nodes:
+            if a in index:
+                args.append(("int", index[a]))
+            elif a.op == "get_attr" and a.target in tensors:
+                rel = _relname(a.target, block)
+                args.append(("param", rel if rel is not None else a.target,
+                             tuple(tensors[a.target].shape)))
+            elif a.op == "get_attr" and _is_body(gm, a):  # a higher-order op's body
+                args.append(("body", _body_signature(gm, a)))
+            elif a.op == "get_attr":  # a lifted constant: numbered per block by export
+                args.append(("const", shape(a)))
+            else:
+                args.append(("ext",))
+        lits = tuple(shape.text(repr(x)) for x in _literals(n))
+        sig.append((str(n.target), tuple(args), lits, shape(n)))
+    return tuple(sig)
+
+
+_UNBACKED = re.compile(r"\bu\d+\b")
+
+
+_NODE_NAME = re.compile(r"on node '[^']*'")
+
+
+class _BlockShapes:
+    """``_shape_of`` for the nodes of one block, with data-dependent sizes (export's unbacked
+    symbols ``u0, u1, ...``, new ones per block) numbered by first appearance in the block, so
+    identical blocks have identical shapes; ``text`` does the same to a literal (the messages
+    of export's runtime assertions also name the node they check)."""
+
+    def __init__(self) -> None:
+        self.names: dict[str, str] = {}
+
+    def _rename(self, m: re.Match) -> str:
+        return self.names.setdefault(m.group(0), f"u#{len(self.names)}")
+
+    def text(self, s: str) -> str:
+        return _UNBACKED.sub(self._rename, _NODE_NAME.sub("on node", s))
+
+    def __call__(self, n: Node):
+        s = _shape_of(n)
+        return None if s is None else tuple(_UNBACKED.sub(self._rename, x) for x in s)
+
+
+def _literals(n: Node) -> list:
+    out = []
+    torch.fx.node.map_aggregate(n.args, lambda x: out.append(x) if not isinstance(x, Node) else None)
+    return out
+
+
+def _shape_of(n: Node):
+    sizes = sizes_of(n)
+    return tuple(str(s) for s in sizes) if isinstance(sizes, tuple) else None
+
+
+def _graph(nodes: list[Node], block: str, tensors) -> nx.DiGraph:
+    g = nx.DiGraph()
+    index = {n: i for i, n in enumerate(nodes)}
+    shape = _BlockShapes()
+    for n in nodes:
+        label = (str(n.target), shape(n))
+        g.add_node(index[n], label=label)
+    for n in nodes:
+        for a in n.all_input_nodes:
+            if a in index:
+                g.add_edge(index[a], index[n])
+            elif a.op == "get_attr" and a.target in tensors and _relname(a.target, block) is not None:
+                key = ("param", _relname(a.target, block))
+                if key not in g:
+                    t = tensors.get(a.target)
+                    g.add_node(key, label=("param", key[1], tuple(t.shape) if t is not None else None))
+                g.add_edge(key, index[n])
+    return g
+
+
+def _isomorphic(a: nx.DiGraph, b: nx.DiGraph) -> bool:
+    """The blocks' graphs are isomorphic under the map that pairs nodes by their position in
+    the block (and tensors by relative name): the one map a depth change uses. Checking it is
+    linear; searching for any isomorphism (VF2++) is exponential on blocks made of many
+    identical pieces (an unrolled scan: 16 equal time steps took minutes), and finds nothing
+    the depth pass could use, since it copies blocks position by position."""
+    if a.number_of_nodes() != b.number_of_nodes() or a.number_of_edges() != b.number_of_edges():
+        return False
+    return nx.utils.graphs_equal(a, b)
+
+
+def _external_inputs(gm: GraphModule, nodes: list[Node], block: str) -> list[Node]:
+    """Values a block reads from outside: not its own tensors, nor the bodies of its
+    higher-order ops (``wrap_with_set_grad_enabled``'s submodule: export makes one per call,
+    and their code is part of the block's signature)."""
+    own = set(nodes)
+    out: list[Node] = []
+    for n in nodes:
+        for a in n.all_input_nodes:
+            if a in own or a in out:
+                continue
+            if a.op == "get_attr" and (_relname(a.target, block) is not None or _is_body(gm, a)):
+                continue
+            out.append(a)
+    return out
+
+
+def _is_body(gm: GraphModule, node: Node) -> bool:
+    try:
+        return isinstance(gm.get_submodule(node.target), GraphModule)
+    except AttributeError:
+        return False
+
+
+def _body_signature(gm: GraphModule, node: Node) -> tuple:
+    body = gm.get_submodule(node.target)
+    return tuple((n.op, str(n.target) if n.op == "call_function" else "", _shape_of(n))
+                 for n in body.graph.nodes)
+
+
+def _make_chain(gm, container, run, owner_nodes, tensors, get_attrs) -> Chain | None:
+    block_nodes = [owner_nodes[b] for b in run]
+    g0 = _graph(block_nodes[0], run[0], tensors)
+    for b, ns in zip(run[1:], block_nodes[1:]):
+        if not _isomorphic(g0, _graph(ns, b, tensors)):
+            return None
+    ins = [_external_inputs(gm, ns, b) for b, ns in zip(run, block_nodes)]
+    if len({len(x) for x in ins}) != 1:
+        return None
+    shared, chained = [], []
+    for slot in range(len(ins[0])):
+        if all(x[slot] is ins[0][slot] for x in ins):
+            shared.append(ins[0][slot])
+            continue
+        # chained slot: block k+1 reads a node block k produced, at the same position each time
+        pos = None
+        for k in range(len(run) - 1):
+            src = ins[k + 1][slot]
+            if src not in block_nodes[k]:
+                return None
+            p = block_nodes[k].index(src)
+            if pos is not None and p != pos:
+                return None
+            pos = p
+        v = ins[0][slot]
+        user = next(i for i, n in enumerate(block_nodes[0]) if v in n.all_input_nodes)
+        chained.append((user, block_nodes[0][user].all_input_nodes.index(v), pos))
+    if not chained:
+        return None  # blocks that do not feed each other are not a chain
+    params = []
+    for b in run:
+        rel = {}
+        for target, tensor in tensors.items():
+            r = _relname(target, b)
+            if r is not None:
+                rel[r] = target
+        params.append(rel)
+    # who uses each block's values outside the chain
+    everything = set(n for ns in block_nodes for n in ns)
+    depth_ok, reason = True, ""
+    exits = []
+    for k, ns in enumerate(block_nodes):
+        nxt = set(block_nodes[k + 1]) if k + 1 < len(block_nodes) else set()
+        for pos, n in enumerate(ns):
+            outside = [u for u in n.users if u not in everything or (u not in ns and u not in nxt)]
+            outside = [u for u in outside if u not in everything]
+            if not outside:
+                continue
+            if k == len(run) - 1:
+                exits.append((pos, outside))
+            else:
+                depth_ok, reason = False, (
+                    f"{n.name} of block {run[k]} is used outside the chain by {outside[0].name}"
+                )
+    return Chain(
+        container=container, blocks=list(run), nodes=block_nodes, params=params,
+        shared_inputs=shared, chained=chained, inputs0=ins[0], exits=exits,
+        depth_ok=depth_ok, reason=reason,
+    )

@@ -1,0 +1,265 @@
+"""The op registry: one small rule per op, keyed by op identity.
+
+A rule tells the analysis how an op relates the axes of its inputs and outputs (which dims are
+the same, which are split or concatenated, which are contracted, which are indexed and so
+pinned). An optional *rewrite* tells the width pass how to update the op's literal size
+arguments once spaces are resized. An op without a rule is an error naming the node; register
+your own with::
+
+    from vcyclefx.analysis.registry import register_rule
+
+    @register_rule(torch.ops.mylib.fused_norm.default)
+    def _fused_norm(ctx, node):
+        x = ctx.arg_dims(node, "input")
+        ctx.set_out(node, x)              # output axes are the input axes
+        ctx.normalized(x[-1], node)       # mean/variance over the last axis
+
+Arguments are read by name from the op's schema (``ctx.arg(node, "dim")``), never by position.
+
+In-place (``add_.Tensor``, ``detach_.default``) and ``out=`` (``add.out``) overloads need no
+rule of their own: they compute what their functional overload computes and write it into an
+argument, so :func:`rule_for` derives their rule from the functional op's rule and ties the
+output to the argument written (``self`` for in-place ops, ``out`` for ``out=`` ones). A rule
+asks :func:`op_of` (not ``node.target``) which op it is analysing.
+
+Ops of libraries that register them only when imported (``transformers::grouped_mm_fallback``)
+are registered by qualified name, ``"namespace::name"`` (every overload) or
+``"namespace::name.overload"``; the name is matched when a graph meets the op.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch.fx import Node
+
+from vcyclefx.errors import UnsupportedOp
+
+RuleFn = Callable[[Any, Node], None]
+RewriteFn = Callable[[Any, Node], None]
+
+
+@dataclass(frozen=True)
+class Rule:
+    analyze: RuleFn
+    rewrite: RewriteFn | None = None
+
+
+_RULES: dict[Any, Rule] = {}
+_DERIVED: dict[Any, Rule | None] = {}  # in-place / out= overload -> rule derived on first use
+_BY_NAME: dict[str, Rule] = {}  # "namespace::name[.overload]" -> rule, for ops not imported yet
+
+
+def register_rule(*targets, rewrite: RewriteFn | None = None, replace: bool = False):
+    """Decorator registering ``fn`` as the analysis rule of every op in ``targets``.
+
+    ``targets`` are op overloads (``torch.ops.aten.linear.default``), OpOverloadPackets (all
+    overloads), Python callables (``operator.mul``), higher-order ops, or qualified op names
+    (``"transformers::grouped_mm_fallback"``) for ops that exist once their library is imported.
+    """
+
+    def deco(fn: RuleFn) -> RuleFn:
+        _DERIVED.clear()  # derived rules may now come from this one
+        for t in targets:
+            if isinstance(t, str):
+                if "::" not in t:
+                    raise ValueError(f"{t!r}: an op name is 'namespace::name[.overload]'")
+                if t in _BY_NAME and not replace:
+                    raise ValueError(f"a rule for {t} is already registered (pass replace=True)")
+                _BY_NAME[t] = Rule(fn, rewrite)
+                continue
+            keys = [getattr(t, o) for o in t.overloads()] if isinstance(t, torch._ops.OpOverloadPacket) else [t]
+            for k in keys:
+                if k in _RULES and not replace:
+                    raise ValueError(f"a rule for {k} is already registered (pass replace=True)")
+                _RULES[k] = Rule(fn, rewrite)
+        return fn
+
+    return deco
+
+
+def _own_rule(target) -> Rule | None:
+    """The rule registered for ``target`` itself (by identity, else by qualified name)."""
+    rule = _RULES.get(target)
+    if rule is None and _BY_NAME and isinstance(target, torch._ops.OpOverload):
+        name = target._schema.name
+        rule = _BY_NAME.get(f"{name}.{target._overloadname}") or _BY_NAME.get(name)
+    return rule
+
+
+def rule_for(node: Node) -> Rule:
+    rule = _own_rule(node.target) or _derived_rule(node.target)
+    if rule is None:
+        raise UnsupportedOp(
+            f"{node.format_node()}: op {_op_name(node.target)} has no vcyclefx rule, so the "
+            "analysis cannot tell how it relates the axes of its inputs and outputs. Register "
+            "one with @vcyclefx.register_rule(<op>) (see vcyclefx/registry.py for an example)."
+            + _no_functional_hint(node.target)
+        )
+    return rule
+
+
+def op_of(node: Node):
+    """The op a rule analyses ``node`` as: the functional overload of an in-place or ``out=``
+    overload without a rule of its own, else ``node.target``."""
+    t = node.target
+    if _own_rule(t) is not None:
+        return t
+    f = functional_of(t)
+    return f if f is not None and _own_rule(f) is not None else t
+
+
+# -- in-place and out= overloads ------------------------------------------------------------------
+def _written(schema) -> list:
+    return [a for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+
+
+def _signature(args, first_by_type: bool = False) -> list[tuple[str, str]]:
+    """(name, type) per argument; the first by type only where ``first_by_type`` (in-place ops
+    call it ``self`` where some functional ops call it ``input``: ``dropout_`` / ``dropout``)."""
+    out = [(a.name, str(a.type)) for a in args]
+    if first_by_type and out:
+        out[0] = ("", out[0][1])
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def functional_of(target):
+    """The functional overload an in-place (``add_.Tensor`` -> ``add.Tensor``) or ``out=``
+    (``add.out`` -> ``add.Tensor``) overload computes, or None."""
+    if not isinstance(target, torch._ops.OpOverload):
+        return None
+    schema = target._schema
+    written = _written(schema)
+    if not written:
+        return None
+    ns, _, name = schema.name.partition("::")
+    packet_ns = getattr(torch.ops, ns, None)
+    if name.endswith("_") and not name.endswith("__") and written[0].name == schema.arguments[0].name:
+        packet = getattr(packet_ns, name[:-1], None)  # in-place: same arguments, no write
+        want = _signature(schema.arguments, first_by_type=True)
+        preferred = schema.overload_name or "default"
+    else:
+        if any(not a.kwarg_only for a in written):
+            return None  # an argument written in place that is not an out= buffer
+        packet = getattr(packet_ns, name, None)  # out=: the other arguments, one overload
+        names = {a.name for a in written}
+        want = _signature([a for a in schema.arguments if a.name not in names])
+        preferred = None
+    if not isinstance(packet, torch._ops.OpOverloadPacket):
+        return None
+    candidates = [getattr(packet, o) for o in packet.overloads()]
+    candidates = [c for c in candidates if not _written(c._schema)
+                  and _signature(c._schema.arguments, preferred is not None) == want]
+    candidates.sort(key=lambda c: (c._schema.overload_name or "default") != preferred)
+    return candidates[0] if candidates else None
+
+
+def _derived_rule(target) -> Rule | None:
+    if target not in _DERIVED:
+        f = functional_of(target)
+        base = _own_rule(f) if f is not None else None
+        _DERIVED[target] = None if base is None else Rule(_tie_written(base.analyze), base.rewrite)
+    return _DERIVED[target]
+
+
+def _tie_written(analyze: RuleFn) -> RuleFn:
+    """The functional op's rule, then the output is the argument written: the same axes where
+    the shapes agree. (An in-place view op such as ``unsqueeze_`` gives its argument a new
+    shape; export makes every later reader read the op's output, so its functional rule is
+    the whole story.)"""
+
+    def rule(ctx, node: Node) -> None:
+        analyze(ctx, node)
+        written = [get_arg(node, a.name, None) for a in _written(node.target._schema)]
+        out = ctx.out.get(node)
+        outs = out if len(written) > 1 and isinstance(out, list) else [out]
+        res = []
+        for o, w in zip(outs, written):
+            t = ctx.dims(w) if isinstance(w, Node) else None
+            if isinstance(o, list) and isinstance(t, list) and [d.size for d in o] == [d.size for d in t]:
+                ctx.unify_all(t, o, node)
+                o = t
+            res.append(o)
+        ctx.set_out(node, res if len(written) > 1 else res[0])
+
+    rule.__name__ = f"written_{getattr(analyze, '__name__', 'rule')}"
+    return rule
+
+
+def _no_functional_hint(target) -> str:
+    if isinstance(target, torch._ops.OpOverload) and _written(target._schema):
+        f = functional_of(target)
+        if f is None:
+            return (" It writes into an argument and has no functional overload whose rule could "
+                    "be reused.")
+        return f" Its functional form {f} has no rule either."
+    return ""
+
+
+def _op_name(target) -> str:
+    if isinstance(target, (torch._ops.OpOverload, torch._ops.HigherOrderOperator)):
+        return str(target)
+    return getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or str(target)
+
+
+# -- arguments by name ------------------------------------------------------------------------
+_NO_DEFAULT = object()
+
+
+def _schema_args(target):
+    schema = getattr(target, "_schema", None)
+    return None if schema is None else schema.arguments
+
+
+def arg_index(target, name: str) -> int | None:
+    """Position of argument ``name`` in ``target``'s schema (None if it is not an argument)."""
+    args = _schema_args(target)
+    if args is None:
+        return None
+    for i, a in enumerate(args):
+        if a.name == name:
+            return i
+    return None
+
+
+def get_arg(node: Node, name: str, default: Any = _NO_DEFAULT) -> Any:
+    """Argument ``name`` of ``node`` read through the op schema (positional or keyword),
+    falling back to the schema default."""
+    if name in node.kwargs:
+        return node.kwargs[name]
+    args = _schema_args(node.target)
+    if args is None:
+        raise KeyError(f"{node.format_node()}: op has no schema; cannot read argument {name!r}")
+    for i, a in enumerate(args):
+        if a.name == name:
+            if i < len(node.args) and not a.kwarg_only:
+                return node.args[i]
+            if a.has_default_value():
+                return a.default_value
+            if default is not _NO_DEFAULT:
+                return default
+            raise KeyError(f"{node.format_node()}: argument {name!r} missing")
+    f = functional_of(node.target)  # a derived rule reads the functional op's names
+    if f is not None and (i := arg_index(f, name)) is not None and i < len(node.args):
+        return node.args[i]
+    if default is not _NO_DEFAULT:
+        return default
+    raise KeyError(f"{node.format_node()}: {node.target} has no argument {name!r}")
+
+
+def set_arg(node: Node, name: str, value: Any) -> None:
+    """Set argument ``name`` of ``node`` (where it already is: positional or keyword)."""
+    args = _schema_args(node.target)
+    idx = arg_index(node.target, name)
+    if idx is None:
+        raise KeyError(f"{node.format_node()}: {node.target} has no argument {name!r}")
+    if idx < len(node.args) and not args[idx].kwarg_only:
+        new = list(node.args)
+        new[idx] = value
+        node.args = tuple(new)
+    else:
+        node.kwargs = {**node.kwargs, name: value}

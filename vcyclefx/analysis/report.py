@@ -1,0 +1,173 @@
+"""``vf.inspect``: what the analysis found, as a readable table and as JSON."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from vcyclefx.analysis.analyze import Analysis, Space, analyze
+from vcyclefx.analysis.chains import Chain
+from vcyclefx.errors import AnalysisError
+from vcyclefx.capture.frontend import as_level
+from vcyclefx.level import is_level, level_info
+
+log = logging.getLogger("vcyclefx.analysis.report")
+
+
+@dataclass
+class Report:
+    analysis: Analysis = field(repr=False)
+    model_name: str = ""
+    capture_notes: tuple = ()
+
+    @property
+    def spaces(self) -> list[Space]:
+        return self.analysis.spaces
+
+    @property
+    def resizable(self) -> list[Space]:
+        return [s for s in self.analysis.spaces if s.resizable]
+
+    @property
+    def chains(self) -> list[Chain]:
+        return self.analysis.chains
+
+    @property
+    def tied(self) -> list[str]:
+        return self.analysis.tied
+
+    def to_dict(self) -> dict[str, Any]:
+        a = self.analysis
+        return {
+            "model": self.model_name,
+            "nodes": len(a.gm.graph.nodes),
+            "parameters": sum(int(t.numel()) for t in a.gm.parameters()),
+            "spaces": [_space_dict(s) for s in a.spaces],
+            "chains": [
+                {"container": c.container, "blocks": len(c), "block_paths": c.blocks,
+                 "tensors_per_block": c.params_per_block,
+                 "parameters_per_block": _block_numel(a, c),
+                 "depth_resizable": c.depth_ok, "reason": c.reason}
+                for c in a.chains
+            ],
+            "tied": [
+                {"tensor": name, "aliases": list(a.tensors[name].aliases),
+                 "roles": sorted({r for ax in range(len(a.tensors[name].shape))
+                                  for r in a.roles.get((name, ax), ())})}
+                for name in a.tied
+            ],
+            "notes": list(self.capture_notes),
+            "analysis_seconds": round(a.seconds, 4),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def __str__(self) -> str:
+        return format_report(self)
+
+
+def _space_dict(s: Space) -> dict[str, Any]:
+    return {
+        "id": s.id, "key": s.key, "size": s.size, "unit": s.unit, "kind": s.kind,
+        "resizable": s.resizable, "reason": s.reason, "normalized_by": s.normalized,
+        "members": [{"tensor": m.tensor, "axis": m.axis, "role": m.role, "path": m.path}
+                    for m in s.members],
+    }
+
+
+def _block_numel(a: Analysis, c: Chain) -> int:
+    params = dict(a.gm.named_parameters(remove_duplicate=False))
+    return sum(int(params[t].numel()) for t in c.params[0].values() if t in params)
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
+    out = [line, "  ".join("-" * w for w in widths)]
+    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join(out)
+
+
+def _members_summary(s: Space, limit: int = 2) -> str:
+    from vcyclefx.analysis.analyze import natural_key
+
+    names = sorted({m.tensor for m in s.members}, key=natural_key)
+    more = f" +{len(names) - limit}" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _clip(text: str, width: int = 90) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def format_report(r: Report) -> str:
+    a = r.analysis
+    n_params = sum(int(t.numel()) for t in a.gm.parameters())
+    parts = [
+        f"model: {r.model_name}  nodes: {len(a.gm.graph.nodes)}  parameters: {n_params:,}  "
+        f"analysis: {a.seconds * 1000:.0f} ms",
+    ]
+    rows = []
+    for s in a.spaces:
+        if s.resizable:
+            status = "resizable" + (" (normalized: equal groups only)" if s.normalized else "")
+        else:
+            status = _clip("pinned: " + s.reason)
+        producers = sum(m.role in ("producer", "tied") for m in s.members)
+        consumers = sum(m.role in ("consumer", "tied") for m in s.members)
+        rows.append([str(s.id), s.kind, str(s.size), str(s.unit), f"{producers}/{consumers}",
+                     _members_summary(s), status])
+    parts.append("\nspaces (units x unit features; producers/consumers):")
+    parts.append(_table(["id", "kind", "units", "unit", "p/c", "tensors", "status"], rows))
+    if a.chains:
+        crow = [[c.container or "<root>", str(len(c)), str(c.params_per_block),
+                 f"{_block_numel(a, c):,}", "yes" if c.depth_ok else f"no: {c.reason}"]
+                for c in a.chains]
+        parts.append("\nchains:")
+        parts.append(_table(["container", "blocks", "tensors/block", "params/block", "depth"], crow))
+    else:
+        parts.append("\nchains: none (depth changes are not possible)")
+    if a.tied:
+        parts.append("\ntied tensors:")
+        for name in a.tied:
+            t = a.tensors[name]
+            roles = sorted({x for ax in range(len(t.shape)) for x in a.roles.get((name, ax), ())})
+            parts.append(f"  {name}: names {', '.join(t.aliases)}; roles {', '.join(roles)}")
+    for note in r.capture_notes:
+        parts.append(f"\nnote: {note}")
+    return "\n".join(parts)
+
+
+def inspect(model, example_inputs=None, **capture_kwargs) -> Report:
+    """Capture (if needed) and analyse ``model``; ``str(report)`` is a readable table.
+
+    A model with token or feature-sequence inputs is captured for the report by two static
+    exports whose sizes are compared (:mod:`vcyclefx.probe`, 2-3x faster than one export with
+    symbolic batch and sequence, same analysis); anything the comparison cannot explain, and
+    any ``capture_kwargs``, use the ordinary capture."""
+    return _inspect(model, example_inputs, capture_kwargs)
+
+
+def _inspect(model, example_inputs, capture_kwargs: dict, parallel: bool = False) -> Report:
+    """``inspect``; ``parallel=True`` (the command line) lets the probe capture fork."""
+    analysis = None
+    if not capture_kwargs and example_inputs is not None and not is_level(model) \
+            and isinstance(model, torch.nn.Module):
+        from vcyclefx.capture.probe import probe_capture
+
+        level = probe_capture(model, example_inputs, parallel=parallel)
+        try:
+            analysis = analyze(level) if level is not None else None
+        except AnalysisError as e:  # a rule that reads a labelled graph differently: no guess
+            log.info("analysis of the probe capture failed (%s); capturing symbolically", e)
+    if analysis is None:
+        level = as_level(model, example_inputs, **capture_kwargs)
+        analysis = analyze(level)
+    info = level_info(level)
+    name = (info.source_class or type(model).__name__) if info else type(model).__name__
+    return Report(analysis, model_name=name, capture_notes=info.notes if info else ())

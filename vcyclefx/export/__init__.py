@@ -1,0 +1,1 @@
+"""Export: level directories, ONNX, and the user's own class at a level's sizes."""

@@ -1,0 +1,254 @@
+"""Level directories and MODEL specifications (what the CLI reads and writes).
+
+A level directory holds::
+
+    level.pt2            the graph (torch.export format; re-exported with dynamic batch/sequence)
+    weights.safetensors  the weights, one entry per tensor (tied names listed in level.json)
+    inputs.safetensors   the example inputs the level was captured with
+    mapping.json         the mapping that made this level (if one did)
+    level.json           a summary: source class, shapes, spaces, chains, aliases
+
+Directories are written atomically: everything goes to a temporary sibling that is renamed into
+place only when complete, so a failure never leaves a partial level directory behind.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib
+import io
+import json
+import re
+import warnings
+import zipfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as load_bytes
+from safetensors.torch import load_file, save_file
+from safetensors.torch import save as save_bytes
+from torch.export import Dim
+
+from vcyclefx.store import atomic_directory
+from vcyclefx.errors import LevelError
+from vcyclefx.level import LevelInfo, level_info, make_level
+from vcyclefx.plan.mapping import Mapping
+from vcyclefx.capture.recipe import Recipe
+
+FORMAT = "vcyclefx.level"
+VERSION = 1
+
+
+def _canonical_state(level) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """State dict with one entry per tensor object, and alias -> canonical name."""
+    state = level.state_dict(keep_vars=True)
+    seen: dict[int, str] = {}
+    tensors, aliases = {}, {}
+    for name, t in state.items():
+        key = id(t)
+        if key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = t.detach().contiguous().cpu()
+    return tensors, aliases
+
+
+def reexport(level, example_inputs=None):
+    """An ExportedProgram of ``level`` (in training mode, so dropout rates are kept)."""
+    info = level_info(level)
+    args = tuple(example_inputs if example_inputs is not None else info.example_inputs)
+    dyn = set(info.dynamic_dims) if info else set()
+    shapes = tuple({d: Dim.AUTO for d in range(x.dim()) if (i, d) in dyn} for i, x in enumerate(args))
+    was_training = level.training
+    level.train()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.export.export(level, args, dynamic_shapes=shapes, strict=False)
+    finally:
+        level.train(was_training)
+
+
+def save_level(level, directory, mapping: Mapping | None = None, *, overwrite: bool = False,
+               extra: dict | None = None, also=None) -> Path:
+    """Write ``level`` as a level directory, atomically; ``also(tmp_dir)`` adds files (the
+    ``--format hf`` / ``module`` outputs) before the directory is renamed into place."""
+    directory = Path(directory)
+    if directory.exists() and not overwrite and any(directory.iterdir()):
+        raise LevelError(f"output directory {directory} exists and is not empty: choose another -o "
+                         "or remove it")
+    info = level_info(level)
+    if info is None:
+        raise LevelError("save_level expects a level made by vcyclefx (vf.coalesce/decoalesce/capture)")
+    with atomic_directory(directory) as tmp:
+        ep = reexport(level)
+        torch.export.save(ep, tmp / "level.pt2")
+        tensors, aliases = _canonical_state(level)
+        save_file(tensors, str(tmp / "weights.safetensors"))
+        save_file(_inputs_state(info), str(tmp / "inputs.safetensors"))
+        if mapping is not None:
+            mapping.save(tmp / "mapping.json")
+        summary = _summary(level, info, tensors, aliases, extra)
+        (tmp / "level.json").write_text(json.dumps(summary, indent=1))
+        if also is not None:
+            also(tmp)
+    return directory
+
+
+def _summary(level, info: LevelInfo, tensors: dict, aliases: dict, extra: dict | None) -> dict:
+    return {
+        "format": FORMAT, "version": VERSION,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "source_class": info.source_class, "frontend": info.frontend,
+        "dynamic_dims": [list(x) for x in info.dynamic_dims],
+        "training": bool(level.training),
+        "parameters": sum(int(p.numel()) for p in level.parameters()),
+        "tensors": {k: list(v.shape) for k, v in tensors.items()},
+        "aliases": aliases,
+        "notes": list(info.notes),
+        "recipe": info.recipe.to_json() if info.recipe is not None else None,
+        "input_names": list(info.input_names),
+        **(extra or {}),
+    }
+
+
+def _inputs_state(info: LevelInfo) -> dict[str, torch.Tensor]:
+    return {f"input.{i}": x.contiguous() for i, x in enumerate(info.example_inputs)}
+
+
+def level_to_bytes(level) -> dict:
+    """A level as plain bytes (what pickling a Level stores): the re-exported graph, the
+    weights and example inputs as safetensors, and the level.json summary."""
+    info = level_info(level)
+    buf = io.BytesIO()
+    torch.export.save(reexport(level), buf)
+    tensors, aliases = _canonical_state(level)
+    return {"pt2": buf.getvalue(), "weights": save_bytes(tensors),
+            "inputs": save_bytes(_inputs_state(info)),
+            "summary": _summary(level, info, tensors, aliases, None)}
+
+
+def level_from_bytes(data: dict):
+    """The level :func:`level_to_bytes` stored."""
+    meta = data["summary"]
+    _import_source(meta.get("source_class"))
+    ep = torch.export.load(io.BytesIO(data["pt2"]))
+    return _assemble(ep, load_bytes(data["weights"]), load_bytes(data["inputs"]), meta,
+                     "pickled level")
+
+
+def _tie(gm, alias: str, canon: str) -> None:
+    *path, leaf = alias.split(".")
+    owner = gm
+    for part in path:
+        owner = getattr(owner, part)
+    target = gm.get_parameter(canon) if canon in dict(gm.named_parameters()) else gm.get_buffer(canon)
+    if isinstance(target, torch.nn.Parameter):
+        setattr(owner, leaf, target)
+    else:
+        owner.register_buffer(leaf, target)
+
+
+# a pytree node type named in a serialized treespec: {\"type\": \"pkg.module.Class\", ...}
+_TREESPEC_TYPE = re.compile(r'\\"type\\": \\"([A-Za-z_]\w*(?:\.\w+)+)\\"')
+
+
+def _register_output_types(path, what: str) -> None:
+    """Import the modules of the pytree node types a ``.pt2`` archive's treespecs name (e.g. a
+    Hugging Face ``ModelOutput``), so that ``torch.export.load`` can rebuild its inputs and
+    outputs; a clear error if a module is not installed."""
+    import torch.utils._pytree as pytree
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = {m for n in z.namelist() if n.endswith(".json")
+                     for m in _TREESPEC_TYPE.findall(z.read(n).decode("utf-8", "replace"))}
+    except (zipfile.BadZipFile, OSError):
+        return  # not a zip archive: torch.export.load reports what it is
+    for name in sorted(names - set(pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE)):
+        module = name.rsplit(".", 1)[0]
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise LevelError(
+                f"{what}: its outputs are of type {name}, and module {module!r} cannot be "
+                f"imported ({e}); install the package that defines it (the one the model came "
+                "from) and try again") from e
+        if name not in pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE:
+            raise LevelError(
+                f"{what}: its outputs are of type {name}, which importing {module!r} does not "
+                "register with torch.utils._pytree; register it (register_pytree_node with "
+                f"serialized_type_name={name!r}) before loading")
+
+
+def load_pt2(path, what: str | None = None):
+    """``torch.export.load`` of ``path`` with the pytree types its treespecs name imported."""
+    what = what or str(path)
+    _register_output_types(path, what)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.export.load(path)
+    except Exception as e:  # noqa: BLE001
+        raise LevelError(f"{what}: cannot load the graph ({type(e).__name__}: {e})") from e
+
+
+def _import_source(source_class: str | None) -> None:
+    """Import the module of the user's class so its output types (e.g. Hugging Face
+    ModelOutput) are registered with pytree before the graph is deserialised."""
+    if not source_class or "." not in source_class:
+        return
+    try:
+        importlib.import_module(source_class.rsplit(".", 1)[0])
+    except ImportError:
+        pass  # deserialisation will report what is missing
+
+
+def _assemble(ep, weights: dict, inputs: dict, meta: dict, where: str):
+    """The Level of a loaded ExportedProgram with its weights (ties restored) and info."""
+    gm = ep.module()
+    state = dict(weights)
+    for alias, canon in meta.get("aliases", {}).items():
+        _tie(gm, alias, canon)  # one tensor under several names, as when it was saved
+        state[alias] = weights[canon]
+    missing, unexpected = gm.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise LevelError(f"{where}: weights do not match the graph (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    example = tuple(inputs[f"input.{i}"] for i in range(len(inputs)))
+    info = LevelInfo(example_inputs=example, frontend=meta.get("frontend", "export"),
+                     source_class=meta.get("source_class"),
+                     dynamic_dims=tuple(tuple(x) for x in meta.get("dynamic_dims", [])),
+                     notes=tuple(meta.get("notes", [])),
+                     recipe=Recipe.from_json(meta.get("recipe")),
+                     input_names=tuple(meta.get("input_names", ())))
+    return make_level(gm, info, training=meta.get("training", False))
+
+
+def load_level(directory) -> tuple[torch.fx.GraphModule, Mapping | None]:
+    """Load a level directory: (level GraphModule, its mapping or None)."""
+    d = Path(directory)
+    meta_path = d / "level.json"
+    if not meta_path.is_file():
+        raise LevelError(f"{d} is not a level directory (no level.json); make one with "
+                         "'vcyclefx coalesce MODEL -o DIR'")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise LevelError(f"{meta_path} is not valid JSON ({e.msg}, line {e.lineno})") from e
+    if meta.get("format") != FORMAT:
+        raise LevelError(f"{meta_path}: not a vcyclefx level summary")
+    for name in ("level.pt2", "weights.safetensors", "inputs.safetensors"):
+        if not (d / name).is_file():
+            raise LevelError(f"{d}: missing {name}; the level directory is incomplete")
+    _import_source(meta.get("source_class"))
+    ep = load_pt2(d / "level.pt2")
+    try:
+        weights = load_file(str(d / "weights.safetensors"))
+        inputs = load_file(str(d / "inputs.safetensors"))
+    except Exception as e:  # noqa: BLE001
+        raise LevelError(f"{d}: cannot read the safetensors files ({type(e).__name__}: {e})") from e
+    gm = _assemble(ep, weights, inputs, meta, str(d))
+    mapping = Mapping.load(d / "mapping.json") if (d / "mapping.json").is_file() else None
+    return gm, mapping

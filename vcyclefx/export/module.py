@@ -1,0 +1,291 @@
+"""``vf.to_module(level)``: the user's own class at the level's sizes.
+
+The level's recipe (``level.info.recipe``, see :mod:`vcyclefx.recipe`) says how the original
+model is built; which of its fields control which tensor axes is found by building the class on
+the meta device with changed values and comparing parameter shapes, never from a list of
+families:
+
+1. *ratios*: every axis whose size differs between the recipe's own build and the level, and
+   every block container whose number of blocks differs, gives a ratio new/old;
+2. *shapes*: starting from the recipe, the single field change (a field's value times a ratio;
+   one entry of a list field at a time, or the whole list) that most reduces the number of
+   tensors whose name or shape differs from the level is applied, until none differ;
+3. *function*: fields that no shape shows (GPT-2's ``n_head``: the head count only appears in
+   reshapes) are settled by building real modules, loading the level's weights with
+   ``strict=True`` and comparing outputs on the level's example inputs; the first candidate
+   whose float32 relative error is <= 1e-6 is the answer.
+
+Where no field change reproduces the level (uneven groups, a width that is not a constructor
+argument), a :class:`~vcyclefx.errors.LevelError` names the tensor, its axis, the space it lies
+in and what is missing.
+"""
+
+from __future__ import annotations
+
+import re
+from fractions import Fraction
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+
+from vcyclefx.errors import LevelError
+from vcyclefx.level import level_info
+from vcyclefx.capture.recipe import HF, Recipe
+
+TOLERANCE = 1e-6
+_INDEX = re.compile(r"\.(\d+)(?=\.)")
+
+
+def _shapes(module: nn.Module) -> dict[str, tuple]:
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def _blocks(names) -> dict[str, int]:
+    """Container -> number of numbered children (``model.layers`` -> 2; nested containers such
+    as ``stages`` and ``stages.0.blocks`` each count)."""
+    seen: dict[str, set] = {}
+    for n in names:
+        for m in _INDEX.finditer(n):
+            seen.setdefault(n[: m.start()], set()).add(int(m.group(1)))
+    return {k: len(v) for k, v in seen.items()}
+
+
+def _ratios(base: dict, target: dict) -> set[Fraction]:
+    out = set()
+    for name, shape in target.items():
+        old = base.get(name)
+        if old is None or len(old) != len(shape):
+            continue
+        for a, b in zip(old, shape):
+            if a != b and a > 0:
+                out.add(Fraction(b, a))
+    bb, tb = _blocks(base), _blocks(target)
+    for k, n in tb.items():
+        if k in bb and bb[k] != n and bb[k] > 0:
+            out.add(Fraction(n, bb[k]))
+    return out
+
+
+def _mismatch(built: dict | None, target: dict) -> int:
+    if built is None:
+        return 10 ** 9
+    names = set(built) | set(target)
+    return sum(1 for n in names if built.get(n) != target.get(n))
+
+
+def _candidates(value, ratios: set[Fraction]):
+    def scaled(v):
+        for r in ratios:
+            x = v * r
+            if x.denominator == 1 and x > 0 and int(x) != v:
+                yield int(x)
+
+    if isinstance(value, int):
+        yield from sorted(set(scaled(value)))
+        return
+    value = list(value)
+    for r in ratios:  # the whole list
+        xs = [v * r for v in value]
+        if all(x.denominator == 1 and x > 0 for x in xs):
+            yield [int(x) for x in xs]
+    for i, v in enumerate(value):  # one entry
+        for x in sorted(set(scaled(v))):
+            yield value[:i] + [x] + value[i + 1 :]
+
+
+class _Builder:
+    """Meta-device builds of the recipe, cached by overrides."""
+
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+        self.cache: dict = {}
+        self.builds = 0
+
+    def shapes(self, overrides: dict) -> dict | None:
+        key = repr(sorted(overrides.items()))
+        if key not in self.cache:
+            self.builds += 1
+            try:
+                self.cache[key] = _shapes(self.recipe.build(overrides, device="meta"))
+            except Exception:  # noqa: BLE001 - an invalid combination is simply not a candidate
+                self.cache[key] = None
+        return self.cache[key]
+
+
+BEAM = 4  # configurations kept per step of the shape search
+
+
+def _solve_shapes(builder: _Builder, fields: dict, target: dict, ratios) -> tuple[list[dict], dict]:
+    """Configurations whose tensors all have the level's names and shapes (fewest changes
+    first), found by a beam search over single field changes; and the closest one."""
+    def key(o):
+        return repr(sorted(o.items()))
+
+    start: dict = {}
+    scores = {key(start): _mismatch(builder.shapes(start), target)}
+    beam, exact, closest = [start], [], start
+    while beam:
+        grown = {}
+        for cur in beam:
+            here = scores[key(cur)]
+            if here == 0:
+                continue
+            for f, base in fields.items():
+                for cand in _candidates(cur.get(f, base), ratios):
+                    trial = {**cur, f: cand}
+                    k = key(trial)
+                    if k not in scores:
+                        scores[k] = _mismatch(builder.shapes(trial), target)
+                    if scores[k] < here:
+                        grown[k] = trial
+        beam = sorted(grown.values(), key=lambda o: scores[key(o)])[:BEAM]
+        exact += [o for o in beam if scores[key(o)] == 0 and o not in exact]
+        if beam and scores[key(beam[0])] < scores[key(closest)]:
+            closest = beam[0]
+    if scores[key(start)] == 0:
+        exact.insert(0, start)
+    exact.sort(key=len)
+    return exact, closest
+
+
+def _leaves(out) -> list[torch.Tensor]:
+    if hasattr(out, "to_tuple"):
+        out = out.to_tuple()
+    return [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
+
+
+def _rel_error(a, b) -> float:
+    la, lb = _leaves(a), _leaves(b)
+    if not la or len(la) < len(lb[:1]):
+        return float("inf")
+    worst = 0.0
+    for x, y in zip(la, lb):
+        if x.shape != y.shape:
+            return float("inf")
+        x, y = x.detach().double(), y.detach().double()
+        worst = max(worst, float((x - y).abs().max() / y.abs().max().clamp_min(1e-30)))
+    return worst
+
+
+def _verify(recipe: Recipe, overrides: dict, level, state, info) -> tuple[nn.Module | None, float]:
+    try:
+        module = recipe.build(overrides)
+        module.load_state_dict(state, strict=True)
+    except Exception:  # noqa: BLE001 - a configuration the weights do not fit
+        return None, float("inf")
+    module.eval()
+    with torch.no_grad():
+        args, kwargs = info.as_call()
+        err = _rel_error(module(*args, **kwargs), level(*info.example_inputs))
+    return module, err
+
+
+def solve(level) -> tuple[Recipe, dict, nn.Module, float]:
+    """(recipe, field overrides, a verified module with the level's weights, its error)."""
+    info = level_info(level)
+    recipe = info.recipe if info is not None else None
+    if recipe is None:
+        src = info.source_class if info is not None else type(level).__name__
+        raise LevelError(
+            f"this level does not know how its original model ({src}) is built: Hugging Face "
+            "models are recognised by capture; for other models name them as timm:NAME, "
+            "torchvision:NAME or pkg.mod:factory on the command line, or pass "
+            "recipe=vcyclefx.capture.recipe.Recipe('call', 'pkg.mod.Class', {kwargs}) to vf.capture")
+    target = _shapes(level)
+    builder = _Builder(recipe)
+    base = builder.shapes({})
+    if base is None:
+        raise LevelError(f"cannot build {recipe.target} from its recipe on the meta device")
+    fields = recipe.fields()
+    ratios = _ratios(base, target)
+    exact, closest = _solve_shapes(builder, fields, target, ratios)
+    if not exact:
+        raise LevelError(_no_config_message(level, recipe, builder.shapes(closest), target,
+                                            closest))
+    state = level.state_dict()
+    was_training = level.training
+    level.eval()
+    module, err, overrides, tried = None, float("inf"), exact[0], []
+    try:
+        for shaped in exact:
+            # each shape solution, then with one field that no tensor shape shows changed too
+            # (head counts that only appear in reshapes)
+            trials = [shaped] + [{**shaped, f: c} for f, b in fields.items() if f not in shaped
+                                 for c in _candidates(b, ratios)]
+            for trial in trials:
+                if _mismatch(builder.shapes(trial), target) != 0:
+                    continue
+                m, e = _verify(recipe, trial, level, state, info)
+                tried.append((trial, e))
+                if e <= TOLERANCE:
+                    module, err, overrides = m, e, trial
+                    break
+            if module is not None:
+                break
+    finally:
+        level.train(was_training)
+    if module is None:
+        best = min(tried, key=lambda t: t[1]) if tried else (overrides, float("inf"))
+        raise LevelError(
+            f"no configuration of {recipe.target} computes this level's function: with "
+            f"{_fmt(best[0])} every tensor has the level's shape but the outputs differ "
+            f"(relative error {best[1]:.3g} > {TOLERANCE}); a size the level changed (e.g. uneven "
+            "groups, or a head count with a different head size) is not a field of the recipe")
+    return recipe, overrides, module, err
+
+
+def _fmt(overrides: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in overrides.items()) or "the original configuration"
+
+
+def _no_config_message(level, recipe, built, target, overrides) -> str:
+    built = built or {}
+    bad = sorted(n for n in set(built) | set(target) if built.get(n) != target.get(n))
+    name = bad[0]
+    if name not in built:
+        what = f"tensor {name} of the level has no counterpart"
+    elif name not in target:
+        what = f"tensor {name} of {recipe.target} is not in the level"
+    else:
+        axes = [i for i, (a, b) in enumerate(zip(built[name], target[name])) if a != b]
+        what = (f"tensor {name} has shape {list(target[name])} in the level, "
+                f"{list(built[name])} in the best configuration (axis {axes[0] if axes else '?'}"
+                f"{_space_of(level, name, axes[0]) if axes else ''})")
+    kind = "config field" if recipe.kind == HF else "constructor argument"
+    return (f"no configuration of {recipe.target} reproduces this level: {what}; no {kind} "
+            f"controls that size (closest: {_fmt(overrides)}; {len(bad)} tensors differ). "
+            "Keep the level as a GraphModule, or use factors whose groups are even")
+
+
+def _space_of(level, name: str, axis: int) -> str:
+    try:
+        from vcyclefx.analysis.analyze import analyze
+
+        a = analyze(level, chains=False)
+        dim = a.tensors[name].dims[axis]
+        leaves = a.table.leaves(dim)
+        keys = [s.key for s in a.spaces if any(s.root.id == leaf.id for leaf in leaves)]
+        return f", space {keys[0]}" if keys else ""
+    except Exception:  # noqa: BLE001 - the name of the space is a courtesy
+        return ""
+
+
+def to_module(level, *, share: bool = False) -> nn.Module:
+    """An instance of the level's original class at the level's sizes (for Hugging Face models
+    with the config updated), its weights loaded with ``strict=True`` and checked inside the call
+    to compute the level's function (float32 relative error <= 1e-6 on the level's example
+    inputs). With ``share=True`` the module holds the level's own tensors (training one trains
+    the other); by default it holds copies."""
+    _, _, module, _ = solve(level)
+    if share:
+        module.load_state_dict(level.state_dict(keep_vars=True), strict=True, assign=True)
+    module.train(level.training)
+    return module
+
+
+def module_call(level) -> dict:
+    """``{"class": ..., "kwargs": ...}``: the call that builds the level's class at its sizes."""
+    recipe, overrides, _, _ = solve(level)
+    return {"class": recipe.target, "kind": recipe.kind, "kwargs": recipe.config(overrides),
+            "factory": recipe.factory}

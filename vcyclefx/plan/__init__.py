@@ -1,0 +1,1 @@
+"""Plan: which units and blocks a resize pairs, and the Mapping that records it."""

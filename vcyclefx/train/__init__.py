@@ -1,0 +1,1 @@
+"""Train: the V-cycle schedule, optimizer moments through a resize, and FLOP accounting."""
