@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import sys
 
@@ -11,22 +10,13 @@ from vcyclefx.errors import VCycleError
 
 
 def _cmd_inspect(args) -> int:
-    from vcyclefx.analysis.report import _inspect
+    from vcyclefx.analysis.report import inspect
     from vcyclefx.capture.specs import model_from_spec
 
-    # A short, read-only command: the cyclic garbage collector would spend seconds scanning the
-    # objects that importing torch and the model's library made, and collect almost nothing.
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        found = model_from_spec(args.model, batch=args.batch, seq=args.seq)
-        model, example = found.model, found.example
-        kwargs = {"frontend": args.frontend} if args.frontend else {}
-        report = _inspect(model, example, kwargs, parallel=True)
-        print(report.to_json() if args.json else report)
-    finally:
-        if was_enabled:
-            gc.enable()
+    found = model_from_spec(args.model, batch=args.batch, seq=args.seq)
+    kwargs = {"frontend": args.frontend} if args.frontend else {}
+    report = inspect(found.model, found.example, **kwargs)
+    print(report.to_json() if args.json else report)
     return 0
 
 
@@ -181,10 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     _example_args(ins)
     ins.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ins.add_argument("--frontend", choices=["export", "fx"], default=None,
-                     help="capture front-end (default: torch.export; models with token or "
-                          "sequence inputs are probed with two static exports, which is faster "
-                          "and gives the same analysis; naming a front-end captures once, with "
-                          "symbolic batch/sequence sizes)")
+                     help="capture front-end (default: torch.export with symbolic batch/sequence "
+                          "sizes, the capture coalesce uses)")
     ins.set_defaults(func=_cmd_inspect)
 
     co = sub.add_parser("coalesce", help="make a smaller level and write it as a level directory")

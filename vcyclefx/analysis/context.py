@@ -18,7 +18,7 @@ from typing import Any, Iterable
 import torch
 from torch.fx import GraphModule, Node
 
-from vcyclefx.analysis.dims import SIZES, Dim, DimConflict, DimTable, as_size
+from vcyclefx.analysis.dims import Dim, DimConflict, DimTable, as_size
 from vcyclefx.errors import AnalysisError
 from vcyclefx.analysis.registry import get_arg
 
@@ -93,17 +93,7 @@ class Context:
         return None
 
     def fresh(self, node: Node) -> Any:
-        labelled = node.meta.get(SIZES)  # sizes labelled by the probe capture (probe.py)
-        if labelled is not None:
-            return self._fresh_sizes(labelled)
         return self.fresh_like(self.val(node))
-
-    def _fresh_sizes(self, sizes) -> Any:
-        if isinstance(sizes, tuple):
-            return [self.table.new(s) for s in sizes]
-        if isinstance(sizes, list):
-            return [self._fresh_sizes(s) for s in sizes]
-        return None
 
     def set_out(self, node: Node, dims) -> None:
         self.out[node] = dims

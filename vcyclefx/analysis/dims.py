@@ -20,16 +20,9 @@ import torch
 
 Size = Union[int, sympy.Expr]
 
-# node.meta key with sizes labelled by the probe capture (probe.py); read before meta["val"]
-SIZES = "vcyclefx_sizes"
-
-
 def sizes_of(node):
-    """A node's shape as the analysis sees it: the probe's labels where present, else the
-    shape of ``meta["val"]`` (a tuple per tensor, a list for tuples of tensors, else None)."""
-    labelled = node.meta.get(SIZES)
-    if labelled is not None:
-        return labelled
+    """A node's shape from ``meta["val"]``: a tuple per tensor, a list for tuples of tensors,
+    else None."""
     return _shape_tree(node.meta.get("val"))
 
 

@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from vcyclefx.analysis.analyze import Analysis, Space, analyze
 from vcyclefx.analysis.chains import Chain
-from vcyclefx.errors import AnalysisError
 from vcyclefx.capture.frontend import as_level
-from vcyclefx.level import is_level, level_info
-
-log = logging.getLogger("vcyclefx.analysis.report")
+from vcyclefx.level import level_info
 
 
 @dataclass
@@ -146,28 +140,10 @@ def format_report(r: Report) -> str:
 def inspect(model, example_inputs=None, **capture_kwargs) -> Report:
     """Capture (if needed) and analyse ``model``; ``str(report)`` is a readable table.
 
-    A model with token or feature-sequence inputs is captured for the report by two static
-    exports whose sizes are compared (:mod:`vcyclefx.probe`, 2-3x faster than one export with
-    symbolic batch and sequence, same analysis); anything the comparison cannot explain, and
-    any ``capture_kwargs``, use the ordinary capture."""
-    return _inspect(model, example_inputs, capture_kwargs)
-
-
-def _inspect(model, example_inputs, capture_kwargs: dict, parallel: bool = False) -> Report:
-    """``inspect``; ``parallel=True`` (the command line) lets the probe capture fork."""
-    analysis = None
-    if not capture_kwargs and example_inputs is not None and not is_level(model) \
-            and isinstance(model, torch.nn.Module):
-        from vcyclefx.capture.probe import probe_capture
-
-        level = probe_capture(model, example_inputs, parallel=parallel)
-        try:
-            analysis = analyze(level) if level is not None else None
-        except AnalysisError as e:  # a rule that reads a labelled graph differently: no guess
-            log.info("analysis of the probe capture failed (%s); capturing symbolically", e)
-    if analysis is None:
-        level = as_level(model, example_inputs, **capture_kwargs)
-        analysis = analyze(level)
+    The capture is the one ``vf.coalesce`` makes (``capture_kwargs`` go to ``vf.capture``), so
+    the report describes the graph that a resize rewrites."""
+    level = as_level(model, example_inputs, **capture_kwargs)
+    analysis = analyze(level)
     info = level_info(level)
     name = (info.source_class or type(model).__name__) if info else type(model).__name__
     return Report(analysis, model_name=name, capture_notes=info.notes if info else ())

@@ -105,9 +105,11 @@ def _hf_directory(p: Path, spec: str, batch: int, seq: int) -> ModelSpec:
         raise VCycleError(f"MODEL {spec!r}: config.json names no architecture this transformers "
                           f"knows ({archs or 'architectures is empty'}); add one, e.g. "
                           '"architectures": ["LlamaForCausalLM"]')
+    if getattr(cfg, "use_cache", None):
+        cfg.use_cache = False  # a key/value cache in the outputs cannot be captured (nor trained)
     has_weights = any(p.glob("*.safetensors")) or any(p.glob("*.bin"))
     try:
-        model = (cls.from_pretrained(str(p), local_files_only=True) if has_weights
+        model = (cls.from_pretrained(str(p), config=cfg, local_files_only=True) if has_weights
                  else cls(cfg))
     except Exception as e:  # noqa: BLE001
         raise VCycleError(f"MODEL {spec!r}: {cls.__name__}.from_pretrained failed "

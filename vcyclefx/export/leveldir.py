@@ -2,7 +2,7 @@
 
 A level directory holds::
 
-    level.pt2            the graph (torch.export format; re-exported with dynamic batch/sequence)
+    level.pt2            the graph (torch.export format, with the dynamic batch/sequence dims)
     weights.safetensors  the weights, one entry per tensor (tied names listed in level.json)
     inputs.safetensors   the example inputs the level was captured with
     mapping.json         the mapping that made this level (if one did)
@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load as load_bytes
 from safetensors.torch import load_file, save_file
 from safetensors.torch import save as save_bytes
-from torch.export import Dim
+from vcyclefx.export.program import program_of
 
 from vcyclefx.store import atomic_directory
 from vcyclefx.errors import LevelError
@@ -54,22 +54,6 @@ def _canonical_state(level) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return tensors, aliases
 
 
-def reexport(level, example_inputs=None):
-    """An ExportedProgram of ``level`` (in training mode, so dropout rates are kept)."""
-    info = level_info(level)
-    args = tuple(example_inputs if example_inputs is not None else info.example_inputs)
-    dyn = set(info.dynamic_dims) if info else set()
-    shapes = tuple({d: Dim.AUTO for d in range(x.dim()) if (i, d) in dyn} for i, x in enumerate(args))
-    was_training = level.training
-    level.train()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return torch.export.export(level, args, dynamic_shapes=shapes, strict=False)
-    finally:
-        level.train(was_training)
-
-
 def save_level(level, directory, mapping: Mapping | None = None, *, overwrite: bool = False,
                extra: dict | None = None, also=None) -> Path:
     """Write ``level`` as a level directory, atomically; ``also(tmp_dir)`` adds files (the
@@ -82,7 +66,7 @@ def save_level(level, directory, mapping: Mapping | None = None, *, overwrite: b
     if info is None:
         raise LevelError("save_level expects a level made by vcyclefx (vf.coalesce/decoalesce/capture)")
     with atomic_directory(directory) as tmp:
-        ep = reexport(level)
+        ep = program_of(level)  # the graph as it is: no second export
         torch.export.save(ep, tmp / "level.pt2")
         tensors, aliases = _canonical_state(level)
         save_file(tensors, str(tmp / "weights.safetensors"))
@@ -122,7 +106,7 @@ def level_to_bytes(level) -> dict:
     weights and example inputs as safetensors, and the level.json summary."""
     info = level_info(level)
     buf = io.BytesIO()
-    torch.export.save(reexport(level), buf)
+    torch.export.save(program_of(level), buf)
     tensors, aliases = _canonical_state(level)
     return {"pt2": buf.getvalue(), "weights": save_bytes(tensors),
             "inputs": save_bytes(_inputs_state(info)),

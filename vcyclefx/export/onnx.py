@@ -253,15 +253,10 @@ def _reexport(level, args):
     """``torch.export`` of the level in its current mode, dynamic where the level's placeholders
     are symbolic (``level_info(level).dynamic_dims`` can also list dimensions that the capture
     specialised to a constant)."""
-    import torch
-    from torch.export import Dim
+    from vcyclefx.capture.frontend import dynamic_shapes_for, export_program
 
-    dyn = set(_symbolic_input_dims(level, args))
-    shapes = tuple({d: Dim.AUTO for d in range(x.dim()) if (i, d) in dyn} for i, x in enumerate(args))
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return torch.export.export(level, args, dynamic_shapes=shapes, strict=False)
+        return export_program(level, args, dynamic_shapes_for(args, _symbolic_input_dims(level, args)))
     except Exception as e:  # noqa: BLE001
         raise ExportError(f"torch.export of the level in eval mode failed (step 1 of the ONNX "
                           f"export): {type(e).__name__}: {_first_line(e)}") from e

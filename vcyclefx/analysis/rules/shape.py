@@ -6,7 +6,7 @@ from typing import Any
 
 from torch.fx import Node
 
-from vcyclefx.analysis.dims import CAT, PROD, Dim, is_static, quotient
+from vcyclefx.analysis.dims import CAT, PROD, Dim, is_static
 from vcyclefx.analysis.registry import op_of, register_rule
 from vcyclefx.analysis.rules._util import aten, norm_dim, shape_entries_rewrite
 
@@ -114,14 +114,8 @@ def _expand(ctx, node):
 
 
 def _symbolic_count(count, out: Dim, src: Dim | None) -> bool:
-    """A repeat count is symbolic when it is a SymInt node, or when a literal count makes a
-    batch/sequence-sized axis out of a static one (a graph captured with static shapes whose
-    sizes the probe labelled): then it counts positions, not copies of features."""
-    if not isinstance(count, int):
-        return True
-    if src is None:
-        return not is_static(out.size)
-    return not is_static(quotient(out.size, src.size) or 0)
+    """A repeat count is symbolic when it is a SymInt node (a literal count copies features)."""
+    return not isinstance(count, int)
 
 
 @register_rule(aten.repeat.default)

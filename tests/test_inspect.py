@@ -1,0 +1,66 @@
+"""``inspect`` uses the capture ``coalesce`` uses, so its report describes the graph a resize
+rewrites; the FX settings that make every capture faster do not change the graph."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import vcyclefx as vf
+from vcyclefx import zoo
+from vcyclefx.analysis.analyze import analyze
+from vcyclefx.analysis.report import Report
+from vcyclefx.capture.frontend import _auto_dims, export_program, quick_fx
+
+
+def _comparable(report: Report | dict) -> str:
+    """The report without its timing and model name (only ``inspect`` fills that in)."""
+    d = dict(report.to_dict() if isinstance(report, Report) else report)
+    del d["analysis_seconds"], d["model"]
+    return json.dumps(d, sort_keys=True, default=str)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert", "llama"])
+def test_inspect_reports_the_graph_that_coalesce_rewrites(name):
+    model, x = getattr(zoo, name)()
+    level = vf.capture(model, x)
+    report = vf.inspect(model, x)
+    assert report.to_dict()["nodes"] == len(level.graph.nodes)
+    assert _comparable(report) == _comparable(Report(analyze(level)))
+    # the resizable spaces the report lists are the ones coalesce resizes
+    resizable = {s["key"] for s in report.to_dict()["spaces"] if s["resizable"]}
+    _, mapping = vf.coalesce(model, x, width=0.5)
+    assert {sm.key for sm in mapping.spaces} <= resizable and mapping.spaces
+
+
+def test_the_quick_fx_settings_do_not_change_the_graph_and_are_restored():
+    model, x = zoo.llama()
+    shapes = _auto_dims(x)
+    before = torch.fx.config.do_not_emit_stack_traces
+    with torch.no_grad():
+        quick = export_program(model, x, shapes)
+        assert torch.fx.config.do_not_emit_stack_traces == before
+        plain = torch.export.export(model, x, dynamic_shapes=shapes, strict=False)
+    assert quick.graph_module.code == plain.graph_module.code
+    assert str(quick.range_constraints) == str(plain.range_constraints)
+    # what the setting saves: a stack trace recorded per node (a few size nodes still get one)
+    traced = sum(bool(n.meta.get("stack_trace")) for n in quick.graph.nodes)
+    assert 10 * traced < sum(bool(n.meta.get("stack_trace")) for n in plain.graph.nodes)
+    with quick_fx():
+        assert torch.fx.config.do_not_emit_stack_traces is True
+    assert torch.fx.config.do_not_emit_stack_traces == before
+
+
+def test_inspect_program_prints_the_whole_report_and_exits_zero():
+    """`vcyclefx inspect` leaves without interpreter teardown; its output must be complete."""
+    out = subprocess.run([sys.executable, "-m", "vcyclefx.cli", "inspect", "vcyclefx.zoo:bert", "--json"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    model, x = zoo.bert()
+    shown = re.sub(r'"analysis_seconds": [0-9.e-]+', "", out.stdout)
+    assert _comparable(json.loads(out.stdout)) == _comparable(vf.inspect(model, x)), shown[:200]
