@@ -5,13 +5,15 @@ Each measurement runs in its own subprocess (so peak-memory readings do not mix)
 repeated; the table reports medians. Peak memory is the resident-set high-water mark during the
 measured step minus the resident set just before it (Linux ``/proc/self/clear_refs``).
 
-    python tools/bench_transform.py --repeats 3
+    python tools/bench_transform.py --repeats 3          # the width pass against dense matrices
+    python tools/bench_transform.py --whole --repeats 3  # `vcyclefx coalesce` against the reference
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -140,10 +142,30 @@ def child(what: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--whole", action="store_true",
+                    help="time the whole `vcyclefx coalesce` of a GPT-2 base checkpoint against "
+                         "the reference procedure, process against process, and its steps")
+    ap.add_argument("--checkpoint", help="with --whole: a GPT-2 base Hugging Face directory "
+                    "(default: one with random weights, made in a temporary directory)")
     ap.add_argument("--child", choices=["sparse", "dense"], help=argparse.SUPPRESS)
+    ap.add_argument("--reference", nargs=2, metavar=("SRC", "OUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--split", nargs=2, metavar=("SRC", "OUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--make-checkpoint", metavar="DIR", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(args.child)))
+        return
+    if args.reference:
+        reference_coalesce(*args.reference)
+        return
+    if args.split:
+        print(json.dumps(split_child(*args.split)))
+        return
+    if args.make_checkpoint:
+        make_checkpoint(args.make_checkpoint)
+        return
+    if args.whole:
+        whole_process(args.checkpoint, args.repeats)
         return
     runs: dict[str, list[dict]] = {"sparse": [], "dense": []}
     for r in range(args.repeats):
@@ -172,6 +194,184 @@ def main() -> None:
     print(f"{'step':<{w}}  {'time':>10}  extra peak memory")
     for name, t, mem in rows:
         print(f"{name:<{w}}  {t:>10}  {mem}")
+
+
+
+# --- the whole `vcyclefx coalesce` of a checkpoint against the reference procedure -------------
+#
+# ``reference_coalesce`` re-implements, for this benchmark, the procedure of the public reference
+# code of the multi-level training paper (Zou et al., ICLR 2024, "map_tools"): load the Hugging
+# Face checkpoint with ``from_pretrained``, build one dense mapping matrix per resized axis
+# (neighbouring pairs of units averaged on the producing side and summed on the consuming side),
+# apply them with matrix products, average neighbouring layer pairs for depth, instantiate the
+# small model from a smaller config, load the mapped weights and ``save_pretrained`` it. It is a
+# re-implementation written here, not the reference's own code; it supports GPT-2 only.
+
+
+def _pairs(n: int, mean: bool):
+    import torch
+
+    m = torch.zeros(n // 2, n)
+    idx = torch.arange(n // 2)
+    m[idx, 2 * idx] = m[idx, 2 * idx + 1] = 0.5 if mean else 1.0
+    return m
+
+
+def reference_coalesce(src: str, out: str) -> None:
+    import torch
+    import transformers as T
+
+    model = T.GPT2LMHeadModel.from_pretrained(src, local_files_only=True)
+    cfg = model.config
+    d, h, f = cfg.n_embd, cfg.n_head, cfg.n_inner or 4 * cfg.n_embd
+    hd = d // h
+    avg_d, sum_d = _pairs(d, True), _pairs(d, False)
+    avg_f, sum_f = _pairs(f, True), _pairs(f, False)
+    # heads: neighbouring pairs of heads averaged, unit by unit
+    head = torch.kron(_pairs(h, True), torch.eye(hd))
+    head_sum = torch.kron(_pairs(h, False), torch.eye(hd))
+    qkv = torch.block_diag(head, head, head)
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+
+    def vec(w, m):
+        return m @ w
+
+    def conv(w, m_in, m_out):  # GPT-2 Conv1D weights are (in, out)
+        return m_in @ w @ m_out.T
+
+    small = {"transformer.wte.weight": sd["transformer.wte.weight"] @ avg_d.T,
+             "transformer.wpe.weight": sd["transformer.wpe.weight"] @ avg_d.T,
+             "transformer.ln_f.weight": vec(sd["transformer.ln_f.weight"], avg_d),
+             "transformer.ln_f.bias": vec(sd["transformer.ln_f.bias"], avg_d)}
+    for i in range(cfg.n_layer // 2):
+        a, b = f"transformer.h.{2 * i}.", f"transformer.h.{2 * i + 1}."
+        layer = {}
+        for p in (a, b):
+            one = {
+                "ln_1.weight": vec(sd[p + "ln_1.weight"], avg_d),
+                "ln_1.bias": vec(sd[p + "ln_1.bias"], avg_d),
+                "ln_2.weight": vec(sd[p + "ln_2.weight"], avg_d),
+                "ln_2.bias": vec(sd[p + "ln_2.bias"], avg_d),
+                "attn.c_attn.weight": conv(sd[p + "attn.c_attn.weight"], sum_d, qkv),
+                "attn.c_attn.bias": vec(sd[p + "attn.c_attn.bias"], qkv),
+                "attn.c_proj.weight": conv(sd[p + "attn.c_proj.weight"], head_sum, avg_d),
+                "attn.c_proj.bias": vec(sd[p + "attn.c_proj.bias"], avg_d),
+                "mlp.c_fc.weight": conv(sd[p + "mlp.c_fc.weight"], sum_d, avg_f),
+                "mlp.c_fc.bias": vec(sd[p + "mlp.c_fc.bias"], avg_f),
+                "mlp.c_proj.weight": conv(sd[p + "mlp.c_proj.weight"], sum_f, avg_d),
+                "mlp.c_proj.bias": vec(sd[p + "mlp.c_proj.bias"], avg_d),
+            }
+            for k, v in one.items():
+                layer[k] = layer.get(k, 0) + v / 2  # depth: the pair's average
+        small.update({f"transformer.h.{i}.{k}": v for k, v in layer.items()})
+    small["lm_head.weight"] = small["transformer.wte.weight"]
+    small_cfg = T.GPT2Config(**{**cfg.to_dict(), "n_embd": d // 2, "n_head": h // 2,
+                                "n_inner": f // 2, "n_layer": cfg.n_layer // 2})
+    target = T.GPT2LMHeadModel(small_cfg)
+    missing, unexpected = target.load_state_dict(small, strict=False)
+    assert not unexpected and all(".attn.bias" in k or "masked_bias" in k for k in missing), missing
+    target.save_pretrained(out)
+
+
+def make_checkpoint(directory: str) -> None:
+    """GPT-2 base (124M) with random weights as config.json + pytorch_model.bin."""
+    import torch
+    import transformers as T
+
+    torch.manual_seed(0)
+    model = T.GPT2LMHeadModel(T.GPT2Config())
+    model.config.save_pretrained(directory)
+    torch.save(model.state_dict(), f"{directory}/pytorch_model.bin")
+
+
+def split_child(src: str, out: str) -> dict:
+    """`vcyclefx coalesce SRC --width 0.5 --depth 0.5 -o OUT`, step by step, in one process."""
+    t0 = time.perf_counter()
+    steps = {}
+
+    def mark(name, start):
+        steps[name] = time.perf_counter() - start
+        return time.perf_counter()
+
+    import torch  # noqa: F401
+
+    from vcyclefx import api
+    from vcyclefx.capture import capture
+    from vcyclefx.capture.specs import model_from_spec
+    from vcyclefx.cli import _level_summary, _capture_kwargs
+    from vcyclefx.export.leveldir import save_level
+
+    t = mark("imports (torch, vcyclefx)", t0)
+    found = model_from_spec(src)
+    t = mark("loading (transformers import, from_pretrained)", t)
+    level = capture(found.model, found.example, **_capture_kwargs(found))
+    del found
+    t = mark("capture (torch.export)", t)
+    small, mapping = api.coalesce(level, width=0.5, depth=0.5)
+    t = mark("analysis + passes", t)
+    save_level(small, out, mapping, extra=_level_summary(small, mapping))
+    mark("writing the level directory", t)
+    steps["total"] = time.perf_counter() - t0
+    return steps
+
+
+def _run_measured(cmd: list[str]) -> tuple[float, int]:
+    """Wall seconds and peak resident memory (bytes) of one child process."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{err}")
+    return seconds, usage.ru_maxrss * 1024
+
+
+def whole_process(checkpoint: str | None, repeats: int) -> None:
+    import shutil
+    import tempfile
+
+    work = tempfile.mkdtemp(prefix="bench_transform_")
+    try:
+        if checkpoint is None:
+            checkpoint = os.path.join(work, "gpt2")
+            os.makedirs(checkpoint)
+            subprocess.run([sys.executable, __file__, "--make-checkpoint", checkpoint], check=True)
+        vcyclefx = [sys.executable, "-c", "from vcyclefx.cli import entry; entry()"]
+        runs: dict[str, list[tuple[float, int]]] = {"vcyclefx": [], "reference": []}
+        splits = []
+        for r in range(repeats):  # alternating, so both see the same machine load
+            for what in ("vcyclefx", "reference"):
+                out = os.path.join(work, f"{what}{r}")
+                cmd = ([*vcyclefx, "coalesce", checkpoint, "--width", "0.5", "--depth", "0.5",
+                        "-o", out] if what == "vcyclefx"
+                       else [sys.executable, __file__, "--reference", checkpoint, out])
+                runs[what].append(_run_measured(cmd))
+                shutil.rmtree(out, ignore_errors=True)
+                print(f"run {r + 1}/{repeats} {what}: {runs[what][-1][0]:.2f} s, "
+                      f"{runs[what][-1][1] / 2**30:.2f} GiB", file=sys.stderr)
+            out = os.path.join(work, f"split{r}")
+            res = subprocess.run([sys.executable, __file__, "--split", checkpoint, out],
+                                 capture_output=True, text=True, check=True)
+            splits.append(json.loads(res.stdout.strip().splitlines()[-1]))
+            shutil.rmtree(out, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    def med(what, i):
+        return statistics.median(x[i] for x in runs[what])
+
+    print(f"\n`vcyclefx coalesce` of GPT-2 base (124M, pytorch_model.bin) to width 0.5 / depth 0.5, "
+          f"whole process, medians of {repeats} alternating runs")
+    print(f"{'':<34} {'time':>8} {'peak RSS':>10}")
+    for what, label in (("vcyclefx", "vcyclefx coalesce"), ("reference", "reference procedure (re-impl.)")):
+        print(f"{label:<34} {med(what, 0):>6.2f} s {med(what, 1) / 2**30:>6.2f} GiB")
+    print(f"{'ratio vcyclefx / reference':<34} {med('vcyclefx', 0) / med('reference', 0):>7.2f}x "
+          f"{med('vcyclefx', 1) / med('reference', 1):>9.2f}x")
+    print(f"\nin one process, step by step (median of {repeats}):")
+    for name in splits[0]:
+        print(f"  {name:<48} {statistics.median(s[name] for s in splits):6.2f} s")
 
 
 if __name__ == "__main__":

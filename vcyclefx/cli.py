@@ -20,9 +20,11 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
-# Commands that write nothing: when run as a program they skip interpreter teardown (over a
-# second of finalising torch's and the model's objects) once their output is flushed.
-_QUICK_EXIT = {"inspect"}
+# Commands that run in this process alone: when run as a program they skip interpreter teardown
+# (one to two seconds of finalising torch's and the model's objects) once their output is
+# flushed; what they write is complete by then (every file is renamed into place, closed). Not
+# `train`, whose workers, compile threads and process groups shut down through atexit.
+_QUICK_EXIT = {"inspect", "coalesce", "decoalesce", "interpolate", "export-onnx"}
 
 
 def _progress(msg: str) -> None:
@@ -61,7 +63,7 @@ def _cmd_coalesce(args) -> int:
     _progress(f"coalescing {args.model} (width={args.width}, depth={args.depth})")
     small, mapping = api.coalesce(found.model, found.example, width=args.width, depth=args.depth,
                                   pairing=args.pairing, depth_pairing=args.depth_pairing,
-                                  **_recipe_kwargs(found))
+                                  **_capture_kwargs(found))
     save_level(small, args.output, mapping, overwrite=args.force, also=_writer(small, args),
                extra={"made_by": "coalesce", "from": args.model, **_level_summary(small, mapping)})
     print(mapping.summary())
@@ -82,7 +84,7 @@ def _cmd_decoalesce(args) -> int:
         example, extra = None, {}
     else:
         found = model_from_spec(args.model, batch=args.batch, seq=args.seq)
-        level, example, extra = found.model, found.example, _recipe_kwargs(found)
+        level, example, extra = found.model, found.example, _capture_kwargs(found)
         mapping = None
     if args.width is None and args.depth is None:
         if mapping is None:
@@ -120,11 +122,14 @@ MODEL_HELP = ("package.module:factory returning (model, example_inputs), timm:NA
               "file saved with torch.export, or a level directory")
 
 
-def _recipe_kwargs(found) -> dict:
-    """Capture options for a model named on the command line (nothing for a level)."""
+def _capture_kwargs(found) -> dict:
+    """Capture options for a model named on the command line (nothing for a level): the level
+    takes the model's tensors without copying them, since the command discards the model."""
     from vcyclefx.level import is_level
 
-    return {} if is_level(found.model) or found.recipe is None else {"recipe": found.recipe}
+    if is_level(found.model):
+        return {}
+    return {"copy_weights": False, **({"recipe": found.recipe} if found.recipe is not None else {})}
 
 
 def _writer(level, args):
@@ -236,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    """The ``vcyclefx`` program: ``main()``, then exit (quickly after read-only commands)."""
+    """The ``vcyclefx`` program: ``main()``, then exit (without interpreter teardown after the
+    single-process commands)."""
     code = main()
     if sys.argv[1:2] and sys.argv[1] in _QUICK_EXIT:
         import logging

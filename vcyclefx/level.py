@@ -245,10 +245,12 @@ def make_level(gm: GraphModule, info: LevelInfo, training: bool | None = None) -
     return build_level(gm, gm.graph, info, training=training, own=False)
 
 
-def own_level(gm: GraphModule, info: LevelInfo, training: bool | None = None) -> Level:
+def own_level(gm: GraphModule, info: LevelInfo, training: bool | None = None,
+              copy: bool = True) -> Level:
     """``gm`` (an ``ExportedProgram.module()`` of a user's model) as a Level holding copies of
-    its tensors, without the forward hooks export installs."""
-    return build_level(gm, gm.graph, info, training=training, own=True)
+    its tensors (the model's own tensors when not ``copy``), without the forward hooks export
+    installs."""
+    return build_level(gm, gm.graph, info, training=training, own=copy)
 
 
 def clone_level(gm: GraphModule) -> GraphModule:

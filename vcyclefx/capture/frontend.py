@@ -236,6 +236,7 @@ def capture(
     dynamic: bool = True,
     concrete_args: dict | None = None,
     recipe=None,
+    copy_weights: bool = True,
 ):
     """Capture ``model`` with ``example_inputs`` as a level GraphModule.
 
@@ -247,6 +248,9 @@ def capture(
     name); ``level.info.example_inputs`` holds them in that order.
     ``recipe`` (a :class:`vcyclefx.capture.recipe.Recipe`) says how the model is built, for
     ``vf.to_module``; Hugging Face models are recognised without one.
+    ``copy_weights=False`` makes the level use the model's own tensors instead of copies (no
+    second copy of the weights in memory), for a model the caller discards after capture, as
+    the command line does; training such a level changes the model.
     """
     if frontend not in FRONTENDS:
         raise CaptureError(f"frontend={frontend!r} is not one of {FRONTENDS}")
@@ -309,7 +313,7 @@ def capture(
         recipe=recipe if recipe is not None else recipe_of(model),
     )
     # the level owns copies of the model's tensors: training it never changes the user's model
-    gm = own_level(gm, info, training=was_training)
+    gm = own_level(gm, info, training=was_training, copy=copy_weights)
     log.info("captured %s with %s in %.2fs", type(model).__name__, frontend, time.perf_counter() - start)
     return gm
 
