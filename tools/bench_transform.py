@@ -147,6 +147,8 @@ def main() -> None:
                          "the reference procedure, process against process, and its steps")
     ap.add_argument("--checkpoint", help="with --whole: a GPT-2 base Hugging Face directory "
                     "(default: one with random weights, made in a temporary directory)")
+    ap.add_argument("--baseline", metavar="TREE", help="with --whole: also run `vcyclefx "
+                    "coalesce` from this checkout (an earlier commit) in the same alternation")
     ap.add_argument("--child", choices=["sparse", "dense"], help=argparse.SUPPRESS)
     ap.add_argument("--reference", nargs=2, metavar=("SRC", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("--split", nargs=2, metavar=("SRC", "OUT"), help=argparse.SUPPRESS)
@@ -165,7 +167,7 @@ def main() -> None:
         make_checkpoint(args.make_checkpoint)
         return
     if args.whole:
-        whole_process(args.checkpoint, args.repeats)
+        whole_process(args.checkpoint, args.repeats, args.baseline)
         return
     runs: dict[str, list[dict]] = {"sparse": [], "dense": []}
     for r in range(args.repeats):
@@ -279,7 +281,10 @@ def make_checkpoint(directory: str) -> None:
     import transformers as T
 
     torch.manual_seed(0)
-    model = T.GPT2LMHeadModel(T.GPT2Config())
+    # use_cache off in config.json: vcyclefx before a77cea0 failed on a config with it on (the
+    # DynamicCache output), and --baseline runs such a commit
+    model = T.GPT2LMHeadModel(T.GPT2Config(use_cache=False))
+    model.config.architectures = ["GPT2LMHeadModel"]
     model.config.save_pretrained(directory)
     torch.save(model.state_dict(), f"{directory}/pytorch_model.bin")
 
@@ -315,10 +320,12 @@ def split_child(src: str, out: str) -> dict:
     return steps
 
 
-def _run_measured(cmd: list[str]) -> tuple[float, int]:
+def _run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
     """Wall seconds and peak resident memory (bytes) of one child process."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # run from the temporary directory: `python -c` puts the working directory first on sys.path
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+                            cwd=os.path.dirname(cmd[-1]))
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - start
     err = proc.stderr.read().decode()
@@ -328,7 +335,9 @@ def _run_measured(cmd: list[str]) -> tuple[float, int]:
     return seconds, usage.ru_maxrss * 1024
 
 
-def whole_process(checkpoint: str | None, repeats: int) -> None:
+def whole_process(checkpoint: str | None, repeats: int, baseline: str | None = None) -> None:
+    """``baseline``: another checkout of vcyclefx (an earlier commit), run in the same
+    alternation for a before/after row."""
     import shutil
     import tempfile
 
@@ -339,15 +348,17 @@ def whole_process(checkpoint: str | None, repeats: int) -> None:
             os.makedirs(checkpoint)
             subprocess.run([sys.executable, __file__, "--make-checkpoint", checkpoint], check=True)
         vcyclefx = [sys.executable, "-c", "from vcyclefx.cli import entry; entry()"]
-        runs: dict[str, list[tuple[float, int]]] = {"vcyclefx": [], "reference": []}
+        whats = ("vcyclefx", "reference") + (("baseline",) if baseline else ())
+        runs: dict[str, list[tuple[float, int]]] = {w: [] for w in whats}
         splits = []
-        for r in range(repeats):  # alternating, so both see the same machine load
-            for what in ("vcyclefx", "reference"):
+        for r in range(repeats):  # alternating, so all see the same machine load
+            for what in whats:
                 out = os.path.join(work, f"{what}{r}")
                 cmd = ([*vcyclefx, "coalesce", checkpoint, "--width", "0.5", "--depth", "0.5",
-                        "-o", out] if what == "vcyclefx"
+                        "-o", out] if what != "reference"
                        else [sys.executable, __file__, "--reference", checkpoint, out])
-                runs[what].append(_run_measured(cmd))
+                env = {**os.environ, "PYTHONPATH": os.path.abspath(baseline)} if what == "baseline" else None
+                runs[what].append(_run_measured(cmd, env))
                 shutil.rmtree(out, ignore_errors=True)
                 print(f"run {r + 1}/{repeats} {what}: {runs[what][-1][0]:.2f} s, "
                       f"{runs[what][-1][1] / 2**30:.2f} GiB", file=sys.stderr)
@@ -364,11 +375,15 @@ def whole_process(checkpoint: str | None, repeats: int) -> None:
 
     print(f"\n`vcyclefx coalesce` of GPT-2 base (124M, pytorch_model.bin) to width 0.5 / depth 0.5, "
           f"whole process, medians of {repeats} alternating runs")
-    print(f"{'':<34} {'time':>8} {'peak RSS':>10}")
-    for what, label in (("vcyclefx", "vcyclefx coalesce"), ("reference", "reference procedure (re-impl.)")):
-        print(f"{label:<34} {med(what, 0):>6.2f} s {med(what, 1) / 2**30:>6.2f} GiB")
-    print(f"{'ratio vcyclefx / reference':<34} {med('vcyclefx', 0) / med('reference', 0):>7.2f}x "
-          f"{med('vcyclefx', 1) / med('reference', 1):>9.2f}x")
+    print(f"{'':<40} {'time':>8} {'peak RSS':>10}")
+    labels = [("vcyclefx", "vcyclefx coalesce"), ("reference", "reference procedure (re-impl.)")]
+    if baseline:
+        labels.append(("baseline", f"vcyclefx coalesce at {baseline}"))
+    for what, label in labels:
+        print(f"{label:<40} {med(what, 0):>6.2f} s {med(what, 1) / 2**30:>6.2f} GiB")
+    for what in ("vcyclefx",) + (("baseline",) if baseline else ()):
+        print(f"{'ratio ' + what + ' / reference':<40} {med(what, 0) / med('reference', 0):>7.2f}x "
+              f"{med(what, 1) / med('reference', 1):>9.2f}x")
     print(f"\nin one process, step by step (median of {repeats}):")
     for name in splits[0]:
         print(f"  {name:<48} {statistics.median(s[name] for s in splits):6.2f} s")
