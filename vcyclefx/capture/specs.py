@@ -34,6 +34,8 @@ import torch
 
 from vcyclefx.errors import VCycleError
 from vcyclefx.capture.recipe import CALL, Recipe, recipe_of, watched_recipe
+from vcyclefx.export.leveldir import load_level, load_pt2
+from vcyclefx.level import LevelInfo, level_info, make_level
 
 BATCH, SEQ, IMAGE = 2, 16, 224
 
@@ -197,9 +199,6 @@ def _factory(spec: str) -> ModelSpec:
 
 
 def _pt2(p: Path, spec: str) -> ModelSpec:
-    from vcyclefx.export.leveldir import load_pt2
-    from vcyclefx.level import LevelInfo, make_level
-
     if not p.is_file():
         raise VCycleError(f"MODEL {spec!r}: no such file")
     ep = load_pt2(p, f"MODEL {spec!r}")
@@ -236,9 +235,6 @@ def model_from_spec(spec: str, batch: int | None = None, seq: int | None = None)
         return _pt2(p, spec)
     if p.is_dir():
         if (p / "level.json").is_file():
-            from vcyclefx.export.leveldir import load_level
-            from vcyclefx.level import level_info
-
             gm, _ = load_level(p)
             return ModelSpec(gm, level_info(gm).example_inputs, level_info(gm).recipe)
         if (p / "config.json").is_file():

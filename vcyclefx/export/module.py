@@ -29,6 +29,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
+from vcyclefx.analysis.analyze import analyze
 from vcyclefx.errors import LevelError
 from vcyclefx.level import level_info
 from vcyclefx.capture.recipe import HF, Recipe
@@ -260,8 +261,6 @@ def _no_config_message(level, recipe, built, target, overrides) -> str:
 
 def _space_of(level, name: str, axis: int) -> str:
     try:
-        from vcyclefx.analysis.analyze import analyze
-
         a = analyze(level, chains=False)
         dim = a.tensors[name].dims[axis]
         leaves = a.table.leaves(dim)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from vcyclefx.zoo.gpt import GPT, GPTConfig
+
 SEQ = 16
 BATCH = 2
 IMG = 32
@@ -125,8 +127,6 @@ def resnet18():
 
 def nanogpt(n_layer: int = 2, n_head: int = 4, n_embd: int = 64, vocab: int = 128):
     """The repository's own nanoGPT-style module (tied head), captured with symbolic_trace."""
-    from vcyclefx.zoo.gpt import GPT, GPTConfig
-
     torch.manual_seed(0)
     cfg = GPTConfig(block_size=64, vocab_size=vocab, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
     return GPT(cfg), (_tokens(vocab),)
