@@ -122,3 +122,40 @@ def test_files_written_before_the_alias_map_moved_into_the_metadata_still_load(t
     back = load_tensors(old, aliases={"1.weight": "0.weight"})  # the map from level.json
     assert back["1.weight"].data_ptr() == back["0.weight"].data_ptr()
     assert load_tensors(old).keys() == {"0.weight"}  # without the map: what the file holds
+
+
+def test_a_level_directory_stores_the_tied_gpt2_embedding_once_and_reloads_it_tied(tmp_path):
+    import vcyclefx as vf
+    from vcyclefx import zoo
+    from vcyclefx.export.leveldir import load_level, save_level
+
+    model, example = zoo.gpt2()
+    level = vf.capture(model.eval(), example)  # no dropout: outputs comparable
+    save_level(level, tmp_path / "new")
+    summary = json.loads((tmp_path / "new" / "level.json").read_text())
+    assert "aliases" not in summary and "lm_head.weight" not in summary["tensors"]
+    back, _ = load_level(tmp_path / "new")
+    assert back.get_parameter("lm_head.weight") is back.get_parameter("transformer.wte.weight")
+    with torch.no_grad():
+        assert torch.equal(back(*example).logits, level(*example).logits)
+
+
+def test_a_level_directory_from_before_the_alias_map_moved_loads_tied(tmp_path):
+    """Older level directories list the tied names in level.json and keep plain safetensors."""
+    import vcyclefx as vf
+    from vcyclefx import zoo
+    from vcyclefx.export.leveldir import load_level, save_level
+
+    model, example = zoo.gpt2()
+    level = vf.capture(model.eval(), example)  # no dropout: outputs comparable
+    old = save_level(level, tmp_path / "old")
+    stored = load_tensors(old / "weights.safetensors")
+    del stored["lm_head.weight"]
+    save_file({k: v.clone() for k, v in stored.items()}, str(old / "weights.safetensors"))
+    summary = json.loads((old / "level.json").read_text())
+    summary["aliases"] = {"lm_head.weight": "transformer.wte.weight"}
+    (old / "level.json").write_text(json.dumps(summary))
+    back, _ = load_level(old)
+    assert back.get_parameter("lm_head.weight") is back.get_parameter("transformer.wte.weight")
+    with torch.no_grad():
+        assert torch.equal(back(*example).logits, level(*example).logits)

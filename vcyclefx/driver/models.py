@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from vcyclefx.driver.config import ConfigError
+from vcyclefx.store import atomic_directory
 
 
 def logits_of(out) -> torch.Tensor:
@@ -91,7 +92,6 @@ def build_causal_lm(spec: str, *, vocab_size: int, seq_len: int, seed: int) -> t
 def save_hf(module: torch.nn.Module, directory: Path) -> None:
     """``module`` (a Hugging Face model, or a level of one) as ``save_pretrained`` output,
     written to a temporary sibling and renamed into place."""
-    from vcyclefx.store import atomic_directory
     from vcyclefx.level import is_level
 
     if is_level(module):

@@ -46,14 +46,14 @@ from torch.utils import flop_counter
 from vcyclefx.zoo.gpt import GPT, GPTConfig
 from vcyclefx.driver.models import build_causal_lm, check_model, logits_of, save_hf
 from vcyclefx.driver.runtime import Point, RunState, Runtime  # noqa: F401 (RunState re-exported)
-from vcyclefx.driver.checkpoint import (atomic_write_text, load_sharded, load_weights,
-                         restore_rng, resume_config, save_checkpoint, save_weights,
-                         saved_optimizer_by_name)
+from vcyclefx.driver.checkpoint import (load_sharded, load_weights, restore_rng, resume_config,
+                                        save_checkpoint, saved_optimizer_by_name)
 from vcyclefx.driver.config import ConfigError, TrainConfig, check_runtime
 from vcyclefx.driver.data import Batches, TokenData, load_data
 from vcyclefx.driver.logger import MetricLogger, ProgressBar
 from vcyclefx.driver.parallel import (Trainee, _optimized, optimizer_state_by_name,  # noqa: F401 (re-exported)
                        optimizer_state_from_names)
+from vcyclefx.store import atomic_write_text, save_tensors
 
 
 # ----------------------------------------------------------------------------- FLOPs
@@ -536,9 +536,7 @@ def _save_final(rt: Runtime, module: torch.nn.Module, schedule: str) -> None:
     the ``--model`` class); a Hugging Face ``--model`` is also written as ``<schedule>-hf/``,
     what ``from_pretrained`` loads."""
     if rt.master:
-        tmp = rt.out / f".{schedule}.safetensors.tmp"
-        save_weights(module.state_dict(keep_vars=True), tmp)
-        os.replace(tmp, rt.out / f"{schedule}.safetensors")
+        save_tensors(rt.out / f"{schedule}.safetensors", module.state_dict(keep_vars=True))
         if rt.cfg.model:
             save_hf(module, rt.out / f"{schedule}-hf")
 
