@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from vcyclefx.driver.config import ConfigError
 from vcyclefx.store import atomic_directory
@@ -26,6 +27,12 @@ from vcyclefx.store import atomic_directory
 def logits_of(out) -> torch.Tensor:
     """The logits of a model output: the tensor itself, or a ModelOutput's ``.logits``."""
     return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def lm_loss(out, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of a model output's logits ``(B, T, vocab)`` against ``targets``
+    ``(B, T)``, in float32."""
+    return F.cross_entropy(logits_of(out).flatten(0, 1).float(), targets.flatten())
 
 
 def _hf_config(path: Path):
