@@ -23,7 +23,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import os
 import shutil
 import warnings
 from pathlib import Path
@@ -32,49 +31,21 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from vcyclefx.store import atomic_directory
 from vcyclefx.driver.config import ConfigError, TrainConfig
 from vcyclefx.driver.parallel import optimizer_state_by_name
-
 from vcyclefx.driver.runtime import Point, RunState, Runtime
+from vcyclefx.store import atomic_directory, atomic_write_json, load_tensors, save_tensors
 
 if TYPE_CHECKING:
     from vcyclefx.driver.parallel import Trainee
 
 
-
 _RESUMABLE_CHANGES = {"resume", "out", "quiet", "ckpt_every", "device", "cache_dir", "cpu_offload"}
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def save_weights(state: dict, path: Path) -> None:
-    """A state_dict as safetensors; a tensor under several names (tied) is stored once."""
-    from safetensors.torch import save_file
-
-    tensors, aliases, seen = {}, {}, {}
-    for name, t in state.items():
-        if id(t) in seen:
-            aliases[name] = seen[id(t)]
-            continue
-        seen[id(t)] = name
-        tensors[name] = t.detach().contiguous().cpu()
-    save_file(tensors, str(path), metadata={"aliases": json.dumps(aliases)})
-
-
 def load_weights(module: torch.nn.Module, path: Path) -> None:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    state = load_file(str(path))
-    with safe_open(str(path), "pt") as f:
-        aliases = json.loads(f.metadata().get("aliases", "{}"))
-    state.update({alias: state[name] for alias, name in aliases.items()})
-    module.load_state_dict(state, strict=True)
+    """The weights ``save_tensors`` wrote (tied names included) into ``module``, strictly."""
+    module.load_state_dict(load_tensors(path), strict=True)
 
 
 def rng_state(device: torch.device) -> dict:
@@ -126,7 +97,7 @@ def save_checkpoint(rt: Runtime, trainee: Trainee, opt, state: RunState) -> None
                 dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp / "dcp")
         if rt.master:
             if not rt.cfg.fsdp:
-                save_weights(model_state, tmp / "model.safetensors")
+                save_tensors(tmp / "model.safetensors", model_state)
                 torch.save(optim_state, tmp / "optim.pt")
             # data state: batches are a pure function of (seed, step, micro-batch), so the step
             # to draw next is all there is to save
@@ -135,7 +106,7 @@ def save_checkpoint(rt: Runtime, trainee: Trainee, opt, state: RunState) -> None
                         rng=rngs, data={"seed": rt.cfg.seed, "next_step": state.step})
             (tmp / "state.json").write_text(json.dumps(meta))
     if rt.master:
-        atomic_write_text(root / "latest.json", json.dumps({"dir": name}))
+        atomic_write_json(root / "latest.json", {"dir": name})
         for old in root.iterdir():  # keep only the newest
             if old.is_dir() and old.name != name:
                 shutil.rmtree(old, ignore_errors=True)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import os
 import sysconfig
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +37,7 @@ import numpy as np
 import torch
 
 from vcyclefx.driver.config import ConfigError
+from vcyclefx.store import atomic_path
 
 SEPARATOR = b"\x00"
 TOKEN_DTYPES = (np.uint8, np.uint16, np.uint32)
@@ -88,18 +88,6 @@ def is_val_file(rel_path: str, val_fraction: float) -> bool:
     return h / 2**64 < val_fraction
 
 
-def _atomic_save(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _corpus_key(root: Path, files: list[Path], val_fraction: float) -> str:
     h = hashlib.sha1(f"v1 {root} {val_fraction}".encode())
     for p in files:
@@ -135,7 +123,8 @@ def load_file_corpus(root: Path, files: list[Path], val_fraction: float, cache_d
     if not all(p.exists() for p in paths):
         train, val = _build_split(root, files, val_fraction)
         for p, arr in zip(paths, (train, val)):
-            _atomic_save(p, arr)
+            with atomic_path(p) as tmp:
+                np.save(tmp, arr)  # tmp ends in .npy: np.save adds no suffix
     train, val = (np.load(p, mmap_mode="r") for p in paths)
     return TokenData(train, val, 256, f"{root} ({len(files)} files, bytes, cached in {cache_dir})")
 

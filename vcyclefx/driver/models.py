@@ -18,13 +18,21 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from vcyclefx.driver.config import ConfigError
+from vcyclefx.store import atomic_directory
 
 
 def logits_of(out) -> torch.Tensor:
     """The logits of a model output: the tensor itself, or a ModelOutput's ``.logits``."""
     return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def lm_loss(out, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of a model output's logits ``(B, T, vocab)`` against ``targets``
+    ``(B, T)``, in float32."""
+    return F.cross_entropy(logits_of(out).flatten(0, 1).float(), targets.flatten())
 
 
 def _hf_config(path: Path):
@@ -91,7 +99,6 @@ def build_causal_lm(spec: str, *, vocab_size: int, seq_len: int, seed: int) -> t
 def save_hf(module: torch.nn.Module, directory: Path) -> None:
     """``module`` (a Hugging Face model, or a level of one) as ``save_pretrained`` output,
     written to a temporary sibling and renamed into place."""
-    from vcyclefx.store import atomic_directory
     from vcyclefx.level import is_level
 
     if is_level(module):

@@ -24,12 +24,11 @@ de-coalesce and interpolation) or is the very first one, its own FLOPs and secon
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 from vcyclefx.driver.logger import read_metrics
 from vcyclefx.driver.saving import describe, saving_against, steady_wall
+from vcyclefx.store import atomic_path, atomic_write_json
 
 REACH = "to reach the 1x baseline's final loss (one budget, not the frontier)"
 
@@ -201,10 +200,11 @@ def plot(records: list[dict], path: Path, target: float | None = None) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def finish(out: Path, cfg=None) -> dict:
@@ -213,9 +213,7 @@ def finish(out: Path, cfg=None) -> dict:
     summary = summarize(records)
     if cfg is not None:
         summary["config"] = cfg.to_dict()
-    tmp = Path(out) / ".summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1))
-    os.replace(tmp, Path(out) / "summary.json")
+    atomic_write_json(Path(out) / "summary.json", summary, indent=1)
     plot(records, Path(out) / "loss.png", summary["baseline_final_val_loss"])
     print(table(summary), flush=True)
     return summary

@@ -2,9 +2,10 @@
 
 - ``hf``: what the model's ``save_pretrained`` writes (``config.json`` with the new sizes,
   ``model.safetensors``), so that its auto class loads it with ``from_pretrained(DIR)``;
-- ``module``: ``model.safetensors`` (one entry per tensor) and ``module.json``: the call that
-  builds the original class at the level's sizes (``{"call": "timm.models...VisionTransformer",
-  "kwargs": {...}}``), the tied names, and how to load it (:func:`load_module`).
+- ``module``: ``model.safetensors`` (each tensor once, tied names in its metadata:
+  ``vcyclefx.store``) and ``module.json``: the call that builds the original class at the level's
+  sizes (``{"call": "timm.models...VisionTransformer", "kwargs": {...}}``) and how to load it
+  (:func:`load_module`; older directories list the tied names in ``module.json``).
 
 Both are solved and verified (``vf.to_module``) before anything is written.
 """
@@ -14,11 +15,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
-
+from vcyclefx.capture.recipe import HF, Recipe
 from vcyclefx.errors import LevelError
 from vcyclefx.export.module import solve
-from vcyclefx.capture.recipe import HF, Recipe
+from vcyclefx.store import load_tensors, save_tensors
 
 FORMAT = "vcyclefx.module"
 
@@ -41,15 +41,12 @@ def module_writer(level, fmt: str):
         raise LevelError(f"--format {fmt!r} is not one of level, hf, module")
 
     def write_module(tmp: Path) -> None:
-        from vcyclefx.export.leveldir import _canonical_state
-
-        tensors, aliases = _canonical_state(module)
-        save_file(tensors, str(tmp / "model.safetensors"))
+        save_tensors(tmp / "model.safetensors", module.state_dict(keep_vars=True))
         spec = {"format": FORMAT, "recipe": Recipe(recipe.kind, recipe.target,
                                                    recipe.config(overrides), recipe.attn,
                                                    recipe.factory).to_json(),
                 "call": recipe.target, "kwargs": recipe.config(overrides),
-                "changed": overrides, "aliases": aliases, "relative_error": err}
+                "changed": overrides, "relative_error": err}
         (tmp / "module.json").write_text(json.dumps(spec, indent=1))
 
     return write_module
@@ -65,8 +62,6 @@ def load_module(directory):
     if spec.get("format") != FORMAT:
         raise LevelError(f"{path}: not a vcyclefx module description")
     module = Recipe.from_json(spec["recipe"]).build()
-    state = load_file(str(d / "model.safetensors"))
-    for alias, canon in spec.get("aliases", {}).items():
-        state[alias] = state[canon]
+    state = load_tensors(d / "model.safetensors", spec.get("aliases"))
     module.load_state_dict(state, strict=True)
     return module

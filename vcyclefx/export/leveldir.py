@@ -3,13 +3,15 @@
 A level directory holds::
 
     level.pt2            the graph (torch.export format, with the dynamic batch/sequence dims)
-    weights.safetensors  the weights, one entry per tensor (tied names listed in level.json)
+    weights.safetensors  the weights, each tensor once (tied names in its metadata, vcyclefx.store)
     inputs.safetensors   the example inputs the level was captured with
     mapping.json         the mapping that made this level (if one did)
-    level.json           a summary: source class, shapes, spaces, chains, aliases
+    level.json           a summary: source class, shapes, spaces, chains
 
-Directories are written atomically: everything goes to a temporary sibling that is renamed into
-place only when complete, so a failure never leaves a partial level directory behind.
+Directories are written atomically (``vcyclefx.store.atomic_directory``): everything goes to a
+temporary sibling that is renamed into place only when complete, so a failure never leaves a
+partial level directory behind. Directories written before the alias map moved into the weights'
+metadata list it in ``level.json`` (``"aliases"``); they load the same.
 """
 
 from __future__ import annotations
@@ -24,34 +26,17 @@ import zipfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load as load_bytes
-from safetensors.torch import load_file, save_file
-from safetensors.torch import save as save_bytes
-from vcyclefx.export.program import program_of
 
-from vcyclefx.store import atomic_directory
 from vcyclefx.errors import LevelError
 from vcyclefx.level import LevelInfo, level_info, make_level
 from vcyclefx.plan.mapping import Mapping
 from vcyclefx.capture.recipe import Recipe
+from vcyclefx.export.program import program_of
+from vcyclefx.store import (aliases_of, atomic_directory, load_tensors, save_tensors,
+                            tensors_from_bytes, tensors_to_bytes)
 
 FORMAT = "vcyclefx.level"
 VERSION = 1
-
-
-def _canonical_state(level) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """State dict with one entry per tensor object, and alias -> canonical name."""
-    state = level.state_dict(keep_vars=True)
-    seen: dict[int, str] = {}
-    tensors, aliases = {}, {}
-    for name, t in state.items():
-        key = id(t)
-        if key in seen:
-            aliases[name] = seen[key]
-            continue
-        seen[key] = name
-        tensors[name] = t.detach().contiguous().cpu()
-    return tensors, aliases
 
 
 def save_level(level, directory, mapping: Mapping | None = None, *, overwrite: bool = False,
@@ -68,19 +53,20 @@ def save_level(level, directory, mapping: Mapping | None = None, *, overwrite: b
     with atomic_directory(directory) as tmp:
         ep = program_of(level)  # the graph as it is: no second export
         torch.export.save(ep, tmp / "level.pt2")
-        tensors, aliases = _canonical_state(level)
-        save_file(tensors, str(tmp / "weights.safetensors"))
-        save_file(_inputs_state(info), str(tmp / "inputs.safetensors"))
+        state = level.state_dict(keep_vars=True)
+        save_tensors(tmp / "weights.safetensors", state)
+        save_tensors(tmp / "inputs.safetensors", _inputs_state(info))
         if mapping is not None:
             mapping.save(tmp / "mapping.json")
-        summary = _summary(level, info, tensors, aliases, extra)
+        summary = _summary(level, info, state, extra)
         (tmp / "level.json").write_text(json.dumps(summary, indent=1))
         if also is not None:
             also(tmp)
     return directory
 
 
-def _summary(level, info: LevelInfo, tensors: dict, aliases: dict, extra: dict | None) -> dict:
+def _summary(level, info: LevelInfo, state: dict, extra: dict | None) -> dict:
+    aliases = aliases_of(state)
     return {
         "format": FORMAT, "version": VERSION,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -88,8 +74,7 @@ def _summary(level, info: LevelInfo, tensors: dict, aliases: dict, extra: dict |
         "dynamic_dims": [list(x) for x in info.dynamic_dims],
         "training": bool(level.training),
         "parameters": sum(int(p.numel()) for p in level.parameters()),
-        "tensors": {k: list(v.shape) for k, v in tensors.items()},
-        "aliases": aliases,
+        "tensors": {k: list(v.shape) for k, v in state.items() if k not in aliases},
         "notes": list(info.notes),
         "recipe": info.recipe.to_json() if info.recipe is not None else None,
         "input_names": list(info.input_names),
@@ -107,10 +92,10 @@ def level_to_bytes(level) -> dict:
     info = level_info(level)
     buf = io.BytesIO()
     torch.export.save(program_of(level), buf)
-    tensors, aliases = _canonical_state(level)
-    return {"pt2": buf.getvalue(), "weights": save_bytes(tensors),
-            "inputs": save_bytes(_inputs_state(info)),
-            "summary": _summary(level, info, tensors, aliases, None)}
+    state = level.state_dict(keep_vars=True)
+    return {"pt2": buf.getvalue(), "weights": tensors_to_bytes(state),
+            "inputs": tensors_to_bytes(_inputs_state(info)),
+            "summary": _summary(level, info, state, None)}
 
 
 def level_from_bytes(data: dict):
@@ -118,8 +103,9 @@ def level_from_bytes(data: dict):
     meta = data["summary"]
     _import_source(meta.get("source_class"))
     ep = torch.export.load(io.BytesIO(data["pt2"]))
-    return _assemble(ep, load_bytes(data["weights"]), load_bytes(data["inputs"]), meta,
-                     "pickled level")
+    old = meta.get("aliases")  # pickled before the alias map moved into the weights
+    return _assemble(ep, tensors_from_bytes(data["weights"], old),
+                     tensors_from_bytes(data["inputs"]), meta, "pickled level")
 
 
 def _tie(gm, alias: str, canon: str) -> None:
@@ -190,13 +176,12 @@ def _import_source(source_class: str | None) -> None:
 
 
 def _assemble(ep, weights: dict, inputs: dict, meta: dict, where: str):
-    """The Level of a loaded ExportedProgram with its weights (ties restored) and info."""
+    """The Level of a loaded ExportedProgram with its weights (``load_tensors``: every name,
+    tied ones sharing one tensor; the ties restored in the module) and info."""
     gm = ep.module()
-    state = dict(weights)
-    for alias, canon in meta.get("aliases", {}).items():
+    for alias, canon in aliases_of(weights).items():
         _tie(gm, alias, canon)  # one tensor under several names, as when it was saved
-        state[alias] = weights[canon]
-    missing, unexpected = gm.load_state_dict(state, strict=False)
+    missing, unexpected = gm.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise LevelError(f"{where}: weights do not match the graph (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]})")
@@ -229,8 +214,8 @@ def load_level(directory) -> tuple[torch.fx.GraphModule, Mapping | None]:
     _import_source(meta.get("source_class"))
     ep = load_pt2(d / "level.pt2")
     try:
-        weights = load_file(str(d / "weights.safetensors"))
-        inputs = load_file(str(d / "inputs.safetensors"))
+        weights = load_tensors(d / "weights.safetensors", meta.get("aliases"))
+        inputs = load_tensors(d / "inputs.safetensors")
     except Exception as e:  # noqa: BLE001
         raise LevelError(f"{d}: cannot read the safetensors files ({type(e).__name__}: {e})") from e
     gm = _assemble(ep, weights, inputs, meta, str(d))

@@ -33,16 +33,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import re
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from vcyclefx.errors import ExportError
+from vcyclefx.store import fsync_tree, publish, temporary_directory
 
 log = logging.getLogger("vcyclefx.export.onnx")
 
@@ -531,29 +529,28 @@ class _Stage:
 
 @contextlib.contextmanager
 def _staging(path: Path):
-    """A temporary directory beside ``path``; on success its files are moved into place (the
-    ``.onnx`` last), on failure the exporter's reports are kept beside ``path`` and the rest is
-    removed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    stage = _Stage(Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-")), path.name)
-    stage.reports.mkdir()
-    moved: list[Path] = []
-    try:
-        yield stage
-        extra = [p for p in stage.root.iterdir() if p.is_file() and p != stage.file]
-        for p in extra + [stage.file]:  # external data first: the .onnx appears last
-            os.replace(p, path.parent / p.name)
-            moved.append(path.parent / p.name)
-    except BaseException as e:
-        for p in moved:  # only external data can have been moved: the .onnx goes last
-            p.unlink(missing_ok=True)
-        reports = _keep_reports(stage.reports, path)
-        if reports and isinstance(e, ExportError):
-            e.args = (f"{e.args[0]} Exporter report: {reports[0]}",)
-            e.report = reports[0]
-        raise
-    finally:
-        shutil.rmtree(stage.root, ignore_errors=True)
+    """A temporary directory beside ``path`` (``vcyclefx.store``); on success its files are
+    flushed and moved into place (the ``.onnx`` last), on failure the exporter's reports are kept
+    beside ``path`` and the rest is removed."""
+    with temporary_directory(path) as root:
+        stage = _Stage(root, path.name)
+        stage.reports.mkdir()
+        moved: list[Path] = []
+        try:
+            yield stage
+            extra = [p for p in stage.root.iterdir() if p.is_file() and p != stage.file]
+            for p in extra + [stage.file]:  # external data first: the .onnx appears last
+                fsync_tree(p)
+                publish(p, path.parent / p.name)
+                moved.append(path.parent / p.name)
+        except BaseException as e:
+            for p in moved:  # only external data can have been moved: the .onnx goes last
+                p.unlink(missing_ok=True)
+            reports = _keep_reports(stage.reports, path)
+            if reports and isinstance(e, ExportError):
+                e.args = (f"{e.args[0]} Exporter report: {reports[0]}",)
+                e.report = reports[0]
+            raise
 
 
 def _keep_reports(report_dir: Path, path: Path) -> list[Path]:
@@ -563,7 +560,7 @@ def _keep_reports(report_dir: Path, path: Path) -> list[Path]:
         if p.name.endswith("_success.md"):
             continue
         dest = path.parent / f"{path.stem}.{p.name}"
-        os.replace(p, dest)
+        publish(p, dest)
         kept.append(dest)
     return kept
 

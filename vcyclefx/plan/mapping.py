@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vcyclefx.errors import MappingError
+from vcyclefx.store import atomic_write_text
 
 FORMAT = "vcyclefx.mapping"
 VERSION = 1
@@ -153,9 +153,9 @@ class Mapping:
         return m
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the mapping as JSON, atomically (temporary file + rename)."""
+        """Write the mapping as JSON, atomically (``vcyclefx.store``)."""
         self.validate()
-        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=1))
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Mapping":
@@ -170,18 +170,3 @@ class Mapping:
             raise MappingError(f"mapping file {p} is not valid JSON (line {e.lineno}: {e.msg}); "
                                "it may be truncated or corrupted") from e
         return cls.from_dict(d, source=f"mapping file {p}")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

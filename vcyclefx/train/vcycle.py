@@ -24,15 +24,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from vcyclefx.store import atomic_directory
 from vcyclefx.api import coalesce, decoalesce, interpolate
 from vcyclefx.errors import ScheduleError, VCycleError
 from vcyclefx.train.flops import tokens_in, training_flops_per_token
 from vcyclefx.capture.frontend import as_level
 from vcyclefx.level import clone_level, is_level, level_info
 from vcyclefx.plan.mapping import Mapping
+from vcyclefx.store import atomic_directory, load_tensors, save_tensors
 
 PHASES = ("down", "bottom", "up")
 CKPT_FORMAT = "vcyclefx.vcycle"
@@ -341,9 +340,9 @@ class VCycle:
     # -- checkpoints ------------------------------------------------------------------------------
     def _checkpoint(self, index: int) -> None:
         with atomic_directory(self.checkpoint_dir / f"stage-{index:03d}") as tmp:
-            save_file(_weights(self._model), str(tmp / "model.safetensors"))
+            save_tensors(tmp / "model.safetensors", self._model.state_dict(keep_vars=True))
             for k, m in self._kept.items():
-                save_file(_weights(m), str(tmp / f"kept-level{k}.safetensors"))
+                save_tensors(tmp / f"kept-level{k}.safetensors", m.state_dict(keep_vars=True))
             for k, m in self.mappings.items():
                 m.save(tmp / f"mapping-level{k}.json")
             meta = {"format": CKPT_FORMAT, "completed_stage": index, "next_stage": index + 1,
@@ -386,19 +385,12 @@ def _map_tensors(source, tensors: dict[str, dict[str, torch.Tensor]], direction:
     return map_moments(source, tensors, direction, mapping)
 
 
-def _weights(module) -> dict[str, torch.Tensor]:
-    seen, out = set(), {}
-    for k, v in module.state_dict(keep_vars=True).items():
-        if id(v) in seen:
-            continue
-        seen.add(id(v))
-        out[k] = v.detach().contiguous().clone()
-    return out
-
-
 def _load_into(shape_module, path: Path):
+    """A copy of ``shape_module`` with the weights of ``path``. A checkpoint written before the
+    alias map was stored has one name per tied tensor; the others may be missing where the
+    module ties them to a stored name."""
     m = clone_level(shape_module)
-    state = load_file(str(path))
+    state = load_tensors(path)
     missing, unexpected = m.load_state_dict(state, strict=False)
     aliases = {k for k in missing if k not in state}
     named = dict(m.state_dict(keep_vars=True))
