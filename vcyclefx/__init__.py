@@ -14,6 +14,7 @@ import importlib
 
 from vcyclefx.analysis.registry import register_rule
 from vcyclefx.capture import capture  # the package vcyclefx.capture is shadowed by its function
+from vcyclefx.export import leveldir as _leveldir  # registers how a Level pickles
 from vcyclefx.errors import (
     AnalysisError,
     CaptureError,

@@ -7,9 +7,10 @@ front-end, the original class. Its behaviour is stated as methods, not patched o
 - ``train()``/``eval()`` switch the graph's baked-in dropout/BatchNorm mode (``passes.mode``);
 - ``.to()/.cuda()/.cpu()`` (``_apply``) rewrite the device literals export baked into the graph;
 - ``copy.deepcopy`` gives a level with its own tensors, in the same mode;
-- pickling (``torch.save``, multiprocessing) goes through ``torch.export``: the graph is
-  re-exported with the level's dynamic dims and rebuilt on load, so the unpickled level has the
-  same names, ties, mode and shape metadata and can be rewritten again.
+- pickling (``torch.save``, multiprocessing) stores the level as its level directory would (the
+  graph lifted into an ``ExportedProgram``, the weights as safetensors) and rebuilds it on load,
+  so the unpickled level has the same names, ties, mode and shape metadata and can be rewritten
+  again (:mod:`vcyclefx.export.leveldir` plugs the format in as ``Level.pickler``).
 
 A level never shares a tensor with the module it was made from: :func:`build_level` copies
 every tensor it does not receive new (ties between names are kept: one copy per tensor object).
@@ -27,6 +28,7 @@ from torch.fx import Graph, GraphModule
 
 from passes.device import module_device, move_device_literals_
 from passes.mode import switch_mode_
+from vcyclefx.errors import LevelError
 
 
 KEY = "vcyclefx"
@@ -80,16 +82,17 @@ class Level(GraphModule):
         switch_mode_(res, self.training)
         return res
 
+    # How a level pickles: (to_bytes, from_bytes), set by vcyclefx.export.leveldir when it is
+    # imported (``import vcyclefx`` does). The level-directory format builds Levels, so this
+    # module does not import it; it plugs itself in here.
+    pickler = None
+
     def __reduce__(self):
-        from vcyclefx.export.leveldir import level_to_bytes
-
-        return (_level_from_bytes, (level_to_bytes(self),))
-
-
-def _level_from_bytes(data: bytes) -> Level:
-    from vcyclefx.export.leveldir import level_from_bytes
-
-    return level_from_bytes(data)
+        if Level.pickler is None:
+            raise LevelError("pickling a level needs vcyclefx.export.leveldir: import vcyclefx "
+                             "before pickling or unpickling levels")
+        to_bytes, from_bytes = Level.pickler
+        return (from_bytes, (to_bytes(self),))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from vcyclefx.errors import LevelError
-from vcyclefx.level import LevelInfo, level_info, make_level
+from vcyclefx.level import Level, LevelInfo, level_info, make_level
 from vcyclefx.plan.mapping import Mapping
 from vcyclefx.capture.recipe import Recipe
 from vcyclefx.export.program import program_of
@@ -106,6 +106,10 @@ def level_from_bytes(data: dict):
     old = meta.get("aliases")  # pickled before the alias map moved into the weights
     return _assemble(ep, tensors_from_bytes(data["weights"], old),
                      tensors_from_bytes(data["inputs"]), meta, "pickled level")
+
+
+# how a Level pickles (torch.save, multiprocessing): in the level-directory format
+Level.pickler = (level_to_bytes, level_from_bytes)
 
 
 def _tie(gm, alias: str, canon: str) -> None:
