@@ -31,7 +31,7 @@ from vcyclefx.export.program import program_of
 
 from vcyclefx.store import atomic_directory
 from vcyclefx.errors import LevelError
-from vcyclefx.level import LevelInfo, level_info, make_level
+from vcyclefx.level import LevelInfo, level_info, make_level, owner_of
 from vcyclefx.plan.mapping import Mapping
 from vcyclefx.capture.recipe import Recipe
 
@@ -123,10 +123,7 @@ def level_from_bytes(data: dict):
 
 
 def _tie(gm, alias: str, canon: str) -> None:
-    *path, leaf = alias.split(".")
-    owner = gm
-    for part in path:
-        owner = getattr(owner, part)
+    owner, leaf = owner_of(gm, alias)
     target = gm.get_parameter(canon) if canon in dict(gm.named_parameters()) else gm.get_buffer(canon)
     if isinstance(target, torch.nn.Parameter):
         setattr(owner, leaf, target)
