@@ -1,6 +1,7 @@
-"""What every pass shares: the result type, graph copying, module rebuilding, checks.
+"""What every pass shares: the result type, graph copying, module rebuilding.
 
-A pass has one shape: ``pass_(gm, plan) -> PassResult``; it never changes ``gm``. New modules
+A pass has one shape: ``pass_(gm, plan) -> PassResult``; it never changes ``gm`` (the contract
+and the check after every pass are in :mod:`passes.contract`). New modules
 are built by :func:`rebuild` from a rewritten graph and a dictionary of new tensors, so the
 result has the same module hierarchy, parameter names, tied aliases and non-persistent buffers
 as the input, and owns copies of every tensor the pass did not replace.
@@ -9,23 +10,21 @@ as the input, and owns copies of every tensor the pass did not replace.
 from __future__ import annotations
 
 import copy
-import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from torch.fx import Graph, GraphModule, Node
 
-from vcyclefx.errors import PassCheckError
-from vcyclefx.level import build_level, level_info, shared_tensors
-from vcyclefx.level import fetch_attr, nonpersistent_buffers  # noqa: F401 - the passes' names
-
-log = logging.getLogger("vcyclefx.passes")
+from vcyclefx.level import build_level, level_info
 
 
 @dataclass
 class PassResult:
     module: GraphModule
     mapping: Any  # the part of a vcyclefx.Mapping this pass produced
+    # tensor name -> the shape the plan gives it, worked out apart from the tensors themselves
+    # (Pass.ensures checks the module against it)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 def copy_graph(graph: Graph) -> tuple[Graph, dict[Node, Node]]:
@@ -53,22 +52,3 @@ def rebuild(
     other tensor of ``old`` (a pass's output never shares storage with its input)."""
     return build_level(old, graph, level_info(old), new_attrs=new_attrs,
                        nonpersistent=nonpersistent, buffers=buffers, training=old.training)
-
-
-def check_graph(gm: GraphModule, *, what: str, source: GraphModule | None = None) -> None:
-    """Postcondition of every pass: the graph lints, every value node has ``meta['val']``, and
-    no tensor of the result shares storage with the pass's input ``source``."""
-    gm.graph.lint()
-    missing = [
-        n.format_node() for n in gm.graph.nodes
-        if n.op in ("call_function", "placeholder") and "val" not in n.meta and n.users
-    ]
-    if missing:
-        raise PassCheckError(f"{what}: nodes without meta['val']: {missing[:5]}")
-    if source is not None:
-        shared = shared_tensors(gm, source)
-        if shared:
-            raise PassCheckError(f"{what}: the result shares tensor {shared[0]} with its input "
-                                 f"({len(shared)} shared); a pass must copy what it keeps")
-    if log.isEnabledFor(logging.DEBUG):
-        log.debug("%s produced:\n%s", what, gm.graph)

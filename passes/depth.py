@@ -22,17 +22,17 @@ from dataclasses import dataclass
 import torch
 from torch.fx import Graph, GraphModule, Node
 
-from vcyclefx.analysis.analyze import Analysis
-from vcyclefx.analysis.chains import _relname, chained_input, is_application, module_path, ownership
+from vcyclefx.analysis.chains import chained_input
+from vcyclefx.analysis.ownership import is_application, module_path, ownership, relname
 from vcyclefx.errors import PlanError
+from vcyclefx.level import fetch_attr, nonpersistent_buffers
+from vcyclefx.plan.choices import COALESCE, DECOALESCE, DEPTH_INITS, DIRECTIONS, one_of
 from vcyclefx.plan.mapping import ChainMap
-from vcyclefx.analysis.registry import get_arg
 
-from passes.common import PassResult, check_graph, fetch_attr, nonpersistent_buffers, rebuild
+from passes.common import PassResult, rebuild
+from passes.contract import Pass, lint
 
-aten = torch.ops.aten
-COALESCE = "coalesce"
-DECOALESCE = "decoalesce"
+__all__ = ["COALESCE", "DECOALESCE", "DepthPass", "DepthPlan", "depth_pass"]
 
 
 @dataclass(frozen=True)
@@ -40,170 +40,6 @@ class DepthPlan:
     direction: str  # COALESCE or DECOALESCE
     chains: tuple[ChainMap, ...]
     depth_init: str | None = None  # overrides each ChainMap's depth_init when de-coalescing
-
-
-# ---------------------------------------------------------------------------------------------
-# identity blocks: which tensors to zero
-# ---------------------------------------------------------------------------------------------
-_PASS_THROUGH = {
-    aten.dropout.default, aten.clone.default, aten.contiguous.default, aten.alias.default,
-    aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.view.default,
-    aten.reshape.default, aten._unsafe_view.default, aten.transpose.int, aten.permute.default,
-    aten.unsqueeze.default, aten.squeeze.dim, aten.flatten.using_ints, aten.unflatten.int,
-    aten.t.default, aten.numpy_T.default, aten.expand.default,
-}
-_NONNEG = {aten.relu.default, aten.relu_.default, aten.sigmoid.default, aten.exp.default,
-           aten.abs.default, aten.softmax.int, aten._softmax.default, aten.relu6.default}
-_NONNEG_IF_INPUT = {aten.max_pool2d.default, aten.max_pool1d.default, aten.max_pool3d.default,
-                    aten.adaptive_avg_pool2d.default, aten.avg_pool2d.default} | _PASS_THROUGH
-_ADD = {aten.add.Tensor, aten.add_.Tensor}
-_AFFINE = {aten.linear.default: ("weight", "bias"), aten.addmm.default: ("mat2", "self"),
-           aten.conv1d.default: ("weight", "bias"), aten.conv2d.default: ("weight", "bias"),
-           aten.conv3d.default: ("weight", "bias"), aten.convolution.default: ("weight", "bias"),
-           aten.batch_norm.default: ("weight", "bias"), aten.layer_norm.default: ("weight", "bias"),
-           aten.group_norm.default: ("weight", "bias"), aten.rms_norm.default: ("weight",),
-           aten.mm.default: ("mat2",), aten.matmul.default: ("other",)}
-
-
-def _nonneg(n) -> bool:
-    if not isinstance(n, Node) or n.op != "call_function":
-        return False
-    if n.target in _NONNEG:
-        return True
-    if n.target in _NONNEG_IF_INPUT:
-        return _nonneg(n.args[0])
-    return False
-
-
-# linear ops that map a zero input to zero output (crops, shifts, zero padding, indexing)
-_ZERO_PRESERVING = _PASS_THROUGH | {
-    aten.slice.Tensor, aten.roll.default, aten.narrow.default, aten.select.int,
-    aten.constant_pad_nd.default, aten.index.Tensor, aten.expand.default, aten.to.device,
-    aten.sum.dim_IntList, aten.mean.dim,  # e.g. the sum of a token's top-k expert outputs
-}
-# grouped (per-expert) matmuls: the argument holding the weights
-_GROUPED = {"aten::_grouped_mm": "mat2", "transformers::grouped_mm_fallback": "weight"}
-
-
-def _grouped_weight(node: Node):
-    schema = getattr(node.target, "_schema", None)
-    arg = _GROUPED.get(schema.name) if schema is not None else None
-    return get_arg(node, arg, None) if arg else None
-
-
-_MUL = {aten.mul.Tensor, aten.mul.Scalar}
-_SCALE = _MUL | {aten.div.Tensor, aten.div.Scalar}
-
-
-def _constant(x, block: str) -> bool:
-    """A number, or a tensor that is no parameter of the block (a lifted constant)."""
-    if not isinstance(x, Node):
-        return isinstance(x, (int, float)) and not isinstance(x, bool) and x != 0
-    return x.op == "get_attr" and _param_of(x, block) is None
-
-
-def _param_of(x, block: str) -> str | None:
-    """Relative name of the block tensor ``x`` is (through views, casts, unsqueezes)."""
-    while isinstance(x, Node) and x.op == "call_function" and x.target in _PASS_THROUGH:
-        x = x.args[0]
-    if isinstance(x, Node) and x.op == "get_attr":
-        return _relname(x.target, block)
-    return None
-
-
-def _zero_branch(b: Node, block: str, where: str, within: frozenset = frozenset()) -> list[str]:
-    """Tensors to zero so that the residual branch ``b`` is exactly zero (``within``: the
-    block's nodes; a search that leaves them fails)."""
-    node = b
-    while isinstance(node, Node) and node.op == "call_function" and node.target in _ZERO_PRESERVING:
-        node = node.args[0]
-    if not isinstance(node, Node) or node.op != "call_function" or (within and node not in within):
-        raise PlanError(f"{where}: cannot find the last parameterised op writing into the residual")
-    grouped = _grouped_weight(node)
-    if grouped is not None and (r := _param_of(grouped, block)) is not None:
-        return [r]  # the experts' last projection: every expert writes zero
-    if node.target in _AFFINE:
-        names = [r for arg in _AFFINE[node.target]
-                 if (r := _param_of(get_arg(node, arg, None), block)) is not None]
-        if names:
-            return names
-    if node.target is aten.mul.Tensor:  # a layer scale (gamma * x): zero gamma
-        params = [r for a in node.args[:2] if (r := _param_of(a, block)) is not None]
-        if params:
-            return params[:1]
-    if node.target in _SCALE:  # a constant residual scale (c * branch, branch / c): zero the branch
-        branch = [a for a in node.args[:2] if not _constant(a, block)]
-        if len(branch) == 1 and (node.target in _MUL or branch[0] is node.args[0]):
-            return _zero_branch(branch[0], block, where, within)
-        if node.target in _MUL and len(branch) == 2:  # gate * branch (routing weights): zero a factor
-            for factor in branch:
-                try:
-                    return _zero_branch(factor, block, where, within)
-                except PlanError:
-                    continue
-    if node.target in _ADD:
-        a, c = node.args[0], node.args[1]
-        params = [r for x in (a, c) if (r := _param_of(x, block)) is not None]
-        others = [x for x in (a, c) if isinstance(x, Node) and _param_of(x, block) is None]
-        if len(params) == 1 and len(others) == 1:  # branch + bias
-            return params + _zero_branch(others[0], block, where, within)
-        if not params and len(others) == 2:  # parallel branches (GPT-NeoX, Phi): zero both
-            return (_zero_branch(others[0], block, where, within)
-                    + _zero_branch(others[1], block, where, within))
-    raise PlanError(
-        f"{where}: the residual branch ends in {node.target} at node {node.name}, which vcyclefx "
-        "cannot zero; use depth_init='copy'"
-    )
-
-
-def identity_zero_set(nodes: list[Node], block: str, chained) -> list[str]:
-    """Relative names of the tensors whose zeroing makes ``block`` the identity on its chained
-    values; raises PlanError (naming the node) when the block is not residual (post-norm...)."""
-    zero: list[str] = []
-    for link in chained:
-        x, cur = chained_input(nodes, link), nodes[link[2]]
-        memo: dict = {}
-        where = f"depth_init='identity' on block {block}"
-        while cur is not x:
-            if not isinstance(cur, Node) or cur.op != "call_function":
-                raise PlanError(f"{where}: the block output does not come from its input")
-            if cur.target in _ADD and len(cur.all_input_nodes) == 2:
-                a, b = cur.args[0], cur.args[1]
-                path, branch = (a, b) if _on_skip(a, x, memo) else (b, a)
-                if not _on_skip(path, x, memo):
-                    raise PlanError(f"{where}: node {cur.name} adds two values that do not carry "
-                                    "the block input through (a normalisation after the residual "
-                                    "sum: post-norm block?); use depth_init='copy'")
-                zero.extend(_zero_branch(branch, block, where, frozenset(nodes)))
-                cur = path
-            elif cur.target in _PASS_THROUGH:
-                cur = cur.args[0]
-            elif cur.target in (aten.relu.default, aten.relu_.default) and _nonneg(x):
-                cur = cur.args[0]  # relu(x + 0) = x because x >= 0 (it came out of a relu)
-            else:
-                raise PlanError(
-                    f"{where}: the block output passes through {cur.target} at node {cur.name}, "
-                    "so zeroing its residual branches does not give the identity (post-norm "
-                    "block?); use depth_init='copy'"
-                )
-    return sorted(set(zero))
-
-
-def _on_skip(n, x: Node, memo: dict) -> bool:
-    """``n`` carries ``x`` through unchanged apart from added branches (the skip connection)."""
-    if n is x:
-        return True
-    if not isinstance(n, Node) or n.op != "call_function":
-        return False
-    if n not in memo:
-        memo[n] = False
-        if n.target in _PASS_THROUGH:
-            memo[n] = _on_skip(n.args[0], x, memo)
-        elif n.target in _ADD:
-            memo[n] = any(_on_skip(a, x, memo) for a in n.args[:2])
-        elif n.target in (aten.relu.default, aten.relu_.default) and _nonneg(x):
-            memo[n] = _on_skip(n.args[0], x, memo)
-    return memo[n]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,8 +100,8 @@ def _rebuild_chain(graph: Graph, cm: ChainMap, src: list[str], dst: list[str], e
         def arg(n: Node) -> Node:
             if n in local:
                 return local[n]
-            if n.op == "get_attr" and n.target in src_params and _relname(n.target, block0) is not None:
-                new_target = f"{module_path(name)}.{_relname(n.target, block0)}"
+            if n.op == "get_attr" and n.target in src_params and relname(n.target, block0) is not None:
+                new_target = f"{module_path(name)}.{relname(n.target, block0)}"
                 g = graph.get_attr(new_target)
                 g.meta = dict(n.meta)
                 local[n] = g
@@ -282,8 +118,7 @@ def _rebuild_chain(graph: Graph, cm: ChainMap, src: list[str], dst: list[str], e
         for n in unused:
             arg(n)
         prev = local
-    assert prev is not None
-    return prev
+    return prev  # dst is not empty: DepthPass.requires
 
 
 def cm_chained(cm: ChainMap) -> list[tuple[int, int, int]]:
@@ -308,10 +143,6 @@ def _new_tensors(gm: GraphModule, cm: ChainMap, src: list[str], dst: list[str], 
                 out[f"{dst[g]}.{rel}"] = _like(t, f"{src[members[0]]}.{rel}", params)
         return out
     zero = set(cm.zero_on_identity) if depth_init == "identity" else set()
-    if depth_init == "identity" and not zero:
-        raise PlanError(f"depth_init='identity' on chain {cm.container}: its blocks are not "
-                        "residual (or the mapping predates identity support), so no tensor can be "
-                        "zeroed to make a new block the identity; use depth_init='copy'")
     for g, members in enumerate(cm.groups):
         for k, i in enumerate(sorted(members)):
             for rel in rel_names:
@@ -328,41 +159,93 @@ def _like(t: torch.Tensor, old_name: str, params: dict) -> torch.Tensor:
     return t
 
 
-def depth_pass(gm: GraphModule, analysis: Analysis, plan: DepthPlan) -> PassResult:
-    cur = gm
-    for cm in plan.chains:
-        cur = _one_chain(cur, cm, plan)
-    return PassResult(cur, list(plan.chains))
+# ---------------------------------------------------------------------------------------------
+# the pass
+# ---------------------------------------------------------------------------------------------
+class DepthPass(Pass):
+    """Change the number of blocks of the chains of a DepthPlan; the result's mapping is the
+    list of chain maps applied."""
+
+    name = "depth pass"
+
+    def requires(self, gm: GraphModule, plan: DepthPlan) -> None:
+        if plan.direction not in DIRECTIONS:
+            raise PlanError(f"depth direction must be {one_of(DIRECTIONS)}")
+        if plan.depth_init is not None and plan.depth_init not in DEPTH_INITS:
+            raise PlanError(f"depth_init={plan.depth_init!r} must be {one_of(DEPTH_INITS)}")
+        for cm in plan.chains:
+            src, dst = _ends(cm, plan.direction)
+            if not cm.chained:
+                raise PlanError(f"chain {cm.container}: the mapping has no chained values")
+            if not src or not dst:
+                raise PlanError(f"chain {cm.container}: the mapping has no blocks on one side")
+            identity = (plan.depth_init or cm.depth_init) == "identity"
+            if (plan.direction == DECOALESCE and identity and not cm.zero_on_identity
+                    and not is_application(src[0])):
+                raise PlanError(
+                    f"depth_init='identity' on chain {cm.container}: its blocks are not residual "
+                    "(or the mapping predates identity support), so no tensor can be zeroed to "
+                    "make a new block the identity; use depth_init='copy'")
+
+    def call(self, gm: GraphModule, plan: DepthPlan) -> PassResult:
+        cur, shapes = gm, {}
+        for cm in plan.chains:
+            cur = _one_chain(cur, cm, plan, shapes)
+        return PassResult(cur, list(plan.chains), shapes=shapes)
 
 
-def _one_chain(gm: GraphModule, cm: ChainMap, plan: DepthPlan) -> GraphModule:
-    if plan.direction == COALESCE:
-        src, dst = cm.large_blocks, cm.small_blocks
-    else:
-        src, dst = cm.small_blocks, cm.large_blocks
-    depth_init = plan.depth_init or cm.depth_init
+def depth_pass(gm: GraphModule, plan: DepthPlan) -> PassResult:
+    return DepthPass()(gm, plan)
+
+
+def _ends(cm: ChainMap, direction: str) -> tuple[list[str], list[str]]:
+    """The chain's blocks in the pass's input and in its output."""
+    if direction == COALESCE:
+        return cm.large_blocks, cm.small_blocks
+    return cm.small_blocks, cm.large_blocks
+
+
+def _one_chain(gm: GraphModule, cm: ChainMap, plan: DepthPlan, shapes: dict) -> GraphModule:
+    """``gm`` with the blocks of one chain replaced; adds the new blocks' tensor shapes to
+    ``shapes``."""
+    src, dst = _ends(cm, plan.direction)
     blocks = _blocks(gm, src)
-    template = blocks[0]
-    chained = cm_chained(cm)
-    if not chained:
-        raise PlanError(f"chain {cm.container}: the mapping has no chained values")
-    for k in range(1, len(blocks)):
-        for link in chained:
-            if len(blocks[k]) != len(template) or chained_input(blocks[k], link) is not blocks[k - 1][link[2]]:
-                raise PlanError(f"chain {cm.container}: block {src[k]} does not read block "
-                                f"{src[k - 1]}'s output where the mapping says")
-    all_block = {n for b in blocks for n in b}
-    last_pos = {n: i for i, n in enumerate(blocks[-1])}
+    _check_links(cm, src, blocks)
     state = {k for k, _ in gm.named_parameters(remove_duplicate=False)}
     state |= {k for k, _ in gm.named_buffers(remove_duplicate=False)}
     # parameters and buffers of the blocks are re-made per new block; lifted constants are
     # shared by all of them (export numbers them per block, their values are the template's)
     src_params = {n.target for n in gm.graph.nodes if n.op == "get_attr" and n.target in state
-                  and any(_relname(n.target, b) is not None for b in src)}
-    # Before the new blocks go the nodes that come before the chain and whatever the blocks read;
-    # every other node keeps its place after them (so other chains keep their node order).
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    first = min(order[n] for n in all_block)
+                  and any(relname(n.target, b) is not None for b in src)}
+    graph = _chain_graph(gm, cm, src, dst, blocks, src_params)
+    lint(graph, what=f"depth pass (chain {cm.container})")
+    rel_names = sorted({relname(t, src[0]) for t in src_params if relname(t, src[0])})
+    depth_init = plan.depth_init or cm.depth_init
+    tensors = _new_tensors(gm, cm, src, dst, plan.direction, depth_init, rel_names)
+    if not is_application(src[0]):  # each new block has the tensors of the block it comes from
+        made_from = ({g: members[0] for g, members in enumerate(cm.groups)}
+                     if plan.direction == COALESCE else
+                     {i: g for g, members in enumerate(cm.groups) for i in members})
+        shapes.update({f"{d}.{rel}": tuple(fetch_attr(gm, f"{src[made_from[i]]}.{rel}").shape)
+                       for i, d in enumerate(dst) for rel in rel_names})
+    nonpersistent, buffers = _state_kinds(gm, src, dst, rel_names)
+    return rebuild(gm, graph, tensors, nonpersistent=nonpersistent, buffers=buffers)
+
+
+def _check_links(cm: ChainMap, src: list[str], blocks: list[list[Node]]) -> None:
+    """Each block reads the previous block's output where the mapping says."""
+    template = blocks[0]
+    for k in range(1, len(blocks)):
+        for link in cm_chained(cm):
+            if len(blocks[k]) != len(template) or chained_input(blocks[k], link) is not blocks[k - 1][link[2]]:
+                raise PlanError(f"chain {cm.container}: block {src[k]} does not read block "
+                                f"{src[k - 1]}'s output where the mapping says")
+
+
+def _placement(gm: GraphModule, cm: ChainMap, all_block: set[Node], last_pos: dict) -> set[Node]:
+    """The nodes outside the chain that its blocks read (they go before the new blocks); raises
+    PlanError when the chain is read other than through its last block, or a value is both read
+    by the blocks and computed from them."""
     needed: set[Node] = set()
     stack = [a for n in all_block for a in n.all_input_nodes if a not in all_block]
     while stack:
@@ -384,6 +267,20 @@ def _one_chain(gm: GraphModule, cm: ChainMap, plan: DepthPlan) -> GraphModule:
     if bad:
         raise PlanError(f"chain {cm.container}: node {next(iter(bad)).name} is both read by the "
                         "blocks and computed from them")
+    return needed
+
+
+def _chain_graph(gm: GraphModule, cm: ChainMap, src: list[str], dst: list[str],
+                 blocks: list[list[Node]], src_params: set[str]) -> Graph:
+    """The new graph: before the new blocks go the nodes that come before the chain and
+    whatever the blocks read; every other node keeps its place after them (so other chains
+    keep their node order)."""
+    all_block = {n for b in blocks for n in b}
+    last_pos = {n: i for i, n in enumerate(blocks[-1])}
+    template = blocks[0]
+    needed = _placement(gm, cm, all_block, last_pos)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    first = min(order[n] for n in all_block)
 
     def skip(n: Node) -> bool:
         return n in all_block or n.target in src_params or n.op == "output"
@@ -396,7 +293,7 @@ def _one_chain(gm: GraphModule, cm: ChainMap, plan: DepthPlan) -> GraphModule:
     for n in early:
         env[n] = graph.node_copy(n, lambda a: env[a])
     unused = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target in src_params
-              and not n.users and _relname(n.target, src[0]) is not None]
+              and not n.users and relname(n.target, src[0]) is not None]
     last = _rebuild_chain(graph, cm, src, dst, env, template, src_params, unused)
     for n, pos in last_pos.items():
         env[n] = last[template[pos]]
@@ -404,21 +301,21 @@ def _one_chain(gm: GraphModule, cm: ChainMap, plan: DepthPlan) -> GraphModule:
         if not skip(n) and n not in env:
             env[n] = graph.node_copy(n, lambda a: env[a])
     graph.output(torch.fx.node.map_arg(output.args[0], lambda a: env[a]))
-    graph.lint()
-    rel_names = sorted({_relname(t, src[0]) for t in src_params if _relname(t, src[0])})
-    tensors = _new_tensors(gm, cm, src, dst, plan.direction, depth_init, rel_names)
+    return graph
+
+
+def _state_kinds(gm: GraphModule, src: list[str], dst: list[str], rel_names: list[str]):
+    """The new level's non-persistent buffers and the new blocks' buffers (not parameters)."""
     nonpersistent = set()
     for name in nonpersistent_buffers(gm):
-        rel = _relname(name, src[0])
+        rel = relname(name, src[0])
         if rel is not None and is_application(src[0]):
             nonpersistent.add(name)
         elif rel is not None:
             nonpersistent.update(f"{d}.{rel}" for d in dst)
-        elif not any(_relname(name, b) for b in src):
+        elif not any(relname(name, b) for b in src):
             nonpersistent.add(name)
     old_buffers = {n for n, _ in gm.named_buffers(remove_duplicate=False)}
     buffers = set() if is_application(src[0]) else {
         f"{d}.{rel}" for rel in rel_names if f"{src[0]}.{rel}" in old_buffers for d in dst}
-    new = rebuild(gm, graph, tensors, nonpersistent=nonpersistent, buffers=buffers)
-    check_graph(new, what="depth pass", source=gm)
-    return new
+    return nonpersistent, buffers

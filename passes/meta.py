@@ -1,8 +1,11 @@
-"""Recompute ``meta["val"]`` on every node after a rewrite.
+"""``meta["val"]`` after a rewrite: written from the analysis, checked by re-execution.
 
 The placeholders keep the fake values export gave them (symbolic batch and sequence sizes), so
-re-running every op under the same FakeTensorMode gives each node its new shape with batch and
-sequence still symbolic. Higher-order-op bodies are propagated too.
+re-running every op under the same FakeTensorMode (:func:`fake_run`) gives each node its new
+shape with batch and sequence still symbolic; higher-order-op bodies included. That costs
+seconds on a 124M model, so the width pass writes the new shapes from the analysis instead
+(:class:`ShapeUpdater`) and the check after every pass (passes/contract.py) re-runs the ops in
+tests to confirm them.
 """
 
 from __future__ import annotations
@@ -12,37 +15,31 @@ from torch._guards import detect_fake_mode
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
-
-def _fetch(module, target: str):
-    obj = module
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
+from vcyclefx.level import fetch_attr
 
 
-def recompute_meta(gm: GraphModule) -> None:
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    mode = detect_fake_mode([n.meta.get("val") for n in placeholders])
-    if mode is None:
-        raise RuntimeError("placeholders carry no fake values; cannot recompute shapes")
-    with mode:
-        _propagate(gm, mode, [n.meta.get("val") for n in placeholders])
+def placeholder_mode(gm: GraphModule):
+    """The FakeTensorMode of ``gm``'s placeholder values (None when they carry none)."""
+    return detect_fake_mode([n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"])
 
 
-def _propagate(gm: GraphModule, mode, inputs: list):
+def fake_run(gm: GraphModule, mode, inputs: list, visit, run_op=None):
+    """Interpret ``gm``'s graph on the fake ``inputs`` (under ``mode``), higher-order-op bodies
+    included; ``visit(node, value)`` sees the value of every placeholder, tensor attribute and
+    call. ``run_op(node, args, kwargs)`` runs one op (default: ``node.target(*args, **kwargs)``).
+    Returns the graph's output value."""
     env: dict[Node, object] = {}
     it = iter(inputs)
     result = None
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             env[node] = next(it)
-            node.meta["val"] = env[node]
+            visit(node, env[node])
         elif node.op == "get_attr":
-            obj = _fetch(gm, node.target)
+            obj = fetch_attr(gm, node.target)
             if isinstance(obj, torch.Tensor):
-                fake = mode.from_tensor(obj, static_shapes=True)
-                env[node] = fake
-                node.meta["val"] = fake
+                env[node] = mode.from_tensor(obj, static_shapes=True)
+                visit(node, env[node])
             else:
                 env[node] = obj
         elif node.op == "call_module":
@@ -52,14 +49,14 @@ def _propagate(gm: GraphModule, mode, inputs: list):
             kwargs = map_arg(node.kwargs, lambda n: env[n])
             if isinstance(node.target, torch._ops.HigherOrderOperator):
                 pos = next(i for i, a in enumerate(args) if isinstance(a, GraphModule))
-                sub = args[pos]
-                out = _propagate(sub, mode, list(args[pos + 1 :]))
+                out = fake_run(args[pos], mode, list(args[pos + 1 :]), visit, run_op)
                 out = tuple(out) if isinstance(out, (list, tuple)) else out
+            elif run_op is not None:
+                out = run_op(node, args, kwargs)
             else:
                 out = node.target(*args, **kwargs)
             env[node] = out
-            if out is not None or "val" in node.meta:
-                node.meta["val"] = out
+            visit(node, out)
         elif node.op == "output":
             result = map_arg(node.args[0], lambda n: env[n])
     return result
@@ -81,10 +78,9 @@ class ShapeUpdater:
     def __init__(self, gm: GraphModule, new_size, dims_of):
         self.new_size = new_size  # Dim -> int | sympy expr
         self.dims_of = dims_of  # old node -> dims (list / list of lists / Dim)
-        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        self.mode = detect_fake_mode([n.meta.get("val") for n in placeholders])
+        self.mode = placeholder_mode(gm)
         self.symbols: dict = {}
-        for n in placeholders:
+        for n in gm.graph.find_nodes(op="placeholder"):
             v = n.meta.get("val")
             if isinstance(v, torch.Tensor):
                 for s in v.shape:

@@ -31,18 +31,21 @@ from torch.fx import GraphModule, Node
 
 from vcyclefx.analysis.analyze import PRODUCER, Analysis
 from vcyclefx.analysis.dims import PROD, Dim, layout_size, new_size
+from vcyclefx.analysis.registry import get_arg, rule_for
 from vcyclefx.errors import PlanError
+from vcyclefx.level import fetch_attr
+from vcyclefx.plan.choices import COALESCE, DECOALESCE, DIRECTIONS, one_of
 from vcyclefx.plan.mapping import Compensation, SpaceMap
-from vcyclefx.analysis.registry import get_arg, rule_for, set_arg
 
-from passes.common import PassResult, check_graph, copy_graph, fetch_attr, rebuild
+from passes.common import PassResult, copy_graph, rebuild
+from passes.contract import Pass
 from passes.meta import ShapeUpdater
+from passes.ops import NORMS, REARRANGING
 
 log = logging.getLogger("vcyclefx.passes.width")
 aten = torch.ops.aten
 
-COALESCE = "coalesce"
-DECOALESCE = "decoalesce"
+__all__ = ["COALESCE", "DECOALESCE", "WidthPass", "WidthPlan", "width_pass"]
 SCALE_META = "vcyclefx_scale"
 
 
@@ -55,10 +58,10 @@ class WidthPlan:
 # ---------------------------------------------------------------------------------------------
 # preconditions
 # ---------------------------------------------------------------------------------------------
-def requires(analysis: Analysis, plan: WidthPlan) -> dict[int, SpaceMap]:
+def _space_maps(analysis: Analysis, plan: WidthPlan) -> dict[int, SpaceMap]:
     """Map each planned space to its leaf dim; check sizes and resizability."""
-    if plan.direction not in (COALESCE, DECOALESCE):
-        raise PlanError(f"width direction must be {COALESCE!r} or {DECOALESCE!r}")
+    if plan.direction not in DIRECTIONS:
+        raise PlanError(f"width direction must be {one_of(DIRECTIONS)}")
     by_root: dict[int, SpaceMap] = {}
     keys = {s.key: s for s in analysis.spaces}
     for sm in plan.spaces:
@@ -160,7 +163,7 @@ def _has_resized(layout, resized: dict[int, _Units]) -> bool:
     return any(_has_resized(k, resized) for k in layout[1])
 
 
-def _apply_axis(t, axis, layout, resized, direction, producer, table):
+def _apply_axis(t, axis, layout, resized, direction, producer):
     if not _has_resized(layout, resized):
         return t
     if isinstance(layout, Dim):
@@ -171,11 +174,11 @@ def _apply_axis(t, axis, layout, resized, direction, producer, table):
     if kind == PROD:
         x = t.reshape(*t.shape[:axis], *sizes, *t.shape[axis + 1 :])
         for i, kid in enumerate(kids):
-            x = _apply_axis(x, axis + i, kid, resized, direction, producer, table)
+            x = _apply_axis(x, axis + i, kid, resized, direction, producer)
         return x.reshape(*t.shape[:axis], -1, *t.shape[axis + 1 :])
     pieces = torch.split(t, sizes, dim=axis)
     return torch.cat(
-        [_apply_axis(p, axis, k, resized, direction, producer, table) for p, k in zip(pieces, kids)],
+        [_apply_axis(p, axis, k, resized, direction, producer) for p, k in zip(pieces, kids)],
         dim=axis,
     )
 
@@ -195,7 +198,7 @@ def _new_tensors(analysis: Analysis, resized: dict[int, _Units], direction: str)
         for ax in axes:
             roles = analysis.roles.get((name, ax), set())
             producer = PRODUCER in roles or not roles
-            t = _apply_axis(t, ax, layouts[ax], resized, direction, producer, table)
+            t = _apply_axis(t, ax, layouts[ax], resized, direction, producer)
         out[name] = t
     return out
 
@@ -203,12 +206,8 @@ def _new_tensors(analysis: Analysis, resized: dict[int, _Units], direction: str)
 # ---------------------------------------------------------------------------------------------
 # tied tensors: compensation
 # ---------------------------------------------------------------------------------------------
-_TRANSPARENT = {
-    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.slice.Tensor,
-    aten.contiguous.default, aten.clone.default, aten.to.dtype, aten.to.dtype_layout,
-    aten._to_copy.default, aten.dropout.default, aten.alias.default, aten.transpose.int,
-    aten.permute.default, aten.unsqueeze.default, aten.squeeze.dim,
-}
+# a scale factor moves through these exactly (and through a crop of the features)
+_TRANSPARENT = REARRANGING | {aten.slice.Tensor}
 
 
 def _group_factor(analysis: Analysis, name: str, axis: int, resized: dict[int, _Units]) -> float:
@@ -236,7 +235,7 @@ def _fold_target(analysis: Analysis, act: Node) -> tuple[Node, list[str]] | None
             return None
         if node.op != "call_function":
             return None
-        if node.target in (aten.layer_norm.default, aten.rms_norm.default):
+        if node.target in NORMS:
             w = get_arg(node, "weight")
             b = get_arg(node, "bias", None) if node.target is aten.layer_norm.default else None
             params = [p for p in (w, b) if isinstance(p, Node) and p.op == "get_attr"]
@@ -344,19 +343,6 @@ class Rewriter:
         return self.analysis.records.get(node, {}).get(key)
 
 
-def _apply_changes(new_node: Node, changes: dict) -> None:
-    target = changes.pop("__target__", None)
-    if target is not None:
-        new_node.target = target
-    for key, value in changes.items():
-        if key.isdigit():
-            args = list(new_node.args)
-            args[int(key)] = value
-            new_node.args = tuple(args)
-        else:
-            set_arg(new_node, key, value)
-
-
 def rewrite_graph(gm: GraphModule, rw: Rewriter, shapes: ShapeUpdater):
     """Copy ``gm``'s graph with every literal size rewritten and every value's shape updated;
     also returns rewritten higher-order-op bodies as new submodules."""
@@ -377,40 +363,70 @@ def rewrite_graph(gm: GraphModule, rw: Rewriter, shapes: ShapeUpdater):
         rule = rule_for(old)
         if rule.rewrite is None:
             continue
-        changes = rule.rewrite(rw, old)
-        if changes:
-            log.debug("%s: %s", old.name, changes)
-            changes = {k: torch.fx.node.map_arg(v, lambda n: node_map[n]) for k, v in changes.items()}
-            _apply_changes(node_map[old], changes)
+        edit = rule.rewrite(rw, old)
+        if edit is not None:
+            log.debug("%s: %s", old.name, edit)
+            edit.map_nodes(lambda n: node_map[n]).apply(node_map[old])
     return graph, node_map, new_subs
 
 
 # ---------------------------------------------------------------------------------------------
 # the pass
 # ---------------------------------------------------------------------------------------------
+class WidthPass(Pass):
+    """Resize the spaces of a WidthPlan, found by ``analysis`` (of the pass's input); the
+    result's mapping is the list of compensations applied."""
+
+    name = "width pass"
+
+    def __init__(self, analysis: Analysis):
+        self.analysis = analysis
+
+    def requires(self, gm: GraphModule, plan: WidthPlan) -> None:
+        if self.analysis.gm is not gm:
+            raise PlanError("width pass: the analysis was made of another module than the one "
+                            "given; analyze the module the pass rewrites")
+        _space_maps(self.analysis, plan)
+
+    def call(self, gm: GraphModule, plan: WidthPlan) -> PassResult:
+        analysis = self.analysis
+        by_root = _space_maps(analysis, plan)
+        resized = {rid: _Units(sm) for rid, sm in by_root.items()}
+        leaf_sizes = {rid: (sm.small if plan.direction == COALESCE else sm.large)
+                      for rid, sm in by_root.items()}
+        comps = _compensations(analysis, resized)
+        tensors = _new_tensors(analysis, resized, plan.direction)
+        _apply_folds(tensors, analysis, comps, plan.direction)
+
+        rw = Rewriter(analysis, leaf_sizes)
+        graph, _, new_subs = rewrite_graph(gm, rw, ShapeUpdater(gm, rw.new_size, rw.dims))
+        _apply_scale_nodes({n.name: n for n in graph.nodes}, comps, plan.direction)
+
+        new_attrs: dict = dict(new_subs)
+        params = dict(gm.named_parameters(remove_duplicate=False))
+        for name, t in tensors.items():
+            old = fetch_attr(gm, name)
+            obj = torch.nn.Parameter(t, requires_grad=old.requires_grad) if name in params else t
+            for alias in analysis.tensors[name].aliases:
+                new_attrs[alias] = obj
+            new_attrs[name] = obj
+        new = rebuild(gm, graph, new_attrs)
+        _scale_node_meta(new)
+        return PassResult(new, comps, shapes=_planned_shapes(analysis, rw))
+
+
+def _planned_shapes(analysis: Analysis, rw: Rewriter) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape at the new sizes, from the analysis' dims alone."""
+    out = {}
+    for name, st in analysis.tensors.items():
+        shape = tuple(rw.new_size(d) for d in st.dims)
+        shape = tuple(int(s) if getattr(s, "is_Integer", False) else s for s in shape)
+        if all(isinstance(s, int) for s in shape):
+            out[name] = shape
+            out.update({alias: shape for alias in st.aliases})
+    return out
+
+
 def width_pass(gm: GraphModule, analysis: Analysis, plan: WidthPlan) -> PassResult:
     """Resize the spaces in ``plan``; returns the new level and the compensations applied."""
-    by_root = requires(analysis, plan)
-    resized = {rid: _Units(sm) for rid, sm in by_root.items()}
-    leaf_sizes = {rid: (sm.small if plan.direction == COALESCE else sm.large) for rid, sm in by_root.items()}
-    comps = _compensations(analysis, resized)
-    tensors = _new_tensors(analysis, resized, plan.direction)
-    _apply_folds(tensors, analysis, comps, plan.direction)
-
-    rw = Rewriter(analysis, leaf_sizes)
-    graph, _, new_subs = rewrite_graph(gm, rw, ShapeUpdater(gm, rw.new_size, rw.dims))
-    _apply_scale_nodes({n.name: n for n in graph.nodes}, comps, plan.direction)
-
-    new_attrs: dict = dict(new_subs)
-    params = dict(gm.named_parameters(remove_duplicate=False))
-    for name, t in tensors.items():
-        old = fetch_attr(gm, name)
-        obj = torch.nn.Parameter(t, requires_grad=old.requires_grad) if name in params else t
-        for alias in analysis.tensors[name].aliases:
-            new_attrs[alias] = obj
-        new_attrs[name] = obj
-    graph.lint()
-    new = rebuild(gm, graph, new_attrs)
-    _scale_node_meta(new)
-    check_graph(new, what="width pass", source=gm)
-    return PassResult(new, comps)
+    return WidthPass(analysis)(gm, plan)

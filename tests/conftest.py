@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import pytest
 import torch
+
+# every pass's check also compares the shapes it wrote with a fake re-execution of its graph
+# (passes/contract.py); set before vcyclefx is imported, inherited by the commands tests run
+os.environ.setdefault("VCYCLEFX_VERIFY", "1")
 
 import vcyclefx as vf
 from vcyclefx import zoo
@@ -147,3 +152,4 @@ def kill_after_checkpoint(cmd: list[str], out, env: dict, min_step: int, schedul
         if proc.poll() is None:
             proc.kill()
     return proc.returncode
+

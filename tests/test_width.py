@@ -181,26 +181,3 @@ def test_cli_failure_leaves_no_partial_level_directory(tmp_path):
     assert main(["coalesce", "vcyclefx.zoo:gpt2", "--width", "0.001", "-o", str(out)]) == 2
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir()] == []
-
-
-@pytest.mark.parametrize("name", ["gpt2", "llama", "vit"])
-def test_shapes_set_by_the_pass_equal_a_full_fake_re_execution(name):
-    """The width pass writes node shapes from the analysis; re-running every op under the fake
-    mode (passes.meta.recompute_meta) must give the same shapes, batch*heads views included."""
-    from passes.meta import recompute_meta
-    from vcyclefx.level import clone_level
-
-    _, _, level = captured(name)
-    big, _ = vf.decoalesce(level, width=2.0)
-    fast = {n.name: n.meta.get("val") for n in big.graph.nodes}
-    slow = clone_level(big)
-    recompute_meta(slow)
-    checked = 0
-    for n in slow.graph.nodes:
-        a, b = fast[n.name], n.meta.get("val")
-        if isinstance(b, torch.Tensor):
-            assert [str(s) for s in a.shape] == [str(s) for s in b.shape], n.name
-            checked += 1
-        elif isinstance(b, torch.SymInt):
-            assert str(a) == str(b), n.name
-    assert checked > 50

@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import torch
 
-from passes.width import COALESCE, DECOALESCE, WidthPlan, width_pass
+from passes.depth import DepthPass, DepthPlan
+from passes.width import WidthPass, WidthPlan
 
 from vcyclefx.analysis.analyze import analyze
 from vcyclefx.errors import LevelError, MappingError, PlanError
 from vcyclefx.capture.frontend import as_level
 from vcyclefx.level import clone_level, level_info
+from vcyclefx.plan.choices import (
+    COALESCE, DECOALESCE, DEPTH_INITS, DEPTH_PAIRINGS, WIDTH_PAIRINGS, one_of,
+)
+from vcyclefx.plan.depth import plan_depth
 from vcyclefx.plan.mapping import Mapping
 from vcyclefx.plan.width import plan_width
 
@@ -52,29 +57,24 @@ def _owned(result, level):
 def _width(level, spaces, direction):
     if not spaces:
         return level, []
-    res = width_pass(level, analyze(level, chains=False), WidthPlan(direction, tuple(spaces)))
+    res = WidthPass(analyze(level, chains=False))(level, WidthPlan(direction, tuple(spaces)))
     return res.module, res.mapping
 
 
 def _depth(level, chains, direction, depth_init=None):
     if not chains:
         return level
-    from passes.depth import DepthPlan, depth_pass
-
-    res = depth_pass(level, None, DepthPlan(direction, tuple(chains), depth_init))
-    return res.module
+    return DepthPass()(level, DepthPlan(direction, tuple(chains), depth_init)).module
 
 
-def _plan_depth(level, factor, pairing, coalesce, depth_init="copy"):
+def _plan_depth(level, factor, pairing, coalesce, depth_init=DEPTH_INITS[0]):
     if factor == 1:
         return []
-    from vcyclefx.plan.depth import plan_depth
-
     return plan_depth(analyze(level), factor, pairing, coalesce=coalesce, depth_init=depth_init)
 
 
 def coalesce(model, example_inputs=None, *, width: float = 1.0, depth: float = 1.0,
-             pairing: str = "strided", depth_pairing: str = "adjacent",
+             pairing: str = WIDTH_PAIRINGS[0], depth_pairing: str = DEPTH_PAIRINGS[0],
              mapping: Mapping | None = None, **capture_kwargs):
     """A smaller level of ``model`` and the Mapping from ``model`` to it."""
     level = as_level(model, example_inputs, **capture_kwargs)
@@ -104,15 +104,15 @@ def coalesce(model, example_inputs=None, *, width: float = 1.0, depth: float = 1
 
 
 def decoalesce(model, example_inputs=None, *, width: float = 1.0, depth: float = 1.0,
-               pairing: str = "strided", depth_pairing: str = "adjacent",
+               pairing: str = WIDTH_PAIRINGS[0], depth_pairing: str = DEPTH_PAIRINGS[0],
                depth_init: str | None = None, mapping: Mapping | None = None, **capture_kwargs):
     """A larger level: grown by factors, or restored to the shapes ``mapping`` came from.
 
     ``depth_init`` fills the new blocks of each group: ``"copy"`` (the default when growing by
     factors) or ``"identity"`` (residual writes zeroed: the same function). With ``mapping=``,
     None keeps the mapping's own choice and a value overrides it."""
-    if depth_init is not None and depth_init not in ("copy", "identity"):
-        raise PlanError(f"depth_init={depth_init!r} must be 'copy' or 'identity'")
+    if depth_init is not None and depth_init not in DEPTH_INITS:
+        raise PlanError(f"depth_init={depth_init!r} must be {one_of(DEPTH_INITS)}")
     level = as_level(model, example_inputs, **capture_kwargs)
     if mapping is not None:
         if width != 1.0 or depth != 1.0:
@@ -126,7 +126,7 @@ def decoalesce(model, example_inputs=None, *, width: float = 1.0, depth: float =
     if depth != 1.0 and depth < 1:
         raise PlanError(f"depth={depth} must be >= 1 to de-coalesce (e.g. depth=2.0)")
     chains = _plan_depth(level, depth, depth_pairing, coalesce=False,
-                         depth_init=depth_init or "copy")
+                         depth_init=depth_init or DEPTH_INITS[0])
     cur = _depth(level, chains, DECOALESCE)
     spaces, kept = [], []
     if width != 1.0:

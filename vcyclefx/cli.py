@@ -7,6 +7,7 @@ import os
 import sys
 
 from vcyclefx.errors import VCycleError
+from vcyclefx.plan.choices import DEPTH_INITS, DEPTH_PAIRINGS, GROW_PAIRINGS, WIDTH_PAIRINGS
 
 
 def _cmd_inspect(args) -> int:
@@ -184,9 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arg(co)
     co.add_argument("--width", type=float, default=0.5, help="factor on units per space (default 0.5)")
     co.add_argument("--depth", type=float, default=0.5, help="factor on blocks per chain (default 0.5)")
-    co.add_argument("--pairing", choices=["strided", "adjacent", "similarity"], default="strided",
+    co.add_argument("--pairing", choices=WIDTH_PAIRINGS, default=WIDTH_PAIRINGS[0],
                     help="which units share a group (default strided: i with i + n/2)")
-    co.add_argument("--depth-pairing", choices=["adjacent", "strided"], default="adjacent",
+    co.add_argument("--depth-pairing", choices=DEPTH_PAIRINGS, default=DEPTH_PAIRINGS[0],
                     help="which blocks share a group (default adjacent: 2i with 2i+1)")
     _out_args(co)
     co.set_defaults(func=_cmd_coalesce)
@@ -197,10 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     _example_args(de)
     de.add_argument("--width", type=float, default=None, help="grow by this factor instead")
     de.add_argument("--depth", type=float, default=None, help="grow by this factor instead")
-    de.add_argument("--depth-init", choices=["copy", "identity"], default=None,
+    de.add_argument("--depth-init", choices=DEPTH_INITS, default=None,
                     help="new blocks: copies (the paper; the default) or exact identities "
                          "(residual writes zeroed); also applies with the mapping.json")
-    de.add_argument("--pairing", choices=["strided", "adjacent"], default="strided",
+    de.add_argument("--pairing", choices=GROW_PAIRINGS, default=GROW_PAIRINGS[0],
                     help="which new units copy which old ones")
     _out_args(de)
     de.set_defaults(func=_cmd_decoalesce)

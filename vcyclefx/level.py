@@ -108,11 +108,8 @@ def fetch_attr(module: nn.Module, target: str):
 
 def owner_of(module: nn.Module, target: str) -> tuple[nn.Module, str]:
     """The module holding attribute ``target`` and the attribute's own name."""
-    *path, leaf = target.split(".")
-    owner = module
-    for part in path:
-        owner = getattr(owner, part)
-    return owner, leaf
+    path, _, leaf = target.rpartition(".")
+    return (fetch_attr(module, path) if path else module), leaf
 
 
 def nonpersistent_buffers(gm: nn.Module) -> set[str]:

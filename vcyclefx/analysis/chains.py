@@ -18,6 +18,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from vcyclefx.analysis.dims import sizes_of
+from vcyclefx.analysis.ownership import application_name, is_application, module_path, ownership, relname
 
 
 @dataclass
@@ -26,12 +27,9 @@ class Chain:
     blocks: list[str]  # module path of each block, in execution order
     nodes: list[list[Node]] = field(repr=False)  # call_function nodes each block owns
     params: list[dict[str, str]] = field(repr=False)  # per block: relative name -> tensor name
-    shared_inputs: list[Node] = field(repr=False)  # values every block reads from outside
     # (user position, input index, producer position): block k reads, as input number
     # `input index` of its node at `user position`, the node at `producer position` of block k-1
     chained: list[tuple[int, int, int]] = field(repr=False)
-    inputs0: list[Node] = field(repr=False)  # block 0's external inputs, by slot
-    exits: list[tuple[int, list[Node]]] = field(repr=False)  # last block's (position, users)
     depth_ok: bool = True
     reason: str = ""  # why depth changes are not possible, if so
 
@@ -71,103 +69,15 @@ class Chain:
         return f"{base}{prefix}{first + j}"
 
 
-_CALL_INDEX = re.compile(r"@(\d+)$")
-
-
-def application_name(path: str, k: int) -> str:
-    """The name of the ``k``-th application of the module at ``path`` (``k`` from 0)."""
-    return f"{path}@{k}"
-
-
-def is_application(block: str) -> bool:
-    return "@" in block
-
-
-def module_path(block: str) -> str:
-    """The module path of a block (of an application: the module it applies)."""
-    return block.split("@", 1)[0]
-
-
-def _stack_paths(node: Node, applications: bool = False) -> list[str]:
-    stack = node.meta.get("nn_module_stack") or {}
-    out = []
-    for key, v in stack.items():
-        if not (isinstance(v, tuple) and v[0]):
-            continue
-        if applications:
-            m = _CALL_INDEX.search(str(key))
-            out.append(application_name(v[0], int(m.group(1)) if m else 0))
-        else:
-            out.append(v[0])
-    return out
-
-
-def _container(path: str) -> str:
-    return path.rsplit(".", 1)[0] if "." in path else ""
-
-
 def _tensor_names(gm: GraphModule) -> dict[str, torch.Tensor]:
     out = dict(gm.named_parameters(remove_duplicate=False))
     out.update(gm.named_buffers(remove_duplicate=False))
     return out
 
 
-def _is_size_value(n: Node) -> bool:
-    v = n.meta.get("val")
-    return isinstance(v, (torch.SymInt, int)) and not isinstance(v, bool)
-
-
-def ownership(gm: GraphModule, applications: bool = False
-              ) -> tuple[dict[str, list[Node]], dict[str, list[str]]]:
-    """Nodes each module path owns (in graph order) and each container's children in the
-    order they run. Tensor ops are owned through ``nn_module_stack``; symbolic-size arithmetic
-    (which export shares and the normaliser copies per use) is owned by a module when all of its
-    users are. With ``applications`` the owners are the calls of each module
-    (``<path>@<k>``), so a module run several times owns one node list per run."""
-    owner_nodes: dict[str, list[Node]] = {}
-    children: dict[str, list[str]] = {}
-    owners_of: dict[Node, set[str]] = {}
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    for n in gm.graph.nodes:
-        if n.op != "call_function" or _is_size_value(n):
-            continue
-        paths = _stack_paths(n, applications)
-        owners_of[n] = set(paths)
-        for p in paths:
-            owner_nodes.setdefault(p, []).append(n)
-            kids = children.setdefault(_container(p), [])
-            if p not in kids:
-                kids.append(p)
-    for n in reversed(list(gm.graph.nodes)):
-        if n.op != "call_function" or not _is_size_value(n) or not n.users:
-            continue
-        if n.target is torch.ops.aten.sym_size.int and n.args[0] not in owners_of:
-            continue  # the size of a value from outside: shared by every block reading it
-        common = None
-        for u in n.users:
-            o = owners_of.get(u, set())
-            common = set(o) if common is None else common & o
-        if common:
-            owners_of[n] = common
-            for p in common:
-                owner_nodes.setdefault(p, []).append(n)
-    def position(n: Node) -> tuple:
-        # size arithmetic sits just before its first user: export computes a size once where
-        # it is first needed and the normaliser copies it before each later user, so blocks
-        # would otherwise list the same computation at different places
-        if _is_size_value(n) and n.users:
-            return (min(order[u] for u in n.users), -1, order[n])
-        return (order[n], 0, order[n])
-
-    for p in owner_nodes:
-        owner_nodes[p].sort(key=position)
-    return owner_nodes, children
-
-
 def find_chains(gm: GraphModule) -> list[Chain]:
     owner_nodes, children = ownership(gm)
     tensors = _tensor_names(gm)
-    get_attrs = {n.target: n for n in gm.graph.nodes if n.op == "get_attr"}
     chains: list[Chain] = []
     taken: list[str] = []
     for container in sorted(children, key=lambda c: (c.count("."), c) if c else (-1, "")):
@@ -182,17 +92,17 @@ def find_chains(gm: GraphModule) -> list[Chain]:
                 j += 1
             if j - i >= 2:
                 run = kids[i:j]
-                chain = _make_chain(gm, container, run, owner_nodes, tensors, get_attrs)
+                chain = _make_chain(gm, container, run, owner_nodes, tensors)
                 if chain is not None:
                     _check_numbering(chain, kids)
                     chains.append(chain)
                     taken.extend(run)
             i = j
-    chains.extend(_shared_chains(gm, tensors, get_attrs, taken))
+    chains.extend(_shared_chains(gm, tensors, taken))
     return chains
 
 
-def _shared_chains(gm, tensors, get_attrs, taken: list[str]) -> list[Chain]:
+def _shared_chains(gm, tensors, taken: list[str]) -> list[Chain]:
     """Chains of applications of one module (shared weights), outermost modules first; modules
     inside a block of another chain are left to it."""
     owner_nodes, children = ownership(gm, applications=True)
@@ -208,7 +118,7 @@ def _shared_chains(gm, tensors, get_attrs, taken: list[str]) -> list[Chain]:
             continue
         if run != [application_name(path, k) for k in range(len(run))]:
             continue  # not every call is numbered in order: leave it
-        chain = _make_chain(gm, path, run, owner_nodes, tensors, get_attrs)
+        chain = _make_chain(gm, path, run, owner_nodes, tensors)
         if chain is not None:
             out.append(chain)
             taken.append(path)
@@ -246,11 +156,6 @@ def _inside(path: str, block: str) -> bool:
     return path == block or path.startswith(block + ".")
 
 
-def _relname(target: str, block: str) -> str | None:
-    block = module_path(block)
-    return target[len(block) + 1 :] if target.startswith(block + ".") else None
-
-
 def _signature(gm: GraphModule, nodes: list[Node], block: str, tensors) -> tuple:
     index = {n: i for i, n in enumerate(nodes)}
     shape = _BlockShapes()
@@ -261,7 +166,7 @@ def _signature(gm: GraphModule, nodes: list[Node], block: str, tensors) -> tuple
             if a in index:
                 args.append(("int", index[a]))
             elif a.op == "get_attr" and a.target in tensors:
-                rel = _relname(a.target, block)
+                rel = relname(a.target, block)
                 args.append(("param", rel if rel is not None else a.target,
                              tuple(tensors[a.target].shape)))
             elif a.op == "get_attr" and _is_body(gm, a):  # a higher-order op's body
@@ -323,8 +228,8 @@ def _graph(nodes: list[Node], block: str, tensors) -> nx.DiGraph:
         for a in n.all_input_nodes:
             if a in index:
                 g.add_edge(index[a], index[n])
-            elif a.op == "get_attr" and a.target in tensors and _relname(a.target, block) is not None:
-                key = ("param", _relname(a.target, block))
+            elif a.op == "get_attr" and a.target in tensors and relname(a.target, block) is not None:
+                key = ("param", relname(a.target, block))
                 if key not in g:
                     t = tensors.get(a.target)
                     g.add_node(key, label=("param", key[1], tuple(t.shape) if t is not None else None))
@@ -353,7 +258,7 @@ def _external_inputs(gm: GraphModule, nodes: list[Node], block: str) -> list[Nod
         for a in n.all_input_nodes:
             if a in own or a in out:
                 continue
-            if a.op == "get_attr" and (_relname(a.target, block) is not None or _is_body(gm, a)):
+            if a.op == "get_attr" and (relname(a.target, block) is not None or _is_body(gm, a)):
                 continue
             out.append(a)
     return out
@@ -372,7 +277,7 @@ def _body_signature(gm: GraphModule, node: Node) -> tuple:
                  for n in body.graph.nodes)
 
 
-def _make_chain(gm, container, run, owner_nodes, tensors, get_attrs) -> Chain | None:
+def _make_chain(gm, container, run, owner_nodes, tensors) -> Chain | None:
     block_nodes = [owner_nodes[b] for b in run]
     g0 = _graph(block_nodes[0], run[0], tensors)
     for b, ns in zip(run[1:], block_nodes[1:]):
@@ -381,14 +286,25 @@ def _make_chain(gm, container, run, owner_nodes, tensors, get_attrs) -> Chain | 
     ins = [_external_inputs(gm, ns, b) for b, ns in zip(run, block_nodes)]
     if len({len(x) for x in ins}) != 1:
         return None
-    shared, chained = [], []
+    chained = _links(ins, block_nodes)
+    if not chained:
+        return None  # blocks that do not feed each other are not a chain
+    params = [{r: t for t in tensors if (r := relname(t, b)) is not None} for b in run]
+    reason = _read_from_outside(run, block_nodes)
+    return Chain(container=container, blocks=list(run), nodes=block_nodes, params=params,
+                 chained=chained, depth_ok=not reason, reason=reason)
+
+
+def _links(ins: list[list[Node]], block_nodes: list[list[Node]]) -> list[tuple[int, int, int]] | None:
+    """The chain links (see ``Chain.chained``) of blocks with external inputs ``ins``: each
+    input slot is read from outside by every block alike, or chained (block k+1 reads a node of
+    block k, at the same position each time); None when a slot is neither."""
+    chained = []
     for slot in range(len(ins[0])):
         if all(x[slot] is ins[0][slot] for x in ins):
-            shared.append(ins[0][slot])
-            continue
-        # chained slot: block k+1 reads a node block k produced, at the same position each time
+            continue  # a value every block reads from outside
         pos = None
-        for k in range(len(run) - 1):
+        for k in range(len(block_nodes) - 1):
             src = ins[k + 1][slot]
             if src not in block_nodes[k]:
                 return None
@@ -399,35 +315,17 @@ def _make_chain(gm, container, run, owner_nodes, tensors, get_attrs) -> Chain | 
         v = ins[0][slot]
         user = next(i for i, n in enumerate(block_nodes[0]) if v in n.all_input_nodes)
         chained.append((user, block_nodes[0][user].all_input_nodes.index(v), pos))
-    if not chained:
-        return None  # blocks that do not feed each other are not a chain
-    params = []
-    for b in run:
-        rel = {}
-        for target, tensor in tensors.items():
-            r = _relname(target, b)
-            if r is not None:
-                rel[r] = target
-        params.append(rel)
-    # who uses each block's values outside the chain
+    return chained
+
+
+def _read_from_outside(run: list[str], block_nodes: list[list[Node]]) -> str:
+    """Why depth changes are impossible when a block before the last has a value read outside
+    the chain (the last such value), else ""."""
     everything = set(n for ns in block_nodes for n in ns)
-    depth_ok, reason = True, ""
-    exits = []
-    for k, ns in enumerate(block_nodes):
-        nxt = set(block_nodes[k + 1]) if k + 1 < len(block_nodes) else set()
-        for pos, n in enumerate(ns):
-            outside = [u for u in n.users if u not in everything or (u not in ns and u not in nxt)]
-            outside = [u for u in outside if u not in everything]
-            if not outside:
-                continue
-            if k == len(run) - 1:
-                exits.append((pos, outside))
-            else:
-                depth_ok, reason = False, (
-                    f"{n.name} of block {run[k]} is used outside the chain by {outside[0].name}"
-                )
-    return Chain(
-        container=container, blocks=list(run), nodes=block_nodes, params=params,
-        shared_inputs=shared, chained=chained, inputs0=ins[0], exits=exits,
-        depth_ok=depth_ok, reason=reason,
-    )
+    reason = ""
+    for k, ns in enumerate(block_nodes[:-1]):
+        for n in ns:
+            outside = [u for u in n.users if u not in everything]
+            if outside:
+                reason = f"{n.name} of block {run[k]} is used outside the chain by {outside[0].name}"
+    return reason

@@ -3,7 +3,8 @@
 A rule tells the analysis how an op relates the axes of its inputs and outputs (which dims are
 the same, which are split or concatenated, which are contracted, which are indexed and so
 pinned). An optional *rewrite* tells the width pass how to update the op's literal size
-arguments once spaces are resized. An op without a rule is an error naming the node; register
+arguments once spaces are resized: it returns an :class:`Edit` (made by :func:`replace_args`,
+:func:`replace_arg_at` or :func:`retarget`) or None. An op without a rule is an error naming the node; register
 your own with::
 
     from vcyclefx.analysis.registry import register_rule
@@ -39,7 +40,7 @@ from torch.fx import Node
 from vcyclefx.errors import UnsupportedOp
 
 RuleFn = Callable[[Any, Node], None]
-RewriteFn = Callable[[Any, Node], None]
+RewriteFn = Callable[[Any, Node], "Edit | None"]  # a rule's rewrite: the edit of one node, or None
 
 
 @dataclass(frozen=True)
@@ -263,3 +264,51 @@ def set_arg(node: Node, name: str, value: Any) -> None:
         node.args = tuple(new)
     else:
         node.kwargs = {**node.kwargs, name: value}
+
+
+# -- edits: what a rewrite changes in a node --------------------------------------------------
+@dataclass(frozen=True)
+class Edit:
+    """A rewrite's change to one node: a new op (``target``, None: the same), then arguments
+    set by schema name (``named``) and, for ops without a schema (``operator.mul`` of sizes),
+    by position (``positional``). Values may hold nodes of the graph the rewrite read."""
+
+    target: Any = None
+    named: tuple[tuple[str, Any], ...] = ()
+    positional: tuple[tuple[int, Any], ...] = ()
+
+    def map_nodes(self, fn: Callable[[Node], Node]) -> "Edit":
+        """The same edit with every node in its values replaced by ``fn(node)``."""
+        def m(v):
+            return torch.fx.node.map_arg(v, fn)
+
+        return Edit(self.target, tuple((k, m(v)) for k, v in self.named),
+                    tuple((i, m(v)) for i, v in self.positional))
+
+    def apply(self, node: Node) -> None:
+        """Change ``node`` in place: retarget it, then set the arguments (named ones through
+        the new op's schema)."""
+        if self.target is not None:
+            node.target = self.target
+        if self.positional:
+            args = list(node.args)
+            for i, value in self.positional:
+                args[i] = value
+            node.args = tuple(args)
+        for name, value in self.named:
+            set_arg(node, name, value)
+
+
+def replace_args(**values: Any) -> Edit:
+    """Set the arguments named in ``values`` (schema names: ``replace_args(start=0, end=8)``)."""
+    return Edit(named=tuple(values.items()))
+
+
+def replace_arg_at(index: int, value: Any) -> Edit:
+    """Set positional argument ``index`` (for ops without a schema)."""
+    return Edit(positional=((index, value),))
+
+
+def retarget(op: Any, **values: Any) -> Edit:
+    """Make the node call ``op`` and set the arguments named in ``values`` on ``op``'s schema."""
+    return Edit(target=op, named=tuple(values.items()))

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from vcyclefx.errors import LevelError
+from vcyclefx.level import fetch_attr
 
 HF, CALL = "hf", "call"
 
@@ -45,12 +46,11 @@ def import_object(path: str):
     except ImportError as e:
         raise LevelError(f"cannot import {mod!r} to build {path} ({e}); install the package the "
                          "model came from") from e
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise LevelError(f"{mod!r} has no {attr!r}; the level was made with another version "
-                             "of its package")
-        obj = getattr(obj, part)
-    return obj
+    try:
+        return fetch_attr(obj, attr)
+    except AttributeError as e:
+        raise LevelError(f"{mod!r} has no {attr!r}; the level was made with another version "
+                         "of its package") from e
 
 
 def _jsonable(v) -> bool:

@@ -17,12 +17,10 @@ import warnings
 from dataclasses import dataclass, field
 
 from vcyclefx.errors import VCycleError
+from vcyclefx.plan.choices import DEPTH_INITS, DEPTH_PAIRINGS, WIDTH_PAIRINGS
 from vcyclefx.train.vcycle import recommended_fractions
 
 SCHEDULES = ("vcycle", "baseline", "compare")
-PAIRINGS = ("strided", "adjacent", "similarity")
-DEPTH_PAIRINGS = ("adjacent", "strided")
-DEPTH_INITS = ("copy", "identity")
 LR_SCHEDULES = ("global", "stage")
 DTYPES = ("auto", "float32", "bfloat16")
 COARSE_LR_SCALE = 2.0  # lr factor of the coarse levels when --lr-scales is not given (tuned)
@@ -111,7 +109,7 @@ class TrainConfig:
                                           "the paper's GPT recipe uses 4)", parse="floats")
     pairing: str = _f("strided", "which width units are coalesced together: strided (i with i + "
                                  "n/2, the paper), adjacent (2i, 2i+1), or similarity (most "
-                                 "similar weights, chosen at each coalescing)", choices=PAIRINGS)
+                                 "similar weights, chosen at each coalescing)", choices=WIDTH_PAIRINGS)
     depth_pairing: str = _f("adjacent", "which blocks are coalesced together: adjacent (2i, "
                                         "2i+1, the paper) or strided (i with i + L/2)",
                             choices=DEPTH_PAIRINGS)
@@ -273,7 +271,8 @@ def _check_ranges(c: TrainConfig) -> None:
     need(c.vcycle_steps >= 0,
          f"--vcycle-steps must be >= 0 (0 = --vcycle-budget x --steps), got {c.vcycle_steps}")
     need(c.vcycle_budget > 0, f"--vcycle-budget must be positive, got {c.vcycle_budget}")
-    need(c.pairing in PAIRINGS, f"--pairing {c.pairing!r}: choose one of {', '.join(PAIRINGS)}")
+    need(c.pairing in WIDTH_PAIRINGS,
+         f"--pairing {c.pairing!r}: choose one of {', '.join(WIDTH_PAIRINGS)}")
     need(c.depth_init in DEPTH_INITS,
          f"--depth-init {c.depth_init!r}: choose one of {', '.join(DEPTH_INITS)}")
     need(c.depth_pairing in DEPTH_PAIRINGS,

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from vcyclefx.errors import LevelError
-from vcyclefx.level import Level, LevelInfo, level_info, make_level
+from vcyclefx.level import Level, LevelInfo, level_info, make_level, owner_of
 from vcyclefx.plan.mapping import Mapping
 from vcyclefx.capture.recipe import Recipe
 from vcyclefx.export.program import program_of
@@ -113,10 +113,7 @@ Level.pickler = (level_to_bytes, level_from_bytes)
 
 
 def _tie(gm, alias: str, canon: str) -> None:
-    *path, leaf = alias.split(".")
-    owner = gm
-    for part in path:
-        owner = getattr(owner, part)
+    owner, leaf = owner_of(gm, alias)
     target = gm.get_parameter(canon) if canon in dict(gm.named_parameters()) else gm.get_buffer(canon)
     if isinstance(target, torch.nn.Parameter):
         setattr(owner, leaf, target)

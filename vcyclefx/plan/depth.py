@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import math
 
+from passes.identity import identity_zero_set
+
 from vcyclefx.analysis.analyze import Analysis
 from vcyclefx.errors import PlanError
+from vcyclefx.plan.choices import DEPTH_INITS, DEPTH_PAIRINGS
 from vcyclefx.plan.mapping import ChainMap
 from vcyclefx.plan.width import check_factor
-
-DEPTH_PAIRINGS = ("adjacent", "strided")
 
 
 def _groups(n_large: int, n_small: int, pairing: str) -> list[list[int]]:
@@ -30,10 +31,8 @@ def _groups(n_large: int, n_small: int, pairing: str) -> list[list[int]]:
     return out
 
 
-def plan_depth(analysis: Analysis, factor: float, pairing: str = "adjacent", *, coalesce: bool,
-               depth_init: str = "copy") -> list[ChainMap]:
-    from passes.depth import identity_zero_set  # passes imports vcyclefx: not at module level
-
+def plan_depth(analysis: Analysis, factor: float, pairing: str = DEPTH_PAIRINGS[0], *,
+               coalesce: bool, depth_init: str = DEPTH_INITS[0]) -> list[ChainMap]:
     check_factor("depth", factor, coalesce)
     if pairing not in DEPTH_PAIRINGS:
         raise PlanError(f"depth_pairing={pairing!r} is not one of {DEPTH_PAIRINGS}")

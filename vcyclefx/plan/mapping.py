@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from vcyclefx.errors import MappingError
+from vcyclefx.plan.choices import DEPTH_INITS, one_of
 from vcyclefx.store import atomic_write_text
 
 FORMAT = "vcyclefx.mapping"
@@ -53,7 +54,7 @@ class ChainMap:
     large_blocks: list[str]
     small_blocks: list[str]
     groups: list[list[int]]  # for each smaller block, the indices of its larger blocks
-    depth_init: str = "copy"  # how de-coalescing fills the blocks of a group: copy | identity
+    depth_init: str = DEPTH_INITS[0]  # how de-coalescing fills the blocks of a group
     zero_on_identity: list[str] = field(default_factory=list)  # relative tensor names
     chained: list[list[int]] = field(default_factory=list)  # (input slot, output position) pairs
 
@@ -63,8 +64,8 @@ class ChainMap:
         flat = sorted(i for g in self.groups for i in g)
         if flat != list(range(len(self.large_blocks))):
             raise MappingError(f"chain {self.container}: groups must cover blocks 0..{len(self.large_blocks) - 1} once")
-        if self.depth_init not in ("copy", "identity"):
-            raise MappingError(f"chain {self.container}: depth_init must be 'copy' or 'identity'")
+        if self.depth_init not in DEPTH_INITS:
+            raise MappingError(f"chain {self.container}: depth_init must be {one_of(DEPTH_INITS)}")
 
 
 @dataclass

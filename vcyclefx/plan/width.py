@@ -20,9 +20,9 @@ import torch
 from vcyclefx.analysis.analyze import PRODUCER, Analysis, Space
 from vcyclefx.analysis.dims import CAT, Dim, layout_size
 from vcyclefx.errors import PlanError
+from vcyclefx.plan.choices import WIDTH_PAIRINGS
 from vcyclefx.plan.mapping import SpaceMap
 
-PAIRINGS = ("strided", "adjacent", "similarity")
 
 
 @dataclass
@@ -118,11 +118,12 @@ def _similarity_index(analysis: Analysis, space: Space, m: int) -> list[int]:
     return index
 
 
-def plan_width(analysis: Analysis, factor: float, pairing: str = "strided", *, coalesce: bool) -> WidthDecision:
+def plan_width(analysis: Analysis, factor: float, pairing: str = WIDTH_PAIRINGS[0], *,
+               coalesce: bool) -> WidthDecision:
     """Groups for every resizable space; raises PlanError when nothing can be resized."""
     check_factor("width", factor, coalesce)
-    if pairing not in PAIRINGS:
-        raise PlanError(f"pairing={pairing!r} is not one of {PAIRINGS}")
+    if pairing not in WIDTH_PAIRINGS:
+        raise PlanError(f"pairing={pairing!r} is not one of {WIDTH_PAIRINGS}")
     maps: list[SpaceMap] = []
     kept: list[dict] = []
     if factor == 1:

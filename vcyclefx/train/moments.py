@@ -44,10 +44,9 @@ import math
 
 import torch
 
-from passes.width import COALESCE, DECOALESCE
-
 from vcyclefx.api import _depth, _width
 from vcyclefx.level import clone_level
+from vcyclefx.plan.choices import COALESCE, DECOALESCE
 from vcyclefx.plan.mapping import Mapping
 
 SQUARED = ("exp_avg_sq", "max_exp_avg_sq")  # keys that hold squared gradients

@@ -30,6 +30,7 @@ from vcyclefx.errors import ScheduleError, VCycleError
 from vcyclefx.train.flops import tokens_in, training_flops_per_token
 from vcyclefx.capture.frontend import as_level
 from vcyclefx.level import clone_level, is_level, level_info
+from vcyclefx.plan.choices import DEPTH_INITS, DEPTH_PAIRINGS, WIDTH_PAIRINGS, one_of
 from vcyclefx.plan.mapping import Mapping
 from vcyclefx.store import atomic_directory, load_tensors, save_tensors
 
@@ -200,8 +201,8 @@ def build_schedule(levels: int, *, total_steps: int | None = None, fractions=Non
 class VCycle:
     def __init__(self, model, example_inputs=None, *, levels: int = 2, width: float = 0.5,
                  depth: float = 0.5, alpha: float = 0.25, total_steps: int | None = None,
-                 fractions=None, steps=None, lr_scales=None, pairing: str = "strided",
-                 depth_pairing: str = "adjacent", depth_init: str = "copy",
+                 fractions=None, steps=None, lr_scales=None, pairing: str = WIDTH_PAIRINGS[0],
+                 depth_pairing: str = DEPTH_PAIRINGS[0], depth_init: str = DEPTH_INITS[0],
                  checkpoint_dir=None, resume=None,
                  write_checkpoints: bool = True, **capture_kwargs):
         if not isinstance(alpha, (int, float)) or not (0.0 <= alpha <= 1.0):
@@ -209,8 +210,8 @@ class VCycle:
         self.schedule = build_schedule(levels, total_steps=total_steps, fractions=fractions,
                                        steps=steps, lr_scales=lr_scales)
         self.levels, self.width, self.depth, self.alpha = levels, width, depth, float(alpha)
-        if depth_init not in ("copy", "identity"):
-            raise ScheduleError(f"depth_init={depth_init!r} must be 'copy' or 'identity'")
+        if depth_init not in DEPTH_INITS:
+            raise ScheduleError(f"depth_init={depth_init!r} must be {one_of(DEPTH_INITS)}")
         self.pairing, self.depth_pairing, self.depth_init = pairing, depth_pairing, depth_init
         # the cycle trains its own copy: a level passed in is never changed by the stages
         self.level0 = (clone_level(model) if is_level(model)
@@ -363,7 +364,7 @@ class VCycle:
                                 "construct the VCycle with the same levels/steps/fractions")
         cfg = meta["config"]
         for key in ("levels", "width", "depth", "alpha", "pairing", "depth_pairing", "depth_init"):
-            if cfg.get(key, "copy" if key == "depth_init" else None) != getattr(self, key):
+            if cfg.get(key, DEPTH_INITS[0] if key == "depth_init" else None) != getattr(self, key):
                 raise ScheduleError(f"resume={root}: checkpoint has {key}={cfg[key]!r}, this "
                                     f"VCycle {key}={getattr(self, key)!r}")
         for k in range(self.levels - 1):

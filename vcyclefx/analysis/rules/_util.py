@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch.fx import Node
 
 from vcyclefx.analysis.dims import Dim, as_size
+from vcyclefx.analysis.registry import Edit, replace_args
 
 aten = torch.ops.aten
 
@@ -70,13 +69,13 @@ def shape_entries_rewrite(argname: str, axes_of=None):
     """Rewrite for an op whose argument ``argname`` is a list of sizes, one per output axis
     (or per axis given by ``axes_of(rw, node)``): literal entries become the new sizes."""
 
-    def rewrite(rw, node: Node) -> dict[str, Any]:
+    def rewrite(rw, node: Node) -> Edit | None:
         entries = rw.arg(node, argname)
         if not isinstance(entries, (list, tuple)):
-            return {}
+            return None
         dims = axes_of(rw, node) if axes_of else rw.dims(node)
         if not isinstance(dims, list) or len(dims) != len(entries):
-            return {}
+            return None
         new = list(entries)
         changed = False
         for i, (e, d) in enumerate(zip(entries, dims)):
@@ -85,7 +84,7 @@ def shape_entries_rewrite(argname: str, axes_of=None):
                 if isinstance(n, int) and n != e:
                     new[i] = n
                     changed = True
-        return {argname: new} if changed else {}
+        return replace_args(**{argname: new}) if changed else None
 
     return rewrite
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch.fx import Node
 
 from vcyclefx.analysis.dims import PROD
-from vcyclefx.analysis.registry import op_of, register_rule
+from vcyclefx.analysis.registry import op_of, register_rule, replace_args
 from vcyclefx.analysis.rules._util import aten, broadcast_into
 
 
@@ -23,7 +23,7 @@ def _linear(ctx, node):
     ctx.contract(node, [(w, len(wd) - 1), (x, len(xd) - 1)])
 
 
-def _mm_like(ctx, node, a, b, out_extra=None):
+def _mm_like(ctx, node, a, b):
     ad, bd = ctx.dims(a), ctx.dims(b)
     ctx.unify(ad[-1], bd[-2], node)
     batch_a, batch_b = ad[:-2], bd[:-2]
@@ -112,9 +112,9 @@ _CONV_T = [aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv
 def _conv_rewrite(rw, node):
     g = rw.record(node, "groups_dim")
     if g is None:
-        return {}
+        return None
     n = rw.new_size(g)
-    return {"groups": n} if n != rw.arg(node, "groups") else {}
+    return replace_args(groups=n) if n != rw.arg(node, "groups") else None
 
 
 @register_rule(*_CONV, *_CONV_T, rewrite=_conv_rewrite)

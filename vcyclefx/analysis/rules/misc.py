@@ -9,7 +9,7 @@ import torch
 from torch.fx import Node
 
 from vcyclefx.analysis.dims import Dim
-from vcyclefx.analysis.registry import op_of, register_rule
+from vcyclefx.analysis.registry import op_of, register_rule, replace_arg_at
 from vcyclefx.analysis.walk import walk
 from vcyclefx.analysis.rules._util import aten, broadcast_into, norm_dim, norm_dims, ops, shape_entries_rewrite
 
@@ -44,18 +44,18 @@ def _sym_mul_rewrite(rw, node):
     out_dim = rw.dims(node)
     lit = [i for i, a in enumerate(node.args) if isinstance(a, int) and not isinstance(a, bool)]
     if not isinstance(out_dim, Dim) or len(lit) != 1:
-        return {}
+        return None
     total = rw.new_size(out_dim)
     others = 1
     for a in node.args:
         if isinstance(a, Node):
             d = rw.dims(a)
             if not isinstance(d, Dim):
-                return {}
+                return None
             others = others * rw.new_size(d)
     new = _exact_div(total, others)
     old = node.args[lit[0]]
-    return {str(lit[0]): new} if new is not None and new != old else {}
+    return replace_arg_at(lit[0], new) if new is not None and new != old else None
 
 
 def _exact_div(a, b):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch.fx import Node
 
 from vcyclefx.analysis.dims import PROD
-from vcyclefx.analysis.registry import op_of, register_rule
+from vcyclefx.analysis.registry import op_of, register_rule, replace_args
 from vcyclefx.analysis.rules._util import aten, norm_dim, norm_dims, shape_entries_rewrite
 
 
@@ -168,9 +168,9 @@ def _rms_norm(ctx, node):
 def _group_norm_rewrite(rw, node):
     g = rw.record(node, "groups_dim")
     if g is None:
-        return {}
+        return None
     n = rw.new_size(g)
-    return {"num_groups": n} if n != rw.arg(node, "num_groups") else {}
+    return replace_args(num_groups=n) if n != rw.arg(node, "num_groups") else None
 
 
 @register_rule(aten.group_norm.default, rewrite=_group_norm_rewrite)

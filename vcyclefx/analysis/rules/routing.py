@@ -28,14 +28,13 @@ import operator
 
 from torch.fx import Node
 
+from passes.ops import COPIES, VIEWS
+
 from vcyclefx.analysis.registry import op_of, register_rule
 from vcyclefx.analysis.rules._util import aten, norm_dim
 
 # ops that keep the values of their input (so indices stay indices into the same axis)
-_SAME_VALUES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default,
-                aten.flatten.using_ints, aten.clone.default, aten.contiguous.default,
-                aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device,
-                aten.detach.default, aten.alias.default}
+_SAME_VALUES = VIEWS | COPIES | {aten.flatten.using_ints, aten.to.device, aten.detach.default}
 _INDICES = {aten.topk.default: 1, aten.sort.default: 1, aten.max.dim: 1, aten.min.dim: 1}
 
 

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch.fx import Node
 
 from vcyclefx.analysis.dims import CAT, PROD, Dim, is_static
-from vcyclefx.analysis.registry import op_of, register_rule
+from vcyclefx.analysis.registry import Edit, op_of, register_rule, replace_args, retarget
 from vcyclefx.analysis.rules._util import aten, norm_dim, shape_entries_rewrite
 
 _INT_MAX = 2**62
@@ -113,7 +111,7 @@ def _expand(ctx, node):
                 ctx.replica(o, node)
 
 
-def _symbolic_count(count, out: Dim, src: Dim | None) -> bool:
+def _symbolic_count(count) -> bool:
     """A repeat count is symbolic when it is a SymInt node (a literal count copies features)."""
     return not isinstance(count, int)
 
@@ -128,7 +126,7 @@ def _repeat(ctx, node):
     for i, o in enumerate(out):
         j = i - off
         r = reps[i]
-        symbolic = _symbolic_count(r, o, src[j] if j >= 0 else None)
+        symbolic = _symbolic_count(r)
         if j < 0:
             if isinstance(r, Node) and isinstance(ctx.dims(r), Dim):
                 ctx.unify(ctx.dims(r), o, node)
@@ -190,7 +188,7 @@ def _stack(ctx, node):
     ctx.pin(out[dim], f"stack index at {ctx.where(node)}")
 
 
-def _split_common(ctx, node, sizes_known: bool):
+def _split_common(ctx, node):
     src = ctx.dims(node.args[0])
     outs = ctx.out_fresh(node)
     dim = norm_dim(ctx.arg(node, "dim", 0), len(src))
@@ -209,26 +207,26 @@ def _split_common(ctx, node, sizes_known: bool):
     ctx.record(node, split_parts=[o[dim] for o in outs])
 
 
-def _rewrite_split(rw, node) -> dict[str, Any]:
+def _rewrite_split(rw, node) -> Edit | None:
     parts = rw.record(node, "split_parts")
     new = [rw.new_size(p) for p in parts]
     old = [p.size for p in parts]
     if new == old:
-        return {}
+        return None
     if op_of(node) is aten.chunk.default:  # a count of pieces: stays right while they are equal
         if len(set(new)) == 1:
-            return {}
-        return {"__target__": aten.split_with_sizes.default, "split_sizes": new}
+            return None
+        return retarget(aten.split_with_sizes.default, split_sizes=new)
     if op_of(node) in (aten.split.Tensor, aten.split_copy.Tensor):
         if len(set(new[:-1])) > 1 or new[-1] > new[0]:
-            return {"__target__": aten.split_with_sizes.default, "split_sizes": new}
-        return {"split_size": new[0]}
-    return {"split_sizes": new}
+            return retarget(aten.split_with_sizes.default, split_sizes=new)
+        return replace_args(split_size=new[0])
+    return replace_args(split_sizes=new)
 
 
 register_rule(aten.split.Tensor, aten.split_with_sizes.default, aten.split_copy.Tensor,
               aten.split_with_sizes_copy.default, aten.chunk.default, aten.tensor_split.sections,
-              rewrite=_rewrite_split)(lambda ctx, node: _split_common(ctx, node, True))
+              rewrite=_rewrite_split)(_split_common)
 
 
 @register_rule(aten.unbind.int, aten.unbind_copy.int)
@@ -249,7 +247,7 @@ def _select(ctx, node):
     ctx.set_out(node, src[:dim] + src[dim + 1 :])
 
 
-def _slice_like(ctx, node, start, length):
+def _slice_like(ctx, node, start):
     src = ctx.dims(node.args[0])
     out = ctx.out_fresh(node)
     dim = norm_dim(ctx.arg(node, "dim", 0), len(src))
@@ -277,10 +275,10 @@ def _slice_like(ctx, node, start, length):
     ctx.record(node, slice_pre=parts[0] if start > 0 else None, slice_mid=mid)
 
 
-def _rewrite_slice(rw, node) -> dict[str, Any]:
+def _rewrite_slice(rw, node) -> Edit | None:
     mid = rw.record(node, "slice_mid")
     if mid is None:
-        return {}
+        return None
     pre = rw.record(node, "slice_pre")
     start = rw.new_size(pre) if pre is not None else 0
     end = start + rw.new_size(mid)
@@ -290,7 +288,7 @@ def _rewrite_slice(rw, node) -> dict[str, Any]:
         out["start"] = start
     if isinstance(old_end, int) and old_end < _INT_MAX and old_end != end:
         out["end"] = end
-    return out
+    return replace_args(**out) if out else None
 
 
 @register_rule(aten.slice.Tensor, aten.slice_copy.Tensor, rewrite=_rewrite_slice)
@@ -309,20 +307,20 @@ def _slice(ctx, node):
         else:
             ctx.unify(src[dim], out[dim], node)
         return
-    _slice_like(ctx, node, ctx.arg(node, "start") or 0, None)
+    _slice_like(ctx, node, ctx.arg(node, "start") or 0)
 
 
-def _rewrite_narrow(rw, node) -> dict[str, Any]:
+def _rewrite_narrow(rw, node) -> Edit | None:
     mid = rw.record(node, "slice_mid")
     if mid is None:
-        return {}
+        return None
     pre = rw.record(node, "slice_pre")
-    return {"start": rw.new_size(pre) if pre is not None else 0, "length": rw.new_size(mid)}
+    return replace_args(start=rw.new_size(pre) if pre is not None else 0, length=rw.new_size(mid))
 
 
 @register_rule(aten.narrow.default, aten.narrow_copy.default, rewrite=_rewrite_narrow)
 def _narrow(ctx, node):
-    _slice_like(ctx, node, ctx.arg(node, "start"), ctx.arg(node, "length"))
+    _slice_like(ctx, node, ctx.arg(node, "start"))
 
 
 @register_rule(aten.repeat_interleave.self_int)
@@ -334,7 +332,7 @@ def _repeat_interleave(ctx, node):
     reps = ctx.arg(node, "repeats")
     if dim is not None:
         dim = norm_dim(dim, len(src))
-    if dim is None or _symbolic_count(reps, out[dim], src[dim]):
+    if dim is None or _symbolic_count(reps):
         for d in list(src) + list(out):
             ctx.pin(d, f"repeat_interleave at {ctx.where(node)}")
         return
