@@ -113,9 +113,15 @@ def verify(gm: GraphModule, source_module: GraphModule | None = None, *, what: s
 
 
 def _value_nodes(gm: GraphModule):
+    """Nodes that produce a value (not ops whose schema returns nothing, e.g. the
+    ``_assert_tensor_metadata`` checks export inserts: a loaded .pt2 gives them no meta)."""
     for n in gm.graph.nodes:
-        if n.op in ("placeholder", "call_function"):
+        if n.op == "placeholder":
             yield n
+        elif n.op == "call_function":
+            schema = getattr(n.target, "_schema", None)
+            if schema is None or len(schema.returns) > 0:
+                yield n
         elif n.op == "get_attr" and isinstance(fetch_attr(gm, n.target), torch.Tensor):
             yield n
 
