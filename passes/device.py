@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule
 
+from passes.args import get_arg, set_arg
+
 
 def _device_args(target) -> list[str]:
     schema = getattr(target, "_schema", None)
@@ -22,8 +24,6 @@ def _device_args(target) -> list[str]:
 def move_device_literals_(gm: GraphModule, device: torch.device) -> bool:
     """Rewrite every device literal of ``gm`` (and its higher-order-op bodies) to ``device``;
     returns whether anything changed. In place: it is what ``level.to(...)`` calls."""
-    from vcyclefx.analysis.registry import get_arg, set_arg
-
     changed = False
     for node in gm.graph.nodes:
         if node.op != "call_function":

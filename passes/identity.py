@@ -14,7 +14,7 @@ from torch.fx import Node
 
 from vcyclefx.analysis.chains import chained_input
 from vcyclefx.analysis.ownership import relname
-from vcyclefx.analysis.registry import get_arg
+from passes.args import get_arg
 from vcyclefx.errors import PlanError
 
 from passes.ops import ADD, KEEPS_NONNEGATIVE, LINEAR, MUL, NONNEGATIVE, RELU, REARRANGING, SCALE

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule, Node
 
-from vcyclefx.analysis.registry import get_arg, set_arg
+from passes.args import get_arg, set_arg
 
 aten = torch.ops.aten
 

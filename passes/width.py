@@ -31,7 +31,8 @@ from torch.fx import GraphModule, Node
 
 from vcyclefx.analysis.analyze import PRODUCER, Analysis
 from vcyclefx.analysis.dims import PROD, Dim, layout_size, new_size
-from vcyclefx.analysis.registry import get_arg, rule_for
+from passes.args import get_arg
+from vcyclefx.analysis.registry import rule_for
 from vcyclefx.errors import PlanError
 from vcyclefx.level import fetch_attr
 from vcyclefx.plan.choices import COALESCE, DECOALESCE, DIRECTIONS, one_of

@@ -12,7 +12,8 @@ import torch
 import vcyclefx as vf
 from tests.conftest import rel_error
 from vcyclefx.analysis.analyze import analyze
-from vcyclefx.analysis.registry import functional_of, op_of, rule_for
+from passes.args import functional_of
+from vcyclefx.analysis.registry import op_of, rule_for
 
 aten = torch.ops.aten
 

@@ -25,6 +25,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from vcyclefx.analysis import rules  # noqa: F401 - registers the op rules
+from vcyclefx.analysis.chains import find_chains
 from vcyclefx.analysis.dims import PROD, Dim, DimTable
 from vcyclefx.analysis.context import CONSUMER, PRODUCER, Consumer, Context, _where
 from vcyclefx.level import fetch_attr
@@ -151,8 +152,6 @@ def analyze(gm: GraphModule, *, chains: bool = True) -> Analysis:
         records=ctx.records,
     )
     if chains:
-        from vcyclefx.analysis.chains import find_chains
-
         result.chains = find_chains(gm)
     result.seconds = time.perf_counter() - start
     log.debug("analysis of %d nodes took %.3fs", len(gm.graph.nodes), result.seconds)

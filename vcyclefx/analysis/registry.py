@@ -30,13 +30,23 @@ are registered by qualified name, ``"namespace::name"`` (every overload) or
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from torch.fx import Node
 
+from passes.args import (  # noqa: F401 - the argument helpers rules use, re-exported
+    Edit,
+    arg_index,
+    functional_of,
+    get_arg,
+    replace_arg_at,
+    replace_args,
+    retarget,
+    set_arg,
+    written_args,
+)
 from vcyclefx.errors import UnsupportedOp
 
 RuleFn = Callable[[Any, Node], None]
@@ -113,61 +123,15 @@ def op_of(node: Node):
     return f if f is not None and _own_rule(f) is not None else t
 
 
-# -- in-place and out= overloads ------------------------------------------------------------------
-def _written(schema) -> list:
-    return [a for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
-
-
-def _signature(args, first_by_type: bool = False) -> list[tuple[str, str]]:
-    """(name, type) per argument; the first by type only where ``first_by_type`` (in-place ops
-    call it ``self`` where some functional ops call it ``input``: ``dropout_`` / ``dropout``)."""
-    out = [(a.name, str(a.type)) for a in args]
-    if first_by_type and out:
-        out[0] = ("", out[0][1])
-    return out
-
-
-@functools.lru_cache(maxsize=None)
-def functional_of(target):
-    """The functional overload an in-place (``add_.Tensor`` -> ``add.Tensor``) or ``out=``
-    (``add.out`` -> ``add.Tensor``) overload computes, or None."""
-    if not isinstance(target, torch._ops.OpOverload):
-        return None
-    schema = target._schema
-    written = _written(schema)
-    if not written:
-        return None
-    ns, _, name = schema.name.partition("::")
-    packet_ns = getattr(torch.ops, ns, None)
-    if name.endswith("_") and not name.endswith("__") and written[0].name == schema.arguments[0].name:
-        packet = getattr(packet_ns, name[:-1], None)  # in-place: same arguments, no write
-        want = _signature(schema.arguments, first_by_type=True)
-        preferred = schema.overload_name or "default"
-    else:
-        if any(not a.kwarg_only for a in written):
-            return None  # an argument written in place that is not an out= buffer
-        packet = getattr(packet_ns, name, None)  # out=: the other arguments, one overload
-        names = {a.name for a in written}
-        want = _signature([a for a in schema.arguments if a.name not in names])
-        preferred = None
-    if not isinstance(packet, torch._ops.OpOverloadPacket):
-        return None
-    candidates = [getattr(packet, o) for o in packet.overloads()]
-    candidates = [c for c in candidates if not _written(c._schema)
-                  and _signature(c._schema.arguments, preferred is not None) == want]
-    candidates.sort(key=lambda c: (c._schema.overload_name or "default") != preferred)
-    return candidates[0] if candidates else None
-
-
 def _derived_rule(target) -> Rule | None:
     if target not in _DERIVED:
         f = functional_of(target)
         base = _own_rule(f) if f is not None else None
-        _DERIVED[target] = None if base is None else Rule(_tie_written(base.analyze), base.rewrite)
+        _DERIVED[target] = None if base is None else Rule(_tiewritten_args(base.analyze), base.rewrite)
     return _DERIVED[target]
 
 
-def _tie_written(analyze: RuleFn) -> RuleFn:
+def _tiewritten_args(analyze: RuleFn) -> RuleFn:
     """The functional op's rule, then the output is the argument written: the same axes where
     the shapes agree. (An in-place view op such as ``unsqueeze_`` gives its argument a new
     shape; export makes every later reader read the op's output, so its functional rule is
@@ -175,7 +139,7 @@ def _tie_written(analyze: RuleFn) -> RuleFn:
 
     def rule(ctx, node: Node) -> None:
         analyze(ctx, node)
-        written = [get_arg(node, a.name, None) for a in _written(node.target._schema)]
+        written = [get_arg(node, a.name, None) for a in written_args(node.target._schema)]
         out = ctx.out.get(node)
         outs = out if len(written) > 1 and isinstance(out, list) else [out]
         res = []
@@ -192,7 +156,7 @@ def _tie_written(analyze: RuleFn) -> RuleFn:
 
 
 def _no_functional_hint(target) -> str:
-    if isinstance(target, torch._ops.OpOverload) and _written(target._schema):
+    if isinstance(target, torch._ops.OpOverload) and written_args(target._schema):
         f = functional_of(target)
         if f is None:
             return (" It writes into an argument and has no functional overload whose rule could "
@@ -205,110 +169,3 @@ def _op_name(target) -> str:
     if isinstance(target, (torch._ops.OpOverload, torch._ops.HigherOrderOperator)):
         return str(target)
     return getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or str(target)
-
-
-# -- arguments by name ------------------------------------------------------------------------
-_NO_DEFAULT = object()
-
-
-def _schema_args(target):
-    schema = getattr(target, "_schema", None)
-    return None if schema is None else schema.arguments
-
-
-def arg_index(target, name: str) -> int | None:
-    """Position of argument ``name`` in ``target``'s schema (None if it is not an argument)."""
-    args = _schema_args(target)
-    if args is None:
-        return None
-    for i, a in enumerate(args):
-        if a.name == name:
-            return i
-    return None
-
-
-def get_arg(node: Node, name: str, default: Any = _NO_DEFAULT) -> Any:
-    """Argument ``name`` of ``node`` read through the op schema (positional or keyword),
-    falling back to the schema default."""
-    if name in node.kwargs:
-        return node.kwargs[name]
-    args = _schema_args(node.target)
-    if args is None:
-        raise KeyError(f"{node.format_node()}: op has no schema; cannot read argument {name!r}")
-    for i, a in enumerate(args):
-        if a.name == name:
-            if i < len(node.args) and not a.kwarg_only:
-                return node.args[i]
-            if a.has_default_value():
-                return a.default_value
-            if default is not _NO_DEFAULT:
-                return default
-            raise KeyError(f"{node.format_node()}: argument {name!r} missing")
-    f = functional_of(node.target)  # a derived rule reads the functional op's names
-    if f is not None and (i := arg_index(f, name)) is not None and i < len(node.args):
-        return node.args[i]
-    if default is not _NO_DEFAULT:
-        return default
-    raise KeyError(f"{node.format_node()}: {node.target} has no argument {name!r}")
-
-
-def set_arg(node: Node, name: str, value: Any) -> None:
-    """Set argument ``name`` of ``node`` (where it already is: positional or keyword)."""
-    args = _schema_args(node.target)
-    idx = arg_index(node.target, name)
-    if idx is None:
-        raise KeyError(f"{node.format_node()}: {node.target} has no argument {name!r}")
-    if idx < len(node.args) and not args[idx].kwarg_only:
-        new = list(node.args)
-        new[idx] = value
-        node.args = tuple(new)
-    else:
-        node.kwargs = {**node.kwargs, name: value}
-
-
-# -- edits: what a rewrite changes in a node --------------------------------------------------
-@dataclass(frozen=True)
-class Edit:
-    """A rewrite's change to one node: a new op (``target``, None: the same), then arguments
-    set by schema name (``named``) and, for ops without a schema (``operator.mul`` of sizes),
-    by position (``positional``). Values may hold nodes of the graph the rewrite read."""
-
-    target: Any = None
-    named: tuple[tuple[str, Any], ...] = ()
-    positional: tuple[tuple[int, Any], ...] = ()
-
-    def map_nodes(self, fn: Callable[[Node], Node]) -> "Edit":
-        """The same edit with every node in its values replaced by ``fn(node)``."""
-        def m(v):
-            return torch.fx.node.map_arg(v, fn)
-
-        return Edit(self.target, tuple((k, m(v)) for k, v in self.named),
-                    tuple((i, m(v)) for i, v in self.positional))
-
-    def apply(self, node: Node) -> None:
-        """Change ``node`` in place: retarget it, then set the arguments (named ones through
-        the new op's schema)."""
-        if self.target is not None:
-            node.target = self.target
-        if self.positional:
-            args = list(node.args)
-            for i, value in self.positional:
-                args[i] = value
-            node.args = tuple(args)
-        for name, value in self.named:
-            set_arg(node, name, value)
-
-
-def replace_args(**values: Any) -> Edit:
-    """Set the arguments named in ``values`` (schema names: ``replace_args(start=0, end=8)``)."""
-    return Edit(named=tuple(values.items()))
-
-
-def replace_arg_at(index: int, value: Any) -> Edit:
-    """Set positional argument ``index`` (for ops without a schema)."""
-    return Edit(positional=((index, value),))
-
-
-def retarget(op: Any, **values: Any) -> Edit:
-    """Make the node call ``op`` and set the arguments named in ``values`` on ``op``'s schema."""
-    return Edit(target=op, named=tuple(values.items()))

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from vcyclefx.analysis.analyze import Analysis, Space, analyze
+from vcyclefx.analysis.analyze import Analysis, Space, analyze, natural_key
 from vcyclefx.analysis.chains import Chain
 from vcyclefx.capture.frontend import as_level
 from vcyclefx.level import level_info
@@ -88,8 +88,6 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def _members_summary(s: Space, limit: int = 2) -> str:
-    from vcyclefx.analysis.analyze import natural_key
-
     names = sorted({m.tensor for m in s.members}, key=natural_key)
     more = f" +{len(names) - limit}" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from vcyclefx.driver.config import PRESETS, ConfigError, TrainConfig
+from vcyclefx.errors import VCycleError
 
 _TYPES = {"int": int, "float": float, "str": str}
 
@@ -68,6 +69,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    # the driver (torch.compile, distributed, data) only when a run starts, not when the CLI
+    # registers its options
     from vcyclefx.driver.train import main as train_main
 
     train_main(cfg)
@@ -86,8 +89,6 @@ def register_cli(subparsers) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry of ``tools/train.py``: the same options as ``vcyclefx train``."""
-    from vcyclefx.errors import VCycleError
-
     p = argparse.ArgumentParser(prog="train.py", description="vcyclefx training driver "
                                 "(same options as `vcyclefx train`)")
     args = add_train_arguments(p).parse_args(argv)

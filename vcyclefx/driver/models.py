@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from vcyclefx.driver.config import ConfigError
+from vcyclefx.export.module import to_module
+from vcyclefx.level import is_level
 from vcyclefx.store import atomic_directory
 
 
@@ -99,11 +101,7 @@ def build_causal_lm(spec: str, *, vocab_size: int, seq_len: int, seed: int) -> t
 def save_hf(module: torch.nn.Module, directory: Path) -> None:
     """``module`` (a Hugging Face model, or a level of one) as ``save_pretrained`` output,
     written to a temporary sibling and renamed into place."""
-    from vcyclefx.level import is_level
-
     if is_level(module):
-        from vcyclefx.export.module import to_module
-
         module = to_module(module)
     if not hasattr(module, "save_pretrained"):
         return

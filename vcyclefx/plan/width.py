@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from vcyclefx.analysis.analyze import PRODUCER, Analysis, Space
-from vcyclefx.analysis.dims import CAT, Dim, layout_size
+from vcyclefx.analysis.dims import CAT, Dim, layout_size, new_size
 from vcyclefx.errors import PlanError
 from vcyclefx.plan.choices import WIDTH_PAIRINGS
 from vcyclefx.plan.mapping import SpaceMap
@@ -169,8 +169,6 @@ def plan_width(analysis: Analysis, factor: float, pairing: str = WIDTH_PAIRINGS[
 
 def predict_parameters(analysis: Analysis, leaf_sizes: dict[int, int]) -> int:
     """Parameter count after resizing leaves (root id -> new size), from the analysis alone."""
-    from vcyclefx.analysis.dims import new_size
-
     params = dict(analysis.gm.named_parameters(remove_duplicate=False))
     total = 0
     for name, st in analysis.tensors.items():

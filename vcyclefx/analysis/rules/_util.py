@@ -6,7 +6,7 @@ import torch
 from torch.fx import Node
 
 from vcyclefx.analysis.dims import Dim, as_size
-from vcyclefx.analysis.registry import Edit, replace_args
+from passes.args import Edit, replace_args
 
 aten = torch.ops.aten
 

@@ -9,7 +9,8 @@ import torch
 from torch.fx import Node
 
 from vcyclefx.analysis.dims import Dim
-from vcyclefx.analysis.registry import op_of, register_rule, replace_arg_at
+from passes.args import replace_arg_at
+from vcyclefx.analysis.registry import op_of, register_rule
 from vcyclefx.analysis.walk import walk
 from vcyclefx.analysis.rules._util import aten, broadcast_into, norm_dim, norm_dims, ops, shape_entries_rewrite
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 from torch.fx import Node
 
 from vcyclefx.analysis.dims import PROD
-from vcyclefx.analysis.registry import op_of, register_rule, replace_args
+from passes.args import replace_args
+from vcyclefx.analysis.registry import op_of, register_rule
 from vcyclefx.analysis.rules._util import aten, norm_dim, norm_dims, shape_entries_rewrite
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from torch.fx import Node
 
 from vcyclefx.analysis.dims import CAT, PROD, Dim, is_static
-from vcyclefx.analysis.registry import Edit, op_of, register_rule, replace_args, retarget
+from passes.args import Edit, replace_args, retarget
+from vcyclefx.analysis.registry import op_of, register_rule
 from vcyclefx.analysis.rules._util import aten, norm_dim, shape_entries_rewrite
 
 _INT_MAX = 2**62
