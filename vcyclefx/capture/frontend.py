@@ -262,37 +262,14 @@ def capture(
     was_training = model.training
     start = time.perf_counter()
     notes: list[str] = []
-    model.train()
-    try:
-        target = _symbolic_trace(model, concrete_args) if frontend == "fx" else model
-        try:
-            ep = _export(target, args, dynamic, kwargs)
-        except Exception as dyn_err:  # noqa: BLE001
-            if not dynamic:
-                raise _export_error(frontend, model, dyn_err) from dyn_err
-            try:
-                ep = _export(target, args, False, kwargs)
-            except Exception as static_err:  # noqa: BLE001
-                raise _export_error(frontend, model, static_err) from static_err
-            notes.append(
-                f"captured with static shapes: dynamic capture failed ({_first_line(dyn_err)})"
-            )
-    finally:
-        model.train(was_training)
-    gm = ep.module()
+    target = _symbolic_trace(model, concrete_args) if frontend == "fx" else model
+    gm = _traced(model, target, args, kwargs, dynamic, frontend, notes, train=True)
     random_ops = _unswitchable_random_ops(gm)
     if random_ops:
         # stochastic depth and similar are written as Python branches on `self.training` around
         # random ops; the graph cannot switch them off for eval, so capture the eval-mode graph
-        model.eval()
-        try:
-            ep = _export(target if frontend == "fx" else model, args, dynamic and not notes,
-                         kwargs)
-        except Exception as e:  # noqa: BLE001
-            raise _export_error(frontend, model, e) from e
-        finally:
-            model.train(was_training)
-        gm = ep.module()
+        gm = _traced(model, target, args, kwargs, dynamic and not notes, frontend, notes,
+                     train=False)
         notes.append(
             f"captured in eval mode: random ops {', '.join(random_ops)} (stochastic depth?) are "
             "not switchable train/eval in a graph, so they are left out; dropout stays switchable"
@@ -316,6 +293,29 @@ def capture(
     gm = own_level(gm, info, training=was_training, copy=copy_weights)
     log.info("captured %s with %s in %.2fs", type(model).__name__, frontend, time.perf_counter() - start)
     return gm
+
+
+def _traced(model, target, args, kwargs, dynamic: bool, frontend: str, notes: list[str], *,
+            train: bool):
+    """``ep.module()`` of ``target`` exported in training (or eval) mode; with ``dynamic``, falls
+    back to static shapes if symbolic ones fail (and says so in ``notes``)."""
+    was_training = model.training
+    model.train(train)
+    try:
+        try:
+            return _export(target, args, dynamic, kwargs).module()
+        except Exception as dyn_err:  # noqa: BLE001
+            if not dynamic:
+                raise _export_error(frontend, model, dyn_err) from dyn_err
+            why = _first_line(dyn_err)
+        try:
+            gm = _export(target, args, False, kwargs).module()
+        except Exception as static_err:  # noqa: BLE001
+            raise _export_error(frontend, model, static_err) from static_err
+        notes.append(f"captured with static shapes: dynamic capture failed ({why})")
+        return gm
+    finally:
+        model.train(was_training)
 
 
 _SWITCHABLE_RANDOM = {"dropout", "dropout_", "feature_dropout", "feature_dropout_", "alpha_dropout",

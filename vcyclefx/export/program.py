@@ -87,6 +87,8 @@ def _attr_targets(gm: GraphModule) -> list[str]:
     return targets
 
 
+# 63 lines: one walk over the graph builds the new graph, the signature's input specs and the
+# state together, in export's placeholder order; split, the parts would share five tables.
 def lift(level: GraphModule) -> ExportedProgram:
     """The ExportedProgram whose ``module()`` is ``level``'s graph (raises NotLiftable)."""
     mode = _fake_mode(level)
