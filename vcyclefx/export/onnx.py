@@ -24,8 +24,8 @@ moved into place only when all steps succeeded, so a failure never leaves a part
 behind. A failure is an :class:`~vcyclefx.errors.ExportError` naming the node and op at fault and
 the exporter's markdown report, which is kept beside the output file.
 
-This module is imported by the CLI to register ``export-onnx`` (:func:`register_cli`); torch,
-torch.onnx, onnx and onnxruntime are imported inside the functions that need them.
+This module is imported by the CLI to register ``export-onnx`` (:func:`register_cli`); onnx,
+onnx_ir and onnxruntime are imported inside the functions that need them.
 """
 
 from __future__ import annotations
@@ -33,16 +33,23 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import torch
+import torch.utils._pytree as pytree
+
+from vcyclefx.capture.frontend import dynamic_shapes_for, export_program
+from vcyclefx.capture.specs import model_from_spec
 from vcyclefx.errors import ExportError
 from vcyclefx.export.onnx_check import (OutputCheck, candidate_sizes, check_onnx, eval_mode,
                                         first_line, fresh_inputs, is_symbolic, level_and_inputs,
                                         raise_on_mismatch, symbolic_input_dims)
 from vcyclefx.export.onnx_graph import exportable, grouped_mm_rows, normalise_for_onnx
+from vcyclefx.level import level_info
 from vcyclefx.store import fsync_tree, publish, temporary_directory
 
 # the check and graph helpers are imported from here too (tests, tools/bench_onnx.py)
@@ -112,8 +119,6 @@ def _reexport(level, args):
     """``torch.export`` of the level in its current mode, dynamic where the level's placeholders
     are symbolic (``level_info(level).dynamic_dims`` can also list dimensions that the capture
     specialised to a constant)."""
-    from vcyclefx.capture.frontend import dynamic_shapes_for, export_program
-
     try:
         return export_program(level, args, dynamic_shapes_for(args, symbolic_input_dims(level, args)))
     except Exception as e:  # noqa: BLE001
@@ -129,9 +134,6 @@ class _Names:
 
 
 def _io_names(level, ep, args) -> _Names:
-    import torch
-    import torch.utils._pytree as pytree
-
     placeholders = [n.name for n in level.graph.nodes if n.op == "placeholder"]
     inputs = placeholders if len(placeholders) == len(args) else [f"input_{i}" for i in range(len(args))]
     n_out = len(ep.graph_signature.user_outputs)
@@ -152,8 +154,6 @@ def _io_names(level, ep, args) -> _Names:
 
 
 def _path_name(path) -> str:
-    import torch.utils._pytree as pytree
-
     parts = []
     for k in path:
         if isinstance(k, pytree.MappingKey):
@@ -187,8 +187,6 @@ def _input_shapes(ep) -> list[tuple]:
 
 
 def _source(level) -> str:
-    from vcyclefx.level import level_info
-
     return (level_info(level).source_class or type(level).__name__).rsplit(".", 1)[-1]
 
 
@@ -201,8 +199,6 @@ def _describe_axes(names: _Names) -> str:
 
 
 def _translate(ep, names: _Names, opset: int, report_dir: Path, table):
-    import torch
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -345,10 +341,6 @@ def register_cli(subparsers) -> None:
 
 
 def _cmd_export_onnx(args) -> int:
-    import sys
-
-    from vcyclefx.capture.specs import model_from_spec
-
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("export-onnx: %(message)s"))
     old_level, old_propagate = log.level, log.propagate

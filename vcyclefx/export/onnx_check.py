@@ -6,7 +6,7 @@ random inputs at sizes different from the capture's, along the dynamic dimension
 *relative error* ``max|onnx - torch| / max|torch|`` must be <= ``rtol`` (precisely:
 ``max|onnx - torch| <= rtol * max|torch| + atol``; ``atol`` only matters for outputs that are all
 zeros). Also here: the level and inputs of a call and its eval-mode switch, which the export
-shares. numpy, onnxruntime and torch are imported inside the functions that need them.
+shares. onnxruntime is imported by :func:`check_onnx` only.
 """
 
 from __future__ import annotations
@@ -16,7 +16,13 @@ import logging
 import re
 from dataclasses import dataclass
 
+import numpy as np
+import torch
+import torch.utils._pytree as pytree
+
+from vcyclefx.capture.frontend import as_level
 from vcyclefx.errors import ExportError
+from vcyclefx.level import level_info
 
 log = logging.getLogger("vcyclefx.export.onnx")  # the export's logger: one stream for the CLI
 
@@ -24,7 +30,6 @@ log = logging.getLogger("vcyclefx.export.onnx")  # the export's logger: one stre
 @dataclass(frozen=True)
 class OutputCheck:
     """One output of one onnxruntime run compared with torch."""
-
     output: str  # the ONNX output name
     input_shapes: tuple  # the shapes of the inputs of this run
     max_abs_error: float  # max |onnx - torch|
@@ -40,9 +45,7 @@ def check_onnx(level, onnx_path, example_inputs=None, *, sizes=None, rtol: float
     :func:`candidate_sizes` that the torch level accepts), and return one :class:`OutputCheck`
     per run and output. A mismatch is not raised (see ``OutputCheck.ok``); a file that does not
     load or run, or outputs without the torch shapes, raise :class:`ExportError`."""
-    import numpy as np
     import onnxruntime as ort
-    import torch
 
     level, args = level_and_inputs(level, example_inputs, None)
     with eval_mode(level):
@@ -79,9 +82,6 @@ def check_onnx(level, onnx_path, example_inputs=None, *, sizes=None, rtol: float
 def _reference_runs(level, args, sizes, generator, want: int = 2) -> list[tuple]:
     """``(shapes, inputs, torch outputs as numpy)`` for each check run. Explicit ``sizes`` must all
     run; default candidates the level rejects (a guard of the captured graph) are skipped."""
-    import torch
-    import torch.utils._pytree as pytree
-
     explicit = sizes is not None
     candidates = [tuple(map(tuple, s)) for s in sizes] if explicit else candidate_sizes(level, args)
     runs = []
@@ -115,8 +115,6 @@ def _fmt(shapes) -> str:
 
 
 def _compare(name, shapes, got, expected, rtol, atol) -> OutputCheck:
-    import numpy as np
-
     a, b = got.astype(np.float64), expected.astype(np.float64)
     finite = np.isfinite(b)
     if not np.array_equal(finite, np.isfinite(a)) or not np.array_equal(a[~finite], b[~finite]):
@@ -143,11 +141,6 @@ def raise_on_mismatch(results: list[OutputCheck], rtol: float, atol: float) -> N
 
 
 def level_and_inputs(level, example_inputs, frontend):
-    import torch
-
-    from vcyclefx.capture.frontend import as_level
-    from vcyclefx.level import level_info
-
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     kwargs = {"frontend": frontend} if frontend else {}
@@ -168,8 +161,6 @@ def eval_mode(level):
 
 
 def is_symbolic(s) -> bool:
-    import torch
-
     return isinstance(s, torch.SymInt) and not s.node.expr.is_number
 
 
@@ -197,8 +188,6 @@ def candidate_sizes(level, args, limit: int = 6) -> list[tuple]:
 def symbolic_input_dims(level, args) -> dict:
     """``{(input index, dim): symbol}`` from the level's placeholders (``meta["val"]``), or from
     ``level_info(level).dynamic_dims`` (one symbol per dimension) where shapes are missing."""
-    from vcyclefx.level import level_info
-
     placeholders = [n for n in level.graph.nodes if n.op == "placeholder"]
     vals = [n.meta.get("val") for n in placeholders]
     if len(vals) != len(args) or not all(hasattr(v, "shape") for v in vals):
@@ -218,8 +207,6 @@ def fresh_inputs(args, shapes, generator) -> tuple:
     """Random inputs with the given shapes that look like ``args``: floats with the example's mean
     and standard deviation, integers in the example's value range (token ids stay valid ids, 0/1
     masks stay 0/1), booleans random if the example has both values."""
-    import torch
-
     out = []
     for x, shape in zip(args, shapes):
         if x.dtype == torch.bool:

@@ -6,13 +6,15 @@
 - :func:`normalise_for_onnx`: nodes that torch runs but the exporter's decomposition step
   rejects under symbolic sizes are rewritten (``contiguous`` -> contiguous ``clone``, ``view``
   of a tensor not known to be contiguous -> ``reshape``).
-
-torch and sympy are imported inside the functions that need them.
 """
 
 from __future__ import annotations
 
 import logging
+
+import sympy
+import torch
+from torch.fx import Node
 
 log = logging.getLogger("vcyclefx.export.onnx")  # the export's logger: one stream for the CLI
 
@@ -22,8 +24,6 @@ def grouped_mm_rows(input, weight, offs):
     as ops every exporter knows: each row's group is the number of group ends at or before it,
     the row is multiplied by its group's matrix, rows past the last end are zero (what
     transformers' ``grouped_mm_fallback`` leaves there). Same values; memory S * k * n."""
-    import torch
-
     rows = torch.arange(input.shape[0], device=input.device)
     ends = offs.to(rows.dtype)
     group = (rows.unsqueeze(-1) >= ends.unsqueeze(0)).sum(-1).clamp(max=weight.shape[0] - 1)
@@ -33,8 +33,6 @@ def grouped_mm_rows(input, weight, offs):
 
 def _grouped_mm_2d_3d(self, mat2, offs=None, bias=None, out_dtype=None):
     if offs is None or self.dim() != 2 or mat2.dim() != 3 or bias is not None:
-        import torch
-
         return torch.ops.aten._grouped_mm.default(self, mat2, offs, bias, out_dtype)
     return grouped_mm_rows(self, mat2, offs).to(out_dtype or self.dtype)
 
@@ -42,8 +40,6 @@ def _grouped_mm_2d_3d(self, mat2, offs=None, bias=None, out_dtype=None):
 def _replacements() -> dict:
     """Ops the ONNX exporter has no lowering for -> a function of ordinary ops computing the
     same values; a level's graph calls these instead while it is re-exported for ONNX."""
-    import torch
-
     table = {torch.ops.aten._grouped_mm.default: _grouped_mm_2d_3d}
     fallback = getattr(getattr(torch.ops, "transformers", None), "grouped_mm_fallback", None)
     if fallback is not None:
@@ -54,8 +50,6 @@ def _replacements() -> dict:
 def exportable(level):
     """``level`` itself, or (where it calls an op in :func:`_replacements`) a GraphModule over
     the same tensors whose graph calls the replacement instead, for the re-export only."""
-    import torch
-
     table = _replacements()
     if not any(n.op == "call_function" and n.target in table for n in level.graph.nodes):
         return level
@@ -82,8 +76,6 @@ def normalise_for_onnx(gm) -> list[str]:
     - ``view(x, size)`` where ``x``'s strides (as the graph records them) are not the contiguous
       ones: ``reshape``, which copies where a view is impossible.
     """
-    import torch
-
     aten = torch.ops.aten
     changed = []
     for node in gm.graph.nodes:
@@ -108,8 +100,6 @@ def normalise_for_onnx(gm) -> list[str]:
 
 def _written_in_place(node) -> bool:
     """Some user of ``node`` writes into it (an in-place or out= op)."""
-    from torch.fx import Node
-
     for user in node.users:
         schema = getattr(user.target, "_schema", None)
         if schema is None:
@@ -125,9 +115,6 @@ def _written_in_place(node) -> bool:
 
 def _known_contiguous(x) -> bool:
     """``x``'s recorded strides are the row-major ones (size-1 axes ignored)."""
-    import sympy
-    import torch
-
     val = x.meta.get("val") if hasattr(x, "meta") else None
     if not isinstance(val, torch.Tensor):
         return False
@@ -143,7 +130,4 @@ def _known_contiguous(x) -> bool:
 
 
 def _expr(v):
-    import sympy
-    import torch
-
     return v.node.expr if isinstance(v, torch.SymInt) else sympy.Integer(int(v))
