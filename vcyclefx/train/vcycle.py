@@ -26,13 +26,15 @@ from pathlib import Path
 import torch
 
 from vcyclefx.api import coalesce, decoalesce, interpolate
-from vcyclefx.errors import ScheduleError, VCycleError
-from vcyclefx.train.flops import tokens_in, training_flops_per_token
 from vcyclefx.capture.frontend import as_level
+from vcyclefx.errors import ScheduleError, VCycleError
+from vcyclefx.export.module import to_module
 from vcyclefx.level import clone_level, is_level, level_info
 from vcyclefx.plan.choices import DEPTH_INITS, DEPTH_PAIRINGS, WIDTH_PAIRINGS, one_of
 from vcyclefx.plan.mapping import Mapping
 from vcyclefx.store import atomic_directory, load_tensors, save_tensors
+from vcyclefx.train.flops import tokens_in, training_flops_per_token
+from vcyclefx.train.moments import map_moments
 
 PHASES = ("down", "bottom", "up")
 CKPT_FORMAT = "vcyclefx.vcycle"
@@ -63,7 +65,7 @@ class Stage:
         """Carry per-parameter optimizer state (AdamW ``exp_avg``/``exp_avg_sq``/``step``,
         keyed by parameter name, from the previous stage's model) through this stage's
         transition. The moments follow the gradients, not the parameters (DESIGN.md, derived in
-        ``vcyclefx/moments.py``): where de-coalescing copies a producer unit k times each copy
+        ``vcyclefx/train/moments.py``): where de-coalescing copies a producer unit k times each copy
         gets ``exp_avg / k`` and ``exp_avg_sq / k^2``, a split consumer's parts keep both, and
         coalescing applies the inverse; block copies keep the moments of the block they copy and
         coalescing averages them. The step count is kept. The paper uses a fresh optimizer per
@@ -72,8 +74,8 @@ class Stage:
             return dict(state)
         direction, mapping, source = self.transition
         keys = {k for v in state.values() for k, t in v.items() if isinstance(t, torch.Tensor) and t.dim() > 0}
-        mapped = _map_tensors(source, {k: {n: v[k] for n, v in state.items() if k in v}
-                                       for k in keys}, direction, mapping)
+        mapped = map_moments(source, {k: {n: v[k] for n, v in state.items() if k in v}
+                                      for k in keys}, direction, mapping)
         steps = [v["step"] for v in state.values() if "step" in v]
         out: dict[str, dict] = {}
         for name, _ in self.model.named_parameters():
@@ -89,8 +91,6 @@ class Stage:
         Lightning) and the cycle's next transition starts from what it learned. The same object
         on every call."""
         if self._module is None:
-            from vcyclefx.export.module import to_module
-
             self._module = to_module(self.model, share=True)
         return self._module
 
@@ -310,8 +310,6 @@ class VCycle:
             raise ScheduleError(f"the cycle has run {self._next} of {len(self.schedule)} stages; "
                                 "iterate it to the end first")
         if as_module:
-            from vcyclefx.export.module import to_module
-
             return to_module(self._model, share=True)
         return self._model
 
@@ -375,15 +373,6 @@ class VCycle:
             self._kept[k] = _load_into(self._shapes[k], ckpt / f"kept-level{k}.safetensors")
         self._next = meta["next_stage"]
         self._done = self._next >= len(self.schedule)
-
-
-def _map_tensors(source, tensors: dict[str, dict[str, torch.Tensor]], direction: str,
-                 mapping: Mapping) -> dict[str, dict[str, torch.Tensor]]:
-    """Send per-parameter optimizer tensors (``{"exp_avg": {name: tensor}, ...}``, shaped like
-    ``source``'s parameters) through a mapping, as the gradients move (``vcyclefx.train.moments``)."""
-    from vcyclefx.train.moments import map_moments
-
-    return map_moments(source, tensors, direction, mapping)
 
 
 def _load_into(shape_module, path: Path):
