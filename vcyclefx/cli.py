@@ -7,6 +7,9 @@ import os
 import sys
 
 from vcyclefx.errors import VCycleError
+
+# Each command imports what it uses inside its function: `vcyclefx --help`, `inspect` and `train`
+# do not load the passes, the level-directory writer or the ONNX exporter they do not need.
 from vcyclefx.plan.choices import DEPTH_INITS, DEPTH_PAIRINGS, GROW_PAIRINGS, WIDTH_PAIRINGS
 
 
