@@ -27,6 +27,7 @@ from torch._subclasses.fake_tensor import (
     DataDependentOutputException, DynamicOutputShapeException, UnsupportedOperatorException,
 )
 from torch.fx import Graph, GraphModule, Node
+from torch.fx.node import map_aggregate
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode, free_unbacked_symbols
 
 from vcyclefx.errors import PassCheckError
@@ -155,30 +156,30 @@ def _graph_key(gm: GraphModule) -> int:
 
 def check_shapes(gm: GraphModule, *, what: str = "pass") -> int:
     """``meta["val"]`` shapes equal a fake re-execution of ``gm`` from its placeholders (with
-    the same symbolic sizes); returns the number of values compared."""
+    the same symbolic sizes); returns the number of values compared.
+
+    Two limits of the fake mode outside export are allowed for: an op whose fake kernel cannot
+    run at symbolic sizes (``baddbmm`` with a broadcast input) is run at the example sizes, and
+    a kernel that specialises a symbolic size to its example value (``aten.pad``) matches the
+    symbolic size; either way the recorded value carries on."""
     mode = placeholder_mode(gm)
     if mode is None:
         return 0  # no symbolic inputs to re-execute from (a graph made by hand)
-    env = mode.shape_env
-    no_guards = env.suppress_guards() if env is not None else contextlib.nullcontext()
+    sizes = _Sizes(mode.shape_env)
 
     def run_op(node: Node, args, kwargs):
+        recorded = node.meta.get("val")
         try:
             out = node.target(*args, **kwargs)
         except _DATA_DEPENDENT:
-            return node.meta.get("val")
-        except RuntimeError as e:
-            if "expected to contain only concrete integers" not in str(e):
-                raise PassCheckError(f"{what}: re-executing node {node.format_node()} on fake "
-                                     f"inputs fails: {e}") from e
-            # a kernel that runs on symbolic sizes only under tracing (aten.pad with a
-            # symbolic amount): what follows it cannot be re-executed symbolically
-            raise _Unrunnable(node) from e
+            return recorded
         except Exception as e:  # noqa: BLE001 - any failure of a rewritten op is the finding
-            raise PassCheckError(f"{what}: re-executing node {node.format_node()} on fake inputs "
-                                 f"fails: {e}") from e
-        if _unbacked(out) - _unbacked(node.meta.get("val")):
-            return node.meta.get("val")  # a fresh data-dependent size: keep the recorded one
+            sizes.run_at_hints(node, args, kwargs, e, what)
+            return recorded
+        if _unbacked(out) - _unbacked(recorded):
+            return recorded  # a fresh data-dependent size: keep the recorded one
+        if not sizes.same(recorded, out) and sizes.same(recorded, out, specialised=True):
+            return recorded  # the kernel specialised a symbolic size: carry the symbolic one
         return out
 
     compared = [0]
@@ -186,26 +187,17 @@ def check_shapes(gm: GraphModule, *, what: str = "pass") -> int:
     def compare(node: Node, value) -> None:
         compared[0] += 1
         recorded = node.meta.get("val")
-        if not _same_shapes(recorded, value, env):
+        if not sizes.same(recorded, value, specialised=True):
             raise PassCheckError(
                 f"{what}: node {node.format_node()} has meta['val'] {_describe(recorded)} but "
                 f"re-executing the graph gives {_describe(value)}")
 
     # the pass's own shape environment: suppress guards so that checking adds no facts to it
+    no_guards = sizes.env.suppress_guards() if sizes.env is not None else contextlib.nullcontext()
     with mode, no_guards:
-        try:
-            fake_run(gm, mode, [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"],
-                     compare, run_op)
-        except _Unrunnable as stop:
-            log.debug("%s: shape check stops at %s (needs tracing to run on symbolic sizes)",
-                      what, stop.node.format_node())
+        fake_run(gm, mode, [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"],
+                 compare, run_op)
     return compared[0]
-
-
-class _Unrunnable(Exception):
-    def __init__(self, node: Node):
-        super().__init__(node.format_node())
-        self.node = node
 
 
 def _unbacked(value) -> set:
@@ -216,39 +208,88 @@ def _unbacked(value) -> set:
         return set()
 
 
-def _same_size(a, b, env=None) -> bool:
-    if isinstance(a, int) and isinstance(b, int):
-        return a == b
-    ea = a.node.expr if isinstance(a, torch.SymInt) else a
-    eb = b.node.expr if isinstance(b, torch.SymInt) else b
-    try:
-        if str(ea) == str(eb) or bool((ea - eb).expand() == 0):
+class _Sizes:
+    """Equality of sizes under the shape environment of the graph's inputs."""
+
+    def __init__(self, env):
+        self.env = env
+
+    def hint(self, s) -> int | None:
+        """The value of size ``s`` at the example inputs' sizes."""
+        if isinstance(s, int):
+            return s
+        h = s.node.hint if isinstance(s, torch.SymInt) else None
+        if h is None and self.env is not None and isinstance(s, torch.SymInt):
+            h = self.env.size_hint(s.node.expr, allow_none=True)
+        return int(h) if h is not None else None
+
+    def same_size(self, a, b, specialised: bool = False) -> bool:
+        if isinstance(a, int) and isinstance(b, int):
+            return a == b
+        ea = a.node.expr if isinstance(a, torch.SymInt) else sympy.Integer(a)
+        eb = b.node.expr if isinstance(b, torch.SymInt) else sympy.Integer(b)
+        if str(ea) == str(eb) or (ea - eb).expand() == 0:
             return True
-    except (TypeError, AttributeError):
-        return False
-    if env is None:
-        return False
-    # equal under what the shape environment knows (ranges, divisibility facts: a padded length
-    # written two ways); where it cannot decide, the sizes must agree at the example's sizes
-    try:
-        known = env._maybe_evaluate_static(sympy.Eq(ea, eb))
-        if known is not None:
-            return bool(known)
-        return env.size_hint(ea) == env.size_hint(eb)
-    except Exception:  # noqa: BLE001 - torch internals; an undecidable comparison is a mismatch
-        return False
+        if self.env is not None:
+            try:  # what the guards of the capture prove (e.g. a length padded to a multiple)
+                if self.env._maybe_evaluate_static(sympy.Eq(ea, eb)) is sympy.true:
+                    return True
+            except Exception:  # noqa: BLE001 - an expression the environment cannot read
+                pass
+        # a symbolic size against a concrete one: the same at the example sizes is a kernel
+        # that specialised (the recorded value is then the more general one)
+        return (specialised and (isinstance(a, int) or isinstance(b, int))
+                and self.hint(a) is not None and self.hint(a) == self.hint(b))
 
+    def same(self, recorded, value, specialised: bool = False) -> bool:
+        if isinstance(value, torch.Tensor):
+            return (isinstance(recorded, torch.Tensor) and recorded.dim() == value.dim()
+                    and all(self.same_size(a, b, specialised)
+                            for a, b in zip(recorded.shape, value.shape)))
+        if isinstance(value, (list, tuple)) and isinstance(recorded, (list, tuple)):
+            return len(value) == len(recorded) and all(
+                self.same(r, v, specialised) for r, v in zip(recorded, value))
+        if isinstance(value, torch.SymInt):
+            return isinstance(recorded, (int, torch.SymInt)) and self.same_size(recorded, value,
+                                                                                specialised)
+        return True  # other values (None, numbers, opaque objects) carry no shape
 
-def _same_shapes(recorded, value, env=None) -> bool:
-    if isinstance(value, torch.Tensor):
-        return (isinstance(recorded, torch.Tensor) and recorded.dim() == value.dim()
-                and all(_same_size(a, b, env) for a, b in zip(recorded.shape, value.shape)))
-    if isinstance(value, (list, tuple)) and isinstance(recorded, (list, tuple)):
-        return len(value) == len(recorded) and all(
-            _same_shapes(r, v, env) for r, v in zip(recorded, value))
-    if isinstance(value, torch.SymInt):
-        return isinstance(recorded, (int, torch.SymInt)) and _same_size(recorded, value, env)
-    return True  # other values (None, numbers, opaque objects) carry no shape
+    def _concrete(self, v):
+        if isinstance(v, torch.Tensor):
+            shape = [self.hint(s) for s in v.shape]
+            if None in shape:
+                raise ValueError("a data-dependent size has no example value")
+            return torch.empty(shape, dtype=v.dtype, device=v.device)
+        if isinstance(v, torch.SymInt):
+            h = self.hint(v)
+            if h is None:
+                raise ValueError("a data-dependent size has no example value")
+            return h
+        return v
+
+    def run_at_hints(self, node: Node, args, kwargs, error: Exception, what: str) -> None:
+        """Run ``node``'s op at the example sizes after it failed at symbolic ones (``error``);
+        raises PassCheckError when it fails there too or gives other shapes than recorded."""
+        def fail(extra: str = ""):
+            return PassCheckError(f"{what}: re-executing node {node.format_node()} on fake inputs "
+                                  f"fails: {error}{extra}")
+
+        try:
+            args_c, kwargs_c = map_aggregate((args, kwargs), self._concrete)
+        except ValueError:
+            raise fail() from error
+        try:
+            out = node.target(*args_c, **kwargs_c)
+        except Exception as e:  # noqa: BLE001 - it fails at the example sizes too: a finding
+            raise fail() from e
+        recorded = node.meta.get("val")
+        at_hints = map_aggregate(recorded, lambda v: self._concrete(v)
+                                 if isinstance(v, (torch.Tensor, torch.SymInt)) else v)
+        if not self.same(at_hints, out):
+            raise PassCheckError(
+                f"{what}: node {node.format_node()} has meta['val'] {_describe(recorded)}; at the "
+                f"example sizes it gives {_describe(out)} (its fake kernel cannot run at "
+                f"symbolic sizes: {error})")
 
 
 def _describe(v) -> str:

@@ -96,7 +96,13 @@ class ShapeUpdater:
             return new
         if isinstance(old, torch.SymInt) and old.node.expr == new:
             return old
-        return self._symint(new)
+        sym = self._symint(new)
+        if _hint(sym) is not None and _hint(sym) == _hint(old):
+            # the same size at the example inputs: the axis was not resized (resizing changes its
+            # static factors), only spelled another way by the analysis (a sequence unified
+            # with its length padded to whole chunks): keep the capture's own value
+            return old
+        return sym
 
     def _symint(self, expr):
         import sympy
@@ -155,3 +161,10 @@ class ShapeUpdater:
         for old, new in node_map.items():
             if "val" in old.meta:
                 new.meta["val"] = self.value(old.meta["val"], self.dims_of(old))
+
+
+def _hint(size) -> int | None:
+    """The value of ``size`` at the example inputs' sizes."""
+    if isinstance(size, torch.SymInt):
+        return size.node.hint
+    return size if isinstance(size, int) else None

@@ -31,9 +31,9 @@ from torch.fx import GraphModule, Node
 
 from vcyclefx.analysis.analyze import PRODUCER, Analysis
 from vcyclefx.analysis.dims import PROD, Dim, layout_size, new_size
-from passes.args import get_arg
+from passes.args import Edit, get_arg
 from vcyclefx.analysis.registry import rule_for
-from vcyclefx.errors import PlanError
+from vcyclefx.errors import PassCheckError, PlanError
 from vcyclefx.level import fetch_attr
 from vcyclefx.plan.choices import COALESCE, DECOALESCE, DIRECTIONS, one_of
 from vcyclefx.plan.mapping import Compensation, SpaceMap
@@ -365,9 +365,14 @@ def rewrite_graph(gm: GraphModule, rw: Rewriter, shapes: ShapeUpdater):
         if rule.rewrite is None:
             continue
         edit = rule.rewrite(rw, old)
-        if edit is not None:
-            log.debug("%s: %s", old.name, edit)
-            edit.map_nodes(lambda n: node_map[n]).apply(node_map[old])
+        if edit is None:
+            continue
+        if not isinstance(edit, Edit):
+            raise PassCheckError(f"{old.format_node()}: the rewrite of {old.target} returned a "
+                                 f"{type(edit).__name__}; a rewrite returns an Edit "
+                                 "(registry.replace_args, replace_arg_at, retarget) or None")
+        log.debug("%s: %s", old.name, edit)
+        edit.map_nodes(lambda n: node_map[n]).apply(node_map[old])
     return graph, node_map, new_subs
 
 
