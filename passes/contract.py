@@ -115,17 +115,20 @@ def verify(gm: GraphModule, source_module: GraphModule | None = None, *, what: s
 
 
 def _value_nodes(gm: GraphModule):
-    """Nodes that produce a value (not ops whose schema returns nothing, e.g. the
-    ``_assert_tensor_metadata`` checks export inserts: a loaded .pt2 gives them no meta)."""
+    """Nodes that produce a value: inputs, tensor attributes, and calls that are read or whose
+    op returns something (not ``_assert_tensor_metadata``, which returns nothing)."""
     for n in gm.graph.nodes:
         if n.op == "placeholder":
             yield n
-        elif n.op == "call_function":
-            schema = getattr(n.target, "_schema", None)
-            if schema is None or len(schema.returns) > 0:
-                yield n
+        elif n.op == "call_function" and (n.users or _returns(n.target)):
+            yield n
         elif n.op == "get_attr" and isinstance(fetch_attr(gm, n.target), torch.Tensor):
             yield n
+
+
+def _returns(target) -> bool:
+    schema = getattr(target, "_schema", None)
+    return schema is None or bool(schema.returns)
 
 
 # ops the fake mode cannot run without data; their recorded value stands in

@@ -7,10 +7,7 @@ Semantics (DESIGN.md, "Exact semantics"), for a space with groups G_1..G_m:
 - de-coalesce, producer axis: new[i] = old[g(i)]
 - de-coalesce, consumer axis: new[i] = old[g(i)] / |G_g(i)|
 
-Each tensor axis is rewritten through its layout (products and concatenations of leaf dims
-found by the analysis): the axis is viewed as its leaves, the index ops act on the leaves of
-resized spaces, and the axis is flattened back. Mappings stay in sparse index form
-(``index_add`` / ``index_select``); nothing builds an n-by-n matrix.
+The tensors are mapped by passes/units.py (sparse index form, never an n-by-n matrix).
 
 A tied tensor (producer and consumer on one axis, e.g. GPT-2's embedding = LM head) keeps the
 producer rule; its consumer input is compensated by the group size, folded into the norm that
@@ -29,9 +26,9 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 
-from vcyclefx.analysis.analyze import PRODUCER, Analysis
-from vcyclefx.analysis.dims import PROD, Dim, layout_size, new_size
 from passes.args import Edit, get_arg
+from vcyclefx.analysis.analyze import Analysis
+from vcyclefx.analysis.dims import Dim, new_size
 from vcyclefx.analysis.registry import rule_for
 from vcyclefx.errors import PassCheckError, PlanError
 from vcyclefx.level import fetch_attr
@@ -42,6 +39,7 @@ from passes.common import PassResult, copy_graph, rebuild
 from passes.contract import Pass
 from passes.meta import ShapeUpdater
 from passes.ops import NORMS, REARRANGING
+from passes.units import Units, has_resized, new_tensors
 
 log = logging.getLogger("vcyclefx.passes.width")
 aten = torch.ops.aten
@@ -85,133 +83,13 @@ def _space_maps(analysis: Analysis, plan: WidthPlan) -> dict[int, SpaceMap]:
 
 
 # ---------------------------------------------------------------------------------------------
-# tensors
-# ---------------------------------------------------------------------------------------------
-class _Units:
-    """Index tensors of one space map. Equal strided groups (unit i with i + m, ...) and equal
-    adjacent groups (k consecutive units) are applied as a reshape and a sum/repeat, which is
-    exactly the index form's result and several times faster; other groupings use
-    ``index_add`` / ``index_select``."""
-
-    def __init__(self, sm: SpaceMap):
-        self.sm = sm
-        self.index = torch.tensor(sm.index, dtype=torch.long)
-        self.counts = torch.bincount(self.index, minlength=sm.small)
-        n, m = sm.large, sm.small
-        self.k = n // m if n % m == 0 else 0
-        self.pattern = None
-        if self.k:
-            if sm.index == [i % m for i in range(n)]:
-                self.pattern = "strided"  # axis viewed as (k, m): group = a column
-            elif sm.index == [i // self.k for i in range(n)]:
-                self.pattern = "adjacent"  # axis viewed as (m, k): group = a row
-
-    def _slices(self, t: torch.Tensor, axis: int) -> list[torch.Tensor]:
-        """The k members of every group, as k views of shape (..., m, ...)."""
-        k, m = self.k, self.sm.small
-        if self.pattern == "strided":  # group g = units g, g + m, g + 2m, ...
-            return [t.narrow(axis, j * m, m) for j in range(k)]
-        x = t.reshape(*t.shape[:axis], m, k, *t.shape[axis + 1 :])  # group g = units gk .. gk+k-1
-        return [x.select(axis + 1, j) for j in range(k)]
-
-    def coalesce(self, t: torch.Tensor, axis: int, producer: bool) -> torch.Tensor:
-        if self.pattern is not None:
-            parts = self._slices(t, axis)
-            if producer and len(parts) == 2:
-                return torch.lerp(parts[0], parts[1], 0.5)  # the pair's mean in one pass
-            out = torch.add(parts[0], parts[1]) if len(parts) > 1 else parts[0].clone()
-            for p in parts[2:]:
-                out.add_(p)
-            if producer and self.k > 1:
-                out = out.mul_(1.0 / self.k) if self.k & (self.k - 1) == 0 else out.div_(self.k)
-            return out
-        shape = list(t.shape)
-        shape[axis] = self.sm.small
-        out = torch.zeros(shape, dtype=t.dtype, device=t.device)
-        out.index_add_(axis, self.index.to(t.device), t)
-        if producer:
-            out = out / _along(self.counts.to(t.device, t.dtype), axis, out.dim())
-        return out
-
-    def decoalesce(self, t: torch.Tensor, axis: int, producer: bool) -> torch.Tensor:
-        if self.pattern is not None:
-            k = self.k
-            if self.pattern == "strided":
-                out = torch.cat([t] * k, dim=axis)
-            else:
-                shape = list(t.shape)
-                out = t.unsqueeze(axis + 1).expand(*shape[: axis + 1], k, *shape[axis + 1 :])
-                out = out.reshape(*shape[:axis], shape[axis] * k, *shape[axis + 1 :])
-            if producer or k == 1:
-                return out
-            return out.mul_(1.0 / k) if k & (k - 1) == 0 else out.div_(k)
-        idx = self.index.to(t.device)
-        out = t.index_select(axis, idx)
-        if not producer:
-            out = out / _along(self.counts.to(t.device, t.dtype)[idx], axis, out.dim())
-        return out
-
-
-def _along(v: torch.Tensor, axis: int, ndim: int) -> torch.Tensor:
-    shape = [1] * ndim
-    shape[axis] = -1
-    return v.reshape(shape)
-
-
-def _has_resized(layout, resized: dict[int, _Units]) -> bool:
-    if isinstance(layout, Dim):
-        return layout.id in resized
-    return any(_has_resized(k, resized) for k in layout[1])
-
-
-def _apply_axis(t, axis, layout, resized, direction, producer):
-    if not _has_resized(layout, resized):
-        return t
-    if isinstance(layout, Dim):
-        u = resized[layout.id]
-        return u.coalesce(t, axis, producer) if direction == COALESCE else u.decoalesce(t, axis, producer)
-    kind, kids = layout
-    sizes = [layout_size(k) for k in kids]
-    if kind == PROD:
-        x = t.reshape(*t.shape[:axis], *sizes, *t.shape[axis + 1 :])
-        for i, kid in enumerate(kids):
-            x = _apply_axis(x, axis + i, kid, resized, direction, producer)
-        return x.reshape(*t.shape[:axis], -1, *t.shape[axis + 1 :])
-    pieces = torch.split(t, sizes, dim=axis)
-    return torch.cat(
-        [_apply_axis(p, axis, k, resized, direction, producer) for p, k in zip(pieces, kids)],
-        dim=axis,
-    )
-
-
-def _new_tensors(analysis: Analysis, resized: dict[int, _Units], direction: str) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    table = analysis.table
-    for name, st in analysis.tensors.items():
-        layouts = [table.layout(d) for d in st.dims]
-        axes = [i for i, lay in enumerate(layouts) if _has_resized(lay, resized)]
-        if not axes:
-            continue
-        if not st.dtype.is_floating_point:
-            raise PlanError(f"tensor {name} ({st.dtype}) lies in a resized space; vcyclefx maps "
-                            "float tensors only")
-        t = fetch_attr(analysis.gm, name).detach()
-        for ax in axes:
-            roles = analysis.roles.get((name, ax), set())
-            producer = PRODUCER in roles or not roles
-            t = _apply_axis(t, ax, layouts[ax], resized, direction, producer)
-        out[name] = t
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
 # tied tensors: compensation
 # ---------------------------------------------------------------------------------------------
 # a scale factor moves through these exactly (and through a crop of the features)
 _TRANSPARENT = REARRANGING | {aten.slice.Tensor}
 
 
-def _group_factor(analysis: Analysis, name: str, axis: int, resized: dict[int, _Units]) -> float:
+def _group_factor(analysis: Analysis, name: str, axis: int, resized: dict[int, Units]) -> float:
     factor = 1.0
     for leaf in analysis.table.leaves(analysis.tensors[name].dims[axis]):
         u = resized.get(leaf.id)
@@ -256,7 +134,7 @@ def _fold_target(analysis: Analysis, act: Node) -> tuple[Node, list[str]] | None
             return None
 
 
-def _compensations(analysis: Analysis, resized: dict[int, _Units]) -> list[Compensation]:
+def _compensations(analysis: Analysis, resized: dict[int, Units]) -> list[Compensation]:
     out: list[Compensation] = []
     done = set()
     for c in analysis.consumers:
@@ -264,7 +142,7 @@ def _compensations(analysis: Analysis, resized: dict[int, _Units]) -> list[Compe
         if len(roles) < 2:
             continue
         layout = analysis.table.layout(analysis.tensors[c.tensor].dims[c.axis])
-        if not _has_resized(layout, resized) or (c.tensor, c.node.name) in done:
+        if not has_resized(layout, resized) or (c.tensor, c.node.name) in done:
             continue
         done.add((c.tensor, c.node.name))
         k = _group_factor(analysis, c.tensor, c.axis, resized)
@@ -397,11 +275,11 @@ class WidthPass(Pass):
     def call(self, gm: GraphModule, plan: WidthPlan) -> PassResult:
         analysis = self.analysis
         by_root = _space_maps(analysis, plan)
-        resized = {rid: _Units(sm) for rid, sm in by_root.items()}
+        resized = {rid: Units(sm) for rid, sm in by_root.items()}
         leaf_sizes = {rid: (sm.small if plan.direction == COALESCE else sm.large)
                       for rid, sm in by_root.items()}
         comps = _compensations(analysis, resized)
-        tensors = _new_tensors(analysis, resized, plan.direction)
+        tensors = new_tensors(analysis, resized, plan.direction)
         _apply_folds(tensors, analysis, comps, plan.direction)
 
         rw = Rewriter(analysis, leaf_sizes)

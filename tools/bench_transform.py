@@ -98,9 +98,10 @@ def dense_width(analysis, plan):
             out[name] = w
     # the tied-tensor compensation the width pass applies (a power-of-two factor folded into a
     # norm), so that both implementations produce the same level
-    from passes.width import _Units, _compensations
+    from passes.units import Units
+    from passes.width import _compensations
 
-    units = {rid: _Units(sm) for rid, sm in by_root.items()}
+    units = {rid: Units(sm) for rid, sm in by_root.items()}
     for comp in _compensations(analysis, units):
         for name in comp.fold:
             base = out.get(name, analysis.gm.get_parameter(name).detach())
