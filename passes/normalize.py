@@ -98,7 +98,11 @@ def unshare_size_arithmetic(gm: GraphModule) -> int:
     fold_static_sizes(gm)
     drop_whole_slices(gm)
     copies = 0
-    for node in list(gm.graph.nodes):
+    # users before what they read: the copies of a node share its inputs, which then get a
+    # copy each in turn, so no arithmetic stays shared however deep (a padded length's
+    # `(s + (8 - s % 8) % 8) // 8` is four nodes, and two blocks sharing its inner ones would
+    # own different node lists with one block and with two)
+    for node in reversed(list(gm.graph.nodes)):
         if not _is_size_arith(node) or len(node.users) < 2:
             continue
         for user in list(node.users)[1:]:

@@ -210,17 +210,9 @@ def test_frontier_family_coalesced_level_exports_to_onnx(name, tmp_path):
     assert path.exists()
 
 
-# The check after every pass finds a depth-pass bug here (present since before the check): the
-# coalesced level's one block owns the padding arithmetic the two blocks of level 0 shared, so
-# the mapping's chain link (positions in level 0's block) points at another node when that
-# block is copied back, and block 1 of the de-coalesced level computes `seq % chunk` from the
-# hidden state. strict: the test passes again once the link is found by what it is.
-VCYCLE_CASES = [pytest.param(*p.values, id=p.id, marks=(*p.marks, pytest.mark.xfail(
-    raises=vf.VCycleError, strict=True, reason="depth pass: chain link positions shift when a "
-    "single block owns shared size arithmetic"))) if p.id == "mamba2" else p for p in CASES]
 
 
-@pytest.mark.parametrize("name", VCYCLE_CASES)
+@pytest.mark.parametrize("name", CASES)
 def test_frontier_family_two_level_vcycle_result_loads_strictly_into_the_original_class(name):
     fam = ALL[name]
     model, x, level, _ = _captured(name)

@@ -87,17 +87,36 @@ def ownership(gm: GraphModule, applications: bool = False
             owners_of[n] = common
             for p in common:
                 owner_nodes.setdefault(p, []).append(n)
-    def position(n: Node) -> tuple:
-        # size arithmetic sits just before its first user: export computes a size once where
-        # it is first needed and the normaliser copies it before each later user, so blocks
-        # would otherwise list the same computation at different places
-        if _is_size_value(n) and n.users:
-            return (min(order[u] for u in n.users), -1, order[n])
-        return (order[n], 0, order[n])
-
     for p in owner_nodes:
-        owner_nodes[p].sort(key=position)
+        owner_nodes[p] = _in_block_order(owner_nodes[p], order)
     return owner_nodes, children
+
+
+def _in_block_order(nodes: list[Node], order: dict[Node, int]) -> list[Node]:
+    """A block's nodes: its tensor ops in graph order, each preceded by the size arithmetic it
+    reads that is not listed yet (depth first, in argument order). Export computes a size once
+    where it is first needed and the normaliser copies it just before each later user, so the
+    same computation sits at different places in different blocks; this order is the same in
+    every block whatever the placement."""
+    mine = set(nodes)
+    out: list[Node] = []
+    seen: set[Node] = set()
+
+    def emit_sizes(n: Node) -> None:
+        for a in n.all_input_nodes:
+            if a in mine and a not in seen and _is_size_value(a):
+                seen.add(a)
+                emit_sizes(a)
+                out.append(a)
+
+    for n in sorted(nodes, key=order.__getitem__):
+        if _is_size_value(n):
+            continue
+        emit_sizes(n)
+        seen.add(n)
+        out.append(n)
+    out += sorted((n for n in nodes if n not in seen), key=order.__getitem__)
+    return out
 
 
 def relname(target: str, block: str) -> str | None:
