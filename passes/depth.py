@@ -233,8 +233,19 @@ def _one_chain(gm: GraphModule, cm: ChainMap, plan: DepthPlan, shapes: dict) -> 
 
 
 def _check_links(cm: ChainMap, src: list[str], blocks: list[list[Node]]) -> None:
-    """Each block reads the previous block's output where the mapping says."""
+    """Each block reads the previous block's output where the mapping says; and, also where
+    the chain has a single block, each link of the first block is a value from outside the
+    block, shaped like the block's value that will replace it in the next block."""
     template = blocks[0]
+    mine = set(template)
+    for link in cm_chained(cm):
+        x, out = chained_input(template, link), template[link[2]]
+        vx, vo = x.meta.get("val"), out.meta.get("val")
+        if x in mine or (isinstance(vx, torch.Tensor) != isinstance(vo, torch.Tensor)) or (
+                isinstance(vx, torch.Tensor) and vx.dim() != vo.dim()):
+            raise PlanError(f"chain {cm.container}: the mapping's link {tuple(link)} does not "
+                            f"locate block {src[0]}'s input from the previous block (it points at "
+                            f"{x.name}); the mapping was made for another graph of this model")
     for k in range(1, len(blocks)):
         for link in cm_chained(cm):
             if len(blocks[k]) != len(template) or chained_input(blocks[k], link) is not blocks[k - 1][link[2]]:

@@ -173,3 +173,24 @@ def test_depth_on_a_model_without_chain_is_a_clear_error_and_depth1_is_a_no_op()
     assert not mapping.spaces and not mapping.chains
     for k, v in _state(level).items():
         assert torch.equal(v, _state(same)[k])
+
+
+def test_a_chain_link_that_points_inside_the_block_is_refused_not_rewired():
+    """De-coalescing a one-block chain cannot compare blocks; a link that locates a value of the
+    block itself (not its input from the previous block) would feed the wrong node."""
+    import copy
+
+    from vcyclefx.analysis.ownership import ownership
+
+    model, x = zoo.gpt2(n_layer=2)
+    small, mapping = vf.coalesce(model, x, depth=0.5)
+    (cm,) = mapping.chains
+    block = ownership(small)[0][cm.small_blocks[0]]
+    inside = set(block)
+    user = next(i for i, n in enumerate(block) if n.all_input_nodes and n.all_input_nodes[0] in inside)
+    bad = copy.deepcopy(mapping)
+    bad.chains[0].chained = [[user, 0, cm.chained[0][2]]]
+    with pytest.raises(vf.PlanError, match="does not locate block"):
+        vf.decoalesce(small, mapping=bad)
+    big, _ = vf.decoalesce(small, mapping=mapping)  # the mapping as made still works
+    assert sum(1 for _ in big.parameters()) == sum(1 for _ in model.parameters())
