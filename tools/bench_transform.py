@@ -7,6 +7,9 @@ measured step minus the resident set just before it (Linux ``/proc/self/clear_re
 
     python tools/bench_transform.py --repeats 3          # the width pass against dense matrices
     python tools/bench_transform.py --whole --repeats 3  # `vcyclefx coalesce` against the reference
+
+``--whole`` also runs a floor process: the imports, ``from_pretrained`` and the one symbolic export
+that any coalesce built on torch.export needs, and nothing else; no coalesce can beat its row.
 """
 
 from __future__ import annotations
@@ -154,6 +157,7 @@ def main() -> None:
     ap.add_argument("--reference", nargs=2, metavar=("SRC", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("--split", nargs=2, metavar=("SRC", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("--make-checkpoint", metavar="DIR", help=argparse.SUPPRESS)
+    ap.add_argument("--floor", metavar="SRC", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(args.child)))
@@ -163,6 +167,9 @@ def main() -> None:
         return
     if args.split:
         print(json.dumps(split_child(*args.split)))
+        return
+    if args.floor:
+        floor_process(args.floor)
         return
     if args.make_checkpoint:
         make_checkpoint(args.make_checkpoint)
@@ -276,6 +283,24 @@ def reference_coalesce(src: str, out: str) -> None:
     target.save_pretrained(out)
 
 
+def floor_process(src: str) -> None:
+    """What any coalesce of ``src`` built on a symbolic torch.export pays before it maps a single
+    weight: import torch and transformers, ``from_pretrained``, one export with symbolic batch and
+    sequence (vcyclefx's export settings), then leave without teardown. No mapping, no output."""
+    import torch
+    import transformers as T
+    from torch.export import Dim
+
+    from vcyclefx.capture.frontend import export_program
+
+    T.logging.set_verbosity_error()
+    model = T.GPT2LMHeadModel.from_pretrained(src, local_files_only=True, use_cache=False).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    export_program(model, (ids,), ({0: Dim.AUTO, 1: Dim.AUTO},))
+    sys.stdout.flush()
+    os._exit(0)
+
+
 def make_checkpoint(directory: str) -> None:
     """GPT-2 base (124M) with random weights as config.json + pytorch_model.bin."""
     import torch
@@ -349,15 +374,16 @@ def whole_process(checkpoint: str | None, repeats: int, baseline: str | None = N
             os.makedirs(checkpoint)
             subprocess.run([sys.executable, __file__, "--make-checkpoint", checkpoint], check=True)
         vcyclefx = [sys.executable, "-c", "from vcyclefx.cli import entry; entry()"]
-        whats = ("vcyclefx", "reference") + (("baseline",) if baseline else ())
+        whats = ("vcyclefx", "reference", "floor") + (("baseline",) if baseline else ())
         runs: dict[str, list[tuple[float, int]]] = {w: [] for w in whats}
         splits = []
         for r in range(repeats):  # alternating, so all see the same machine load
             for what in whats:
                 out = os.path.join(work, f"{what}{r}")
-                cmd = ([*vcyclefx, "coalesce", checkpoint, "--width", "0.5", "--depth", "0.5",
-                        "-o", out] if what != "reference"
-                       else [sys.executable, __file__, "--reference", checkpoint, out])
+                cmd = ([sys.executable, __file__, "--reference", checkpoint, out] if what == "reference"
+                       else [sys.executable, __file__, "--floor", checkpoint] if what == "floor"
+                       else [*vcyclefx, "coalesce", checkpoint, "--width", "0.5", "--depth", "0.5",
+                             "-o", out])
                 env = {**os.environ, "PYTHONPATH": os.path.abspath(baseline)} if what == "baseline" else None
                 runs[what].append(_run_measured(cmd, env))
                 shutil.rmtree(out, ignore_errors=True)
@@ -377,12 +403,13 @@ def whole_process(checkpoint: str | None, repeats: int, baseline: str | None = N
     print(f"\n`vcyclefx coalesce` of GPT-2 base (124M, pytorch_model.bin) to width 0.5 / depth 0.5, "
           f"whole process, medians of {repeats} alternating runs")
     print(f"{'':<40} {'time':>8} {'peak RSS':>10}")
-    labels = [("vcyclefx", "vcyclefx coalesce"), ("reference", "reference procedure (re-impl.)")]
+    labels = [("vcyclefx", "vcyclefx coalesce"), ("reference", "reference procedure (re-impl.)"),
+              ("floor", "floor: imports, load, one export")]
     if baseline:
         labels.append(("baseline", f"vcyclefx coalesce at {baseline}"))
     for what, label in labels:
         print(f"{label:<40} {med(what, 0):>6.2f} s {med(what, 1) / 2**30:>6.2f} GiB")
-    for what in ("vcyclefx",) + (("baseline",) if baseline else ()):
+    for what in ("vcyclefx", "floor") + (("baseline",) if baseline else ()):
         print(f"{'ratio ' + what + ' / reference':<40} {med(what, 0) / med('reference', 0):>7.2f}x "
               f"{med(what, 1) / med('reference', 1):>9.2f}x")
     print(f"\nin one process, step by step (median of {repeats}):")

@@ -54,10 +54,11 @@ def _owned(result, level):
     return clone_level(result) if result is level else result
 
 
-def _width(level, spaces, direction):
+def _width(level, spaces, direction, analysis=None):
+    """``analysis``: the level's own (chains=False), where the caller has it already."""
     if not spaces:
         return level, []
-    res = WidthPass(analyze(level, chains=False))(level, WidthPlan(direction, tuple(spaces)))
+    res = WidthPass(analysis or analyze(level, chains=False))(level, WidthPlan(direction, tuple(spaces)))
     return res.module, res.mapping
 
 
@@ -87,13 +88,14 @@ def coalesce(model, example_inputs=None, *, width: float = 1.0, depth: float = 1
         _check_shapes(cur, mapping.small_shapes, "smaller")
         return _owned(cur, level), mapping
     large = tensor_shapes(level)
-    spaces, kept = [], []
+    spaces, kept, analysis = [], [], None
     if width != 1.0:
-        decision = plan_width(analyze(level, chains=False), width, pairing, coalesce=True)
+        analysis = analyze(level, chains=False)
+        decision = plan_width(analysis, width, pairing, coalesce=True)
         spaces, kept = decision.spaces, decision.kept
     elif not (0 < depth <= 1):
         raise PlanError(f"depth={depth} must be in (0, 1] to coalesce (e.g. depth=0.5)")
-    cur, comps = _width(level, spaces, COALESCE)
+    cur, comps = _width(level, spaces, COALESCE, analysis)
     chains = _plan_depth(cur, depth, depth_pairing, coalesce=True)
     cur = _depth(cur, chains, COALESCE)
     info = level_info(level)
@@ -128,11 +130,12 @@ def decoalesce(model, example_inputs=None, *, width: float = 1.0, depth: float =
     chains = _plan_depth(level, depth, depth_pairing, coalesce=False,
                          depth_init=depth_init or DEPTH_INITS[0])
     cur = _depth(level, chains, DECOALESCE)
-    spaces, kept = [], []
+    spaces, kept, analysis = [], [], None
     if width != 1.0:
-        decision = plan_width(analyze(cur, chains=False), width, pairing, coalesce=False)
+        analysis = analyze(cur, chains=False)
+        decision = plan_width(analysis, width, pairing, coalesce=False)
         spaces, kept = decision.spaces, decision.kept
-    cur, comps = _width(cur, spaces, DECOALESCE)
+    cur, comps = _width(cur, spaces, DECOALESCE, analysis)
     info = level_info(level)
     m = Mapping(spaces=list(spaces), chains=list(chains), compensations=list(comps),
                 large_shapes=tensor_shapes(cur), small_shapes=small, kept=kept,
