@@ -9,7 +9,8 @@ measured step minus the resident set just before it (Linux ``/proc/self/clear_re
     python tools/bench_transform.py --whole --repeats 3  # `vcyclefx coalesce` against the reference
 
 ``--whole`` also runs a floor process: the imports, ``from_pretrained`` and the one symbolic export
-that any coalesce built on torch.export needs, and nothing else; no coalesce can beat its row.
+that any coalesce built on torch.export needs, and nothing else (no coalesce can beat its row), and
+an imports-only process (torch and transformers' GPT-2 class).
 """
 
 from __future__ import annotations
@@ -158,6 +159,7 @@ def main() -> None:
     ap.add_argument("--split", nargs=2, metavar=("SRC", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("--make-checkpoint", metavar="DIR", help=argparse.SUPPRESS)
     ap.add_argument("--floor", metavar="SRC", help=argparse.SUPPRESS)
+    ap.add_argument("--imports", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(args.child)))
@@ -169,7 +171,7 @@ def main() -> None:
         print(json.dumps(split_child(*args.split)))
         return
     if args.floor:
-        floor_process(args.floor)
+        floor_process(args.floor, args.imports)
         return
     if args.make_checkpoint:
         make_checkpoint(args.make_checkpoint)
@@ -283,12 +285,18 @@ def reference_coalesce(src: str, out: str) -> None:
     target.save_pretrained(out)
 
 
-def floor_process(src: str) -> None:
+def floor_process(src: str, imports_only: bool = False) -> None:
     """What any coalesce of ``src`` built on a symbolic torch.export pays before it maps a single
     weight: import torch and transformers, ``from_pretrained``, one export with symbolic batch and
-    sequence (vcyclefx's export settings), then leave without teardown. No mapping, no output."""
+    sequence (vcyclefx's export settings), then leave without teardown. No mapping, no output.
+    ``imports_only``: only import torch and transformers' GPT-2 class (what any procedure that
+    loads the checkpoint with transformers pays)."""
     import torch
     import transformers as T
+
+    if imports_only:
+        T.GPT2LMHeadModel  # noqa: B018 - transformers imports its model classes lazily
+        os._exit(0)
     from torch.export import Dim
 
     from vcyclefx.capture.frontend import export_program
@@ -346,12 +354,12 @@ def split_child(src: str, out: str) -> dict:
     return steps
 
 
-def _run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
+def _run_measured(cmd: list[str], cwd: str, env: dict | None = None) -> tuple[float, int]:
     """Wall seconds and peak resident memory (bytes) of one child process."""
     start = time.perf_counter()
     # run from the temporary directory: `python -c` puts the working directory first on sys.path
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
-                            cwd=os.path.dirname(cmd[-1]))
+                            cwd=cwd)
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - start
     err = proc.stderr.read().decode()
@@ -371,10 +379,11 @@ def whole_process(checkpoint: str | None, repeats: int, baseline: str | None = N
     try:
         if checkpoint is None:
             checkpoint = os.path.join(work, "gpt2")
-            os.makedirs(checkpoint)
+        if not os.path.exists(os.path.join(checkpoint, "config.json")):  # made once, then reused
+            os.makedirs(checkpoint, exist_ok=True)
             subprocess.run([sys.executable, __file__, "--make-checkpoint", checkpoint], check=True)
         vcyclefx = [sys.executable, "-c", "from vcyclefx.cli import entry; entry()"]
-        whats = ("vcyclefx", "reference", "floor") + (("baseline",) if baseline else ())
+        whats = ("vcyclefx", "reference", "floor", "imports") + (("baseline",) if baseline else ())
         runs: dict[str, list[tuple[float, int]]] = {w: [] for w in whats}
         splits = []
         for r in range(repeats):  # alternating, so all see the same machine load
@@ -382,10 +391,12 @@ def whole_process(checkpoint: str | None, repeats: int, baseline: str | None = N
                 out = os.path.join(work, f"{what}{r}")
                 cmd = ([sys.executable, __file__, "--reference", checkpoint, out] if what == "reference"
                        else [sys.executable, __file__, "--floor", checkpoint] if what == "floor"
+                       else [sys.executable, __file__, "--floor", checkpoint, "--imports"]
+                       if what == "imports"
                        else [*vcyclefx, "coalesce", checkpoint, "--width", "0.5", "--depth", "0.5",
                              "-o", out])
                 env = {**os.environ, "PYTHONPATH": os.path.abspath(baseline)} if what == "baseline" else None
-                runs[what].append(_run_measured(cmd, env))
+                runs[what].append(_run_measured(cmd, work, env))
                 shutil.rmtree(out, ignore_errors=True)
                 print(f"run {r + 1}/{repeats} {what}: {runs[what][-1][0]:.2f} s, "
                       f"{runs[what][-1][1] / 2**30:.2f} GiB", file=sys.stderr)
@@ -404,12 +415,13 @@ def whole_process(checkpoint: str | None, repeats: int, baseline: str | None = N
           f"whole process, medians of {repeats} alternating runs")
     print(f"{'':<40} {'time':>8} {'peak RSS':>10}")
     labels = [("vcyclefx", "vcyclefx coalesce"), ("reference", "reference procedure (re-impl.)"),
-              ("floor", "floor: imports, load, one export")]
+              ("floor", "floor: imports, load, one export"),
+              ("imports", "imports only: torch, transformers")]
     if baseline:
         labels.append(("baseline", f"vcyclefx coalesce at {baseline}"))
     for what, label in labels:
         print(f"{label:<40} {med(what, 0):>6.2f} s {med(what, 1) / 2**30:>6.2f} GiB")
-    for what in ("vcyclefx", "floor") + (("baseline",) if baseline else ()):
+    for what in ("vcyclefx", "floor", "imports") + (("baseline",) if baseline else ()):
         print(f"{'ratio ' + what + ' / reference':<40} {med(what, 0) / med('reference', 0):>7.2f}x "
               f"{med(what, 1) / med('reference', 1):>9.2f}x")
     print(f"\nin one process, step by step (median of {repeats}):")
