@@ -383,18 +383,18 @@ def whole_process(checkpoint: str | None, repeats: int, baseline: str | None = N
             os.makedirs(checkpoint, exist_ok=True)
             subprocess.run([sys.executable, __file__, "--make-checkpoint", checkpoint], check=True)
         vcyclefx = [sys.executable, "-c", "from vcyclefx.cli import entry; entry()"]
+        here = [sys.executable, __file__]
         whats = ("vcyclefx", "reference", "floor", "imports") + (("baseline",) if baseline else ())
         runs: dict[str, list[tuple[float, int]]] = {w: [] for w in whats}
         splits = []
         for r in range(repeats):  # alternating, so all see the same machine load
             for what in whats:
                 out = os.path.join(work, f"{what}{r}")
-                cmd = ([sys.executable, __file__, "--reference", checkpoint, out] if what == "reference"
-                       else [sys.executable, __file__, "--floor", checkpoint] if what == "floor"
-                       else [sys.executable, __file__, "--floor", checkpoint, "--imports"]
-                       if what == "imports"
-                       else [*vcyclefx, "coalesce", checkpoint, "--width", "0.5", "--depth", "0.5",
-                             "-o", out])
+                cmd = {"reference": [*here, "--reference", checkpoint, out],
+                       "floor": [*here, "--floor", checkpoint],
+                       "imports": [*here, "--floor", checkpoint, "--imports"]}.get(
+                    what, [*vcyclefx, "coalesce", checkpoint, "--width", "0.5", "--depth", "0.5",
+                           "-o", out])
                 env = {**os.environ, "PYTHONPATH": os.path.abspath(baseline)} if what == "baseline" else None
                 runs[what].append(_run_measured(cmd, work, env))
                 shutil.rmtree(out, ignore_errors=True)
@@ -421,7 +421,7 @@ def whole_process(checkpoint: str | None, repeats: int, baseline: str | None = N
         labels.append(("baseline", f"vcyclefx coalesce at {baseline}"))
     for what, label in labels:
         print(f"{label:<40} {med(what, 0):>6.2f} s {med(what, 1) / 2**30:>6.2f} GiB")
-    for what in ("vcyclefx", "floor", "imports") + (("baseline",) if baseline else ()):
+    for what in (w for w in whats if w != "reference"):
         print(f"{'ratio ' + what + ' / reference':<40} {med(what, 0) / med('reference', 0):>7.2f}x "
               f"{med(what, 1) / med('reference', 1):>9.2f}x")
     print(f"\nin one process, step by step (median of {repeats}):")
