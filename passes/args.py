@@ -22,6 +22,20 @@ def written_args(schema) -> list:
     return [a for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
 
 
+def returned_args(schema) -> list:
+    """Per return of ``schema``, the argument it is (``Tensor(a!) out`` returned as
+    ``Tensor(a!)``), or None for a new value."""
+    out = []
+    for r in schema.returns:
+        alias = r.alias_info
+        match = None
+        if alias is not None and alias.is_write:
+            match = next((a for a in schema.arguments if a.alias_info is not None
+                          and a.alias_info.before_set == alias.before_set), None)
+        out.append(match)
+    return out
+
+
 def _signature(args, first_by_type: bool = False) -> list[tuple[str, str]]:
     """(name, type) per argument; the first by type only where ``first_by_type`` (in-place ops
     call it ``self`` where some functional ops call it ``input``: ``dropout_`` / ``dropout``)."""
@@ -48,18 +62,27 @@ def functional_of(target):
         want = _signature(schema.arguments, first_by_type=True)
         preferred = schema.overload_name or "default"
     else:
-        if any(not a.kwarg_only for a in written):
+        buffers = {a.name for a in written if a.kwarg_only}  # out=, save_mean=, ...
+        if not buffers:
             return None  # an argument written in place that is not an out= buffer
         packet = getattr(packet_ns, name, None)  # out=: the other arguments, one overload
-        names = {a.name for a in written}
-        want = _signature([a for a in schema.arguments if a.name not in names])
+        want = _signature([a for a in schema.arguments if a.name not in buffers])
         preferred = None
     if not isinstance(packet, torch._ops.OpOverloadPacket):
         return None
     candidates = [getattr(packet, o) for o in packet.overloads()]
-    candidates = [c for c in candidates if not written_args(c._schema)
-                  and _signature(c._schema.arguments, preferred is not None) == want]
-    candidates.sort(key=lambda c: (c._schema.overload_name or "default") != preferred)
+    if preferred is None:  # out=: the functional op writes no buffer; it may also take the
+        # tensor options an out= overload gets from its buffer (dtype=, device=, ...)
+        names = {n for n, _ in want}
+        candidates = [c for c in candidates if not any(a.kwarg_only for a in written_args(c._schema))
+                      and _signature([a for a in c._schema.arguments if a.name in names]) == want
+                      and all(a.kwarg_only and a.has_default_value()
+                              for a in c._schema.arguments if a.name not in names)]
+    else:
+        candidates = [c for c in candidates if not written_args(c._schema)
+                      and _signature(c._schema.arguments, True) == want]
+    candidates.sort(key=lambda c: ((c._schema.overload_name or "default") != preferred,
+                                   len(c._schema.arguments)))  # the exact signature first
     return candidates[0] if candidates else None
 
 
@@ -132,6 +155,8 @@ class Edit:
     target: Any = None
     named: tuple[tuple[str, Any], ...] = ()
     positional: tuple[tuple[int, Any], ...] = ()
+    nargs: int | None = None  # keep only this many positional arguments (and the keywords the
+    # new op takes): the old op's other arguments mean nothing to ``target``
 
     def map_nodes(self, fn: Callable[[Node], Node]) -> "Edit":
         """The same edit with every node in its values replaced by ``fn(node)``."""
@@ -139,13 +164,17 @@ class Edit:
             return torch.fx.node.map_arg(v, fn)
 
         return Edit(self.target, tuple((k, m(v)) for k, v in self.named),
-                    tuple((i, m(v)) for i, v in self.positional))
+                    tuple((i, m(v)) for i, v in self.positional), self.nargs)
 
     def apply(self, node: Node) -> None:
         """Change ``node`` in place: retarget it, then set the arguments (named ones through
         the new op's schema)."""
         if self.target is not None:
             node.target = self.target
+        if self.nargs is not None:
+            keep = {a.name for a in _schema_args(node.target) or ()}
+            node.args = tuple(node.args[: self.nargs])
+            node.kwargs = {k: v for k, v in node.kwargs.items() if k in keep}
         if self.positional:
             args = list(node.args)
             for i, value in self.positional:

@@ -44,6 +44,7 @@ from passes.args import (  # noqa: F401 - the argument helpers rules use, re-exp
     replace_arg_at,
     replace_args,
     retarget,
+    returned_args,
     set_arg,
     written_args,
 )
@@ -67,8 +68,8 @@ _BY_NAME: dict[str, Rule] = {}  # "namespace::name[.overload]" -> rule, for ops 
 def register_rule(*targets, rewrite: RewriteFn | None = None, replace: bool = False):
     """Decorator registering ``fn`` as the analysis rule of every op in ``targets``.
 
-    ``targets`` are op overloads (``torch.ops.aten.linear.default``), OpOverloadPackets (all
-    overloads), Python callables (``operator.mul``), higher-order ops, or qualified op names
+    ``targets`` are op overloads (``torch.ops.aten.linear.default``), OpOverloadPackets (the
+    whole op family: every overload of :func:`graph_overloads` that writes no argument), Python callables (``operator.mul``), higher-order ops, or qualified op names
     (``"transformers::grouped_mm_fallback"``) for ops that exist once their library is imported.
     """
 
@@ -82,7 +83,10 @@ def register_rule(*targets, rewrite: RewriteFn | None = None, replace: bool = Fa
                     raise ValueError(f"a rule for {t} is already registered (pass replace=True)")
                 _BY_NAME[t] = Rule(fn, rewrite)
                 continue
-            keys = [getattr(t, o) for o in t.overloads()] if isinstance(t, torch._ops.OpOverloadPacket) else [t]
+            keys = [t]
+            if isinstance(t, torch._ops.OpOverloadPacket):  # the family: its graph overloads
+                # that write nothing (in-place and out= ones derive their rule from those)
+                keys = [o for o in graph_overloads(t) if not written_args(o._schema)]
             for k in keys:
                 if k in _RULES and not replace:
                     raise ValueError(f"a rule for {k} is already registered (pass replace=True)")
@@ -113,6 +117,30 @@ def rule_for(node: Node) -> Rule:
     return rule
 
 
+def has_rule(target) -> bool:
+    """Whether ``target`` has a rule: its own, or one derived from its functional overload."""
+    return _own_rule(target) is not None or _derived_rule(target) is not None
+
+
+def graph_overloads(packet: torch._ops.OpOverloadPacket) -> list:
+    """The overloads of ``packet`` that a captured graph can hold: those the dispatcher
+    knows (TorchScript's builtins on Python lists and strings, such as ``aten::sum.int`` or
+    ``aten::split.str``, are not dispatcher ops) and that take no named-tensor (``Dimname``)
+    argument (torch.export does not trace named tensors). A rule is written for an op family:
+    every overload listed here gets one (tests/test_op_families.py checks it)."""
+    out = []
+    for name in packet.overloads():
+        op = getattr(packet, name)
+        schema = op._schema
+        try:
+            torch._C._dispatch_find_schema_or_throw(schema.name, schema.overload_name)
+        except RuntimeError:
+            continue
+        if not any("Dimname" in str(a.type) for a in schema.arguments):
+            out.append(op)
+    return out
+
+
 def op_of(node: Node):
     """The op a rule analyses ``node`` as: the functional overload of an in-place or ``out=``
     overload without a rule of its own, else ``node.target``."""
@@ -139,7 +167,11 @@ def _tiewritten_args(analyze: RuleFn) -> RuleFn:
 
     def rule(ctx, node: Node) -> None:
         analyze(ctx, node)
-        written = [get_arg(node, a.name, None) for a in written_args(node.target._schema)]
+        schema = node.target._schema
+        returned = returned_args(schema)
+        if not any(returned):  # returns nothing (or new values): each argument written is it
+            returned = written_args(schema)
+        written = [None if a is None else get_arg(node, a.name, None) for a in returned]
         out = ctx.out.get(node)
         outs = out if len(written) > 1 and isinstance(out, list) else [out]
         res = []

@@ -7,6 +7,7 @@ from torch.fx import Node
 
 from vcyclefx.analysis.dims import Dim, as_size
 from passes.args import Edit, replace_args
+from vcyclefx.analysis.registry import op_of
 
 aten = torch.ops.aten
 
@@ -99,3 +100,18 @@ def ops(*names: str) -> list:
         if op is not None:
             out.append(op)
     return out
+
+
+def family(node: Node) -> str:
+    """The op family a rule analyses ``node`` as: the name of its (functional) op without
+    namespace or overload (``aten.split.sizes`` -> ``"split"``), so that a rule treats every
+    overload of its family alike."""
+    op = op_of(node)
+    schema = getattr(op, "_schema", None)
+    return schema.name.split("::")[-1] if schema is not None else getattr(op, "__name__", str(op))
+
+
+def overload(node: Node) -> str:
+    """The overload name of the op a rule analyses ``node`` as (``"default"`` for none)."""
+    schema = getattr(op_of(node), "_schema", None)
+    return (schema.overload_name or "default") if schema is not None else ""

@@ -7,7 +7,7 @@ from torch.fx import Node
 from vcyclefx.analysis.dims import PROD
 from passes.args import replace_args
 from vcyclefx.analysis.registry import op_of, register_rule
-from vcyclefx.analysis.rules._util import aten, broadcast_into
+from vcyclefx.analysis.rules._util import aten, broadcast_into, family
 
 
 @register_rule(aten.linear.default)
@@ -42,15 +42,15 @@ def _mm_like(ctx, node, a, b):
     return out
 
 
-@register_rule(aten.mm.default, aten.bmm.default)
+@register_rule(aten.mm, aten.bmm)  # also their out_dtype= overloads (mm.dtype)
 def _mm(ctx, node):
     _mm_like(ctx, node, ctx.arg(node, "self"), ctx.arg(node, "mat2"))
 
 
-@register_rule(aten.addmm.default, aten.baddbmm.default)
+@register_rule(aten.addmm, aten.baddbmm)
 def _addmm(ctx, node):
-    a = ctx.arg(node, "mat1") if op_of(node) is aten.addmm.default else ctx.arg(node, "batch1")
-    b = ctx.arg(node, "mat2") if op_of(node) is aten.addmm.default else ctx.arg(node, "batch2")
+    a = ctx.arg(node, "mat1") if family(node) == "addmm" else ctx.arg(node, "batch1")
+    b = ctx.arg(node, "mat2") if family(node) == "addmm" else ctx.arg(node, "batch2")
     out = _mm_like(ctx, node, a, b)
     broadcast_into(ctx, node, out, [ctx.arg(node, "self")])
 

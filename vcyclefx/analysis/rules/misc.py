@@ -12,7 +12,8 @@ from vcyclefx.analysis.dims import Dim
 from passes.args import replace_arg_at
 from vcyclefx.analysis.registry import op_of, register_rule
 from vcyclefx.analysis.walk import walk
-from vcyclefx.analysis.rules._util import aten, broadcast_into, norm_dim, norm_dims, ops, shape_entries_rewrite
+from vcyclefx.analysis.rules._util import (aten, broadcast_into, family, norm_dim, norm_dims, ops,
+                                           shape_entries_rewrite)
 
 
 # -- no value ----------------------------------------------------------------------------------------
@@ -87,7 +88,8 @@ def _opaque_scalar(ctx, node):
 
 # -- factories ------------------------------------------------------------------------------------
 _FACTORIES = ops("zeros", "ones", "empty.memory_format", "full", "rand", "randn", "new_zeros",
-                 "new_ones", "new_empty", "new_full", "randint.low", "randint")
+                 "new_ones", "new_empty", "new_full", "randint.low", "randint", "rand.generator",
+                 "randn.generator", "randint.generator", "randint.low_generator")
 
 
 @register_rule(*_FACTORIES, rewrite=shape_entries_rewrite("size"))
@@ -111,7 +113,7 @@ def _scalar_tensor(ctx, node):
     ctx.out_fresh(node)
 
 
-@register_rule(aten.arange.default, aten.arange.start, aten.arange.start_step, aten.linspace.default)
+@register_rule(aten.arange.default, aten.arange.start, aten.arange.start_step, aten.linspace)
 def _arange(ctx, node):
     out = ctx.out_fresh(node)
     for a in node.args:
@@ -138,16 +140,26 @@ def _index_select(ctx, node):
     ctx.set_out(node, src[:dim] + [idx[0]] + src[dim + 1 :])
 
 
-@register_rule(aten.gather.default)
+@register_rule(aten.gather, aten.take_along_dim)
 def _gather(ctx, node):
+    """``gather``/``take_along_dim`` along ``dim``: the output has the index's axes (broadcast
+    against the input's for ``take_along_dim``); ``take_along_dim`` without ``dim`` reads the
+    flattened input, so every input axis is indexed."""
     src = ctx.dims(node.args[0])
-    dim = norm_dim(ctx.arg(node, "dim"), len(src))
-    idx = ctx.dims(ctx.arg(node, "index"))
-    ctx.index_axis(node, node.args[0], dim, "indexed by gather")
-    for i, (a, b) in enumerate(zip(src, idx)):
-        if i != dim and a.size == b.size:
-            ctx.unify(a, b, node)
-    ctx.set_out(node, idx)
+    idx = ctx.dims(ctx.arg(node, "indices" if family(node) == "take_along_dim" else "index"))
+    dim = ctx.arg(node, "dim")
+    if dim is None:
+        for axis in range(len(src)):
+            ctx.index_axis(node, node.args[0], axis, f"indexed by {family(node)} (flattened)")
+        ctx.set_out(node, idx)
+        return
+    dim = norm_dim(dim, len(src))
+    ctx.index_axis(node, node.args[0], dim, f"indexed by {family(node)}")
+    out = ctx.out_fresh(node)
+    for i, o in enumerate(out):
+        for axes in (src, idx):
+            if i != dim and axes[i].size == o.size:
+                ctx.unify(axes[i], o, node)
 
 
 @register_rule(aten.index.Tensor, aten._unsafe_index.Tensor)

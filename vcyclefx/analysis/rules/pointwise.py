@@ -16,7 +16,7 @@ contiguous detach alias lift_fresh_copy _to_copy clamp clamp_min clamp_max clip 
 trunc sign logical_not bitwise_not isnan isinf nan_to_num fill zeros_like ones_like empty_like
 full_like rand_like randn_like dropout feature_dropout alpha_dropout feature_alpha_dropout rrelu
 type_as bernoulli exponential uniform normal_ zero sgn frac erfinv atan asin acos sinh cosh asinh
-acosh atanh tan log2 log10 exp2 threshold positive logit view_as expand_as to
+acosh atanh tan log2 log10 exp2 threshold positive logit expand_as to alias_copy detach_copy
 """.split()  # normal_ (in place) has no functional overload with its arguments
 
 _BROADCAST = """

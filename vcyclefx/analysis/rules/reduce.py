@@ -11,9 +11,9 @@ from __future__ import annotations
 from torch.fx import Node
 
 from vcyclefx.analysis.dims import PROD
-from passes.args import replace_args
+from passes.args import arg_index, replace_args
 from vcyclefx.analysis.registry import op_of, register_rule
-from vcyclefx.analysis.rules._util import aten, norm_dim, norm_dims, shape_entries_rewrite
+from vcyclefx.analysis.rules._util import aten, family, norm_dim, norm_dims, overload, shape_entries_rewrite
 
 
 def _reduce(ctx, node, dims_arg="dim", keepdim_arg="keepdim", mode="mean"):
@@ -57,28 +57,28 @@ def _mean(ctx, node):
             "keepdim" if op_of(node) is not aten.mean.default else None)
 
 
+def _dims_arg(node) -> str | None:
+    """``"dim"`` where the overload takes the axes to reduce, None where it reduces them all."""
+    return "dim" if arg_index(op_of(node), "dim") is not None else None
+
+
 @register_rule(aten.sum.dim_IntList, aten.sum.default, aten.nansum.default, aten.prod.dim_int,
-               aten.prod.default, aten.logsumexp.default, aten.norm.ScalarOpt_dim,
-               aten.linalg_vector_norm.default, aten.norm.Scalar, aten.count_nonzero.dim_IntList)
+               aten.prod.default, aten.logsumexp.default, aten.norm, aten.linalg_vector_norm,
+               aten.count_nonzero)
 def _sum(ctx, node):
-    dims_arg = {aten.sum.default: None, aten.prod.default: None, aten.norm.Scalar: None,
-                aten.nansum.default: "dim"}.get(op_of(node), "dim")
-    keep = None if dims_arg is None else "keepdim"
-    _reduce(ctx, node, dims_arg, keep, mode="pin")
+    _reduce(ctx, node, _dims_arg(node), "keepdim", mode="pin")
 
 
 @register_rule(aten.amax.default, aten.amin.default, aten.max.default, aten.min.default,
-               aten.any.dim, aten.any.dims, aten.any.default, aten.all.dim, aten.all.default)
+               aten.any.dim, aten.any.dims, aten.any.default, aten.all.dim, aten.all.dims,
+               aten.all.default)
 def _max(ctx, node):
-    if op_of(node) in (aten.max.default, aten.min.default, aten.any.default, aten.all.default):
-        _reduce(ctx, node, None, None, mode="none")
-    else:
-        _reduce(ctx, node, "dim", "keepdim", mode="none")
+    _reduce(ctx, node, _dims_arg(node), "keepdim", mode="none")
 
 
 @register_rule(aten.argmax.default, aten.argmin.default, aten.max.dim, aten.min.dim,
-               aten.topk.default, aten.sort.default, aten.cumsum.default, aten.cumprod.default,
-               aten.cummax.default, aten.logcumsumexp.default)
+               aten.topk.default, aten.sort.default, aten.sort.stable, aten.cumsum.default,
+               aten.cumprod.default, aten.cummax.default, aten.logcumsumexp.default)
 def _index_valued(ctx, node):
     """Ops whose result depends on positions along ``dim``: the axis is pinned."""
     src = ctx.dims(node.args[0])
@@ -91,7 +91,7 @@ def _index_valued(ctx, node):
     if op_of(node) in (aten.cumsum.default, aten.cumprod.default, aten.logcumsumexp.default):
         ctx.set_out(node, src)
         return
-    if op_of(node) in (aten.topk.default, aten.sort.default, aten.cummax.default):
+    if family(node) in ("topk", "sort", "cummax"):
         out = ctx.out_fresh(node)
         for o in out:
             for i, (a, b) in enumerate(zip(o, src)):
@@ -105,15 +105,12 @@ def _var(ctx, node):
     corr = ctx.arg(node, "correction", None)
     unbiased = ctx.arg(node, "unbiased", None) if corr is None else None
     biased = (corr is not None and float(corr) == 0.0) or unbiased is False
-    if op_of(node) in (aten.var.correction, aten.std.correction, aten.var_mean.correction,
-                       aten.std_mean.correction) and corr is None:
+    if overload(node) == "correction" and corr is None:
         biased = False  # correction=None means the default, 1
     _reduce(ctx, node, "dim", "keepdim", mode="mean" if biased else "pin")
 
 
-register_rule(aten.var.correction, aten.var.dim, aten.std.correction, aten.std.dim,
-              aten.var_mean.correction, aten.std_mean.correction, aten.var.default,
-              aten.std.default)(_var)
+register_rule(aten.var, aten.std, aten.var_mean, aten.std_mean)(_var)
 
 
 @register_rule(aten._softmax.default, aten.softmax.int, aten._log_softmax.default,
@@ -239,11 +236,10 @@ _POOL = [aten.max_pool1d.default, aten.max_pool2d.default, aten.max_pool3d.defau
          aten.adaptive_avg_pool1d.default, aten.adaptive_avg_pool2d.default,
          aten.adaptive_avg_pool3d.default, aten.adaptive_max_pool2d.default,
          aten.max_pool2d_with_indices.default, aten._adaptive_avg_pool2d.default,
-         aten.upsample_nearest2d.vec, aten.upsample_bilinear2d.vec, aten.upsample_nearest1d.vec,
-         aten.upsample_nearest2d.default, aten.upsample_bilinear2d.default]
+         aten.upsample_nearest1d, aten.upsample_nearest2d, aten.upsample_bilinear2d]
 
 
-@register_rule(*_POOL)
+@register_rule(*_POOL)  # every overload of the upsampling families (.vec and the sized one)
 def _pool(ctx, node):
     """Spatial pooling/resampling: batch and channel axes pass through; positions are new."""
     src = ctx.dims(node.args[0])

@@ -31,7 +31,7 @@ from torch.fx import Node
 from passes.ops import COPIES, VIEWS
 
 from vcyclefx.analysis.registry import op_of, register_rule
-from vcyclefx.analysis.rules._util import aten, norm_dim
+from vcyclefx.analysis.rules._util import aten, family, norm_dim
 
 # ops that keep the values of their input (so indices stay indices into the same axis)
 _SAME_VALUES = VIEWS | COPIES | {aten.flatten.using_ints, aten.to.device, aten.detach.default}
@@ -86,14 +86,25 @@ def _counts(ctx, node):
             ctx.unify(out[0], axis, node)  # one bin per position of that axis
 
 
-@register_rule(aten.nonzero.default, aten.argwhere.default)
+@register_rule(aten.nonzero.default, aten.argwhere.default, aten.where.default,
+               aten.repeat_interleave.Tensor, aten.repeat_interleave.self_Tensor)
 def _nonzero(ctx, node):
-    """(number of non-zeros, ndim) positions: the searched axes are addressed by value."""
+    """Outputs whose length depends on values: (number of non-zeros, ndim) positions
+    (``nonzero``; ``where(cond)``: one tensor per axis), or elements repeated by counts held
+    in a tensor (``repeat_interleave``): every axis searched or repeated is pinned."""
     src = ctx.dims(node.args[0])
+    dim = ctx.arg(node, "dim", None) if family(node) == "repeat_interleave" else None
+    out = ctx.out_fresh(node)
+    outs = out if out and isinstance(out[0], list) else [out]
+    if dim is not None:  # x.repeat_interleave(counts, dim): only that axis changes length
+        dim = norm_dim(dim, len(src))
+        for i, (a, b) in enumerate(zip(src, outs[0])):
+            if i != dim:
+                ctx.unify(a, b, node)
+        src, outs = [src[dim]], [[outs[0][dim]]]
     for d in src:
         ctx.pin(d, f"searched by {node.target} at {ctx.where(node)} (data-dependent positions)")
-    out = ctx.out_fresh(node)
-    for d in out:
+    for d in (d for o in outs for d in o):
         ctx.pin(d, f"positions found by {node.target} at {ctx.where(node)}")
 
 

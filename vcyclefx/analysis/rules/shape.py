@@ -7,7 +7,7 @@ from torch.fx import Node
 from vcyclefx.analysis.dims import CAT, PROD, Dim, is_static
 from passes.args import Edit, replace_args, retarget
 from vcyclefx.analysis.registry import op_of, register_rule
-from vcyclefx.analysis.rules._util import aten, norm_dim, shape_entries_rewrite
+from vcyclefx.analysis.rules._util import aten, family, norm_dim, shape_entries_rewrite
 
 _INT_MAX = 2**62
 
@@ -36,8 +36,43 @@ register_rule(
 )(_reshape)
 
 
-@register_rule(aten.flatten.using_ints, aten.squeeze.default, aten.squeeze.dim, aten.squeeze.dims,
-               aten.unsqueeze.default)
+def _rewrite_reshape_alias(rw, node) -> Edit | None:
+    """``_reshape_alias(x, size, stride)`` is the view ``reshape`` makes where it can: with new
+    sizes the strides are stale, so the node becomes the ``reshape`` it stands for."""
+    edit = shape_entries_rewrite("size")(rw, node)
+    if edit is None:
+        return None
+    return Edit(target=aten.reshape.default, named=(("shape", dict(edit.named)["size"]),), nargs=1)
+
+
+register_rule(aten._reshape_alias, aten._reshape_alias_copy, rewrite=_rewrite_reshape_alias)(_reshape)
+
+
+@register_rule(aten.reshape_as, aten.view_as)
+def _reshape_as(ctx, node):
+    """``x.reshape_as(other)``: ``x`` reshaped to ``other``'s axes (no literal size to rewrite)."""
+    src, other = ctx.dims(node.args[0]), ctx.arg_dims(node, "other")
+    out = ctx.out_fresh(node)
+    ctx.match_products(src, out, node, "reshape")
+    ctx.unify_all(other, out, node)
+
+
+@register_rule(aten.view.dtype, aten.view_copy.dtype)
+def _view_dtype(ctx, node):
+    """The same bytes read as another dtype: the axes are the same where the item sizes are;
+    else the last axis counts other things (bytes of a different width) and is pinned."""
+    src = ctx.dims(node.args[0])
+    out = ctx.out_fresh(node)
+    if [d.size for d in src] == [d.size for d in out]:
+        ctx.set_out(node, src)
+        return
+    ctx.unify_all(src[:-1], out[:-1], node)
+    for d in (src[-1], out[-1]):
+        ctx.pin(d, f"reinterpreted as another dtype at {ctx.where(node)}")
+
+
+@register_rule(aten.flatten.using_ints, aten.squeeze, aten.unsqueeze, aten.squeeze_copy,
+               aten.unsqueeze_copy, aten.ravel)
 def _flatten_like(ctx, node):
     src = ctx.dims(node.args[0])
     out = ctx.out_fresh(node)
@@ -66,7 +101,8 @@ def norm_dims_ordered(dims, ndim):
     return [norm_dim(d, ndim) for d in dims]
 
 
-@register_rule(aten.transpose.int, aten.swapaxes.default, aten.swapdims.default)
+@register_rule(aten.transpose.int, aten.transpose_copy.int, aten.swapaxes.default,
+               aten.swapdims.default)
 def _transpose(ctx, node):
     src = list(ctx.dims(node.args[0]))
     a = norm_dim(node.args[1], len(src))
@@ -75,20 +111,42 @@ def _transpose(ctx, node):
     ctx.set_out(node, src)
 
 
-@register_rule(aten.t.default, aten.numpy_T.default)
+@register_rule(aten.t.default, aten.t_copy.default, aten.numpy_T.default)
 def _t(ctx, node):
     src = ctx.dims(node.args[0])
     ctx.set_out(node, list(reversed(src)))
 
 
-@register_rule(aten.movedim.int)
+@register_rule(aten.movedim, aten.moveaxis)
 def _movedim(ctx, node):
     src = list(ctx.dims(node.args[0]))
-    s = norm_dim(ctx.arg(node, "source"), len(src))
-    d = norm_dim(ctx.arg(node, "destination"), len(src))
-    x = src.pop(s)
-    src.insert(d, x)
-    ctx.set_out(node, src)
+    n = len(src)
+    source, dest = ctx.arg(node, "source"), ctx.arg(node, "destination")
+    source = [source] if isinstance(source, int) else list(source)
+    dest = [dest] if isinstance(dest, int) else list(dest)
+    moved = dict(zip((norm_dim(d, n) for d in dest), (norm_dim(s, n) for s in source)))
+    rest = iter(i for i in range(n) if i not in moved.values())
+    ctx.set_out(node, [src[moved[i]] if i in moved else src[next(rest)] for i in range(n)])
+
+
+@register_rule(aten.as_strided, aten.as_strided_copy)
+def _as_strided(ctx, node):
+    """Elements read at literal strides: no axis of the input or output can change length."""
+    for d in list(ctx.dims(node.args[0])) + list(ctx.out_fresh(node)):
+        ctx.pin(d, f"read by as_strided at {ctx.where(node)} (literal strides)")
+
+
+@register_rule(aten.diagonal, aten.diagonal_copy)
+def _diagonal(ctx, node):
+    """The diagonal of axes ``dim1``/``dim2`` becomes the last axis: both are indexed."""
+    src = ctx.dims(node.args[0])
+    n = len(src)
+    d1, d2 = norm_dim(ctx.arg(node, "dim1", 0), n), norm_dim(ctx.arg(node, "dim2", 1), n)
+    out = ctx.out_fresh(node)
+    for axis in (d1, d2):
+        ctx.index_axis(node, node.args[0], axis, "a diagonal taken")
+    ctx.pin(out[-1], f"diagonal at {ctx.where(node)}")
+    ctx.unify_all([d for i, d in enumerate(src) if i not in (d1, d2)], out[:-1], node)
 
 
 # -- expansion ------------------------------------------------------------------------------------
@@ -152,11 +210,26 @@ def _repeat(ctx, node):
 
 
 # -- concatenation and splitting --------------------------------------------------------------------
-@register_rule(aten.cat.default, aten.concat.default, aten.concatenate.default)
+_STACKS = {"hstack": 1, "column_stack": 1, "vstack": 0, "row_stack": 0, "dstack": 2}
+
+
+@register_rule(aten.cat, aten.concat, aten.concatenate, aten.hstack, aten.vstack, aten.row_stack,
+               aten.dstack, aten.column_stack)
 def _cat(ctx, node):
+    """Concatenation along ``dim``; ``hstack``/``vstack``/``dstack``/``column_stack`` along
+    their fixed axis (axis 0 of 1-D inputs for ``hstack``), where their inputs have the
+    output's rank; inputs they first make 1-, 2- or 3-D are pinned."""
     tensors = [t for t in ctx.arg(node, "tensors") if isinstance(t, Node)]
     out = ctx.out_fresh(node)
-    dim = norm_dim(ctx.arg(node, "dim", 0), len(out))
+    fam = family(node)
+    if fam in _STACKS:
+        if any(len(ctx.dims(t)) != len(out) for t in tensors):
+            for d in [d for t in tensors for d in ctx.dims(t)] + list(out):
+                ctx.pin(d, f"{fam} of inputs of another rank at {ctx.where(node)}")
+            return
+        dim = 0 if len(out) == 1 else _STACKS[fam]
+    else:
+        dim = norm_dim(ctx.arg(node, "dim", 0), len(out))
     parts = []
     for t in tensors:
         d = ctx.dims(t)
@@ -189,10 +262,19 @@ def _stack(ctx, node):
     ctx.pin(out[dim], f"stack index at {ctx.where(node)}")
 
 
+def _split_dim(ctx, node, ndim: int) -> int:
+    """The axis a split cuts: ``dim``, or the fixed axis of ``hsplit``/``vsplit``/``dsplit``."""
+    fixed = {"hsplit": 0 if ndim == 1 else 1, "vsplit": 0, "dsplit": 2}.get(family(node))
+    return fixed if fixed is not None else norm_dim(ctx.arg(node, "dim", 0), ndim)
+
+
 def _split_common(ctx, node):
+    """Every way of cutting one axis into consecutive pieces (sizes, a piece size, a count of
+    pieces, split points, a tensor of split points): the pieces are read from the outputs, so
+    the axis is their concatenation whatever the arguments were."""
     src = ctx.dims(node.args[0])
     outs = ctx.out_fresh(node)
-    dim = norm_dim(ctx.arg(node, "dim", 0), len(src))
+    dim = _split_dim(ctx, node, len(src))
     for o in outs:
         for k, (a, b) in enumerate(zip(src, o)):
             if k != dim:
@@ -205,28 +287,61 @@ def _split_common(ctx, node):
     else:
         for p in parts + [src[dim]]:
             ctx.pin(p, f"split along a symbolic axis at {ctx.where(node)}")
-    ctx.record(node, split_parts=[o[dim] for o in outs])
+    points = node.args[1] if len(node.args) > 1 else None
+    if isinstance(points, Node) and isinstance(ctx.dims(points), list):  # split points as values
+        for d in ctx.dims(points):
+            ctx.pin(d, f"split points held in a tensor at {ctx.where(node)} (the rewrite cuts "
+                       "by sizes instead)")
+    ctx.record(node, split_parts=[o[dim] for o in outs], split_dim=dim)
+
+
+def _pieces(kind: str, n: int, arg: int) -> list[int]:
+    """The piece sizes torch makes of an axis of length ``n``: ``"size"`` (``split``: pieces of
+    ``arg``, the last shorter), ``"chunks"`` (``chunk``: ``arg`` pieces of ceil(n / arg), fewer
+    if they run out) or ``"sections"`` (``tensor_split``: ``arg`` pieces, the first n % arg
+    one longer)."""
+    if kind == "sections":
+        q, r = divmod(n, arg)
+        return [q + 1] * r + [q] * (arg - r)
+    size = arg if kind == "size" else -(-n // arg)
+    if size <= 0:
+        return [n]
+    return [size] * (n // size) + ([n % size] if n % size else [])
+
+
+_BY_COUNT = {"chunk": "chunks", "unsafe_chunk": "chunks", "hsplit": "sections",
+             "vsplit": "sections", "dsplit": "sections", "tensor_split": "sections"}
 
 
 def _rewrite_split(rw, node) -> Edit | None:
+    """Keep the op where its own arguments can say the new pieces (a piece size, a count that
+    still cuts them, sizes, split points), else cut by explicit sizes (``split_with_sizes``)."""
     parts = rw.record(node, "split_parts")
     new = [rw.new_size(p) for p in parts]
-    old = [p.size for p in parts]
-    if new == old:
+    if new == [p.size for p in parts]:
         return None
-    if op_of(node) is aten.chunk.default:  # a count of pieces: stays right while they are equal
-        if len(set(new)) == 1:
-            return None
-        return retarget(aten.split_with_sizes.default, split_sizes=new)
-    if op_of(node) in (aten.split.Tensor, aten.split_copy.Tensor):
-        if len(set(new[:-1])) > 1 or new[-1] > new[0]:
-            return retarget(aten.split_with_sizes.default, split_sizes=new)
-        return replace_args(split_size=new[0])
-    return replace_args(split_sizes=new)
+    if not all(isinstance(n, int) for n in new):
+        return None
+    fam, arg1 = family(node), node.target._schema.arguments[1]
+    count = arg1.type.kind() == "IntType" or str(arg1.type) == "SymInt"  # a number, not a list
+    if fam in _BY_COUNT and count:
+        if _pieces(_BY_COUNT[fam], sum(new), rw.arg(node, arg1.name)) == new:
+            return None  # the same count cuts the new axis into the new pieces
+    elif fam in ("split", "unsafe_split", "split_copy") and count:
+        if _pieces("size", sum(new), new[0]) == new:
+            return replace_args(**{arg1.name: new[0]})
+    elif fam in ("tensor_split", "hsplit", "vsplit", "dsplit") and str(arg1.type) != "Tensor":
+        points = [sum(new[: i + 1]) for i in range(len(new) - 1)]  # split points
+        return replace_args(**{arg1.name: points})
+    elif str(arg1.type) != "Tensor":  # split_with_sizes, split.sizes, ...: a list of sizes
+        return replace_args(**{arg1.name: new})
+    return Edit(target=aten.split_with_sizes.default, nargs=1,
+                named=(("split_sizes", new), ("dim", rw.record(node, "split_dim"))))
 
 
-register_rule(aten.split.Tensor, aten.split_with_sizes.default, aten.split_copy.Tensor,
-              aten.split_with_sizes_copy.default, aten.chunk.default, aten.tensor_split.sections,
+register_rule(aten.split, aten.split_with_sizes, aten.split_copy, aten.split_with_sizes_copy,
+              aten.unsafe_split, aten.unsafe_split_with_sizes, aten.chunk, aten.unsafe_chunk,
+              aten.tensor_split, aten.hsplit, aten.vsplit, aten.dsplit,
               rewrite=_rewrite_split)(_split_common)
 
 
@@ -248,9 +363,12 @@ def _select(ctx, node):
     ctx.set_out(node, src[:dim] + src[dim + 1 :])
 
 
-def _slice_like(ctx, node, start):
+def _slice_like(ctx, node, start, out: list | None = None):
+    """``out`` (the output's axes unless given: ``slice_scatter``'s ``src``) is the range
+    ``start``.. of ``node.args[0]``'s axis ``dim``; a start that is not a literal (None)
+    indexes the axis."""
     src = ctx.dims(node.args[0])
-    out = ctx.out_fresh(node)
+    out = ctx.out_fresh(node) if out is None else out
     dim = norm_dim(ctx.arg(node, "dim", 0), len(src))
     for k, (a, b) in enumerate(zip(src, out)):
         if k != dim:
@@ -319,9 +437,38 @@ def _rewrite_narrow(rw, node) -> Edit | None:
     return replace_args(start=rw.new_size(pre) if pre is not None else 0, length=rw.new_size(mid))
 
 
-@register_rule(aten.narrow.default, aten.narrow_copy.default, rewrite=_rewrite_narrow)
+@register_rule(aten.narrow, aten.narrow_copy, rewrite=_rewrite_narrow)
 def _narrow(ctx, node):
-    _slice_like(ctx, node, ctx.arg(node, "start"))
+    """``narrow`` by a literal start is a slice; by a tensor start (``narrow.Tensor``) the
+    start is a value: the axis is indexed."""
+    start = ctx.arg(node, "start")
+    _slice_like(ctx, node, None if isinstance(start, Node) else start)
+
+
+@register_rule(aten.slice_scatter, rewrite=_rewrite_slice)
+def _slice_scatter(ctx, node):
+    """``self`` with ``self[start:end:step]`` along ``dim`` replaced by ``src``: like the slice
+    of ``self`` that ``src`` replaces (so its literal bounds are rewritten the same way)."""
+    base = ctx.dims(node.args[0])
+    if ctx.arg(node, "step", 1) != 1:
+        dim = norm_dim(ctx.arg(node, "dim", 0), len(base))
+        ctx.index_axis(node, node.args[0], dim, "written with a step by slice_scatter")
+        src = ctx.arg_dims(node, "src")
+        ctx.pin(src[dim], f"strided slice_scatter at {ctx.where(node)}")
+        ctx.unify_all([d for i, d in enumerate(base) if i != dim],
+                      [d for i, d in enumerate(src) if i != dim], node)
+    else:
+        _slice_like(ctx, node, ctx.arg(node, "start") or 0, out=list(ctx.arg_dims(node, "src")))
+    ctx.set_out(node, base)
+
+
+@register_rule(aten.select_scatter)
+def _select_scatter(ctx, node):
+    base = ctx.dims(node.args[0])
+    dim = norm_dim(ctx.arg(node, "dim"), len(base))
+    ctx.index_axis(node, node.args[0], dim, "written at one position by select_scatter")
+    ctx.unify_all(base[:dim] + base[dim + 1 :], ctx.arg_dims(node, "src"), node)  # src: the row
+    ctx.set_out(node, base)
 
 
 @register_rule(aten.repeat_interleave.self_int)
