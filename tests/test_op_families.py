@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import vcyclefx as vf
+import vcyclefx.analysis.rules  # noqa: F401 - registers the built-in rules
 from tests.conftest import rel_error
 from vcyclefx.analysis import registry
 from vcyclefx.analysis.registry import graph_overloads, has_rule
@@ -142,6 +143,64 @@ def test_width_x2_through_each_split_op_is_exact_and_round_trips(how):
         assert rel_error(big.eval()(*x), model(*x)) <= 1e-5
         y = (torch.randn(3, 7, 6),)  # another batch and sequence length
         assert rel_error(big.eval()(*y), model(*y)) <= 1e-5
+    back, _ = vf.coalesce(big, mapping=mapping)
+    for k, v in level.state_dict().items():
+        assert torch.equal(v, back.state_dict()[k]), k
+
+
+# -- ops of the other families that torch.export does emit (each was an UnsupportedOp before) ----
+class _Ops(nn.Module):
+    """A 24-wide space through one op of a family and back to a linear read-out."""
+
+    FORWARD = {  # how -> (the op the graph must hold, h -> h through that op)
+        "movedim_lists": ("aten.movedim.intlist",
+                          lambda h: torch.movedim(h, [0, 2], [2, 0]).movedim([2, 0], [0, 2])),
+        "moveaxis": ("aten.moveaxis.int", lambda h: torch.moveaxis(h, 2, 0).moveaxis(0, 2)),
+        "ravel": ("aten.ravel.default", lambda h: h.ravel().reshape(h.shape)),
+        "reshape_as": ("aten.reshape_as.default", lambda h: h.reshape(-1).reshape_as(h)),
+        "view_dtype": ("aten.view.dtype", lambda h: h.view(torch.int32).view(torch.float32)),
+        "diagonal": ("aten.diagonal.default", lambda h: torch.diagonal(
+            h.unsqueeze(1).expand(-1, h.shape[1], -1, -1), dim1=1, dim2=2).transpose(1, 2)),
+        "hstack": ("aten.hstack.default", lambda h: torch.hstack(
+            [c * (i + 1) for i, c in enumerate(h.transpose(1, 2).chunk(2, dim=1))]).transpose(1, 2)),
+        "dstack": ("aten.dstack.default", lambda h: torch.dstack(
+            [c * (i + 1) for i, c in enumerate(h.chunk(2, dim=-1))])),
+        "slice_scatter": ("aten.slice_scatter.default", lambda h: torch.slice_scatter(
+            h, h[..., 8:16] * 3, dim=-1, start=8, end=16)),
+        "select_scatter": ("aten.select_scatter.default", lambda h: torch.select_scatter(
+            h, h[:, 0] * 3, dim=1, index=0)),
+        "take_along_dim": ("aten.take_along_dim.default", lambda h: h * torch.take_along_dim(
+            h, torch.argmax(h, dim=1, keepdim=True), dim=1)),
+        "std_mean": ("aten.std_mean.dim", lambda h: (lambda s, m: (h - m) / s)(
+            *torch.std_mean(h, dim=1, keepdim=True))),
+        "var_mean_biased": ("aten.var_mean.correction", lambda h: (lambda v, m: (h - m) * torch.rsqrt(
+            v + 1e-5))(*torch.var_mean(h, dim=-1, keepdim=True, correction=0))),
+        "count_nonzero": ("aten.count_nonzero.default",
+                          lambda h: h * torch.count_nonzero(h > 0, dim=1).unsqueeze(1)),
+        "sort_stable": ("aten.sort.stable", lambda h: torch.sort(h, dim=1, stable=True)[0]),
+    }
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.up = nn.Linear(6, 24)
+        self.down = nn.Linear(24, 5)
+
+    def forward(self, x):
+        return self.down(self.FORWARD[self.how][1](self.up(x)))
+
+
+@pytest.mark.parametrize("how", list(_Ops.FORWARD))
+def test_width_x2_through_each_view_scatter_and_reduction_op_is_exact_and_round_trips(how):
+    torch.manual_seed(0)
+    model = _Ops(how).eval()
+    x = (torch.randn(2, 5, 6),)
+    level = vf.capture(model, x)
+    assert _Ops.FORWARD[how][0] in {str(n.target) for n in level.graph.nodes}
+    big, mapping = vf.decoalesce(level, width=2.0)
+    assert big.state_dict()["up.weight"].shape == (48, 6)
+    with torch.no_grad():
+        assert rel_error(big.eval()(*x), model(*x)) <= 1e-5
     back, _ = vf.coalesce(big, mapping=mapping)
     for k, v in level.state_dict().items():
         assert torch.equal(v, back.state_dict()[k]), k
