@@ -166,6 +166,35 @@ def test_a_grouped_query_lm_with_an_explicit_head_dim_comes_back_or_is_refused_l
     assert torch.overrides._get_current_function_mode_stack() == []
 
 
+class FixedHeads(torch.nn.Module):
+    """A block whose forward writes its head shape as constants (4 heads of 16): no constructor
+    argument controls it."""
+
+    def __init__(self, dim: int = 16, inner: int = 64):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(dim, inner), torch.nn.Linear(inner, dim)
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        h = self.a(x).view(B, T, 4, 16).softmax(-1).reshape(B, T, -1)  # (B, T, 4, 16)
+        return self.b(h)
+
+
+def test_a_class_whose_forward_refuses_the_level_sizes_is_a_level_error_naming_the_failure():
+    from vcyclefx.capture.recipe import CALL, Recipe, qualname
+
+    torch.manual_seed(0)
+    level, _ = vf.coalesce(FixedHeads(), (torch.randn(2, 5, 16),), width=0.5,
+                           recipe=Recipe(CALL, qualname(FixedHeads), {}))
+    # inner=32 gives every tensor the level's shape, but view(B, T, 4, 16) of 32 features fails
+    with pytest.raises(vf.LevelError, match=r"with inner=32 every tensor has the level's shape "
+                                            r"but its forward fails on the level's example "
+                                            r"inputs \(RuntimeError: shape '\[2, 5, 4, 16\]' is "
+                                            r"invalid"):
+        vf.to_module(level)
+    assert torch.get_default_device() == torch.device("cpu")
+
+
 def test_a_level_of_a_model_without_a_recipe_says_how_to_give_one():
     class Net(torch.nn.Module):
         def __init__(self):
