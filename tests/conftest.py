@@ -15,6 +15,109 @@ os.environ.setdefault("VCYCLEFX_VERIFY", "1")
 import vcyclefx as vf
 from vcyclefx import zoo
 
+# -- torch state: a test leaves it as it found it ---------------------------------------------
+# DESIGN: "Global torch state is the same after any public call as before, error or not". A
+# default device or a function mode left behind turns every later tensor of the process into a
+# meta tensor, so the failure shows up tests later, far from its cause: this fixture fails the
+# test that changed it, names what changed, and puts it back for the next test.
+
+
+def _module_inits() -> dict:
+    """Every nn.Module class defined so far -> the ``__init__`` in its own ``__dict__`` (None:
+    inherited). A watched or patched ``__init__`` left behind, or an inherited one restored onto
+    the class itself, differs here. About 1 ms for 1,500 classes."""
+    out, todo = {torch.nn.Module: torch.nn.Module.__dict__.get("__init__")}, [torch.nn.Module]
+    while todo:
+        for sub in type.__subclasses__(todo.pop()):
+            if sub not in out:
+                out[sub] = sub.__dict__.get("__init__")
+                todo.append(sub)
+    return out
+
+
+def _torch_state() -> dict:
+    import torch.utils._device  # noqa: F401 - CURRENT_DEVICE below
+    from torch.overrides import _get_current_function_mode_stack
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    return {
+        "default device": torch.get_default_device(),
+        "default dtype": torch.get_default_dtype(),
+        "grad mode": torch.is_grad_enabled(),
+        "torch-function modes": list(_get_current_function_mode_stack()),
+        "torch-dispatch modes": list(_get_current_dispatch_mode_stack()),
+        "set_default_device": getattr(torch._GLOBAL_DEVICE_CONTEXT, "device_context", None),
+        "__init__ of": _module_inits(),
+        # not compared (it follows the device modes above), only put back with them
+        "current device": getattr(torch.utils._device, "CURRENT_DEVICE", None),
+    }
+
+
+def _mode_names(modes) -> str:
+    return "[" + ", ".join(f"{type(m).__name__}({m.device})" if hasattr(m, "device")
+                           else type(m).__name__ for m in modes) + "]"
+
+
+def _state_changes(before: dict, after: dict) -> list[str]:
+    out = []
+    for k in ("default device", "default dtype", "grad mode"):
+        if before[k] != after[k]:
+            out.append(f"{k} {before[k]} -> {after[k]}")
+    for k in ("torch-function modes", "torch-dispatch modes"):
+        if list(map(id, before[k])) != list(map(id, after[k])):
+            out.append(f"{k} {_mode_names(before[k])} -> {_mode_names(after[k])}")
+    if before["set_default_device"] is not after["set_default_device"]:
+        out.append("torch.set_default_device was called")
+    now = after["__init__ of"]
+    for cls, init in before["__init__ of"].items():
+        if now[cls] is not init:
+            how = ("is a wrapper still installed" if hasattr(now[cls], "__wrapped__")
+                   else "was inherited and is now the class's own" if init is None
+                   else "was the class's own and is now inherited" if now[cls] is None
+                   else "was replaced")
+            out.append(f"{cls.__module__}.{cls.__qualname__}.__init__ {how}")
+    return out
+
+
+def _restore_torch_state(s: dict) -> None:
+    import torch.overrides as ov
+    import torch.utils._device as device_mod
+    import torch.utils._python_dispatch as pd
+
+    while torch._C._len_torch_function_stack():
+        ov._pop_mode()
+    for m in s["torch-function modes"]:
+        ov._push_mode(m)
+    while torch._C._len_torch_dispatch_stack():
+        pd._pop_mode()
+    for m in s["torch-dispatch modes"]:
+        pd._push_mode(m)
+    torch._GLOBAL_DEVICE_CONTEXT.device_context = s["set_default_device"]
+    device_mod.CURRENT_DEVICE = s["current device"]
+    torch.set_default_dtype(s["default dtype"])
+    torch.set_grad_enabled(s["grad mode"])
+    for cls, init in s["__init__ of"].items():
+        if cls.__dict__.get("__init__") is not init:
+            if init is None:
+                delattr(cls, "__init__")
+            else:
+                cls.__init__ = init
+
+
+@pytest.fixture(autouse=True)
+def torch_state_is_left_as_found():
+    """Fails (at teardown) a test after which the default device or dtype, grad mode, the
+    torch-function or torch-dispatch mode stack, or the ``__init__`` of an nn.Module class differ
+    from before it, naming what changed; the state is restored first."""
+    before = _torch_state()
+    yield
+    after = _torch_state()
+    changes = _state_changes(before, after)
+    if changes:
+        _restore_torch_state(before)
+        pytest.fail("torch state leaked by this test: " + "; ".join(changes), pytrace=False)
+
+
 ZOO_NAMES = list(zoo.ZOO)
 CHAIN_NAMES = ZOO_NAMES  # every zoo model has a chain
 

@@ -125,6 +125,76 @@ def test_a_level_no_configuration_can_express_is_refused_naming_the_tensor():
         vf.to_module(level)
 
 
+def _explicit_head_dim(name):
+    """A grouped-query causal LM whose config sets ``head_dim`` (4 query heads, 2 key/value
+    heads of 16, hidden 64)."""
+    T = zoo._hf_quiet()
+    torch.manual_seed(0)
+    sizes = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, intermediate_size=128,
+                 max_position_embeddings=64, use_cache=False)
+    if name == "qwen3":
+        return T.Qwen3ForCausalLM(T.Qwen3Config(**sizes)), (zoo._tokens(128),)
+    return T.GemmaForCausalLM(T.GemmaConfig(**sizes)), (zoo._tokens(128),)
+
+
+@pytest.mark.parametrize("name", ["qwen3", "gemma"])
+def test_a_grouped_query_lm_with_an_explicit_head_dim_comes_back_or_is_refused_leaving_torch_state(
+        name):
+    # Qwen3's config validates layer_types against num_hidden_layers, so some meta builds of the
+    # search fail: each one used to leave the meta device and a function mode on the stack, and
+    # the check's forward then ran on meta (RuntimeError: Tensor.item() ... meta tensors)
+    model, example = _explicit_head_dim(name)
+    level, _ = vf.coalesce(model, example, width=0.5, depth=0.5)
+    if name == "qwen3":
+        mine = vf.to_module(level)
+        assert type(mine) is type(model)
+        assert {k: getattr(mine.config, k) for k in ("hidden_size", "num_attention_heads",
+                                                      "num_key_value_heads", "head_dim",
+                                                      "intermediate_size", "num_hidden_layers")} \
+            == dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                    intermediate_size=64, num_hidden_layers=1)
+        assert _same_function(mine, level, other_inputs(example)) <= 1e-5
+    else:
+        # Gemma scales its embeddings by sqrt(hidden_size): the level keeps sqrt(64), the class
+        # at hidden_size=32 computes sqrt(32), so no configuration has the level's function
+        with pytest.raises(vf.LevelError, match=r"no configuration of \S+GemmaForCausalLM "
+                                                r"computes this level's function: with "
+                                                r"hidden_size=32.* outputs differ"):
+            vf.to_module(level)
+    assert torch.get_default_device() == torch.device("cpu")
+    assert torch.overrides._get_current_function_mode_stack() == []
+
+
+class FixedHeads(torch.nn.Module):
+    """A block whose forward writes its head shape as constants (4 heads of 16): no constructor
+    argument controls it."""
+
+    def __init__(self, dim: int = 16, inner: int = 64):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(dim, inner), torch.nn.Linear(inner, dim)
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        h = self.a(x).view(B, T, 4, 16).softmax(-1).reshape(B, T, -1)  # (B, T, 4, 16)
+        return self.b(h)
+
+
+def test_a_class_whose_forward_refuses_the_level_sizes_is_a_level_error_naming_the_failure():
+    from vcyclefx.capture.recipe import CALL, Recipe, qualname
+
+    torch.manual_seed(0)
+    level, _ = vf.coalesce(FixedHeads(), (torch.randn(2, 5, 16),), width=0.5,
+                           recipe=Recipe(CALL, qualname(FixedHeads), {}))
+    # inner=32 gives every tensor the level's shape, but view(B, T, 4, 16) of 32 features fails
+    with pytest.raises(vf.LevelError, match=r"with inner=32 every tensor has the level's shape "
+                                            r"but its forward fails on the level's example "
+                                            r"inputs \(RuntimeError: shape '\[2, 5, 4, 16\]' is "
+                                            r"invalid"):
+        vf.to_module(level)
+    assert torch.get_default_device() == torch.device("cpu")
+
+
 def test_a_level_of_a_model_without_a_recipe_says_how_to_give_one():
     class Net(torch.nn.Module):
         def __init__(self):

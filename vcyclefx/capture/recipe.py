@@ -86,24 +86,18 @@ class Recipe:
     def build(self, overrides: dict | None = None, device=None) -> nn.Module:
         """The model with ``overrides`` applied, on ``device`` (e.g. "meta")."""
         overrides = overrides or {}
-        ctx = contextlib.nullcontext()
-        if device is not None:
-            ctx = contextlib.ExitStack()
-            ctx.enter_context(torch.device(device))
-            if str(device) == "meta":
-                ctx.enter_context(_SkipInPlaceOnMeta())
         if self.kind == HF:
             cls = import_object(self.target)
             cfg = cls.config_class.from_dict(self.config(overrides))
             if self.attn is not None:
                 cfg._attn_implementation = self.attn
-            with ctx:
+            with building_on(device):
                 return cls(cfg)
         if self.dropped:
             raise LevelError(f"{self.target} was called with {', '.join(self.dropped)}, which are "
                              "not JSON values: the recipe cannot rebuild it")
         fn = import_object(self.target)
-        with ctx:
+        with building_on(device):
             out = fn(**{**self.args, **overrides})
         return out[0] if self.factory else out
 
@@ -132,6 +126,19 @@ class Recipe:
             return None
         return Recipe(d["kind"], d["target"], dict(d["args"]), d.get("attn"),
                       bool(d.get("factory", False)), tuple(d.get("dropped", ())))
+
+
+@contextlib.contextmanager
+def building_on(device):
+    """Modules made inside are made on ``device`` (None: torch's default); on the meta device
+    in-place initialisation is skipped. The default device and the function mode are set only
+    inside this ``with``, so an error in the build leaves the caller's torch state as it was."""
+    with contextlib.ExitStack() as stack:
+        if device is not None:
+            stack.enter_context(torch.device(device))
+            if str(device) == "meta":
+                stack.enter_context(_SkipInPlaceOnMeta())
+        yield
 
 
 class _SkipInPlaceOnMeta(torch.overrides.TorchFunctionMode):
@@ -194,14 +201,11 @@ def watched_recipe(build, model) -> Recipe | None:
             seen.append({k: v for k, v in list(bound.arguments.items())[1:]})
         original(self, *args, **kwargs)
 
-    cls.__init__ = watch
     try:
-        with torch.device("meta"):
+        with _init_replaced(cls, watch), torch.device("meta"):
             build()
     except Exception:  # noqa: BLE001 - a build that cannot run on meta has no recorded recipe
         return None
-    finally:
-        cls.__init__ = original
     if not seen:
         return None
     defaults = _signature_defaults(cls)
@@ -223,6 +227,21 @@ def watched_recipe(build, model) -> Recipe | None:
             else:
                 dropped.append(name)
     return Recipe(CALL, qualname(cls), args, dropped=tuple(dropped))
+
+
+@contextlib.contextmanager
+def _init_replaced(cls, init):
+    """``cls.__init__`` is ``init`` inside the ``with``; on exit the class's own ``__dict__`` is
+    as it was (an ``__init__`` it inherited is not left behind as its own)."""
+    own = cls.__dict__.get("__init__")
+    cls.__init__ = init
+    try:
+        yield
+    finally:
+        if own is None:
+            del cls.__init__
+        else:
+            cls.__init__ = own
 
 
 def _same(a, b) -> bool:

@@ -101,6 +101,7 @@ class _Builder:
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
         self.cache: dict = {}
+        self.errors: dict = {}  # why a combination did not build (the message of a refusal)
         self.builds = 0
 
     def shapes(self, overrides: dict) -> dict | None:
@@ -109,8 +110,9 @@ class _Builder:
             self.builds += 1
             try:
                 self.cache[key] = _shapes(self.recipe.build(overrides, device="meta"))
-            except Exception:  # noqa: BLE001 - an invalid combination is simply not a candidate
+            except Exception as e:  # noqa: BLE001 - an invalid combination is not a candidate
                 self.cache[key] = None
+                self.errors[key] = _why(e)
         return self.cache[key]
 
 
@@ -169,17 +171,30 @@ def _rel_error(a, b) -> float:
     return worst
 
 
-def _verify(recipe: Recipe, overrides: dict, level, state, info) -> tuple[nn.Module | None, float]:
+def _why(e: Exception) -> str:
+    """The exception's type and the first line of its message."""
+    first = next(iter(str(e).strip().splitlines()), "")
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def _verify(recipe: Recipe, overrides: dict, level, state, info):
+    """(the module built with ``overrides`` and the level's weights, its relative error on the
+    level's example inputs, why it does not fit: None when it ran)."""
     try:
         module = recipe.build(overrides)
         module.load_state_dict(state, strict=True)
-    except Exception:  # noqa: BLE001 - a configuration the weights do not fit
-        return None, float("inf")
+    except Exception as e:  # noqa: BLE001 - a configuration the weights do not fit
+        return None, float("inf"), f"building or loading it fails ({_why(e)})"
     module.eval()
+    args, kwargs = info.as_call()
+    try:
+        with torch.no_grad():
+            out = module(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - the class's own forward refuses these sizes
+        return None, float("inf"), f"its forward fails on the level's example inputs ({_why(e)})"
     with torch.no_grad():
-        args, kwargs = info.as_call()
-        err = _rel_error(module(*args, **kwargs), level(*info.example_inputs))
-    return module, err
+        err = _rel_error(out, level(*info.example_inputs))
+    return module, err, None
 
 
 def solve(level) -> tuple[Recipe, dict, nn.Module, float]:
@@ -197,7 +212,8 @@ def solve(level) -> tuple[Recipe, dict, nn.Module, float]:
     builder = _Builder(recipe)
     base = builder.shapes({})
     if base is None:
-        raise LevelError(f"cannot build {recipe.target} from its recipe on the meta device")
+        raise LevelError(f"cannot build {recipe.target} from its recipe on the meta device "
+                         f"({builder.errors.get(repr([]), 'no reason given')})")
     fields = recipe.fields()
     ratios = _ratios(base, target)
     exact, closest = _solve_shapes(builder, fields, target, ratios)
@@ -217,8 +233,8 @@ def solve(level) -> tuple[Recipe, dict, nn.Module, float]:
             for trial in trials:
                 if _mismatch(builder.shapes(trial), target) != 0:
                     continue
-                m, e = _verify(recipe, trial, level, state, info)
-                tried.append((trial, e))
+                m, e, why = _verify(recipe, trial, level, state, info)
+                tried.append((trial, e, why))
                 if e <= TOLERANCE:
                     module, err, overrides = m, e, trial
                     break
@@ -227,12 +243,14 @@ def solve(level) -> tuple[Recipe, dict, nn.Module, float]:
     finally:
         level.train(was_training)
     if module is None:
-        best = min(tried, key=lambda t: t[1]) if tried else (overrides, float("inf"))
+        best = min(tried, key=lambda t: t[1]) if tried else (overrides, float("inf"), None)
+        differ = (f"the outputs differ (relative error {best[1]:.3g} > {TOLERANCE})"
+                  if best[2] is None else best[2])
         raise LevelError(
             f"no configuration of {recipe.target} computes this level's function: with "
-            f"{_fmt(best[0])} every tensor has the level's shape but the outputs differ "
-            f"(relative error {best[1]:.3g} > {TOLERANCE}); a size the level changed (e.g. uneven "
-            "groups, or a head count with a different head size) is not a field of the recipe")
+            f"{_fmt(best[0])} every tensor has the level's shape but {differ}; a size the level "
+            "changed (e.g. uneven groups, a head count with a different head size, or a size "
+            "written as a constant in the class's forward) is not a field of the recipe")
     return recipe, overrides, module, err
 
 
