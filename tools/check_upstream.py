@@ -1,17 +1,14 @@
 """Do the model-family tests pass with the newest releases of the model libraries?
 
-CI installs exact versions (``pip install -e '.[test]' -c constraints/ci.txt``), so a new
-release of transformers, timm, torchvision, onnx, onnxscript, onnxruntime or accelerate cannot
-break it; this script is how we hear of one first. It creates a virtual environment in a
-temporary directory, installs the repository there with ``pip install --upgrade -e '.[test]'``
-and the model libraries *without* the constraints file (torch: the newest pip may install on
-this machine), prints each library's version pinned in constraints/ci.txt next to the one
-installed, runs the model-family tests there (junit xml, a time limit) and reports every
-failure: the family (the test's parameter id), the error type and, for ``UnsupportedOp``, the op
-that has no rule; then the failures grouped by op and by family, and the counts. Table printed
-last. Exit status: 0 all passed, 1 a test failed, 2 a step failed (creating the venv,
-installing, the test run itself or its time limit). A script, not part of the package; CI does
-not run it.
+CI pins exact versions (``pip install -e '.[test]' -c constraints/ci.txt``); this script is how
+a new release of transformers, timm, torchvision, onnx, onnxscript, onnxruntime or accelerate
+is heard of first. In a temporary venv it installs the repository with ``pip install --upgrade
+-e '.[test]'`` and those libraries (and torch, as new as pip may install here) *without* the
+constraints file, prints the pinned and the installed versions, runs the model-family tests
+there (junit xml, a time limit) and reports each failure: its family (the test's parameter id),
+error type and, for ``UnsupportedOp``, the op without a rule; then the failures by op and by
+family, and the counts. Table printed last. Exit status: 0 all passed, 1 a test failed, 2 a
+step failed (venv, install, the test run itself or its time limit). Not run by CI.
 
     python tools/check_upstream.py                   # install (~2 min) + the not-slow tests
     python tools/check_upstream.py --keep            # keep the venv; reuse it with --venv PATH
@@ -75,6 +72,8 @@ def parse_junit(path) -> list[Result]:
     out = []
     for case in ET.parse(path).getroot().iter("testcase"):
         name = case.get("name", "")
+        if not name:  # the empty case pytest writes for the test a Ctrl-C (or the time limit) cut
+            continue
         m = re.search(r"\[(.*)\]$", name)
         common = dict(test=_test_id(case), family=m.group(1) if m else "")
         failure, error, skipped = case.find("failure"), case.find("error"), case.find("skipped")
@@ -142,16 +141,17 @@ def report(results: list[Result], versions: dict[str, tuple[str | None, str | No
     lines.append(f"failing tests ({len(bad)}):" if bad else "failing tests: none")
     for r in bad:
         lines.append(f"  {r.outcome.upper()} {r.test}")
-        lines.append(f"      family {r.family or '-'}  {r.error_type}" + (f"  op {r.op}" if r.op else ""))
+        lines.append(f"      {f'family {r.family}' if r.family else 'not parametrised'}  "
+                     f"{r.error_type}" + (f"  op {r.op}" if r.op else ""))
         if r.message:
             lines.append(f"      {_cut(r.message, 200)}")
     by_op: dict[str, list[str]] = defaultdict(list)
     by_family: dict[str, Counter] = defaultdict(Counter)
     for r in bad:
-        who = r.family or r.test
-        if r.op and who not in by_op[r.op]:
-            by_op[r.op].append(who)
-        by_family[r.family or "-"][f"{r.error_type} {r.op}".strip()] += 1
+        if r.op and _who(r) not in by_op[r.op]:
+            by_op[r.op].append(_who(r))
+        by_family[f"family {r.family}" if r.family else "not parametrised"][
+            r.error_type + (f" ({r.op})" if r.op else "")] += 1
     if bad:
         lines.append("")
         for op, families in sorted(by_op.items()):
@@ -160,14 +160,19 @@ def report(results: list[Result], versions: dict[str, tuple[str | None, str | No
             lines.append("ops without a rule: none")
         for family, kinds in sorted(by_family.items()):
             what = ", ".join(f"{k} x{n}" if n > 1 else k for k, n in sorted(kinds.items()))
-            lines.append(f"family {family}: {sum(kinds.values())} failing ({what})")
+            lines.append(f"{family}: {sum(kinds.values())} failing ({what})")
     counts = Counter(r.outcome for r in results)
-    lines += ["", f"passed {counts['passed']}, failed {counts['failed']}, errors {counts['error']}, "
-                  f"skipped {counts['skipped']} ({len(results)} tests)"]
+    lines += ["", f"passed {counts['passed']}, failed {counts['failed']}, "
+                  f"errors {counts['error']}, skipped {counts['skipped']} ({len(results)} tests)"]
     moved = [f"{n} {p} -> {i}" for n, (p, i) in versions.items() if _moved(p, i)]
     lines += ["", "moved since constraints/ci.txt: " + ("; ".join(moved) if moved else "none"),
               _table(results)]
     return "\n".join(lines)
+
+
+def _who(r: Result) -> str:
+    """A failing test's family, else (not parametrised) its function's name, cut short."""
+    return r.family or _cut(r.test.split("::")[-1], 40)
 
 
 def _public(version: str | None) -> str | None:
@@ -195,8 +200,7 @@ def _table(results: list[Result]) -> str:
     for f in [*files, "total"]:
         rs = [r for r in results if f in ("total", r.file)]
         c = Counter(r.outcome for r in rs)
-        failing = sorted({r.family or r.test.split("::")[-1] for r in rs
-                          if r.outcome in ("failed", "error")})
+        failing = sorted({_who(r) for r in rs if r.outcome in ("failed", "error")})
         rows.append([f, str(c["passed"]), str(c["failed"]), str(c["error"]), str(c["skipped"]),
                      ", ".join(failing) or "-"])
     head = ["tests", "passed", "failed", "errors", "skipped", "failing families"]
@@ -353,7 +357,8 @@ def run_tests(py: Path, work: Path, env: dict, args, clock: Clock) -> tuple[Path
     rc, timed_out = run_logged(cmd, log, args.timeout, env, tick)
     tick()
     summary = [ln for ln in tail(log, 5).splitlines() if ln.startswith("=")]
-    clock.say(f"pytest exited {rc}" + (f" (timed out after {args.timeout:.0f} s)" if timed_out else "")
+    clock.say(f"pytest exited {rc}"
+              + (f" (timed out after {args.timeout:.0f} s)" if timed_out else "")
               + (": " + summary[-1].strip("= ") if summary else ""))
     if not junit.exists():
         raise StepFailed("running tests", f"pytest exited {rc} and wrote no junit xml; its last "
@@ -361,17 +366,17 @@ def run_tests(py: Path, work: Path, env: dict, args, clock: Clock) -> tuple[Path
     return junit, rc, timed_out
 
 
-def write_freeze(py: Path, path: Path, python: str, env: dict) -> None:
+def write_freeze(py: Path, path: Path, python: str, tests: list[str], env: dict) -> None:
     """The venv's ``pip freeze --exclude-editable`` as a constraints file at ``path``."""
     done = subprocess.run([str(py), "-m", "pip", "freeze", "--exclude-editable"],
                           capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise StepFailed("freezing", done.stderr[-3000:])
     today = datetime.date.today().isoformat()
-    header = ("# Exact versions the test suite passed with on a fresh machine (CI installs with "
-              "-c constraints/ci.txt).\n"
+    header = ("# Exact versions for CI (pip install -e '.[test]' -c constraints/ci.txt); run the "
+              "whole suite with them before committing.\n"
               f"# Made by: tools/check_upstream.py --freeze ({today}, Python {python}): pip freeze "
-              "--exclude-editable in its venv after the model-family tests passed there.\n"
+              f"--exclude-editable in its venv after {' '.join(tests)} passed there.\n"
               "# Move it forward when tools/check_upstream.py reports the newest releases pass "
               "(README, Development).\n")
     tmp = path.with_name(path.name + ".tmp")
@@ -379,7 +384,7 @@ def write_freeze(py: Path, path: Path, python: str, env: dict) -> None:
     os.replace(tmp, path)
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tests", nargs="+", default=list(FAMILY_TESTS), help="pytest paths or ids")
     p.add_argument("--slow", action="store_true", help="also run the tests marked slow")
@@ -393,7 +398,11 @@ def main(argv=None) -> int:
     p.add_argument("--freeze", type=Path, metavar="PATH",
                    help="after a run where every test passed, write the venv's pip freeze "
                         "(--exclude-editable) to PATH as a new constraints file")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
     clock = Clock()
     work = Path(tempfile.mkdtemp(prefix="vcyclefx-upstream-"))
     venv = (args.venv or work / "venv").resolve()
@@ -409,29 +418,35 @@ def main(argv=None) -> int:
         versions = {n: (pins.get(_norm(n)), found[n]) for n in LIBRARIES}
         if not pins:
             clock.say(f"no pins read from {args.constraints} (missing or empty)")
-        print("\n".join(["versions (pinned -> newest installed):", *_version_lines(versions)]),
-              flush=True)
+        moved = [n for n, (p, i) in versions.items() if _moved(p, i)]
+        clock.say("newest: " + ", ".join(f"{n} {i}" for n, (_, i) in versions.items())
+                  + f" (moved since the pins: {', '.join(moved) or 'none'})")
         junit, rc, timed_out = run_tests(py, work, env, args, clock)
         results = parse_junit(junit)
         failed = sum(r.outcome in ("failed", "error") for r in results)
         if args.freeze:
             if failed or rc != 0 or timed_out:
-                clock.say(f"--freeze: {args.freeze} not written ({failed} failed, pytest exit {rc})")
+                clock.say(f"--freeze: {args.freeze} not written "
+                          f"({failed} failed, pytest exit {rc})")
             else:
-                write_freeze(py, args.freeze, python, env)
+                write_freeze(py, args.freeze, python, args.tests, env)
                 clock.say(f"--freeze: wrote {args.freeze}")
-        problem = (f"the test run timed out after {args.timeout:.0f} s: only the tests that finished "
-                   "are reported" if timed_out else
+        problem = (f"the test run timed out after {args.timeout:.0f} s: only the tests that "
+                   "finished are reported" if timed_out else
                    f"pytest exited {rc} (not a test failure)" if rc not in (0, 1) else "")
         if problem:
             clock.say("step 'running tests' failed: " + problem)
         clock.say(f"report of {junit.name}")
         print(report(results, versions), flush=True)
         return 2 if problem else 1 if failed or rc else 0
+    except KeyboardInterrupt:
+        clock.say("interrupted (the running pip or pytest was stopped)")
+        return 130
     except StepFailed as e:
         print(f"\n{e}", file=sys.stderr, flush=True)
-        if e.log is not None and not args.keep:
-            print("(run with --keep to keep the whole log)", file=sys.stderr, flush=True)
+        if e.log is not None:
+            print(f"whole log: {e.log}" if args.keep else "(--keep keeps the whole log)",
+                  file=sys.stderr, flush=True)
         return 2
     finally:
         if not args.keep:
