@@ -1,10 +1,11 @@
 """Train/eval switching of a captured graph.
 
 A captured graph bakes the module's mode into literal arguments: ``aten.dropout(x, p, train)``,
-``aten.batch_norm(..., training, ...)``, the ``dropout_p`` of scaled-dot-product attention and
-the ``+1`` applied to integer step counters (BatchNorm's ``num_batches_tracked``). This pass
-flips those literals so that ``level.train()`` / ``level.eval()`` behave like they do on the
-original ``nn.Module``. The probability that dropout uses in training is remembered in the
+``aten.batch_norm(..., training, ...)``, the ``train`` of recurrent ops (``aten.lstm``'s dropout
+between layers), the ``dropout_p`` of scaled-dot-product attention and the ``+1`` applied to
+integer step counters (BatchNorm's ``num_batches_tracked``). This pass flips those literals so
+that ``level.train()`` / ``level.eval()`` behave like they do on the original ``nn.Module``.
+The probability that dropout uses in training is remembered in the
 node's metadata (``meta["vcyclefx_train_p"]``), so eval -> train restores it.
 """
 
@@ -32,6 +33,9 @@ _TRAIN_FLAG = {
     aten.batch_norm.default: "training",
     aten.instance_norm.default: "use_input_stats",
 }
+# recurrent ops (dropout between layers): every overload of each family
+_TRAIN_FLAG.update({getattr(p, o): "train" for p in (aten.lstm, aten.gru, aten.rnn_tanh,
+                                                     aten.rnn_relu) for o in p.overloads()})
 
 
 def _set(node: Node, name: str, value) -> bool:

@@ -12,6 +12,7 @@ The tensors are mapped by passes/units.py (sparse index form, never an n-by-n ma
 A tied tensor (producer and consumer on one axis, e.g. GPT-2's embedding = LM head) keeps the
 producer rule; its consumer input is compensated by the group size, folded into the norm that
 produces that input where this is exact (power-of-two factors), otherwise by a scale node.
+Weight normalisation's ``||v||`` is compensated the same way (passes/weight_norm.py).
 
 The graph is copied, every literal size of a resized space is rewritten by its op's rule, and
 ``meta["val"]`` is recomputed with batch and sequence sizes still symbolic.
@@ -33,13 +34,15 @@ from vcyclefx.analysis.registry import rule_for
 from vcyclefx.errors import PassCheckError, PlanError
 from vcyclefx.level import fetch_attr
 from vcyclefx.plan.choices import COALESCE, DECOALESCE, DIRECTIONS, one_of
-from vcyclefx.plan.mapping import Compensation, SpaceMap
+from vcyclefx.plan.mapping import TIED, Compensation, SpaceMap
 
 from passes.common import PassResult, copy_graph, rebuild
 from passes.contract import Pass
 from passes.meta import ShapeUpdater
 from passes.ops import NORMS, REARRANGING
 from passes.units import Units, has_resized, new_tensors
+from passes.weight_norm import (apply_weight_norm_scales, weight_norm_compensations,
+                                weight_norm_scale_meta)
 
 log = logging.getLogger("vcyclefx.passes.width")
 aten = torch.ops.aten
@@ -170,7 +173,7 @@ def _apply_folds(tensors: dict[str, torch.Tensor], analysis: Analysis,
 
 def _apply_scale_nodes(graph_nodes: dict[str, Node], comps: list[Compensation], direction: str) -> None:
     for comp in comps:
-        if comp.fold:
+        if comp.fold or comp.kind != TIED:
             continue
         node = graph_nodes[comp.node]
         scale = comp.factor if direction == COALESCE else 1.0 / comp.factor
@@ -278,13 +281,14 @@ class WidthPass(Pass):
         resized = {rid: Units(sm) for rid, sm in by_root.items()}
         leaf_sizes = {rid: (sm.small if plan.direction == COALESCE else sm.large)
                       for rid, sm in by_root.items()}
-        comps = _compensations(analysis, resized)
+        comps = _compensations(analysis, resized) + weight_norm_compensations(analysis, resized)
         tensors = new_tensors(analysis, resized, plan.direction)
         _apply_folds(tensors, analysis, comps, plan.direction)
 
         rw = Rewriter(analysis, leaf_sizes)
         graph, _, new_subs = rewrite_graph(gm, rw, ShapeUpdater(gm, rw.new_size, rw.dims))
         _apply_scale_nodes({n.name: n for n in graph.nodes}, comps, plan.direction)
+        apply_weight_norm_scales({n.name: n for n in graph.nodes}, comps, plan.direction)
 
         new_attrs: dict = dict(new_subs)
         params = dict(gm.named_parameters(remove_duplicate=False))
@@ -296,6 +300,7 @@ class WidthPass(Pass):
             new_attrs[name] = obj
         new = rebuild(gm, graph, new_attrs)
         _scale_node_meta(new)
+        weight_norm_scale_meta(new)
         return PassResult(new, comps, shapes=_planned_shapes(analysis, rw))
 
 

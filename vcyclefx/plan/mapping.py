@@ -68,20 +68,36 @@ class ChainMap:
             raise MappingError(f"chain {self.container}: depth_init must be {one_of(DEPTH_INITS)}")
 
 
+TIED = "tied"
+WEIGHT_NORM = "weight_norm"
+
+
 @dataclass
 class Compensation:
-    """A tied tensor keeps the producer rule; its consumer input is scaled instead.
+    """A scale one level carries relative to the other, where mapping tensors alone cannot be
+    exact.
 
-    ``factor`` is what the smaller level multiplies the consumer input by, relative to the
-    larger level (the group size). ``fold`` lists tensors that carry the factor (a norm's
-    affine parameters); empty means an explicit scale node before ``node``.
+    ``kind`` ``"tied"``: a tied tensor keeps the producer rule; its consumer input is scaled
+    instead. ``factor`` is what the smaller level multiplies the consumer input by, relative to
+    the larger level (the group size); ``node`` is the contraction where the tensor is a
+    consumer.
+
+    ``kind`` ``"weight_norm"``: copying or splitting ``v`` inside the norm of ``w = g v/||v||``
+    changes ``||v||``; ``factor`` is what the smaller level multiplies ``w`` (the output of
+    ``node``) by, ``prod(k ** (halves[k] / 2))`` over group sizes k (kept as whole half-powers
+    so that scale nodes cancel exactly).
+
+    ``fold`` lists tensors that carry the factor (a norm's affine parameters, weight norm's
+    ``g``) where that is exact; empty means an explicit scale node.
     """
 
     tensor: str
     space: str
     factor: float
-    node: str  # the contraction node where the tensor is a consumer
+    node: str
     fold: list[str] = field(default_factory=list)
+    kind: str = TIED
+    halves: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -120,6 +136,11 @@ class Mapping:
         for k in self.kept:
             lines.append(f"kept space {k['key']}: {k['reason']}")
         for c in self.compensations:
+            if c.kind == WEIGHT_NORM:
+                where = f"folded into {', '.join(c.fold)}" if c.fold else f"scale node after {c.node}"
+                lines.append(f"weight norm of {c.tensor}: weight x{c.factor:g} on the smaller level "
+                             f"({where})")
+                continue
             where = f"folded into {', '.join(c.fold)}" if c.fold else f"scale node before {c.node}"
             lines.append(f"tied {c.tensor}: consumer input x{c.factor:g} on the smaller level ({where})")
         return "\n".join(lines)

@@ -1,3 +1,3 @@
 """The built-in op rules (importing this package registers them)."""
 
-from . import linalg, misc, pointwise, reduce, routing, shape  # noqa: F401
+from . import linalg, misc, pointwise, recurrent, reduce, reparam, routing, shape  # noqa: F401
