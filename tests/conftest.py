@@ -15,6 +15,9 @@ os.environ.setdefault("VCYCLEFX_VERIFY", "1")
 import vcyclefx as vf
 from vcyclefx import zoo
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n: a core per worker, not a pool per worker
+    torch.set_num_threads(1)
+
 # -- torch state: a test leaves it as it found it ---------------------------------------------
 # DESIGN: "Global torch state is the same after any public call as before, error or not". A
 # default device or a function mode left behind turns every later tensor of the process into a

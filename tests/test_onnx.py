@@ -44,13 +44,14 @@ def _zoo_levels(name):
     return _CACHE[name]
 
 
-# Every model at level 0, and coalesced/de-coalesced for three families (HF causal LM with tied
-# head, GQA + rotary, vision with cls token) in the default run; the full matrix is `-m slow`.
-_DEFAULT_TRANSFORMED = {"gpt2", "llama", "deit"}
-CASES = [
-    pytest.param(n, k, marks=() if k == "level0" or n in _DEFAULT_TRANSFORMED else pytest.mark.slow)
-    for n in zoo.ZOO for k in KINDS
-]
+# One model of each kind in the default run: level 0 of an HF causal LM with a tied head, an
+# encoder, a vision transformer, a CNN and a plain module; a coalesced HF LM and GQA + rotary LM,
+# a de-coalesced vision transformer (cls token). The full matrix is `-m slow`.
+_DEFAULT = {("gpt2", "level0"), ("bert", "level0"), ("deit", "level0"), ("resnet18", "level0"),
+            ("nanogpt", "level0"), ("gpt2", "coalesced"), ("llama", "coalesced"),
+            ("deit", "decoalesced")}
+CASES = [pytest.param(n, k, marks=() if (n, k) in _DEFAULT else pytest.mark.slow)
+         for n in zoo.ZOO for k in KINDS]
 
 
 def _level(zoo_levels, kind):

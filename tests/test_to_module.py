@@ -94,8 +94,10 @@ LIB_CASES = {
 }
 
 
-@pytest.mark.parametrize("direction", ["coalesce", "decoalesce"])
-@pytest.mark.parametrize("name", list(LIB_CASES))
+@pytest.mark.parametrize("name,direction", [  # convnext grown x2 in width and depth: -m slow
+    pytest.param(n, d, id=f"{n}-{d}",
+                 marks=pytest.mark.slow if (n, d) == ("timm-convnext", "decoalesce") else ())
+    for n in LIB_CASES for d in ("coalesce", "decoalesce")])
 def test_timm_and_torchvision_levels_come_back_as_their_class_with_the_new_arguments(name,
                                                                                       direction):
     from vcyclefx.export.module import module_call
