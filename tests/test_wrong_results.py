@@ -159,3 +159,32 @@ def test_index_add_source_shares_the_pinned_axis_of_its_buffer():
     small, _ = vf.coalesce(model, example, width=0.5)
     with torch.no_grad():
         assert small(*example).shape == (3, 7, 32)
+
+
+class WritesIntoBuffers(nn.Module):
+    """Features written into zero buffers by index_put (values of more axes than the buffer's
+    trailing ones) and by scatter_add (an index as wide as the features)."""
+
+    def __init__(self, d: int = 32):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(16, d), nn.Linear(d, d), nn.Linear(d, 4)
+
+    def forward(self, x):
+        h = self.a(x)  # (B, T, d)
+        rows = (x[0, :2, 0] * 0).long() + torch.arange(2) * 2  # positions 0 and 2
+        buf = torch.ops.aten.index_put(h.new_zeros(x.shape[0], 5, h.shape[-1]), [None, rows],
+                                       self.b(h[:, :2]))  # (B, 5, d)
+        first = (h[:, 0] * 0).long()  # (B, d): every row into row 0
+        z = h.new_zeros(x.shape[0], h.shape[-1]).scatter_add(0, first, self.b(h).mean(1))
+        return self.c(buf.mean(1) + z)
+
+
+def test_index_put_and_scatter_add_values_follow_the_resized_features():
+    torch.manual_seed(0)
+    model, example = WritesIntoBuffers(), (torch.randn(3, 7, 16),)
+    big, mapping = vf.decoalesce(model, example, width=2.0)
+    assert [(s.small, s.large) for s in mapping.spaces] == [(32, 64)]
+    with torch.no_grad():
+        assert rel_error(big(*example), model(*example)) <= 1e-5
+    back, _ = vf.coalesce(big, mapping=mapping)
+    _states_equal(back, model)

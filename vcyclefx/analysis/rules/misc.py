@@ -261,8 +261,12 @@ def _index_put_values(ctx, node, src: list) -> None:
         last = max(last, i + n - 1)
     trailing = src[last + 1:]
     vals = ctx.arg_dims(node, "values")
-    if trailing and isinstance(vals, list) and len(vals) >= len(trailing):
-        broadcast_into(ctx, node, trailing, [ctx.arg(node, "values")])
+    if not trailing or not isinstance(vals, list):
+        return
+    n = min(len(trailing), len(vals))  # right-aligned; a size-1 axis broadcasts
+    for a, b in zip(vals[len(vals) - n:], trailing[len(trailing) - n:]):
+        if a.size != 1 and a.size == b.size:
+            ctx.unify(a, b, node)
 
 
 @register_rule(aten.one_hot.default)
