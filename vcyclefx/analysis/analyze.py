@@ -143,6 +143,7 @@ def analyze(gm: GraphModule, *, chains: bool = True) -> Analysis:
     ctx = Context(gm)
     walk(ctx, gm)
     tensors, alias_of = _collect_tensors(ctx, gm)
+    _pin_mixed_roles(ctx, tensors)
     _pin_unowned(ctx, tensors)
     _pin_merged_replicas(ctx)
     spaces = _collect_spaces(ctx, tensors)
@@ -193,6 +194,40 @@ def _collect_tensors(ctx: Context, gm: GraphModule):
     for c in ctx.consumers:
         c.tensor = alias_of.get(c.tensor, c.tensor)
     return tensors, alias_of
+
+
+def _pin_mixed_roles(ctx: Context, tensors: dict[str, StateTensor]) -> None:
+    """A tensor axis that is a consumer on only some of its leaves and a producer on it: pin
+    the consumer's leaves and drop that consumer role.
+
+    Roles are kept per tensor axis, and the width pass maps an axis as a producer (copy/mean)
+    or as a consumer (split/sum) as a whole. A packed projection whose rows make a query from
+    a parameter (an attention-pooling query, ``in_proj_weight`` rows viewed as (3, H, Dh)) is a
+    producer on its heads but a consumer on head_dim where q·kᵀ contracts that query against
+    activation keys: as one "tied" axis it would be mapped wrongly (copied on head_dim, then
+    compensated as a whole). Consumers that cover the whole axis (a tied embedding = LM head)
+    keep the tied handling."""
+    table = ctx.table
+    kept: list[Consumer] = []
+    for c in ctx.consumers:
+        st = tensors.get(c.tensor)
+        roles = ctx.roles.get((c.tensor, c.axis), set())
+        if st is None or c.dim is None or PRODUCER not in roles:
+            kept.append(c)
+            continue
+        part = {x.id for x in table.leaves(c.dim) if x.size != 1}
+        whole = {x.id for x in table.leaves(st.dims[c.axis]) if x.size != 1}
+        if not part or part >= whole:
+            kept.append(c)
+            continue
+        ctx.pin(c.dim, f"{c.tensor} axis {c.axis} is a producer of its other parts but is "
+                       f"contracted on this one against an activation at {_where(c.node)} (a "
+                       "query made from parameters); one axis cannot be both copied and split")
+    still = {(k.tensor, k.axis) for k in kept}
+    for c in ctx.consumers:
+        if (c.tensor, c.axis) not in still:
+            ctx.roles[(c.tensor, c.axis)].discard(CONSUMER)
+    ctx.consumers[:] = kept
 
 
 def _pin_unowned(ctx: Context, tensors: dict[str, StateTensor]) -> None:

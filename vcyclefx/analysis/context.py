@@ -34,6 +34,7 @@ class Consumer:
     axis: int
     node: Node
     activation: Node
+    dim: Dim | None = None  # the contracted axis (a part of the tensor's axis, or all of it)
 
 
 def _where(node: Node) -> str:
@@ -172,7 +173,7 @@ class Context:
                 for n, ax in p_ops:
                     for t, tax in self.prov[n].get(ax, ()):
                         self.roles.setdefault((t, tax), set()).add(CONSUMER)
-                        self.consumers.append(Consumer(t, tax, node, a_ops[0][0]))
+                        self.consumers.append(Consumer(t, tax, node, a_ops[0][0], d))
             elif a_ops:
                 label = what or "contracted between two activations"
                 self.pin(d, f"{label} at {_where(node)}")

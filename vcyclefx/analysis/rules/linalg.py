@@ -199,13 +199,16 @@ def _sdpa(ctx, node):
     ctx.unify(qd[-2], out[-2], node)  # query positions
     ctx.unify(kd[-2], vd[-2], node)  # key positions
     ctx.pin(kd[-2], f"attended over (softmax over key positions) at {ctx.where(node)}")
-    # head_dim: q.k^T contracts it between two activations and the scale depends on it. Value
-    # heads are kept as wide as query/key heads (flash kernels need Ev == E).
+    # head_dim: contracted by q·kᵀ and it sets the attention scale (1/sqrt(head_dim) unless
+    # `scale=` is given), so it is pinned whatever q and k come from. It is pinned here, not
+    # through ctx.contract: a query made from a parameter (a learned pooling query) would make
+    # the contraction "parameter against activation" and give the projection rows that make q
+    # a consumer role on head_dim (split instead of copied), next to their producer role on the
+    # heads. Value heads are kept as wide as query/key heads (flash kernels need Ev == E).
     ctx.unify(qd[-1], kd[-1], node)
     ctx.unify(vd[-1], qd[-1], node)
     ctx.unify(out[-1], vd[-1], node)
-    ctx.contract(node, [(q, len(qd) - 1), (k, len(kd) - 1)],
-                 "head_dim: contracted by q·kᵀ, sets the attention scale")
+    ctx.pin(qd[-1], f"head_dim: contracted by q·kᵀ, sets the attention scale at {ctx.where(node)}")
     mask = ctx.arg(node, "attn_mask")
     if isinstance(mask, Node):
         md = ctx.dims(mask)

@@ -187,25 +187,86 @@ def _index(ctx, node):
     del before
 
 
-@register_rule(aten.index_put.default, aten._unsafe_index_put.default, aten.scatter.src,
-               aten.scatter.value, aten.scatter.reduce, aten.scatter.value_reduce,
-               aten.scatter_add.default, aten.scatter_reduce.two, aten.index_add.default,
-               aten.index_copy.default, aten.index_fill.int_Scalar, aten.index_fill.int_Tensor,
-               aten.index_reduce.default, aten.masked_scatter.default)
+_SOURCE_WRITES = ("index_add", "index_copy", "index_reduce")  # (self, dim, index, source)
+_SCATTERS = ("scatter", "scatter_add", "scatter_reduce")  # (self, dim, index, src | value)
+
+
+@register_rule(aten.index_put, aten._unsafe_index_put, aten.index_add, aten.index_copy,
+               aten.index_reduce, aten.index_fill, aten.scatter, aten.scatter_add,
+               aten.scatter_reduce, aten.masked_scatter)
 def _index_put(ctx, node):
     """Writes at addressed positions of ``self``: the output has ``self``'s axes and the
-    addressed axis is pinned (a masked scatter addresses by a mask that broadcasts to it)."""
+    addressed axis is pinned (a masked scatter addresses by a mask that broadcasts to it).
+    The values written are tied to ``self`` on every axis they are written along: a
+    ``source``/``src``/``values`` axis that meets an axis of ``self`` is that axis (else a
+    resized source would be written into an ``self`` of the old size)."""
     src = ctx.dims(node.args[0])
-    if op_of(node) in (aten.index_put.default, aten._unsafe_index_put.default):
-        for i, t in enumerate(ctx.arg(node, "indices")):
-            if t is not None:
-                ctx.index_axis(node, node.args[0], i, "written by index_put")
-    elif op_of(node) is aten.masked_scatter.default:
+    fam = family(node)
+    if fam in ("index_put", "_unsafe_index_put"):
+        _index_put_values(ctx, node, src)
+    elif fam == "masked_scatter":
         broadcast_into(ctx, node, src, [ctx.arg(node, "mask")])
     else:
         dim = norm_dim(ctx.arg(node, "dim"), len(src))
         ctx.index_axis(node, node.args[0], dim, f"written by {op_of(node)}")
+        if fam in _SOURCE_WRITES:
+            _source_along(ctx, node, src, dim)
+        elif fam in _SCATTERS:
+            _scatter_operands(ctx, node, src, dim)
     ctx.set_out(node, src)
+
+
+def _source_along(ctx, node, src: list, dim: int) -> None:
+    """``index_add``/``index_copy``/``index_reduce``: ``source`` has ``self``'s axes except
+    along ``dim``, where it has the index's length."""
+    sd, idx = ctx.arg_dims(node, "source"), ctx.arg_dims(node, "index")
+    if not isinstance(sd, list) or len(sd) != len(src):
+        return  # a 0-d source (of a 0-d self) has no axes
+    for i, (a, b) in enumerate(zip(sd, src)):
+        if i != dim:
+            ctx.unify(a, b, node)
+    if isinstance(idx, list) and idx:
+        ctx.unify(sd[dim], idx[0], node)
+
+
+def _scatter_operands(ctx, node, src: list, dim: int) -> None:
+    """``scatter*``: ``index`` (and ``src``) may be smaller than ``self``: an axis written
+    whole is ``self``'s axis, one written in part is pinned (its prefix is addressed)."""
+    idx, vals = ctx.arg_dims(node, "index"), ctx.arg_dims(node, "src")
+    if not isinstance(idx, list) or len(idx) != len(src):
+        return
+    for i, d in enumerate(idx):
+        pairs = [(d, src[i])] if i != dim else []
+        if isinstance(vals, list) and len(vals) == len(idx):
+            pairs.append((d, vals[i]))
+        for a, b in pairs:
+            if a.size == b.size:
+                ctx.unify(a, b, node)
+            else:
+                ctx.pin(a, f"written in part by {op_of(node)} at {ctx.where(node)}")
+                ctx.pin(b, f"written in part by {op_of(node)} at {ctx.where(node)}")
+
+
+def _index_put_values(ctx, node, src: list) -> None:
+    """``self[indices] = values``: the indexed axes are pinned; ``values`` broadcasts to the
+    indexed result, whose trailing axes are ``self``'s axes after the last indexed one."""
+    last = -1
+    for i, t in enumerate(ctx.arg(node, "indices")):
+        if t is None:
+            continue
+        v = t.meta.get("val") if isinstance(t, Node) else None
+        n = v.dim() if isinstance(v, torch.Tensor) and v.dtype == torch.bool else 1
+        for j in range(i, min(i + n, len(src))):  # a boolean mask addresses all its axes
+            ctx.index_axis(node, node.args[0], j, "written by index_put")
+        last = max(last, i + n - 1)
+    trailing = src[last + 1:]
+    vals = ctx.arg_dims(node, "values")
+    if not trailing or not isinstance(vals, list):
+        return
+    n = min(len(trailing), len(vals))  # right-aligned; a size-1 axis broadcasts
+    for a, b in zip(vals[len(vals) - n:], trailing[len(trailing) - n:]):
+        if a.size != 1 and a.size == b.size:
+            ctx.unify(a, b, node)
 
 
 @register_rule(aten.one_hot.default)
