@@ -38,8 +38,9 @@ CONSTRAINTS = REPO / "constraints" / "ci.txt"
 # the libraries whose newest releases are checked (torch: capped by what pip offers here)
 LIBRARIES = ("torch", "transformers", "timm", "torchvision", "onnx", "onnxscript", "onnxruntime",
              "accelerate")
-FAMILY_TESTS = ("tests/test_families.py", "tests/test_frontier_families.py",
-                "tests/test_to_module.py", "tests/test_onnx.py")
+FAMILY_TESTS = ("tests/test_op_families.py", "tests/test_families.py",
+                "tests/test_frontier_families.py", "tests/test_to_module.py", "tests/test_onnx.py",
+                "tests/test_recurrent_and_weight_norm.py")  # new overloads, then model families
 
 _NAME = r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*"  # a dotted Python name
 _NO_RULE = re.compile(r"\bop ([\w.:]+) has no vcyclefx rule")  # vcyclefx.analysis.registry
@@ -331,7 +332,8 @@ def installed_versions(py: Path, env: dict) -> tuple[dict[str, str | None], str]
 def pytest_options(junit: Path) -> list[str]:
     """pytest's options for a run whose report is read from ``junit`` (xunit1: test cases name
     their file; short tracebacks in the xml; no summary on the terminal: the report is it)."""
-    return ["-p", "no:cacheprovider", "--tb=short", "-rN", "--continue-on-collection-errors",
+    return ["-p", "no:cacheprovider", "-n", "auto", "--dist", "loadfile", "--tb=short", "-rN",
+            "--continue-on-collection-errors",
             "-o", "junit_family=xunit1", f"--junitxml={junit}"]
 
 
