@@ -29,7 +29,7 @@ import math
 import torch
 from torch.fx import Node
 
-from passes.args import get_arg
+from vcyclefx.fx.args import get_arg
 from passes.units import Units, has_resized
 from vcyclefx.analysis.analyze import PRODUCER, Analysis
 from vcyclefx.analysis.dims import PROD, Dim

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 
-from passes.args import Edit, get_arg
+from vcyclefx.fx.args import Edit, get_arg
 from vcyclefx.analysis.analyze import Analysis
 from vcyclefx.analysis.dims import Dim, new_size
 from vcyclefx.analysis.registry import rule_for
@@ -39,7 +39,7 @@ from vcyclefx.plan.mapping import TIED, Compensation, SpaceMap
 from passes.common import PassResult, copy_graph, rebuild
 from passes.contract import Pass
 from passes.meta import ShapeUpdater
-from passes.ops import NORMS, REARRANGING
+from vcyclefx.fx.ops import NORMS, REARRANGING
 from passes.units import Units, has_resized, new_tensors
 from passes.weight_norm import (apply_weight_norm_scales, weight_norm_compensations,
                                 weight_norm_scale_meta)

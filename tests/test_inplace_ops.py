@@ -12,7 +12,7 @@ import torch
 import vcyclefx as vf
 from tests.conftest import rel_error
 from vcyclefx.analysis.analyze import analyze
-from passes.args import functional_of
+from vcyclefx.fx.args import functional_of
 from vcyclefx.analysis.registry import op_of, rule_for
 
 aten = torch.ops.aten

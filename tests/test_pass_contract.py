@@ -9,7 +9,7 @@ from torch.fx import Graph, GraphModule
 
 from tests.conftest import captured, fresh_level, output_tensor
 from vcyclefx.analysis.analyze import analyze
-from passes.args import Edit, replace_arg_at, replace_args, retarget, set_arg
+from vcyclefx.fx.args import Edit, replace_arg_at, replace_args, retarget, set_arg
 from vcyclefx.errors import PassCheckError, PlanError, VCycleError
 from vcyclefx.level import clone_level, fetch_attr
 from vcyclefx.plan.choices import COALESCE, DECOALESCE

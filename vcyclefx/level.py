@@ -4,7 +4,7 @@
 ``meta["vcyclefx"]``) is a :class:`LevelInfo`: the example inputs it was captured with, the
 front-end, the original class. Its behaviour is stated as methods, not patched onto instances:
 
-- ``train()``/``eval()`` switch the graph's baked-in dropout/BatchNorm mode (``passes.mode``);
+- ``train()``/``eval()`` switch the graph's baked-in dropout/BatchNorm mode (``vcyclefx.fx.mode``);
 - ``.to()/.cuda()/.cpu()`` (``_apply``) rewrite the device literals export baked into the graph;
 - ``copy.deepcopy`` gives a level with its own tensors, in the same mode;
 - pickling (``torch.save``, multiprocessing) stores the level as its level directory would (the
@@ -26,8 +26,8 @@ import torch
 from torch import nn
 from torch.fx import Graph, GraphModule
 
-from passes.device import module_device, move_device_literals_
-from passes.mode import switch_mode_
+from vcyclefx.fx.device import module_device, move_device_literals_
+from vcyclefx.fx.mode import switch_mode_
 from vcyclefx.errors import LevelError
 
 

@@ -20,7 +20,7 @@ from torch.fx import GraphModule, Node
 
 from vcyclefx.analysis.dims import Dim, DimConflict, DimTable, as_size
 from vcyclefx.errors import AnalysisError
-from passes.args import get_arg
+from vcyclefx.fx.args import get_arg
 
 PRODUCER = "producer"
 CONSUMER = "consumer"

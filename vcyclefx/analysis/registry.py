@@ -36,7 +36,7 @@ from typing import Any, Callable
 import torch
 from torch.fx import Node
 
-from passes.args import (  # noqa: F401 - the argument helpers rules use, re-exported
+from vcyclefx.fx.args import (  # noqa: F401 - the argument helpers rules use, re-exported
     Edit,
     arg_index,
     functional_of,

@@ -25,7 +25,7 @@ import warnings
 import torch
 from torch.export import Dim
 
-from passes.normalize import unshare_size_arithmetic
+from vcyclefx.fx.normalize import unshare_size_arithmetic
 
 from vcyclefx.errors import CaptureError
 from torch.fx import GraphModule

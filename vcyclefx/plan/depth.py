@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from passes.identity import identity_zero_set
+from vcyclefx.plan.identity import identity_zero_set
 
 from vcyclefx.analysis.analyze import Analysis
 from vcyclefx.errors import PlanError

@@ -6,7 +6,7 @@ import torch
 from torch.fx import Node
 
 from vcyclefx.analysis.dims import Dim, as_size
-from passes.args import Edit, replace_args
+from vcyclefx.fx.args import Edit, replace_args
 from vcyclefx.analysis.registry import op_of
 
 aten = torch.ops.aten

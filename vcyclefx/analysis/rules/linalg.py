@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch.fx import Node
 
 from vcyclefx.analysis.dims import PROD
-from passes.args import replace_args
+from vcyclefx.fx.args import replace_args
 from vcyclefx.analysis.registry import op_of, register_rule
 from vcyclefx.analysis.rules._util import aten, broadcast_into, family
 

@@ -9,7 +9,7 @@ import torch
 from torch.fx import Node
 
 from vcyclefx.analysis.dims import Dim
-from passes.args import replace_arg_at
+from vcyclefx.fx.args import replace_arg_at
 from vcyclefx.analysis.registry import op_of, register_rule
 from vcyclefx.analysis.walk import walk
 from vcyclefx.analysis.rules._util import (aten, broadcast_into, family, norm_dim, norm_dims, ops,

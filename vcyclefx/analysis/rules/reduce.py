@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch.fx import Node
 
 from vcyclefx.analysis.dims import PROD
-from passes.args import arg_index, replace_args
+from vcyclefx.fx.args import arg_index, replace_args
 from vcyclefx.analysis.registry import op_of, register_rule
 from vcyclefx.analysis.rules._util import aten, family, norm_dim, norm_dims, overload, shape_entries_rewrite
 

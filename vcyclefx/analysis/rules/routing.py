@@ -28,7 +28,7 @@ import operator
 
 from torch.fx import Node
 
-from passes.ops import COPIES, VIEWS
+from vcyclefx.fx.ops import COPIES, VIEWS
 
 from vcyclefx.analysis.registry import op_of, register_rule
 from vcyclefx.analysis.rules._util import aten, family, norm_dim

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch.fx import Node
 
 from vcyclefx.analysis.dims import CAT, PROD, Dim, is_static
-from passes.args import Edit, replace_args, retarget
+from vcyclefx.fx.args import Edit, replace_args, retarget
 from vcyclefx.analysis.registry import op_of, register_rule
 from vcyclefx.analysis.rules._util import aten, family, norm_dim, shape_entries_rewrite
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule
 
-from passes.args import get_arg, set_arg
+from vcyclefx.fx.args import get_arg, set_arg
 
 
 def _device_args(target) -> list[str]:

@@ -14,10 +14,10 @@ from torch.fx import Node
 
 from vcyclefx.analysis.chains import chained_input
 from vcyclefx.analysis.ownership import relname
-from passes.args import get_arg
+from vcyclefx.fx.args import get_arg
 from vcyclefx.errors import PlanError
 
-from passes.ops import ADD, KEEPS_NONNEGATIVE, LINEAR, MUL, NONNEGATIVE, RELU, REARRANGING, SCALE
+from vcyclefx.fx.ops import ADD, KEEPS_NONNEGATIVE, LINEAR, MUL, NONNEGATIVE, RELU, REARRANGING, SCALE
 
 aten = torch.ops.aten
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule, Node
 
-from passes.args import get_arg, set_arg
+from vcyclefx.fx.args import get_arg, set_arg
 
 aten = torch.ops.aten
 
