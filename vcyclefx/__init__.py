@@ -23,6 +23,7 @@ from vcyclefx.errors import (
     MappingError,
     PlanError,
     ScheduleError,
+    SelfCheckError,
     UnsupportedOp,
     VCycleError,
 )
@@ -78,4 +79,5 @@ __all__ = [
     "LevelError",
     "ExportError",
     "ScheduleError",
+    "SelfCheckError",
 ]

@@ -22,6 +22,7 @@ from vcyclefx.plan.choices import (
 from vcyclefx.plan.depth import plan_depth
 from vcyclefx.plan.mapping import Mapping
 from vcyclefx.plan.width import plan_width
+from vcyclefx import selfcheck
 
 
 def tensor_shapes(level) -> dict[str, list[int]]:
@@ -54,18 +55,34 @@ def _owned(result, level):
     return clone_level(result) if result is level else result
 
 
-def _width(level, spaces, direction, analysis=None):
-    """``analysis``: the level's own (chains=False), where the caller has it already."""
+def _width(level, spaces, direction, analysis=None, check=False):
+    """``analysis``: the level's own (chains=False), where the caller has it already.
+    ``check``: de-coalescing must keep the function (equal groups): run both and compare."""
     if not spaces:
         return level, []
-    res = WidthPass(analysis or analyze(level, chains=False))(level, WidthPlan(direction, tuple(spaces)))
+    analysis = analysis or analyze(level, chains=False)
+    res = WidthPass(analysis)(level, WidthPlan(direction, tuple(spaces)))
+    if check and direction == DECOALESCE and selfcheck.keeps_width(spaces) and \
+            selfcheck.checkable(level, res.module):
+        selfcheck.check_width(level, res.module, analysis, spaces, res.mapping)
     return res.module, res.mapping
 
 
-def _depth(level, chains, direction, depth_init=None):
+def _depth(level, chains, direction, depth_init=None, check=False):
+    """``check``: identity growth must keep the function: run both and compare."""
     if not chains:
         return level
-    return DepthPass()(level, DepthPlan(direction, tuple(chains), depth_init)).module
+    out = DepthPass()(level, DepthPlan(direction, tuple(chains), depth_init)).module
+    if check and direction == DECOALESCE and selfcheck.keeps_depth(chains, depth_init) and \
+            selfcheck.checkable(level, out):
+        selfcheck.check_depth(level, out, chains)
+    return out
+
+
+def _check_coalesced(level, result, check):
+    """Coalescing cannot keep the function: its outputs must stay finite (vcyclefx.selfcheck)."""
+    if check and result is not level and selfcheck.checkable(level, result):
+        selfcheck.check_finite(level, result)
 
 
 def _plan_depth(level, factor, pairing, coalesce, depth_init=DEPTH_INITS[0]):
@@ -76,8 +93,11 @@ def _plan_depth(level, factor, pairing, coalesce, depth_init=DEPTH_INITS[0]):
 
 def coalesce(model, example_inputs=None, *, width: float = 1.0, depth: float = 1.0,
              pairing: str = WIDTH_PAIRINGS[0], depth_pairing: str = DEPTH_PAIRINGS[0],
-             mapping: Mapping | None = None, **capture_kwargs):
-    """A smaller level of ``model`` and the Mapping from ``model`` to it."""
+             mapping: Mapping | None = None, check: bool = True, **capture_kwargs):
+    """A smaller level of ``model`` and the Mapping from ``model`` to it.
+
+    ``check``: run the result on the example inputs and raise SelfCheckError (naming the first
+    node) if its outputs are not finite where the input's are (vcyclefx.selfcheck)."""
     level = as_level(model, example_inputs, **capture_kwargs)
     if mapping is not None:
         if width != 1.0 or depth != 1.0:
@@ -86,6 +106,7 @@ def coalesce(model, example_inputs=None, *, width: float = 1.0, depth: float = 1
         cur, _ = _width(level, mapping.spaces, COALESCE)
         cur = _depth(cur, mapping.chains, COALESCE)
         _check_shapes(cur, mapping.small_shapes, "smaller")
+        _check_coalesced(level, cur, check)
         return _owned(cur, level), mapping
     large = tensor_shapes(level)
     spaces, kept, analysis = [], [], None
@@ -98,6 +119,7 @@ def coalesce(model, example_inputs=None, *, width: float = 1.0, depth: float = 1
     cur, comps = _width(level, spaces, COALESCE, analysis)
     chains = _plan_depth(cur, depth, depth_pairing, coalesce=True)
     cur = _depth(cur, chains, COALESCE)
+    _check_coalesced(level, cur, check)
     info = level_info(level)
     m = Mapping(spaces=list(spaces), chains=list(chains), compensations=list(comps),
                 large_shapes=large, small_shapes=tensor_shapes(cur), kept=kept,
@@ -107,12 +129,17 @@ def coalesce(model, example_inputs=None, *, width: float = 1.0, depth: float = 1
 
 def decoalesce(model, example_inputs=None, *, width: float = 1.0, depth: float = 1.0,
                pairing: str = WIDTH_PAIRINGS[0], depth_pairing: str = DEPTH_PAIRINGS[0],
-               depth_init: str | None = None, mapping: Mapping | None = None, **capture_kwargs):
+               depth_init: str | None = None, mapping: Mapping | None = None,
+               check: bool = True, **capture_kwargs):
     """A larger level: grown by factors, or restored to the shapes ``mapping`` came from.
 
     ``depth_init`` fills the new blocks of each group: ``"copy"`` (the default when growing by
     factors) or ``"identity"`` (residual writes zeroed: the same function). With ``mapping=``,
-    None keeps the mapping's own choice and a value overrides it."""
+    None keeps the mapping's own choice and a value overrides it.
+
+    ``check``: the stages that keep the function (width with equal group sizes, identity depth
+    growth) run their input and output on the example inputs and raise SelfCheckError naming the
+    first node whose values diverge (vcyclefx.selfcheck); ``check=False`` skips it."""
     if depth_init is not None and depth_init not in DEPTH_INITS:
         raise PlanError(f"depth_init={depth_init!r} must be {one_of(DEPTH_INITS)}")
     level = as_level(model, example_inputs, **capture_kwargs)
@@ -120,8 +147,8 @@ def decoalesce(model, example_inputs=None, *, width: float = 1.0, depth: float =
         if width != 1.0 or depth != 1.0:
             raise PlanError("pass either mapping= or width=/depth= factors, not both")
         _check_shapes(level, mapping.small_shapes, "smaller")
-        cur = _depth(level, mapping.chains, DECOALESCE, depth_init)
-        cur, _ = _width(cur, mapping.spaces, DECOALESCE)
+        cur = _depth(level, mapping.chains, DECOALESCE, depth_init, check=check)
+        cur, _ = _width(cur, mapping.spaces, DECOALESCE, check=check)
         _check_shapes(cur, mapping.large_shapes, "larger")
         return _owned(cur, level), mapping
     small = tensor_shapes(level)
@@ -129,13 +156,13 @@ def decoalesce(model, example_inputs=None, *, width: float = 1.0, depth: float =
         raise PlanError(f"depth={depth} must be >= 1 to de-coalesce (e.g. depth=2.0)")
     chains = _plan_depth(level, depth, depth_pairing, coalesce=False,
                          depth_init=depth_init or DEPTH_INITS[0])
-    cur = _depth(level, chains, DECOALESCE)
+    cur = _depth(level, chains, DECOALESCE, check=check)
     spaces, kept, analysis = [], [], None
     if width != 1.0:
         analysis = analyze(cur, chains=False)
         decision = plan_width(analysis, width, pairing, coalesce=False)
         spaces, kept = decision.spaces, decision.kept
-    cur, comps = _width(cur, spaces, DECOALESCE, analysis)
+    cur, comps = _width(cur, spaces, DECOALESCE, analysis, check=check)
     info = level_info(level)
     m = Mapping(spaces=list(spaces), chains=list(chains), compensations=list(comps),
                 large_shapes=tensor_shapes(cur), small_shapes=small, kept=kept,

@@ -57,6 +57,12 @@ def _check_output(args) -> None:
                           "or pass --force to replace it")
 
 
+def _check_arg(parser, what: str) -> None:
+    parser.add_argument("--no-check", dest="check", action="store_false",
+                        help=f"skip the self-check (by default: {what}; an error names the first "
+                             "node whose values diverge)")
+
+
 def _cmd_coalesce(args) -> int:
     from vcyclefx import api
     from vcyclefx.export.leveldir import save_level
@@ -67,7 +73,7 @@ def _cmd_coalesce(args) -> int:
     _progress(f"coalescing {args.model} (width={args.width}, depth={args.depth})")
     small, mapping = api.coalesce(found.model, found.example, width=args.width, depth=args.depth,
                                   pairing=args.pairing, depth_pairing=args.depth_pairing,
-                                  **_capture_kwargs(found))
+                                  check=args.check, **_capture_kwargs(found))
     save_level(small, args.output, mapping, overwrite=args.force, also=_writer(small, args),
                extra={"made_by": "coalesce", "from": args.model, **_level_summary(small, mapping)})
     print(mapping.summary())
@@ -94,12 +100,13 @@ def _cmd_decoalesce(args) -> int:
         if mapping is None:
             raise VCycleError(f"{args.model} has no mapping.json: pass --width/--depth to grow it")
         _progress(f"de-coalescing {args.model} with its mapping.json")
-        big, used = api.decoalesce(level, mapping=mapping, depth_init=args.depth_init)
+        big, used = api.decoalesce(level, mapping=mapping, depth_init=args.depth_init,
+                                   check=args.check)
     else:
         _progress(f"growing {args.model} (width={args.width or 1.0}, depth={args.depth or 1.0})")
         big, used = api.decoalesce(level, example, width=args.width or 1.0,
                                    depth=args.depth or 1.0, depth_init=args.depth_init,
-                                   pairing=args.pairing, **extra)
+                                   pairing=args.pairing, check=args.check, **extra)
     save_level(big, args.output, used, overwrite=args.force, also=_writer(big, args),
                extra={"made_by": "decoalesce", "from": args.model, **_level_summary(big, used)})
     _progress(f"wrote {args.output}")
@@ -192,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="which units share a group (default strided: i with i + n/2)")
     co.add_argument("--depth-pairing", choices=DEPTH_PAIRINGS, default=DEPTH_PAIRINGS[0],
                     help="which blocks share a group (default adjacent: 2i with 2i+1)")
+    _check_arg(co, "check that the smaller level's outputs on the example inputs are finite")
     _out_args(co)
     co.set_defaults(func=_cmd_coalesce)
 
@@ -206,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "(residual writes zeroed); also applies with the mapping.json")
     de.add_argument("--pairing", choices=GROW_PAIRINGS, default=GROW_PAIRINGS[0],
                     help="which new units copy which old ones")
+    _check_arg(de, "check that the larger level computes the same function on the example "
+                   "inputs where it must (equal groups, identity depth growth)")
     _out_args(de)
     de.set_defaults(func=_cmd_decoalesce)
 

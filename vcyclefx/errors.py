@@ -17,6 +17,7 @@ __all__ = [
     "ExportError",
     "ScheduleError",
     "PassCheckError",
+    "SelfCheckError",
 ]
 
 
@@ -59,3 +60,14 @@ class ScheduleError(VCycleError):
 class PassCheckError(VCycleError):
     """A pass's result failed the check that runs after every pass (a bug in vcyclefx or in a
     registered rule: the message names the pass and the node or tensor)."""
+
+
+class SelfCheckError(VCycleError):
+    """A transform that must keep the function did not (or a coalesced level's outputs went
+    non-finite): the message names the first node whose values diverge, its op, the relative
+    error and the resized spaces of its axes; the same are attributes (``node``, ``op``,
+    ``error``, ``space``). A bug in vcyclefx or in a registered op rule."""
+
+    def __init__(self, message: str, *, node=None, op=None, error=None, space=""):
+        super().__init__(message)
+        self.node, self.op, self.error, self.space = node, op, error, space
