@@ -73,7 +73,9 @@ def every_node(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama", "deit", "resnet18"])
+@pytest.mark.parametrize("name", ["gpt2", "resnet18",  # an HF LM and a CNN by default
+                                  pytest.param("llama", marks=pytest.mark.slow),
+                                  pytest.param("deit", marks=pytest.mark.slow)])
 def test_correct_transforms_pass_the_check_node_by_node(name, every_node):
     """No false positive: width x2 and identity depth growth pass, node by node."""
     model, x = getattr(zoo, name)()

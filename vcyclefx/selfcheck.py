@@ -45,9 +45,9 @@ import torch
 from torch.fx import GraphModule, Interpreter, Node
 from torch.utils import _pytree as pytree
 
-from passes.device import module_device
-from passes.mode import switch_mode_
-from passes.ops import NORMS, REARRANGING
+from vcyclefx.fx.device import module_device
+from vcyclefx.fx.mode import switch_mode_
+from vcyclefx.fx.ops import NORMS, REARRANGING
 from passes.units import Units, _apply_axis, has_resized
 from vcyclefx.errors import SelfCheckError
 from vcyclefx.level import level_info
