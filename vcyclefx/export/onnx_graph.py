@@ -73,8 +73,12 @@ def normalise_for_onnx(gm) -> list[str]:
       transposed ``(B, T, H, Dh)`` tensor is not contiguous, and the ``view`` after it then fails
       ("Cannot view a tensor with shape ... and strides ..."); a ``clone`` with
       ``memory_format=torch.contiguous_format`` always lays the copy out contiguously.
-    - ``view(x, size)`` where ``x``'s strides (as the graph records them) are not the contiguous
-      ones: ``reshape``, which copies where a view is impossible.
+    - ``view(x, size)`` or ``reshape(x, size)`` where ``x``'s strides (as the graph records them)
+      are not the contiguous ones: ``reshape`` of a contiguous ``clone`` of ``x``. The exporter
+      decomposes ``reshape`` into a ``view`` when it cannot decide under symbolic sizes that a
+      copy is needed (a transposed ``(64*B, 4, 2, 32)`` attention output merged to
+      ``(64*B, 2, 2, 64)``: "Cannot view a tensor with shape ... and strides ..."); a reshape of
+      a contiguous tensor is always a view. ONNX has no views, so the copy costs nothing there.
     """
     aten = torch.ops.aten
     changed = []
@@ -89,13 +93,29 @@ def normalise_for_onnx(gm) -> list[str]:
             node.args = node.args[:1]
             node.kwargs = {"memory_format": torch.contiguous_format}
             changed.append(f"{node.name}: contiguous -> clone(memory_format=contiguous_format)")
-        elif node.target is aten.view.default and not _known_contiguous(node.args[0]):
-            node.target = aten.reshape.default
-            changed.append(f"{node.name}: view -> reshape")
+        elif (node.target in (aten.view.default, aten.reshape.default)
+              and not _known_contiguous(node.args[0])):
+            old = str(node.target).split(".")[1]
+            _reshape_contiguous_copy(gm.graph, node)
+            changed.append(f"{node.name}: {old} -> reshape of a contiguous clone")
     if changed:
         gm.graph.lint()
         gm.recompile()
     return changed
+
+
+def _reshape_contiguous_copy(graph, node) -> None:
+    """``node`` (a view or reshape of ``x``) -> ``reshape(clone(x, contiguous_format), size)``."""
+    x = node.args[0]
+    with graph.inserting_before(node):
+        copy = graph.call_function(torch.ops.aten.clone.default, (x,),
+                                   {"memory_format": torch.contiguous_format})
+    copy.meta = dict(x.meta)
+    val = x.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        copy.meta["val"] = val.clone(memory_format=torch.contiguous_format)
+    node.target = torch.ops.aten.reshape.default
+    node.args = (copy, *node.args[1:])
 
 
 def _written_in_place(node) -> bool:
