@@ -30,7 +30,7 @@ from torch.fx import Graph, GraphModule, Node
 from torch.fx.node import map_aggregate
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode, free_unbacked_symbols
 
-from vcyclefx.errors import PassCheckError
+from vcyclefx.errors import PassCheckError, brief
 from vcyclefx.level import fetch_attr, shared_tensors
 
 from passes.common import PassResult
@@ -91,7 +91,7 @@ def lint(graph: Graph, *, what: str = "pass") -> None:
     try:
         graph.lint()
     except Exception as e:  # noqa: BLE001 - lint raises RuntimeError or AssertionError
-        raise PassCheckError(f"{what}: the graph does not lint: {e}") from e
+        raise PassCheckError(f"{what}: the graph does not lint: {brief(e)}") from e
 
 
 def verify(gm: GraphModule, source_module: GraphModule | None = None, *, what: str = "pass") -> None:
@@ -275,7 +275,7 @@ class _Sizes:
         raises PassCheckError when it fails there too or gives other shapes than recorded."""
         def fail(extra: str = ""):
             return PassCheckError(f"{what}: re-executing node {node.format_node()} on fake inputs "
-                                  f"fails: {error}{extra}")
+                                  f"fails: {brief(error)}{extra}")
 
         try:
             args_c, kwargs_c = map_aggregate((args, kwargs), self._concrete)
@@ -292,7 +292,7 @@ class _Sizes:
             raise PassCheckError(
                 f"{what}: node {node.format_node()} has meta['val'] {_describe(recorded)}; at the "
                 f"example sizes it gives {_describe(out)} (its fake kernel cannot run at "
-                f"symbolic sizes: {error})")
+                f"symbolic sizes: {brief(error)})")
 
 
 def _describe(v) -> str:

@@ -6,6 +6,9 @@ the space, the file or the option) and, where there is one, the fix.
 
 from __future__ import annotations
 
+import os
+import traceback
+
 __all__ = [
     "VCycleError",
     "CaptureError",
@@ -20,9 +23,37 @@ __all__ = [
     "SelfCheckError",
 ]
 
+DUMP_ENV = "VCYCLEFX_DUMP"
+"""Environment variable: a file that errors built from an upstream exception (torch.export,
+the ONNX exporter, a rule) append the full upstream text to, with the graph where there is one;
+the message itself stays short and says where the dump is."""
+
 
 class VCycleError(Exception):
-    """Base class of every error raised by vcyclefx."""
+    """Base class of every error raised by vcyclefx.
+
+    A message longer than :data:`MAX_LINES` lines (or with a line over :data:`MAX_LINE`
+    characters) is cut to its head and tail, which name the node and the fix; the whole of it
+    goes to ``$VCYCLEFX_DUMP`` where that is set (a safety net: messages are built short)."""
+
+    def __init__(self, *args):
+        if len(args) == 1 and isinstance(args[0], str):
+            args = (_readable(args[0], type(self).__name__),)
+        super().__init__(*args)
+
+
+MAX_LINES, MAX_LINE = 20, 500
+
+
+def _readable(message: str, kind: str) -> str:
+    lines = message.splitlines()
+    if len(lines) <= MAX_LINES and all(len(ln) <= MAX_LINE for ln in lines):
+        return message
+    cut = [ln if len(ln) <= MAX_LINE else ln[: MAX_LINE - 3] + "..." for ln in lines]
+    if len(cut) > MAX_LINES:
+        head, tail = cut[: MAX_LINES - 6], cut[-4:]
+        cut = [*head, f"... ({len(cut) - len(head) - len(tail)} lines left out)", *tail]
+    return "\n".join([*cut, dump_note(f"{kind} (message in full)", None, message)])
 
 
 class CaptureError(VCycleError):
@@ -71,3 +102,28 @@ class SelfCheckError(VCycleError):
     def __init__(self, message: str, *, node=None, op=None, error=None, space=""):
         super().__init__(message)
         self.node, self.op, self.error, self.space = node, op, error, space
+
+
+def brief(e: BaseException, limit: int = 300) -> str:
+    """``"<type>: <first non-empty line>"`` of an upstream exception, at most ``limit``
+    characters: what a message built from another library's exception quotes of it (torch's
+    messages can hold a whole printed graph)."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    text = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def dump_note(what: str, e: BaseException | None = None, extra: str = "") -> str:
+    """Append ``what``, the full text of ``e`` (its traceback and causes) and ``extra`` (a graph,
+    a log) to the file named by ``$VCYCLEFX_DUMP`` and say so; without the variable, say how
+    to get the dump. The sentence is meant for the end of an error message."""
+    path = os.environ.get(DUMP_ENV)
+    if not path:
+        return f"(set {DUMP_ENV}=FILE to write the full upstream error and graph to a file)"
+    text = "".join(traceback.format_exception(e)) if e is not None else ""
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(f"==== vcyclefx: {what}\n{text}\n{extra}\n")
+    except OSError as err:
+        return f"({DUMP_ENV}={path} could not be written: {err.strerror})"
+    return f"(full upstream error and graph written to {path})"

@@ -13,7 +13,7 @@ from torch.fx import GraphModule, Node
 
 from vcyclefx.analysis.context import Context
 from vcyclefx.analysis.dims import Dim, DimConflict
-from vcyclefx.errors import AnalysisError
+from vcyclefx.errors import AnalysisError, brief, dump_note
 from vcyclefx.level import fetch_attr
 from vcyclefx.analysis.registry import rule_for
 
@@ -54,7 +54,8 @@ def walk(ctx: Context, gm: GraphModule, bind: dict[Node, Any] | None = None) -> 
             except (AnalysisError, DimConflict):
                 raise
             except Exception as e:  # noqa: BLE001 - a rule bug is reported with its node
-                raise AnalysisError(f"{node.format_node()}: rule failed: {type(e).__name__}: {e}") from e
+                raise AnalysisError(f"{node.format_node()}: rule failed: {brief(e)} "
+                                    f"{dump_note(f'rule for {node.name}', e)}") from e
             if node not in ctx.out:
                 ctx.out[node] = None
             ctx._finish_node(node)

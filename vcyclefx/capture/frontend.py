@@ -27,8 +27,10 @@ from torch.export import Dim
 
 from vcyclefx.fx.normalize import unshare_size_arithmetic
 
-from vcyclefx.errors import CaptureError
 from torch.fx import GraphModule
+
+from vcyclefx.capture.diagnose import export_error, held_torch_logs, user_line
+from vcyclefx.errors import CaptureError, brief
 
 from vcyclefx.errors import LevelError
 from vcyclefx.level import LevelInfo, is_level, own_level
@@ -86,7 +88,7 @@ def _input_names(model, args: tuple, kwargs: dict) -> tuple:
     except (TypeError, ValueError) as e:
         if kwargs:
             raise CaptureError(f"the example inputs do not fit {type(model).__name__}.forward: "
-                               f"{e}") from e
+                               f"{brief(e)}") from e
         return ()
     names = []
     for name, value in bound.items():
@@ -186,15 +188,10 @@ def _symbolic_trace(model, concrete_args):
     except Exception as e:  # noqa: BLE001 - any tracing failure is reported with its cause
         raise CaptureError(
             f"front-end 'fx' (torch.fx.symbolic_trace) failed on {type(model).__name__}: "
-            f"{type(e).__name__}: {_first_line(e)}. Try frontend='export' (torch.export handles "
+            f"{brief(e)}. Try frontend='export' (torch.export handles "
             "Python control flow on shapes), or pass concrete_args={...} to fix the arguments "
             "that drive control flow."
         ) from e
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else ""
 
 
 def _dynamic_dims(gm) -> tuple:
@@ -263,8 +260,8 @@ def capture(
     start = time.perf_counter()
     notes: list[str] = []
     target = _symbolic_trace(model, concrete_args) if frontend == "fx" else model
-    gm = _traced(model, target, args, kwargs, dynamic, frontend, notes, train=True)
-    random_ops = _unswitchable_random_ops(gm)
+    gm, train = _traced_train_or_eval(model, target, args, kwargs, dynamic, frontend, notes)
+    random_ops = _unswitchable_random_ops(gm) if train else []
     if random_ops:
         # stochastic depth and similar are written as Python branches on `self.training` around
         # random ops; the graph cannot switch them off for eval, so capture the eval-mode graph
@@ -295,6 +292,28 @@ def capture(
     return gm
 
 
+def _traced_train_or_eval(model, target, args, kwargs, dynamic: bool, frontend: str,
+                          notes: list[str]):
+    """(the graph, whether it is the training-mode one): captured in training mode, or, where
+    that fails, in eval mode with a note. Training-only Python branches on random values (HF
+    layer drop: ``if self.training and torch.rand([]) < p``) are data-dependent guards that no
+    graph can hold; in eval mode they are not taken, and dropout stays switchable."""
+    try:
+        return _traced(model, target, args, kwargs, dynamic, frontend, notes, train=True), True
+    except CaptureError as train_err:
+        try:
+            gm = _traced(model, target, args, kwargs, dynamic, frontend, notes, train=False)
+        except CaptureError:
+            raise train_err from None
+        why = train_err.__cause__ if train_err.__cause__ is not None else train_err
+        where = user_line(why)
+        notes.append(
+            f"captured in eval mode: training-mode capture failed ({brief(why, 200)}"
+            f"{' at ' + where if where else ''}); training-only branches (layer drop, "
+            "masks drawn in Python) are left out; dropout stays switchable")
+        return gm, False
+
+
 def _traced(model, target, args, kwargs, dynamic: bool, frontend: str, notes: list[str], *,
             train: bool):
     """``ep.module()`` of ``target`` exported in training (or eval) mode; with ``dynamic``, falls
@@ -302,16 +321,17 @@ def _traced(model, target, args, kwargs, dynamic: bool, frontend: str, notes: li
     was_training = model.training
     model.train(train)
     try:
-        try:
-            return _export(target, args, dynamic, kwargs).module()
-        except Exception as dyn_err:  # noqa: BLE001
-            if not dynamic:
-                raise _export_error(frontend, model, dyn_err) from dyn_err
-            why = _first_line(dyn_err)
-        try:
-            gm = _export(target, args, False, kwargs).module()
-        except Exception as static_err:  # noqa: BLE001
-            raise _export_error(frontend, model, static_err) from static_err
+        with held_torch_logs() as logs:
+            try:
+                return _export(target, args, dynamic, kwargs).module()
+            except Exception as dyn_err:  # noqa: BLE001
+                if not dynamic:
+                    raise export_error(frontend, model, dyn_err, logs) from dyn_err
+                why = brief(dyn_err, 200)
+            try:
+                gm = _export(target, args, False, kwargs).module()
+            except Exception as static_err:  # noqa: BLE001
+                raise export_error(frontend, model, static_err, logs) from static_err
         notes.append(f"captured with static shapes: dynamic capture failed ({why})")
         return gm
     finally:
@@ -335,20 +355,6 @@ def _unswitchable_random_ops(gm) -> list[str]:
         if name and name not in _SWITCHABLE_RANDOM and name.startswith(_RANDOM) and name not in found:
             found.append(name)
     return found
-
-
-def _export_error(frontend: str, model, e: Exception) -> CaptureError:
-    via = "torch.export (non-strict)" if frontend == "export" else "torch.export of the fx-traced module"
-    hint = (
-        "Try frontend='fx' with concrete_args for arguments that drive Python control flow"
-        if frontend == "export"
-        else "Try frontend='export'"
-    )
-    return CaptureError(
-        f"front-end {frontend!r} failed: {via} could not capture {type(model).__name__}: "
-        f"{type(e).__name__}: {_first_line(e)}. {hint}; make sure forward() runs on the example "
-        "inputs as given (call model(*example_inputs) to check)."
-    )
 
 
 def as_level(model, example_inputs=None, **capture_kwargs) -> GraphModule:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from vcyclefx.errors import LevelError
+from vcyclefx.errors import LevelError, brief
 from vcyclefx.level import Level, LevelInfo, level_info, make_level, owner_of
 from vcyclefx.plan.mapping import Mapping
 from vcyclefx.capture.recipe import Recipe
@@ -162,7 +162,7 @@ def load_pt2(path, what: str | None = None):
             warnings.simplefilter("ignore")
             return torch.export.load(path)
     except Exception as e:  # noqa: BLE001
-        raise LevelError(f"{what}: cannot load the graph ({type(e).__name__}: {e})") from e
+        raise LevelError(f"{what}: cannot load the graph ({brief(e)})") from e
 
 
 def _import_source(source_class: str | None) -> None:
@@ -218,7 +218,7 @@ def load_level(directory) -> tuple[torch.fx.GraphModule, Mapping | None]:
         weights = load_tensors(d / "weights.safetensors", meta.get("aliases"))
         inputs = load_tensors(d / "inputs.safetensors")
     except Exception as e:  # noqa: BLE001
-        raise LevelError(f"{d}: cannot read the safetensors files ({type(e).__name__}: {e})") from e
+        raise LevelError(f"{d}: cannot read the safetensors files ({brief(e)})") from e
     gm = _assemble(ep, weights, inputs, meta, str(d))
     mapping = Mapping.load(d / "mapping.json") if (d / "mapping.json").is_file() else None
     return gm, mapping
