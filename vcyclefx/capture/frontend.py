@@ -29,7 +29,8 @@ from vcyclefx.fx.normalize import unshare_size_arithmetic
 
 from torch.fx import GraphModule
 
-from vcyclefx.capture.diagnose import export_error, held_torch_logs, user_line
+from vcyclefx.capture.diagnose import (export_error, held_torch_logs, is_data_dependent,
+                                       user_line)
 from vcyclefx.errors import CaptureError, brief
 
 from vcyclefx.errors import LevelError
@@ -325,7 +326,8 @@ def _traced(model, target, args, kwargs, dynamic: bool, frontend: str, notes: li
             try:
                 return _export(target, args, dynamic, kwargs).module()
             except Exception as dyn_err:  # noqa: BLE001
-                if not dynamic:
+                # a guard on a tensor's value (an unbacked symbol) fails at static shapes too
+                if not dynamic or is_data_dependent(dyn_err):
                     raise export_error(frontend, model, dyn_err, logs) from dyn_err
                 why = brief(dyn_err, 200)
             try:
