@@ -33,6 +33,10 @@ _TRAIN_FLAG = {
     aten.batch_norm.default: "training",
     aten.instance_norm.default: "use_input_stats",
 }
+# norms whose flag picks batch or running statistics; one without running statistics
+# (BatchNorm(track_running_stats=False), timm's weight standardisation ScaledStdConv2d calling
+# F.batch_norm(w, None, None, training=True)) uses the batch's in both modes, as the module does
+_STATS_NORMS = {aten.batch_norm.default, aten.instance_norm.default}
 # recurrent ops (dropout between layers): every overload of each family
 _TRAIN_FLAG.update({getattr(p, o): "train" for p in (aten.lstm, aten.gru, aten.rnn_tanh,
                                                      aten.rnn_relu) for o in p.overloads()})
@@ -51,6 +55,8 @@ def _switch_graph(gm: GraphModule, training: bool) -> bool:
         if node.op != "call_function":
             continue
         if node.target in _TRAIN_FLAG:
+            if node.target in _STATS_NORMS and get_arg(node, "running_mean") is None:
+                continue  # no running statistics: batch statistics in either mode
             changed |= _set(node, _TRAIN_FLAG[node.target], training)
         elif node.target is aten.scaled_dot_product_attention.default:
             node.meta.setdefault(_TRAIN_P, get_arg(node, "dropout_p"))

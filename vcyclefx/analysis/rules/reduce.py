@@ -210,7 +210,21 @@ def _bn_params(ctx, node, names):
 @register_rule(aten.batch_norm.default, aten.instance_norm.default)
 def _batch_norm(ctx, node):
     src, _ = _bn_params(ctx, node, ("weight", "bias", "running_mean", "running_var"))
+    _pin_statistics_axes(ctx, node, src)
     ctx.set_out(node, src)
+
+
+def _pin_statistics_axes(ctx, node, src) -> None:
+    """The axes a batch/instance norm takes its statistics over (all but the channel axis 1;
+    batch and positions for activations) are pinned. Resizing one would not be undone exactly:
+    a split consumer (each part ``v/k``) is normalised back to ``v``'s scale, and the eps inside
+    the root does not scale with it; that is weight standardisation (timm's ``StdConv2d`` /
+    ``ScaledStdConv2d``: ``F.batch_norm(w.reshape(1, out, -1), None, None, training=True)``,
+    normalising each output channel over its input channels)."""
+    for i, d in enumerate(src):
+        if i != 1 and d is not None:
+            ctx.pin(d, f"normalised over (batch/instance-norm statistics; weight standardisation "
+                       f"when the input is a weight) at {ctx.where(node)}")
 
 
 @register_rule(aten._native_batch_norm_legit_functional.default,
