@@ -186,6 +186,8 @@ def test_weight_standardised_input_channels_are_pinned_and_output_channels_grow_
     ("levit_128s", dict(img_size=64, embed_dim=(32, 48, 64), key_dim=8, num_heads=(2, 3, 4),
                         depth=(1, 1, 1)), 64),
     ("efficientformer_l1", dict(depths=(1, 1, 1, 1), embed_dims=(16, 16, 32, 32), num_vit=1), 224),
+    ("efficientformerv2_s0", dict(depths=(1, 1, 1, 1), embed_dims=(16, 16, 32, 32), num_vit=1),
+     224),
 ])
 def test_attention_bias_vision_model_width_x2_is_exact_and_round_trips(name, kwargs, size):
     torch.manual_seed(0)
