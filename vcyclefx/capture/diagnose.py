@@ -87,7 +87,8 @@ def is_data_dependent(e: BaseException) -> bool:
     return False
 
 
-def export_error(frontend: str, model, e: Exception, logs: _Hold | None = None) -> CaptureError:
+def export_error(frontend: str, model, e: Exception, logs: _Hold | None = None,
+                 mode: str = "") -> CaptureError:
     """The short error of a capture that failed with ``e``; the dump (if asked for) gets ``e``'s
     whole chain and what torch logged and printed (``logs``, from :func:`held_torch_logs`)."""
     via = "torch.export (non-strict)" if frontend == "export" else "torch.export of the fx-traced module"
@@ -106,5 +107,6 @@ def export_error(frontend: str, model, e: Exception, logs: _Hold | None = None) 
         lines.append(f"  at {where}")
     lines.append(f"Fix: {fix}; make sure forward() runs on the example inputs as given (call "
                  "model(*example_inputs) to check).")
-    lines.append(dump_note(f"capture of {name} with front-end {frontend!r}", e, log_text(logs)))
+    what = f"capture of {name} with front-end {frontend!r}" + (f" in {mode} mode" if mode else "")
+    lines.append(dump_note(what, e, log_text(logs)))
     return CaptureError("\n".join(lines))

@@ -321,6 +321,7 @@ def _traced(model, target, args, kwargs, dynamic: bool, frontend: str, notes: li
     back to static shapes if symbolic ones fail (and says so in ``notes``)."""
     was_training = model.training
     model.train(train)
+    mode = "training" if train else "eval"
     try:
         with held_torch_logs() as logs:
             try:
@@ -328,12 +329,12 @@ def _traced(model, target, args, kwargs, dynamic: bool, frontend: str, notes: li
             except Exception as dyn_err:  # noqa: BLE001
                 # a guard on a tensor's value (an unbacked symbol) fails at static shapes too
                 if not dynamic or is_data_dependent(dyn_err):
-                    raise export_error(frontend, model, dyn_err, logs) from dyn_err
+                    raise export_error(frontend, model, dyn_err, logs, mode) from dyn_err
                 why = brief(dyn_err, 200)
             try:
                 gm = _export(target, args, False, kwargs).module()
             except Exception as static_err:  # noqa: BLE001
-                raise export_error(frontend, model, static_err, logs) from static_err
+                raise export_error(frontend, model, static_err, logs, mode) from static_err
         notes.append(f"captured with static shapes: dynamic capture failed ({why})")
         return gm
     finally:
