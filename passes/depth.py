@@ -405,13 +405,20 @@ def _chain_graph(gm: GraphModule, cm: ChainMap, src: list[str], dst: list[str],
 
 
 def _renumber_stack(meta: dict, renames: dict[str, str]) -> dict:
+    """``meta`` with the module paths (and stack keys) of renumbered siblings renamed, all at
+    once (``features.8 -> 7`` must not then meet ``features.7 -> 6``)."""
     stack = meta.get("nn_module_stack")
     if not stack:
         return meta
-    for old, new in renames.items():
-        if any(path == old or path.startswith(old + ".") for path, _ in stack.values()):
-            meta = _retarget_stack(meta, old, new)
-            stack = meta["nn_module_stack"]
+    out = {}
+    for k, (path, typ) in stack.items():
+        new_path = _rename(path, renames) if isinstance(path, str) else path
+        if new_path != path:
+            old = next(o for o in renames if path == o or path.startswith(o + "."))
+            k = re.sub(re.escape(old) + r"(?=\.|$|@)", renames[old], k, count=1)
+        out[k] = (new_path, typ)
+    meta = dict(meta)
+    meta["nn_module_stack"] = out
     return meta
 
 

@@ -33,6 +33,7 @@ class Chain:
     depth_ok: bool = True
     reason: str = ""  # why depth changes are not possible, if so
     period: int = 1  # blocks per repeating unit (``chained`` links units of this many blocks)
+    kinds: list[int] = field(default_factory=list, repr=False)  # per block, its kind (same = same signature)
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -112,6 +113,7 @@ def find_chains(gm: GraphModule) -> list[Chain]:
                 chain = _make_chain(gm, container, kids[i:j], owner_nodes, tensors, p, graphs)
                 if chain is not None:
                     end = j
+                    chain.kinds = [sigs[i:j].index(x) for x in sigs[i:j]]
                     break
             if chain is not None:
                 _check_numbering(chain, kids)
