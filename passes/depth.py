@@ -30,6 +30,7 @@ from vcyclefx.plan.choices import COALESCE, DECOALESCE, DEPTH_INITS, DIRECTIONS,
 from vcyclefx.plan.mapping import ChainMap
 
 from passes.common import PassResult, rebuild
+from passes.renumber import block_index, rename, renumber_stack, renumbering, shifted, state_names
 from passes.contract import Pass, lint
 
 __all__ = ["COALESCE", "DECOALESCE", "DepthPass", "DepthPlan", "depth_pass"]
@@ -204,7 +205,7 @@ class DepthPass(Pass):
         # chains of one container in the order of their blocks: each one renumbers the blocks
         # after it, so a later chain's input names are shifted by what the earlier ones added
         shift: dict[str, int] = {}
-        for cm in sorted(plan.chains, key=lambda c: (c.container, _index(_ends(c, plan.direction)[0][0]))):
+        for cm in sorted(plan.chains, key=lambda c: (c.container, block_index(_ends(c, plan.direction)[0][0]))):
             d = shift.get(cm.container, 0)
             cur = _one_chain(cur, cm, plan, shapes, d)
             src, dst = _ends(cm, plan.direction)
@@ -223,81 +224,30 @@ def _ends(cm: ChainMap, direction: str) -> tuple[list[str], list[str]]:
     return cm.small_blocks, cm.large_blocks
 
 
-_NUMBERED = re.compile(r"(.*?)(\d+)")
-
-
-def _index(block: str) -> int:
-    m = _NUMBERED.fullmatch(block.rsplit(".", 1)[-1])
-    return int(m.group(2)) if m and not is_application(block) else -1
-
-
-def _shifted(block: str, d: int) -> str:
-    """``block`` renumbered by ``d`` (``features.7`` shifted by -1: ``features.6``)."""
-    if not d or is_application(block):
-        return block
-    base, _, tail = block.rpartition(".")
-    m = _NUMBERED.fullmatch(tail)
-    return f"{base}{'.' if base else ''}{m.group(1)}{int(m.group(2)) + d}"
-
-
-def _renumbering(gm: GraphModule, cm: ChainMap, src: list[str], d: int) -> dict[str, str]:
-    """The later siblings of the chain in its container (modules numbered like its blocks,
-    after its last block), old path -> path renumbered by ``d``."""
-    if not d or is_application(src[0]):
-        return {}
-    _, children = ownership(gm)
-    base, _, tail = src[-1].rpartition(".")
-    prefix, last = _NUMBERED.fullmatch(tail).groups()
-    out = {}
-    names = set(children.get(base, []))
-    names |= {t.rsplit(".", 1)[0] for t in _state_names(gm)}
-    for name in names:
-        head, _, rest = name[len(base) + 1:].partition(".") if base else name.partition(".")
-        if (base and not name.startswith(base + ".")) or not head.startswith(prefix):
-            continue
-        num = head[len(prefix):]
-        if num.isdigit() and int(num) > int(last):
-            old = f"{base}.{head}" if base else head
-            out[old] = _shifted(old, d)
-    return out
-
-
-def _state_names(gm: GraphModule) -> set[str]:
-    state = {k for k, _ in gm.named_parameters(remove_duplicate=False)}
-    return state | {k for k, _ in gm.named_buffers(remove_duplicate=False)}
-
-
-def _rename(name: str, renames: dict[str, str]) -> str:
-    for old, new in renames.items():
-        if name == old or name.startswith(old + "."):
-            return new + name[len(old):]
-    return name
-
-
 def _one_chain(gm: GraphModule, cm: ChainMap, plan: DepthPlan, shapes: dict, d: int = 0) -> GraphModule:
     """``gm`` with the blocks of one chain replaced; adds the new blocks' tensor shapes to
     ``shapes``. ``d``: blocks added before the chain in its container by earlier chains (the
     mapping names the input blocks as they were before any of them). The numbered siblings
     after the chain are renumbered by the blocks it adds or removes."""
     src, dst = _ends(cm, plan.direction)
-    src = [_shifted(b, d) for b in src]
+    src = [shifted(b, d) for b in src]
     p = cm.period
     blocks = _blocks(gm, src)
     units = [[n for ns in blocks[q * p:(q + 1) * p] for n in ns] for q in range(len(src) // p)]
     _check_links(cm, src[::p], units)
-    state = _state_names(gm)
+    state = state_names(gm)
     # parameters and buffers of the blocks are re-made per new block; lifted constants are
     # shared by all of them (export numbers them per block, their values are the template's)
     src_params = {n.target for n in gm.graph.nodes if n.op == "get_attr" and n.target in state
                   and any(relname(n.target, b) is not None for b in src)}
-    renames = _renumbering(gm, cm, src, len(dst) - len(src))
+    renames = renumbering(gm, src, len(dst) - len(src))
     graph = _chain_graph(gm, cm, src, dst, blocks, src_params, renames)
     lint(graph, what=f"depth pass (chain {cm.container})")
     # relative tensor names of the blocks at each position of the period
     rels = [sorted({r for t in src_params if (r := relname(t, b))}) for b in src[:p]]
     depth_init = plan.depth_init or cm.depth_init
     tensors = _new_tensors(gm, cm, src, dst, plan.direction, depth_init, rels)
-    tensors.update({_rename(t, renames): fetch_attr(gm, t) for t in state if _rename(t, renames) != t})
+    tensors.update({rename(t, renames): fetch_attr(gm, t) for t in state if rename(t, renames) != t})
     if not is_application(src[0]):  # each new block has the tensors of the block it comes from
         made_from = ({g: members[0] for g, members in enumerate(cm.groups)}
                      if plan.direction == COALESCE else
@@ -384,8 +334,8 @@ def _chain_graph(gm: GraphModule, cm: ChainMap, src: list[str], dst: list[str],
         new = graph.node_copy(n, lambda a: env[a])
         if renames:
             if new.op == "get_attr":
-                new.target = _rename(new.target, renames)
-            new.meta = _renumber_stack(new.meta, renames)
+                new.target = rename(new.target, renames)
+            new.meta = renumber_stack(new.meta, renames)
         return new
 
     output = next(n for n in gm.graph.nodes if n.op == "output")
@@ -404,24 +354,6 @@ def _chain_graph(gm: GraphModule, cm: ChainMap, src: list[str], dst: list[str],
     return graph
 
 
-def _renumber_stack(meta: dict, renames: dict[str, str]) -> dict:
-    """``meta`` with the module paths (and stack keys) of renumbered siblings renamed, all at
-    once (``features.8 -> 7`` must not then meet ``features.7 -> 6``)."""
-    stack = meta.get("nn_module_stack")
-    if not stack:
-        return meta
-    out = {}
-    for k, (path, typ) in stack.items():
-        new_path = _rename(path, renames) if isinstance(path, str) else path
-        if new_path != path:
-            old = next(o for o in renames if path == o or path.startswith(o + "."))
-            k = re.sub(re.escape(old) + r"(?=\.|$|@)", renames[old], k, count=1)
-        out[k] = (new_path, typ)
-    meta = dict(meta)
-    meta["nn_module_stack"] = out
-    return meta
-
-
 def _state_kinds(gm: GraphModule, src: list[str], dst: list[str], rels: list[list[str]],
                  renames: dict[str, str] | None = None):
     """The new level's non-persistent buffers and the new blocks' buffers (not parameters);
@@ -438,11 +370,11 @@ def _state_kinds(gm: GraphModule, src: list[str], dst: list[str], rels: list[lis
                 if (rel := relname(name, b)) is not None:
                     nonpersistent.update(f"{d}.{rel}" for d in dst[r::p])
         else:
-            nonpersistent.add(_rename(name, renames))
+            nonpersistent.add(rename(name, renames))
     old_buffers = {n for n, _ in gm.named_buffers(remove_duplicate=False)}
     if is_application(src[0]):
         return nonpersistent, set()
     buffers = {f"{d}.{rel}" for r in range(p) for rel in rels[r]
                if f"{src[r]}.{rel}" in old_buffers for d in dst[r::p]}
-    buffers |= {_rename(b, renames) for b in old_buffers}
+    buffers |= {rename(b, renames) for b in old_buffers}
     return nonpersistent, buffers
