@@ -30,6 +30,7 @@ from vcyclefx.plan.choices import COALESCE, DECOALESCE, DEPTH_INITS, DIRECTIONS,
 from vcyclefx.plan.mapping import ChainMap
 
 from passes.common import PassResult, rebuild
+from passes.renumber import block_index, rename, renumber_stack, renumbering, shifted, state_names
 from passes.contract import Pass, lint
 
 __all__ = ["COALESCE", "DECOALESCE", "DepthPass", "DepthPlan", "depth_pass"]
@@ -86,34 +87,43 @@ def _blocks(gm: GraphModule, paths: list[str]) -> list[list[Node]]:
 
 
 def _rebuild_chain(graph: Graph, cm: ChainMap, src: list[str], dst: list[str], env: dict,
-                   template: list[Node], src_params: set[str],
+                   first_blocks: list[list[Node]], src_params: set[str],
                    unused: list[Node] = ()) -> dict[Node, Node]:
-    """Emit the ``dst`` blocks into ``graph``; returns template node -> node of the last block.
-    ``unused``: the template block's tensors that no op reads (a dummy norm weight), given to
-    every new block too, so that each block has the tensors of the user's block."""
+    """Emit the ``dst`` blocks into ``graph``, one period at a time; returns template node ->
+    node of the last period. ``first_blocks``: the nodes of each block of the first period.
+    ``unused``: the template's tensors that no op reads (a dummy norm weight), given to every
+    new block too, so that each block has the tensors of the user's block."""
+    template = [n for ns in first_blocks for n in ns]
+    position: dict[Node, int] = {}
+    for r, ns in enumerate(first_blocks):
+        position.update((n, r) for n in ns if n not in position)
     feeds = {chained_input(template, link): link[2] for link in cm_chained(cm)}
-    block0 = src[0]
+    p = cm.period
+    first = src[:p]
     prev: dict[Node, Node] | None = None
-    for j, name in enumerate(dst):
+    for q in range(len(dst) // p):
         local: dict[Node, Node] = {}
 
         def arg(n: Node) -> Node:
             if n in local:
                 return local[n]
-            if n.op == "get_attr" and n.target in src_params and relname(n.target, block0) is not None:
-                new_target = f"{module_path(name)}.{relname(n.target, block0)}"
-                g = graph.get_attr(new_target)
-                g.meta = dict(n.meta)
-                local[n] = g
-                return g
+            if n.op == "get_attr" and n.target in src_params:
+                r = next((r for r, b in enumerate(first) if relname(n.target, b) is not None), None)
+                if r is not None:
+                    g = graph.get_attr(f"{module_path(dst[q * p + r])}.{relname(n.target, first[r])}")
+                    g.meta = dict(n.meta)
+                    local[n] = g
+                    return g
             if prev is not None and n in feeds:
                 return prev[template[feeds[n]]]
             return env[n]
 
         for t in template:
             new = graph.node_copy(t, arg)
-            new.meta = (_retarget_application(dict(t.meta), module_path(name), j)
-                        if is_application(name) else _retarget_stack(dict(t.meta), block0, name))
+            r = position[t]
+            name = dst[q * p + r]
+            new.meta = (_retarget_application(dict(t.meta), module_path(name), q)
+                        if is_application(name) else _retarget_stack(dict(t.meta), first[r], name))
             local[t] = new
         for n in unused:
             arg(n)
@@ -126,15 +136,18 @@ def cm_chained(cm: ChainMap) -> list[tuple[int, int, int]]:
 
 
 def _new_tensors(gm: GraphModule, cm: ChainMap, src: list[str], dst: list[str], direction: str,
-                 depth_init: str, rel_names: list[str]) -> dict[str, torch.Tensor]:
+                 depth_init: str, rels: list[list[str]]) -> dict[str, torch.Tensor]:
+    """The new blocks' tensors; ``rels``: the relative tensor names of the blocks at each
+    position of the period (every group holds blocks of one position)."""
     params = dict(gm.named_parameters(remove_duplicate=False))
     out: dict[str, torch.Tensor] = {}
+    p = cm.period
     if is_application(src[0]):
         return out  # applications of one module: the mean of identical tensors is the tensor
     if direction == COALESCE:
         groups = cm.groups  # small block g <- large blocks groups[g]
         for g, members in enumerate(groups):
-            for rel in rel_names:
+            for rel in rels[g % p]:
                 ts = [fetch_attr(gm, f"{src[i]}.{rel}").detach() for i in members]
                 if ts[0].dtype.is_floating_point:
                     t = torch.stack(ts).sum(0) / len(ts) if len(ts) > 1 else ts[0].clone()
@@ -142,10 +155,10 @@ def _new_tensors(gm: GraphModule, cm: ChainMap, src: list[str], dst: list[str], 
                     t = ts[0].clone()
                 out[f"{dst[g]}.{rel}"] = _like(t, f"{src[members[0]]}.{rel}", params)
         return out
-    zero = set(cm.zero_on_identity) if depth_init == "identity" else set()
     for g, members in enumerate(cm.groups):
         for k, i in enumerate(sorted(members)):
-            for rel in rel_names:
+            zero = set(cm.zero_set(i)) if depth_init == "identity" else set()
+            for rel in rels[g % p]:
                 t = fetch_attr(gm, f"{src[g]}.{rel}").detach().clone()
                 if k > 0 and rel in zero:
                     t = torch.zeros_like(t)
@@ -180,7 +193,7 @@ class DepthPass(Pass):
             if not src or not dst:
                 raise PlanError(f"chain {cm.container}: the mapping has no blocks on one side")
             identity = (plan.depth_init or cm.depth_init) == "identity"
-            if (plan.direction == DECOALESCE and identity and not cm.zero_on_identity
+            if (plan.direction == DECOALESCE and identity and not cm.zero_set(0)
                     and not is_application(src[0])):
                 raise PlanError(
                     f"depth_init='identity' on chain {cm.container}: its blocks are not residual "
@@ -189,8 +202,14 @@ class DepthPass(Pass):
 
     def call(self, gm: GraphModule, plan: DepthPlan) -> PassResult:
         cur, shapes = gm, {}
-        for cm in plan.chains:
-            cur = _one_chain(cur, cm, plan, shapes)
+        # chains of one container in the order of their blocks: each one renumbers the blocks
+        # after it, so a later chain's input names are shifted by what the earlier ones added
+        shift: dict[str, int] = {}
+        for cm in sorted(plan.chains, key=lambda c: (c.container, block_index(_ends(c, plan.direction)[0][0]))):
+            d = shift.get(cm.container, 0)
+            cur = _one_chain(cur, cm, plan, shapes, d)
+            src, dst = _ends(cm, plan.direction)
+            shift[cm.container] = d + len(dst) - len(src)
         return PassResult(cur, list(plan.chains), shapes=shapes)
 
 
@@ -205,30 +224,37 @@ def _ends(cm: ChainMap, direction: str) -> tuple[list[str], list[str]]:
     return cm.small_blocks, cm.large_blocks
 
 
-def _one_chain(gm: GraphModule, cm: ChainMap, plan: DepthPlan, shapes: dict) -> GraphModule:
+def _one_chain(gm: GraphModule, cm: ChainMap, plan: DepthPlan, shapes: dict, d: int = 0) -> GraphModule:
     """``gm`` with the blocks of one chain replaced; adds the new blocks' tensor shapes to
-    ``shapes``."""
+    ``shapes``. ``d``: blocks added before the chain in its container by earlier chains (the
+    mapping names the input blocks as they were before any of them). The numbered siblings
+    after the chain are renumbered by the blocks it adds or removes."""
     src, dst = _ends(cm, plan.direction)
+    src = [shifted(b, d) for b in src]
+    p = cm.period
     blocks = _blocks(gm, src)
-    _check_links(cm, src, blocks)
-    state = {k for k, _ in gm.named_parameters(remove_duplicate=False)}
-    state |= {k for k, _ in gm.named_buffers(remove_duplicate=False)}
+    units = [[n for ns in blocks[q * p:(q + 1) * p] for n in ns] for q in range(len(src) // p)]
+    _check_links(cm, src[::p], units)
+    state = state_names(gm)
     # parameters and buffers of the blocks are re-made per new block; lifted constants are
     # shared by all of them (export numbers them per block, their values are the template's)
     src_params = {n.target for n in gm.graph.nodes if n.op == "get_attr" and n.target in state
                   and any(relname(n.target, b) is not None for b in src)}
-    graph = _chain_graph(gm, cm, src, dst, blocks, src_params)
+    renames = renumbering(gm, src, len(dst) - len(src))
+    graph = _chain_graph(gm, cm, src, dst, blocks, src_params, renames)
     lint(graph, what=f"depth pass (chain {cm.container})")
-    rel_names = sorted({relname(t, src[0]) for t in src_params if relname(t, src[0])})
+    # relative tensor names of the blocks at each position of the period
+    rels = [sorted({r for t in src_params if (r := relname(t, b))}) for b in src[:p]]
     depth_init = plan.depth_init or cm.depth_init
-    tensors = _new_tensors(gm, cm, src, dst, plan.direction, depth_init, rel_names)
+    tensors = _new_tensors(gm, cm, src, dst, plan.direction, depth_init, rels)
+    tensors.update({rename(t, renames): fetch_attr(gm, t) for t in state if rename(t, renames) != t})
     if not is_application(src[0]):  # each new block has the tensors of the block it comes from
         made_from = ({g: members[0] for g, members in enumerate(cm.groups)}
                      if plan.direction == COALESCE else
                      {i: g for g, members in enumerate(cm.groups) for i in members})
-        shapes.update({f"{d}.{rel}": tuple(fetch_attr(gm, f"{src[made_from[i]]}.{rel}").shape)
-                       for i, d in enumerate(dst) for rel in rel_names})
-    nonpersistent, buffers = _state_kinds(gm, src, dst, rel_names)
+        shapes.update({f"{dst_b}.{rel}": tuple(fetch_attr(gm, f"{src[made_from[i]]}.{rel}").shape)
+                       for i, dst_b in enumerate(dst) for rel in rels[i % p]})
+    nonpersistent, buffers = _state_kinds(gm, src, dst, rels, renames)
     return rebuild(gm, graph, tensors, nonpersistent=nonpersistent, buffers=buffers)
 
 
@@ -282,13 +308,17 @@ def _placement(gm: GraphModule, cm: ChainMap, all_block: set[Node], last_pos: di
 
 
 def _chain_graph(gm: GraphModule, cm: ChainMap, src: list[str], dst: list[str],
-                 blocks: list[list[Node]], src_params: set[str]) -> Graph:
+                 blocks: list[list[Node]], src_params: set[str],
+                 renames: dict[str, str] | None = None) -> Graph:
     """The new graph: before the new blocks go the nodes that come before the chain and
     whatever the blocks read; every other node keeps its place after them (so other chains
-    keep their node order)."""
+    keep their node order). ``renames``: module paths of later siblings to renumber."""
+    renames = renames or {}
+    p = cm.period
     all_block = {n for b in blocks for n in b}
-    last_pos = {n: i for i, n in enumerate(blocks[-1])}
-    template = blocks[0]
+    last_unit = [n for ns in blocks[-p:] for n in ns]
+    last_pos = {n: i for i, n in enumerate(last_unit)}
+    template = [n for ns in blocks[:p] for n in ns]
     needed = _placement(gm, cm, all_block, last_pos)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     first = min(order[n] for n in all_block)
@@ -299,34 +329,52 @@ def _chain_graph(gm: GraphModule, cm: ChainMap, src: list[str], dst: list[str],
     graph = Graph()
     graph._codegen = copy.deepcopy(gm.graph._codegen)
     env: dict[Node, Node] = {}
+
+    def copy_node(n: Node) -> Node:
+        new = graph.node_copy(n, lambda a: env[a])
+        if renames:
+            if new.op == "get_attr":
+                new.target = rename(new.target, renames)
+            new.meta = renumber_stack(new.meta, renames)
+        return new
+
     output = next(n for n in gm.graph.nodes if n.op == "output")
     early = [n for n in gm.graph.nodes if not skip(n) and (order[n] < first or n in needed)]
     for n in early:
-        env[n] = graph.node_copy(n, lambda a: env[a])
+        env[n] = copy_node(n)
     unused = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target in src_params
-              and not n.users and relname(n.target, src[0]) is not None]
-    last = _rebuild_chain(graph, cm, src, dst, env, template, src_params, unused)
+              and not n.users and any(relname(n.target, b) is not None for b in src[:p])]
+    last = _rebuild_chain(graph, cm, src, dst, env, blocks[:p], src_params, unused)
     for n, pos in last_pos.items():
         env[n] = last[template[pos]]
     for n in gm.graph.nodes:
         if not skip(n) and n not in env:
-            env[n] = graph.node_copy(n, lambda a: env[a])
+            env[n] = copy_node(n)
     graph.output(torch.fx.node.map_arg(output.args[0], lambda a: env[a]))
     return graph
 
 
-def _state_kinds(gm: GraphModule, src: list[str], dst: list[str], rel_names: list[str]):
-    """The new level's non-persistent buffers and the new blocks' buffers (not parameters)."""
+def _state_kinds(gm: GraphModule, src: list[str], dst: list[str], rels: list[list[str]],
+                 renames: dict[str, str] | None = None):
+    """The new level's non-persistent buffers and the new blocks' buffers (not parameters);
+    ``renames``: module paths of later siblings renumbered."""
+    renames = renames or {}
+    p = len(rels)
     nonpersistent = set()
     for name in nonpersistent_buffers(gm):
         rel = relname(name, src[0])
         if rel is not None and is_application(src[0]):
             nonpersistent.add(name)
-        elif rel is not None:
-            nonpersistent.update(f"{d}.{rel}" for d in dst)
-        elif not any(relname(name, b) for b in src):
-            nonpersistent.add(name)
+        elif any(relname(name, b) for b in src):
+            for r, b in enumerate(src[:p]):
+                if (rel := relname(name, b)) is not None:
+                    nonpersistent.update(f"{d}.{rel}" for d in dst[r::p])
+        else:
+            nonpersistent.add(rename(name, renames))
     old_buffers = {n for n, _ in gm.named_buffers(remove_duplicate=False)}
-    buffers = set() if is_application(src[0]) else {
-        f"{d}.{rel}" for rel in rel_names if f"{src[0]}.{rel}" in old_buffers for d in dst}
+    if is_application(src[0]):
+        return nonpersistent, set()
+    buffers = {f"{d}.{rel}" for r in range(p) for rel in rels[r]
+               if f"{src[r]}.{rel}" in old_buffers for d in dst[r::p]}
+    buffers |= {rename(b, renames) for b in old_buffers}
     return nonpersistent, buffers

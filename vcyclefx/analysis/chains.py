@@ -32,6 +32,8 @@ class Chain:
     chained: list[tuple[int, int, int]] = field(repr=False)
     depth_ok: bool = True
     reason: str = ""  # why depth changes are not possible, if so
+    period: int = 1  # blocks per repeating unit (``chained`` links units of this many blocks)
+    kinds: list[int] = field(default_factory=list, repr=False)  # per block, its kind (same = same signature)
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -44,6 +46,15 @@ class Chain:
     @property
     def params_per_block(self) -> int:
         return len(self.params[0]) if self.params else 0
+
+    @property
+    def periods(self) -> int:
+        return len(self.blocks) // self.period
+
+    def unit_nodes(self, q: int) -> list[Node]:
+        """The nodes of period ``q`` (its blocks' nodes, block after block): what ``chained``
+        indexes into."""
+        return unit_nodes(self.nodes, self.period, q)
 
     def name_pattern(self) -> tuple[str, int] | None:
         """(prefix, first index) when block paths are ``<container>.<prefix><int>`` (or the
@@ -59,14 +70,21 @@ class Chain:
             return None
         return m[0].group(1), idx[0]
 
-    def block_name(self, j: int) -> str:
+    def block_name(self, j: int, shift: int = 0) -> str:
+        """The name of block ``j`` of a resized chain; ``shift``: blocks added (removed, if
+        negative) before the chain in the same container by the resize of an earlier chain."""
         if self.shared:
             return application_name(self.container, j)
         pat = self.name_pattern()
         assert pat is not None
         prefix, first = pat
         base = f"{self.container}." if self.container else ""
-        return f"{base}{prefix}{first + j}"
+        return f"{base}{prefix}{first + shift + j}"
+
+
+def unit_nodes(nodes: list[list[Node]], period: int, q: int) -> list[Node]:
+    """The nodes of the ``q``-th unit of ``period`` blocks, given each block's nodes."""
+    return [n for ns in nodes[q * period:(q + 1) * period] for n in ns]
 
 
 def _tensor_names(gm: GraphModule) -> dict[str, torch.Tensor]:
@@ -85,21 +103,42 @@ def find_chains(gm: GraphModule) -> list[Chain]:
         if len(kids) < 2 or any(_inside(container, t) for t in taken):
             continue
         sigs = [_signature(gm, owner_nodes[k], k, tensors) for k in kids]
+        graphs: dict[str, nx.DiGraph] = {}
         i = 0
         while i < len(kids):
-            j = i + 1
-            while j < len(kids) and sigs[j] == sigs[i]:
-                j += 1
-            if j - i >= 2:
-                run = kids[i:j]
-                chain = _make_chain(gm, container, run, owner_nodes, tensors)
+            chain, end = None, i + 1
+            for p, j in _periodic_runs(sigs, i):
+                if p == 1:
+                    end = j  # a run of one kind that is no chain is skipped as a whole
+                chain = _make_chain(gm, container, kids[i:j], owner_nodes, tensors, p, graphs)
                 if chain is not None:
-                    _check_numbering(chain, kids)
-                    chains.append(chain)
-                    taken.extend(run)
-            i = j
+                    end = j
+                    chain.kinds = [sigs[i:j].index(x) for x in sigs[i:j]]
+                    break
+            if chain is not None:
+                _check_numbering(chain, kids)
+                chains.append(chain)
+                taken.extend(chain.blocks)
+            i = end
     chains.extend(_shared_chains(gm, tensors, taken))
     return chains
+
+
+MAX_PERIOD = 16
+
+
+def _periodic_runs(sigs: list, i: int) -> list[tuple[int, int]]:
+    """(period, end) of the runs starting at ``i`` that repeat a period of blocks at least
+    twice (block k of the kind of block k - period), longest first, then smallest period."""
+    out = []
+    for p in range(1, min(MAX_PERIOD, (len(sigs) - i) // 2) + 1):
+        j = i + p
+        while j < len(sigs) and sigs[j] == sigs[j - p]:
+            j += 1
+        end = i + (j - i) // p * p
+        if (end - i) // p >= 2:
+            out.append((p, end))
+    return sorted(out, key=lambda x: (-(x[1] - i), x[0]))
 
 
 def _shared_chains(gm, tensors, taken: list[str]) -> list[Chain]:
@@ -126,24 +165,11 @@ def _shared_chains(gm, tensors, taken: list[str]) -> list[Chain]:
 
 
 def _check_numbering(chain: Chain, siblings: list[str]) -> None:
-    """New blocks are numbered on from the chain's first block; a numbered sibling after the
-    chain (another run in the same Sequential) would collide, so depth changes are refused."""
-    pat = chain.name_pattern()
-    if pat is None:
-        chain.depth_ok, chain.reason = False, "block names are not numbered"
-        return
-    prefix, first = pat
-    base = f"{chain.container}." if chain.container else ""
-    last = first + len(chain) - 1
-    later = []
-    for s in siblings:
-        tail = s[len(base):]
-        if tail.startswith(prefix) and tail[len(prefix):].isdigit() and int(tail[len(prefix):]) > last:
-            later.append(s)
-    if later and chain.depth_ok:
-        chain.depth_ok = False
-        chain.reason = (f"{later[0]} follows the chain in the same container; renumbering it is "
-                        "not supported")
+    """New blocks are numbered on from the chain's first block (numbered siblings after the
+    chain are renumbered by the depth pass); blocks without numbers cannot be resized."""
+    if chain.name_pattern() is None and chain.depth_ok:
+        chain.depth_ok, chain.reason = False, (f"block names {chain.blocks[0]}, {chain.blocks[1]} "
+                                               "are not numbered")
 
 
 def chained_input(nodes: list[Node], link) -> Node:
@@ -248,7 +274,7 @@ def _isomorphic(a: nx.DiGraph, b: nx.DiGraph) -> bool:
     return nx.utils.graphs_equal(a, b)
 
 
-def _external_inputs(gm: GraphModule, nodes: list[Node], block: str) -> list[Node]:
+def _external_inputs(gm: GraphModule, nodes: list[Node], blocks: list[str]) -> list[Node]:
     """Values a block reads from outside: not its own tensors, nor the bodies of its
     higher-order ops (``wrap_with_set_grad_enabled``'s submodule: export makes one per call,
     and their code is part of the block's signature)."""
@@ -258,7 +284,8 @@ def _external_inputs(gm: GraphModule, nodes: list[Node], block: str) -> list[Nod
         for a in n.all_input_nodes:
             if a in own or a in out:
                 continue
-            if a.op == "get_attr" and (relname(a.target, block) is not None or _is_body(gm, a)):
+            if a.op == "get_attr" and (any(relname(a.target, b) is not None for b in blocks)
+                                       or _is_body(gm, a)):
                 continue
             out.append(a)
     return out
@@ -277,22 +304,29 @@ def _body_signature(gm: GraphModule, node: Node) -> tuple:
                  for n in body.graph.nodes)
 
 
-def _make_chain(gm, container, run, owner_nodes, tensors) -> Chain | None:
+def _make_chain(gm, container, run, owner_nodes, tensors, period: int = 1,
+                graphs: dict | None = None) -> Chain | None:
+    """The chain of blocks ``run`` with units of ``period`` blocks, or None when its blocks are
+    not isomorphic to those of the first unit or its units do not feed each other."""
+    graphs = {} if graphs is None else graphs
     block_nodes = [owner_nodes[b] for b in run]
-    g0 = _graph(block_nodes[0], run[0], tensors)
-    for b, ns in zip(run[1:], block_nodes[1:]):
-        if not _isomorphic(g0, _graph(ns, b, tensors)):
+    for b, ns in zip(run, block_nodes):
+        if b not in graphs:
+            graphs[b] = _graph(ns, b, tensors)
+    for k in range(period, len(run)):
+        if not _isomorphic(graphs[run[k % period]], graphs[run[k]]):
             return None
-    ins = [_external_inputs(gm, ns, b) for b, ns in zip(run, block_nodes)]
+    units = [unit_nodes(block_nodes, period, q) for q in range(len(run) // period)]
+    ins = [_external_inputs(gm, u, run[q * period:(q + 1) * period]) for q, u in enumerate(units)]
     if len({len(x) for x in ins}) != 1:
         return None
-    chained = _links(ins, block_nodes)
+    chained = _links(ins, units)
     if not chained:
         return None  # blocks that do not feed each other are not a chain
     params = [{r: t for t in tensors if (r := relname(t, b)) is not None} for b in run]
     reason = _read_from_outside(run, block_nodes)
     return Chain(container=container, blocks=list(run), nodes=block_nodes, params=params,
-                 chained=chained, depth_ok=not reason, reason=reason)
+                 chained=chained, depth_ok=not reason, reason=reason, period=period)
 
 
 def _links(ins: list[list[Node]], block_nodes: list[list[Node]]) -> list[tuple[int, int, int]] | None:

@@ -42,7 +42,8 @@ class Report:
             "parameters": sum(int(t.numel()) for t in a.gm.parameters()),
             "spaces": [_space_dict(s) for s in a.spaces],
             "chains": [
-                {"container": c.container, "blocks": len(c), "block_paths": c.blocks,
+                {"container": c.container, "blocks": len(c), "period": c.period,
+                 "block_paths": c.blocks,
                  "tensors_per_block": c.params_per_block,
                  "parameters_per_block": _block_numel(a, c),
                  "depth_resizable": c.depth_ok, "reason": c.reason}
@@ -77,6 +78,21 @@ def _space_dict(s: Space) -> dict[str, Any]:
 def _block_numel(a: Analysis, c: Chain) -> int:
     params = dict(a.gm.named_parameters(remove_duplicate=False))
     return sum(int(params[t].numel()) for t in c.params[0].values() if t in params)
+
+
+def _period(c: Chain) -> str:
+    """``1``, or ``2 (A B)``: the period and the kinds of its blocks, in order (a letter per
+    kind of block: blocks of one kind have the same structure and constants); a period whose
+    blocks are of one kind (they read different values, e.g. a mask each) shows no letters."""
+    if c.period == 1:
+        return "1"
+    kinds: list = []
+    letters = []
+    for k in c.kinds[:c.period]:
+        if k not in kinds:
+            kinds.append(k)
+        letters.append(chr(ord("A") + kinds.index(k)))
+    return f"{c.period} ({' '.join(letters)})" if len(kinds) > 1 else str(c.period)
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
@@ -117,11 +133,13 @@ def format_report(r: Report) -> str:
     parts.append("\nspaces (units x unit features; producers/consumers):")
     parts.append(_table(["id", "kind", "units", "unit", "p/c", "tensors", "status"], rows))
     if a.chains:
-        crow = [[c.container or "<root>", str(len(c)), str(c.params_per_block),
+        crow = [[c.container or "<root>", str(len(c)), _period(c), str(c.params_per_block),
                  f"{_block_numel(a, c):,}", "yes" if c.depth_ok else f"no: {c.reason}"]
                 for c in a.chains]
-        parts.append("\nchains:")
-        parts.append(_table(["container", "blocks", "tensors/block", "params/block", "depth"], crow))
+        parts.append("\nchains (period: blocks per repeating unit of a layer pattern; depth "
+                     "changes whole periods):")
+        parts.append(_table(["container", "blocks", "period", "tensors/block", "params/block",
+                             "depth"], crow))
     else:
         parts.append("\nchains: none (depth changes are not possible)")
     if a.tied:

@@ -56,11 +56,14 @@ def _constant(x, block: str) -> bool:
     return x.op == "get_attr" and _param_of(x, block) is None
 
 
-def _param_of(x, block: str) -> str | None:
-    """Relative name of the block tensor ``x`` is (through views, casts, unsqueezes)."""
+def _param_of(x, block: str | tuple[str, ...]) -> str | None:
+    """Relative name of the block tensor ``x`` is (through views, casts, unsqueezes); for a
+    period of blocks (a tuple of paths), its full name when it is a tensor of one of them."""
     while isinstance(x, Node) and x.op == "call_function" and x.target in REARRANGING:
         x = x.args[0]
     if isinstance(x, Node) and x.op == "get_attr":
+        if isinstance(block, tuple):
+            return x.target if any(relname(x.target, b) is not None for b in block) else None
         return relname(x.target, block)
     return None
 
@@ -110,14 +113,17 @@ def _zero_branch(b: Node, block: str, where: str, within: frozenset = frozenset(
     )
 
 
-def identity_zero_set(nodes: list[Node], block: str, chained) -> list[str]:
+def identity_zero_set(nodes: list[Node], block: str | tuple[str, ...], chained) -> list[str]:
     """Relative names of the tensors whose zeroing makes ``block`` the identity on its chained
-    values; raises PlanError (naming the node) when the block is not residual (post-norm...)."""
+    values; raises PlanError (naming the node) when the block is not residual (post-norm...).
+    ``block`` may be a period of blocks (a tuple of their paths, ``nodes`` all of theirs): the
+    names are then full tensor names."""
     zero: list[str] = []
     for link in chained:
         x, cur = chained_input(nodes, link), nodes[link[2]]
         memo: dict = {}
-        where = f"depth_init='identity' on block {block}"
+        where = (f"depth_init='identity' on block {block}" if isinstance(block, str) else
+                 f"depth_init='identity' on the period of blocks {', '.join(block)}")
         while cur is not x:
             if not isinstance(cur, Node) or cur.op != "call_function":
                 raise PlanError(f"{where}: the block output does not come from its input")

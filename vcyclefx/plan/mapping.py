@@ -57,8 +57,30 @@ class ChainMap:
     depth_init: str = DEPTH_INITS[0]  # how de-coalescing fills the blocks of a group
     zero_on_identity: list[str] = field(default_factory=list)  # relative tensor names
     chained: list[list[int]] = field(default_factory=list)  # (input slot, output position) pairs
+    # a layer pattern: blocks per repeating unit; ``chained`` then links units (the nodes of
+    # ``period`` blocks), each group holds blocks of one position in the period, and
+    # ``zero_by_position`` lists per position the tensors ``zero_on_identity`` lists for period 1
+    period: int = 1
+    zero_by_position: list[list[str]] = field(default_factory=list)
+
+    def zero_set(self, block: int) -> list[str]:
+        """Relative names of the tensors to zero in block ``block`` of the larger level to make
+        it the identity."""
+        if self.period == 1:
+            return self.zero_on_identity
+        return self.zero_by_position[block % self.period] if self.zero_by_position else []
 
     def validate(self) -> None:
+        p = self.period
+        if p < 1 or len(self.large_blocks) % p or len(self.small_blocks) % p:
+            raise MappingError(f"chain {self.container}: period {p} does not divide its "
+                               f"{len(self.large_blocks)} and {len(self.small_blocks)} blocks")
+        if any(i % p != g % p for g, members in enumerate(self.groups) for i in members):
+            raise MappingError(f"chain {self.container}: a group of period {p} mixes blocks of "
+                               "different positions in the period")
+        if self.zero_by_position and len(self.zero_by_position) != p:
+            raise MappingError(f"chain {self.container}: zero_by_position needs one list per "
+                               f"position of period {p}")
         if len(self.groups) != len(self.small_blocks):
             raise MappingError(f"chain {self.container}: {len(self.groups)} groups for {len(self.small_blocks)} blocks")
         flat = sorted(i for g in self.groups for i in g)
@@ -131,8 +153,9 @@ class Mapping:
         for s in self.spaces:
             lines.append(f"space {s.key}: {s.large} -> {s.small} units (unit {s.unit})")
         for c in self.chains:
-            lines.append(f"chain {c.container}: {len(c.large_blocks)} -> {len(c.small_blocks)} blocks, "
-                         f"groups {c.groups}")
+            period = f" (period {c.period})" if c.period > 1 else ""
+            lines.append(f"chain {c.container}: {len(c.large_blocks)} -> {len(c.small_blocks)} blocks"
+                         f"{period}, groups {c.groups}")
         for k in self.kept:
             lines.append(f"kept space {k['key']}: {k['reason']}")
         for c in self.compensations:
@@ -149,6 +172,9 @@ class Mapping:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["format"] = FORMAT
+        for c in d["chains"]:  # written only for layer patterns: plain chains read as before
+            if c["period"] == 1 and not c["zero_by_position"]:
+                del c["period"], c["zero_by_position"]
         return d
 
     @classmethod
