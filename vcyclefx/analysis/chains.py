@@ -111,6 +111,9 @@ def find_chains(gm: GraphModule) -> list[Chain]:
                 if p == 1:
                     end = j  # a run of one kind that is no chain is skipped as a whole
                 chain = _make_chain(gm, container, kids[i:j], owner_nodes, tensors, p, graphs)
+                if chain is not None and p > 1 and not chain.depth_ok:
+                    chain = None  # kinds that repeat but whose periods do not feed each other
+                    # (q_norm, k_proj, k_norm of one attention) are no stack of layers
                 if chain is not None:
                     end = j
                     chain.kinds = [sigs[i:j].index(x) for x in sigs[i:j]]
