@@ -89,14 +89,32 @@ def test_the_round_trip_through_the_mapping_passes_node_by_node(every_node):
     small, m = vf.coalesce(model, x, width=0.5, depth=0.5)
     vf.decoalesce(small, mapping=m, depth_init="identity")
     vf.decoalesce(small, mapping=m)  # copied blocks: only the width stage must keep the function
-    assert every_node == ["identity depth growth", "de-coalescing in width",
+    assert every_node == ["coalescing's round trip (identity depth growth)",  # inside coalesce
+                          "coalescing's round trip (width de-coalescing)",
+                          "identity depth growth", "de-coalescing in width",
                           "de-coalescing in width"]
+
+
+def test_a_wrong_rule_met_while_coalescing_is_named_on_the_round_trip(sdpa_forgets_head_dim):
+    """Coalescing cannot keep the function, but de-coalescing its result through its own
+    mapping must: the wrong rule (head_dim resized) is caught there and its node named."""
+    model, x = zoo.gpt2()
+    with pytest.raises(vf.SelfCheckError) as info:
+        vf.coalesce(model, x, width=0.5)
+    e = info.value
+    assert e.op == str(SDPA) and e.node.startswith("scaled_dot_product_attention")
+    assert str(e).startswith("coalescing's round trip (width de-coalescing) changed the model's "
+                             "function") and e.error > 1e-3
+    small, _ = vf.coalesce(model, x, width=0.5, check=False)  # silently wrong without the check
+    # heads 4 -> 2 and, wrongly, head_dim 16 -> 8: q, k, v of 2 x 8 (the right level has 2 x 16)
+    assert small.get_submodule("transformer.h.0.attn.c_attn").weight.shape == (32, 48)
 
 
 def test_check_false_runs_no_model(monkeypatch):
     runs = []
-    real = selfcheck._run
-    monkeypatch.setattr(selfcheck, "_run", lambda gm, visit=None: runs.append(gm) or real(gm, visit))
+    real = selfcheck._run_once
+    monkeypatch.setattr(selfcheck, "_run_once",
+                        lambda gm, visit=None: runs.append(gm) or real(gm, visit))
     model, x = zoo.gpt2()
     big, m = vf.decoalesce(model, x, width=2.0, check=False)
     vf.coalesce(big, mapping=m, check=False)
@@ -104,7 +122,9 @@ def test_check_false_runs_no_model(monkeypatch):
     vf.decoalesce(model, x, width=2.0)
     assert len(runs) == 2  # the level and its de-coalesced copy, once each
     vf.coalesce(big, mapping=m)
-    assert len(runs) == 3  # the coalesced level only (finite outputs)
+    # the coalesced level (finite outputs, then the round trip's input) and its de-coalesced
+    # copy: once each
+    assert len(runs) == 4 and runs[2] is not runs[3]
 
 
 def test_depth_check_names_the_first_node_of_a_broken_block():

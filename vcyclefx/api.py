@@ -55,7 +55,7 @@ def _owned(result, level):
     return clone_level(result) if result is level else result
 
 
-def _width(level, spaces, direction, analysis=None, check=False):
+def _width(level, spaces, direction, analysis=None, check=False, what=None):
     """``analysis``: the level's own (chains=False), where the caller has it already.
     ``check``: de-coalescing must keep the function (equal groups): run both and compare."""
     if not spaces:
@@ -64,25 +64,34 @@ def _width(level, spaces, direction, analysis=None, check=False):
     res = WidthPass(analysis)(level, WidthPlan(direction, tuple(spaces)))
     if check and direction == DECOALESCE and selfcheck.keeps_width(spaces) and \
             selfcheck.checkable(level, res.module):
-        selfcheck.check_width(level, res.module, analysis, spaces, res.mapping)
+        selfcheck.check_width(level, res.module, analysis, spaces, res.mapping, what=what)
     return res.module, res.mapping
 
 
-def _depth(level, chains, direction, depth_init=None, check=False):
+def _depth(level, chains, direction, depth_init=None, check=False, what=None):
     """``check``: identity growth must keep the function: run both and compare."""
     if not chains:
         return level
     out = DepthPass()(level, DepthPlan(direction, tuple(chains), depth_init)).module
     if check and direction == DECOALESCE and selfcheck.keeps_depth(chains, depth_init) and \
             selfcheck.checkable(level, out):
-        selfcheck.check_depth(level, out, chains)
+        selfcheck.check_depth(level, out, chains, what=what)
     return out
 
 
-def _check_coalesced(level, result, check):
-    """Coalescing cannot keep the function: its outputs must stay finite (vcyclefx.selfcheck)."""
-    if check and result is not level and selfcheck.checkable(level, result):
+def _check_coalesced(level, result, mapping, check):
+    """Coalescing cannot keep the function; it checks what it can (vcyclefx.selfcheck): the
+    result's outputs stay finite, and de-coalescing it back through ``mapping`` with identity
+    growth keeps its function (the checks of ``decoalesce``), so a wrong rule met on the way
+    down is named on the way back up."""
+    if not (check and result is not level and selfcheck.checkable(level, result)):
+        return
+    with selfcheck.reusing_runs():
         selfcheck.check_finite(level, result)
+        grown = _depth(result, mapping.chains, DECOALESCE, "identity", check=True,
+                       what="coalescing's round trip (identity depth growth)")
+        _width(grown, mapping.spaces, DECOALESCE, check=True,
+               what="coalescing's round trip (width de-coalescing)")
 
 
 def _plan_depth(level, factor, pairing, coalesce, depth_init=DEPTH_INITS[0]):
@@ -97,7 +106,8 @@ def coalesce(model, example_inputs=None, *, width: float = 1.0, depth: float = 1
     """A smaller level of ``model`` and the Mapping from ``model`` to it.
 
     ``check``: run the result on the example inputs and raise SelfCheckError (naming the first
-    node) if its outputs are not finite where the input's are (vcyclefx.selfcheck)."""
+    node) if its outputs are not finite where the input's are, or if de-coalescing it back with
+    identity growth does not keep its function (vcyclefx.selfcheck)."""
     level = as_level(model, example_inputs, **capture_kwargs)
     if mapping is not None:
         if width != 1.0 or depth != 1.0:
@@ -106,7 +116,7 @@ def coalesce(model, example_inputs=None, *, width: float = 1.0, depth: float = 1
         cur, _ = _width(level, mapping.spaces, COALESCE)
         cur = _depth(cur, mapping.chains, COALESCE)
         _check_shapes(cur, mapping.small_shapes, "smaller")
-        _check_coalesced(level, cur, check)
+        _check_coalesced(level, cur, mapping, check)
         return _owned(cur, level), mapping
     large = tensor_shapes(level)
     spaces, kept, analysis = [], [], None
@@ -119,11 +129,11 @@ def coalesce(model, example_inputs=None, *, width: float = 1.0, depth: float = 1
     cur, comps = _width(level, spaces, COALESCE, analysis)
     chains = _plan_depth(cur, depth, depth_pairing, coalesce=True)
     cur = _depth(cur, chains, COALESCE)
-    _check_coalesced(level, cur, check)
     info = level_info(level)
     m = Mapping(spaces=list(spaces), chains=list(chains), compensations=list(comps),
                 large_shapes=large, small_shapes=tensor_shapes(cur), kept=kept,
                 source_class=info.source_class if info else None)
+    _check_coalesced(level, cur, m, check)
     return _owned(cur, level), m
 
 

@@ -22,9 +22,9 @@ alone (``w.t()``, weight norm's ``w``) is split on consumer axes, not copied, an
 through the activations it produces.
 
 Coalescing cannot keep the function; its result is checked to give finite outputs where the
-input does (the first node to go non-finite is named). Checking that de-coalescing it back with
-identity growth passes the check above would cost a second transform (about as much as the
-coalesce itself), so it is not done by default.
+input does (the first node to go non-finite is named), and to come back through its own mapping:
+de-coalescing it with identity growth must pass the checks above (``vcyclefx.api`` runs that
+round trip; the graphs' outputs are computed once each inside :func:`reusing_runs`).
 
 Tolerance: the relative error ``max|new - old| / max|old|`` of each output must be at most
 :data:`TOLERANCE` = 1e-5. De-coalescing reorders float32 sums (a split consumer adds k*n terms
@@ -37,6 +37,7 @@ checked (their own rounding would be compared, not the mapping).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import defaultdict
 from typing import Any, Callable
@@ -116,9 +117,32 @@ def _flat_inputs(gm: GraphModule) -> list:
     return list(gm.graph._codegen.process_inputs(*args))
 
 
+_MEMO: list[dict] = []  # inside reusing_runs(): id(gm) -> (gm, outputs)
+
+
+@contextlib.contextmanager
+def reusing_runs():
+    """Inside the block each graph runs on its example inputs once: a stage's output is the
+    next stage's input (coalesce, then the round trip's depth and width stages)."""
+    _MEMO.append({})
+    try:
+        yield
+    finally:
+        _MEMO.pop()
+
+
 def _run(gm: GraphModule, visit=None) -> list:
     """The flat values of ``gm``'s output node on its example inputs, in eval mode, no grad;
     the level's mode is put back after."""
+    if visit is None and _MEMO:
+        hit = _MEMO[-1].get(id(gm))
+        if hit is None or hit[0] is not gm:
+            hit = _MEMO[-1][id(gm)] = (gm, _run_once(gm))
+        return hit[1]
+    return _run_once(gm, visit)
+
+
+def _run_once(gm: GraphModule, visit=None) -> list:
     training = gm.training
     try:
         with torch.no_grad():
@@ -260,7 +284,7 @@ def _scaled_by_folds(after: GraphModule, comps: list[Compensation]) -> dict[str,
 
 
 def check_width(before: GraphModule, after: GraphModule, analysis, spaces: list[SpaceMap],
-                comps: list[Compensation]) -> float:
+                comps: list[Compensation], what: str | None = None) -> float:
     """``after`` (``before`` de-coalesced in width; ``analysis`` is ``before``'s) computes
     ``before``'s function; returns the worst output error, raises SelfCheckError otherwise."""
     by_key = {s.key: s for s in analysis.spaces}
@@ -295,7 +319,7 @@ def check_width(before: GraphModule, after: GraphModule, analysis, spaces: list[
             out = out * factor
         return out, ", ".join(sorted(keys))
 
-    return _compare(before, after, "de-coalescing in width", counterpart, expected)
+    return _compare(before, after, what or "de-coalescing in width", counterpart, expected)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,7 +345,8 @@ def _keys(gm: GraphModule, rename: Callable[[str], str | None]) -> dict:
     return out
 
 
-def check_depth(before: GraphModule, after: GraphModule, chains: list[ChainMap]) -> float:
+def check_depth(before: GraphModule, after: GraphModule, chains: list[ChainMap],
+                what: str | None = None) -> float:
     """``after`` (``before`` grown in depth with identity blocks) computes ``before``'s
     function; returns the worst output error, raises SelfCheckError otherwise."""
     moves: list[tuple[str, str | None]] = []  # new block path -> old block path (None: new)
@@ -339,7 +364,7 @@ def check_depth(before: GraphModule, after: GraphModule, chains: list[ChainMap])
 
     old_by_key = {k: n for n, k in _keys(before, lambda p: p).items()}
     new_keys = _keys(after, rename)
-    return _compare(before, after, "identity depth growth",
+    return _compare(before, after, what or "identity depth growth",
                     lambda n: old_by_key.get(new_keys.get(n)) if new_keys.get(n) else None,
                     lambda o, n, value: (value, ""))
 
