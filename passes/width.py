@@ -39,7 +39,7 @@ from vcyclefx.plan.mapping import TIED, Compensation, SpaceMap
 from passes.common import PassResult, copy_graph, rebuild
 from passes.contract import Pass
 from passes.meta import ShapeUpdater
-from vcyclefx.fx.ops import NORMS, REARRANGING
+from vcyclefx.fx.ops import NORMS, REARRANGING, value_users
 from passes.units import Units, has_resized, new_tensors
 from passes.weight_norm import (apply_weight_norm_scales, weight_norm_compensations,
                                 weight_norm_scale_meta)
@@ -109,11 +109,23 @@ def _group_factor(analysis: Analysis, name: str, axis: int, resized: dict[int, U
     return factor
 
 
+_CASTS = {aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.to.device}
+
+
+def _through_casts(x):
+    """The parameter behind single-use dtype casts (Cohere's norm: ``weight.to(float32) * x``):
+    scaling it by a power of two scales its cast exactly."""
+    while isinstance(x, Node) and x.op == "call_function" and x.target in _CASTS and \
+            len(value_users(x)) == 1 and isinstance(x.args[0], Node):
+        x = x.args[0]
+    return x
+
+
 def _fold_target(analysis: Analysis, act: Node) -> tuple[Node, list[str]] | None:
     """The norm producing ``act`` through single-use transparent ops, and its affine tensors."""
     node = act
     while True:
-        if len(node.users) != 1:
+        if len(value_users(node)) != 1:
             return None
         if node.op != "call_function":
             return None
@@ -125,7 +137,7 @@ def _fold_target(analysis: Analysis, act: Node) -> tuple[Node, list[str]] | None
                 return None
             return node, [analysis.alias_of.get(p.target, p.target) for p in params]
         if node.target is aten.mul.Tensor:
-            a, b = node.args[0], node.args[1]
+            a, b = (_through_casts(x) for x in node.args[:2])
             params = [x for x in (a, b) if isinstance(x, Node) and x.op == "get_attr"]
             if len(params) == 1:
                 return node, [analysis.alias_of.get(params[0].target, params[0].target)]

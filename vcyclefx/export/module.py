@@ -11,9 +11,15 @@ families:
    one entry of a list field at a time, or the whole list) that most reduces the number of
    tensors whose name or shape differs from the level is applied, until none differ;
 3. *function*: fields that no shape shows (GPT-2's ``n_head``: the head count only appears in
-   reshapes) are settled by building real modules, loading the level's weights with
-   ``strict=True`` and comparing outputs on the level's example inputs; the first candidate
-   whose float32 relative error is <= 1e-6 is the answer.
+   reshapes; a grouped-query model's query and key/value head counts, which change together)
+   are settled by building real modules, loading the level's weights with ``strict=True`` and
+   comparing outputs on the level's example inputs, one such field at a time, then two; the
+   first candidate whose float32 relative error is <= 1e-6 is the answer.
+
+Hugging Face modeling code reads some fields the config dict may lack (``getattr(config,
+"head_dim", hidden_size // num_attention_heads)``): such a field is a candidate too, with the
+value the built modules hold under its name, so a level that halves the hidden size but keeps
+its heads of 16 is the class with ``head_dim=16`` written into its config.
 
 Where no field change reproduces the level (uneven groups, a width that is not a constructor
 argument), a :class:`~vcyclefx.errors.LevelError` names the tensor, its axis, the space it lies
@@ -22,7 +28,9 @@ in and what is missing.
 
 from __future__ import annotations
 
+import inspect as _inspect
 import re
+import sys
 from fractions import Fraction
 
 import torch
@@ -32,7 +40,7 @@ from torch import nn
 from vcyclefx.analysis.analyze import analyze
 from vcyclefx.errors import LevelError
 from vcyclefx.level import level_info
-from vcyclefx.capture.recipe import HF, Recipe
+from vcyclefx.capture.recipe import HF, Recipe, import_object
 
 TOLERANCE = 1e-6
 _INDEX = re.compile(r"\.(\d+)(?=\.)")
@@ -75,7 +83,13 @@ def _mismatch(built: dict | None, target: dict) -> int:
     return sum(1 for n in names if built.get(n) != target.get(n))
 
 
-def _candidates(value, ratios: set[Fraction]):
+def _candidates(value, ratios: set[Fraction], keep: bool = False):
+    """Values of a field: its value times each ratio (for a list: the whole list, or one entry);
+    ``keep``: the value itself first (a field the config lacks, written to keep what the
+    modeling code would otherwise derive from other fields)."""
+    if keep:
+        yield value
+
     def scaled(v):
         for r in ratios:
             x = v * r
@@ -93,6 +107,29 @@ def _candidates(value, ratios: set[Fraction]):
     for i, v in enumerate(value):  # one entry
         for x in sorted(set(scaled(v))):
             yield value[:i] + [x] + value[i + 1 :]
+
+
+_CONFIG_READ = re.compile(r"getattr\(\s*(?:self\.)?config\s*,\s*[\"'](\w+)[\"']"
+                          r"|\bconfig\.(\w+)\b")
+
+
+def _unwritten_fields(recipe: Recipe, base: nn.Module) -> dict:
+    """Hugging Face: integer fields that the class's modeling code reads from its config but
+    the config dict lacks, with the one value its built modules hold under that name
+    (``head_dim``, derived as ``hidden_size // num_attention_heads`` unless written)."""
+    if recipe.kind != HF:
+        return {}
+    try:
+        source = _inspect.getsource(sys.modules[import_object(recipe.target).__module__])
+    except (OSError, TypeError, KeyError):
+        return {}
+    names = {a or b for a, b in _CONFIG_READ.findall(source)} - set(recipe.args)
+    out = {}
+    for name in sorted(names):
+        values = {getattr(m, name) for m in base.modules() if type(getattr(m, name, None)) is int}
+        if len(values) == 1:
+            out[name] = values.pop()
+    return out
 
 
 class _Builder:
@@ -119,9 +156,11 @@ class _Builder:
 BEAM = 4  # configurations kept per step of the shape search
 
 
-def _solve_shapes(builder: _Builder, fields: dict, target: dict, ratios) -> tuple[list[dict], dict]:
+def _solve_shapes(builder: _Builder, fields: dict, target: dict, ratios,
+                  unwritten=frozenset()) -> tuple[list[dict], dict]:
     """Configurations whose tensors all have the level's names and shapes (fewest changes
-    first), found by a beam search over single field changes; and the closest one."""
+    first), found by a beam search over single field changes; and the closest one.
+    ``unwritten``: fields the config lacks (their value is a candidate too)."""
     def key(o):
         return repr(sorted(o.items()))
 
@@ -135,7 +174,8 @@ def _solve_shapes(builder: _Builder, fields: dict, target: dict, ratios) -> tupl
             if here == 0:
                 continue
             for f, base in fields.items():
-                for cand in _candidates(cur.get(f, base), ratios):
+                for cand in _candidates(cur.get(f, base), ratios,
+                                        keep=f in unwritten and f not in cur):
                     trial = {**cur, f: cand}
                     k = key(trial)
                     if k not in scores:
@@ -215,8 +255,10 @@ def solve(level) -> tuple[Recipe, dict, nn.Module, float]:
         raise LevelError(f"cannot build {recipe.target} from its recipe on the meta device "
                          f"({builder.errors.get(repr([]), 'no reason given')})")
     fields = recipe.fields()
+    unwritten = _unwritten_fields(recipe, recipe.build({}, device="meta"))
+    fields.update(unwritten)
     ratios = _ratios(base, target)
-    exact, closest = _solve_shapes(builder, fields, target, ratios)
+    exact, closest = _solve_shapes(builder, fields, target, ratios, frozenset(unwritten))
     if not exact:
         raise LevelError(_no_config_message(level, recipe, builder.shapes(closest), target,
                                             closest))
@@ -227,12 +269,8 @@ def solve(level) -> tuple[Recipe, dict, nn.Module, float]:
     try:
         for shaped in exact:
             # each shape solution, then with one field that no tensor shape shows changed too
-            # (head counts that only appear in reshapes)
-            trials = [shaped] + [{**shaped, f: c} for f, b in fields.items() if f not in shaped
-                                 for c in _candidates(b, ratios)]
-            for trial in trials:
-                if _mismatch(builder.shapes(trial), target) != 0:
-                    continue
+            # (head counts that only appear in reshapes), then two (query and key/value heads)
+            for trial in _function_trials(builder, shaped, fields, ratios, target):
                 m, e, why = _verify(recipe, trial, level, state, info)
                 tried.append((trial, e, why))
                 if e <= TOLERANCE:
@@ -252,6 +290,29 @@ def solve(level) -> tuple[Recipe, dict, nn.Module, float]:
             "changed (e.g. uneven groups, a head count with a different head size, or a size "
             "written as a constant in the class's forward) is not a field of the recipe")
     return recipe, overrides, module, err
+
+
+PAIRED = 6  # single changes (fewest tensors off) combined in pairs by the function search
+
+
+def _function_trials(builder: _Builder, shaped: dict, fields: dict, ratios, target):
+    """``shaped``; then with one field that no tensor shape shows changed; then with two
+    (grouped-query heads: the query and the key/value head counts change together, and
+    neither alone keeps the shapes), taken from the single changes that keep the most shapes."""
+    yield shaped
+    singles = [{**shaped, f: c} for f, b in fields.items() if f not in shaped
+               for c in _candidates(b, ratios)]
+    scored = sorted(((_mismatch(builder.shapes(t), target), i) for i, t in enumerate(singles)))
+    yield from (singles[i] for score, i in scored if score == 0)
+    near = [singles[i] for score, i in scored if score < 10 ** 9][:PAIRED + sum(
+        1 for score, _ in scored if score == 0)]
+    for i, a in enumerate(near):
+        for b in near[i + 1:]:
+            (fa,), (fb,) = a.keys() - shaped.keys(), b.keys() - shaped.keys()
+            if fa != fb:
+                pair = {**a, fb: b[fb]}
+                if _mismatch(builder.shapes(pair), target) == 0:
+                    yield pair
 
 
 def _fmt(overrides: dict) -> str:

@@ -33,6 +33,15 @@ LINEAR = REARRANGING | frozenset({
     aten.constant_pad_nd.default, aten.index.Tensor, aten.to.device,
     aten.sum.dim_IntList, aten.mean.dim,
 })
+# ops that read a value only to check it (export's metadata assertions): not a use of the value
+CHECKS = frozenset({aten._assert_tensor_metadata.default})
+
+
+def value_users(node) -> list:
+    """The users of ``node`` that use its value (not the assertions export adds after casts)."""
+    return [u for u in node.users if not (u.op == "call_function" and u.target in CHECKS)]
+
+
 # ops whose output is never negative
 NONNEGATIVE = frozenset({
     aten.relu.default, aten.relu_.default, aten.sigmoid.default, aten.exp.default,
