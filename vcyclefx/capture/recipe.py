@@ -71,9 +71,12 @@ class Recipe:
     dropped: tuple = field(default_factory=tuple)  # CALL: arguments that are not JSON values
 
     def fields(self) -> dict:
-        """The values to_module may change: integer fields and lists of integers."""
+        """The values to_module may change: integer fields and lists of integers (not token
+        ids: Hugging Face's ``*_token_id`` fields name vocabulary entries, not sizes)."""
         out = {}
         for k, v in self.args.items():
+            if k.endswith(("_token_id", "_token_ids")):
+                continue
             if _is_int(v) or (isinstance(v, (list, tuple)) and v and all(_is_int(x) for x in v)):
                 out[k] = v
         if self.kind == CALL:

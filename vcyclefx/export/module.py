@@ -217,9 +217,10 @@ def _why(e: Exception) -> str:
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
-def _verify(recipe: Recipe, overrides: dict, level, state, info):
+def _verify(recipe: Recipe, overrides: dict, level, state, info, reference=None):
     """(the module built with ``overrides`` and the level's weights, its relative error on the
-    level's example inputs, why it does not fit: None when it ran)."""
+    level's example inputs, why it does not fit: None when it ran). ``reference``: the level's
+    own output on them, where the caller has it."""
     try:
         module = recipe.build(overrides)
         module.load_state_dict(state, strict=True)
@@ -232,9 +233,10 @@ def _verify(recipe: Recipe, overrides: dict, level, state, info):
             out = module(*args, **kwargs)
     except Exception as e:  # noqa: BLE001 - the class's own forward refuses these sizes
         return None, float("inf"), f"its forward fails on the level's example inputs ({_why(e)})"
-    with torch.no_grad():
-        err = _rel_error(out, level(*info.example_inputs))
-    return module, err, None
+    if reference is None:
+        with torch.no_grad():
+            reference = level(*info.example_inputs)
+    return module, _rel_error(out, reference), None
 
 
 def solve(level) -> tuple[Recipe, dict, nn.Module, float]:
@@ -267,11 +269,13 @@ def solve(level) -> tuple[Recipe, dict, nn.Module, float]:
     level.eval()
     module, err, overrides, tried = None, float("inf"), exact[0], []
     try:
+        with torch.no_grad():
+            reference = level(*info.example_inputs)
         for shaped in exact:
             # each shape solution, then with one field that no tensor shape shows changed too
             # (head counts that only appear in reshapes), then two (query and key/value heads)
             for trial in _function_trials(builder, shaped, fields, ratios, target):
-                m, e, why = _verify(recipe, trial, level, state, info)
+                m, e, why = _verify(recipe, trial, level, state, info, reference)
                 tried.append((trial, e, why))
                 if e <= TOLERANCE:
                     module, err, overrides = m, e, trial
@@ -296,23 +300,25 @@ PAIRED = 6  # single changes (fewest tensors off) combined in pairs by the funct
 
 
 def _function_trials(builder: _Builder, shaped: dict, fields: dict, ratios, target):
-    """``shaped``; then with one field that no tensor shape shows changed; then with two
-    (grouped-query heads: the query and the key/value head counts change together, and
-    neither alone keeps the shapes), taken from the single changes that keep the most shapes."""
+    """``shaped``; then with one field that no tensor shape shows changed; then with two:
+    first two that each alone break shapes the other mends (grouped-query heads: the query and
+    the key/value head counts change together), from the single changes that keep the most
+    shapes; then two that each keep every shape."""
     yield shaped
     singles = [{**shaped, f: c} for f, b in fields.items() if f not in shaped
                for c in _candidates(b, ratios)]
     scored = sorted(((_mismatch(builder.shapes(t), target), i) for i, t in enumerate(singles)))
-    yield from (singles[i] for score, i in scored if score == 0)
-    near = [singles[i] for score, i in scored if score < 10 ** 9][:PAIRED + sum(
-        1 for score, _ in scored if score == 0)]
-    for i, a in enumerate(near):
-        for b in near[i + 1:]:
-            (fa,), (fb,) = a.keys() - shaped.keys(), b.keys() - shaped.keys()
-            if fa != fb:
-                pair = {**a, fb: b[fb]}
-                if _mismatch(builder.shapes(pair), target) == 0:
-                    yield pair
+    invisible = [singles[i] for score, i in scored if score == 0]
+    yield from invisible
+    near = [singles[i] for score, i in scored if 0 < score < 10 ** 9][:PAIRED]
+    for group in (near, invisible):
+        for i, a in enumerate(group):
+            for b in group[i + 1:]:
+                (fa,), (fb,) = a.keys() - shaped.keys(), b.keys() - shaped.keys()
+                if fa != fb:
+                    pair = {**a, fb: b[fb]}
+                    if _mismatch(builder.shapes(pair), target) == 0:
+                        yield pair
 
 
 def _fmt(overrides: dict) -> str:
