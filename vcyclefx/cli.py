@@ -74,7 +74,8 @@ def _cmd_coalesce(args) -> int:
     small, mapping = api.coalesce(found.model, found.example, width=args.width, depth=args.depth,
                                   pairing=args.pairing, depth_pairing=args.depth_pairing,
                                   check=args.check, **_capture_kwargs(found))
-    save_level(small, args.output, mapping, overwrite=args.force, also=_writer(small, args),
+    also = _writer(small, args, lambda: _nearest(api.coalesce, found, args))
+    save_level(small, args.output, mapping, overwrite=args.force, also=also,
                extra={"made_by": "coalesce", "from": args.model, **_level_summary(small, mapping)})
     print(mapping.summary())
     _progress(f"wrote {args.output}")
@@ -107,7 +108,10 @@ def _cmd_decoalesce(args) -> int:
         big, used = api.decoalesce(level, example, width=args.width or 1.0,
                                    depth=args.depth or 1.0, depth_init=args.depth_init,
                                    pairing=args.pairing, check=args.check, **extra)
-    save_level(big, args.output, used, overwrite=args.force, also=_writer(big, args),
+    nearest = None
+    if mapping is None or args.width is not None or args.depth is not None:
+        nearest = lambda: _nearest(api.decoalesce, found if mapping is None else level, args)  # noqa: E731
+    save_level(big, args.output, used, overwrite=args.force, also=_writer(big, args, nearest),
                extra={"made_by": "decoalesce", "from": args.model, **_level_summary(big, used)})
     _progress(f"wrote {args.output}")
     return 0
@@ -143,14 +147,43 @@ def _capture_kwargs(found) -> dict:
     return {"copy_weights": False, **({"recipe": found.recipe} if found.recipe is not None else {})}
 
 
-def _writer(level, args):
-    """What --format adds to the level directory (checked before anything is written)."""
+def _writer(level, args, nearest=None):
+    """What --format adds to the level directory (checked before anything is written).
+    ``nearest()``: the factors nearest to the asked ones whose level the class can express, for
+    the refusal's message."""
     if args.format == "level":
         return None
+    from vcyclefx.errors import LevelError
     from vcyclefx.export.formats import module_writer
 
     _progress(f"solving for the original class at the level's sizes (--format {args.format})")
-    return module_writer(level, args.format)
+    try:
+        return module_writer(level, args.format)
+    except LevelError as e:
+        if nearest is None:
+            raise
+        _progress("no configuration expresses this level: trying the nearest factors")
+        found = nearest()
+        say = (" or ".join(f"--width {w:g} --depth {d:g}" for w, d in found) if found else
+               "none (the class cannot express a width change of this model: keep --format "
+               "level, or change the depth only)")
+        raise LevelError(f"{e}\nnearest factors whose level --format {args.format} can "
+                         f"write: {say}") from None
+
+
+def _nearest(transform, found, args):
+    from vcyclefx.export.module import nearest_expressible
+    from vcyclefx.level import is_level
+
+    if is_level(found):  # a level directory grown by factors
+        model, example, extra = found, None, {}
+    else:
+        model, example, extra = found.model, found.example, _capture_kwargs(found)
+    width = args.width if args.width is not None else 1.0
+    depth = args.depth if args.depth is not None else 1.0
+    kw = {"depth_pairing": args.depth_pairing} if hasattr(args, "depth_pairing") else {}
+    return nearest_expressible(transform, model, example, width, depth, pairing=args.pairing,
+                               **kw, **extra)
 
 
 def _model_arg(p) -> None:

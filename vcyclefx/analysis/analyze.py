@@ -240,16 +240,29 @@ def _pin_unowned(ctx: Context, tensors: dict[str, StateTensor]) -> None:
 
 def _pin_merged_replicas(ctx: Context) -> None:
     """A replication factor that a reshape merges into another axis (``repeat_kv``'s
-    expand + reshape) counts copies of something else: keep it. Replication used directly
-    elementwise (a mask expanded to the hidden size) is an ordinary axis of its space."""
-    children = set()
+    expand + reshape: key/value heads x copies x head_dim) counts copies of something else, the
+    groups before it: keep it. Replication used directly elementwise (a mask expanded to the
+    hidden size) is an ordinary axis of its space, and so is one with no group before it
+    (multi-query attention: one key/value head that every query head reads, so the query heads
+    resize like any heads)."""
+    grouped: set[int] = set()
     for r in ctx.table.roots():
         if r.kind == PROD:
-            children.update(ctx.table.find(c).id for c in r.children)
+            kids = [ctx.table.find(c) for c in r.children]
+            for i, c in enumerate(kids):
+                if any(not _is_one(x.size) for x in kids[:i]):
+                    grouped.add(c.id)
     for d, node in ctx.replicas:
-        if ctx.table.find(d).id in children:
+        if ctx.table.find(d).id in grouped:
             ctx.pin(d, f"replication factor made at {_where(node)}: copies per group are kept "
                        "(query heads stay with their key/value head)")
+
+
+def _is_one(size) -> bool:
+    try:
+        return int(size) == 1
+    except (TypeError, ValueError):  # a symbolic size is not 1
+        return False
 
 
 def _layout_paths(table: DimTable, d: Dim, prefix: str = "") -> list[tuple[Dim, str, list[Dim]]]:

@@ -38,7 +38,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from vcyclefx.analysis.analyze import analyze
-from vcyclefx.errors import LevelError
+from vcyclefx.errors import LevelError, VCycleError
 from vcyclefx.level import level_info
 from vcyclefx.capture.recipe import HF, Recipe, import_object
 
@@ -120,10 +120,13 @@ def _unwritten_fields(recipe: Recipe, base: nn.Module) -> dict:
     if recipe.kind != HF:
         return {}
     try:
-        source = _inspect.getsource(sys.modules[import_object(recipe.target).__module__])
+        cls = import_object(recipe.target)
+        source = _inspect.getsource(sys.modules[cls.__module__])
     except (OSError, TypeError, KeyError):
         return {}
     names = {a or b for a, b in _CONFIG_READ.findall(source)} - set(recipe.args)
+    # a property of the config class (Falcon's head_dim) is derived and cannot be written
+    names = {n for n in names if not isinstance(getattr(cls.config_class, n, None), property)}
     out = {}
     for name in sorted(names):
         values = {getattr(m, name) for m in base.modules() if type(getattr(m, name, None)) is int}
@@ -366,6 +369,28 @@ def to_module(level, *, share: bool = False) -> nn.Module:
         module.load_state_dict(level.state_dict(keep_vars=True), strict=True, assign=True)
     module.train(level.training)
     return module
+
+
+def nearest_expressible(transform, model, example_inputs, width: float, depth: float,
+                        **kwargs) -> list[tuple[float, float]]:
+    """The factors nearest to ``(width, depth)`` whose level ``to_module`` can build as the
+    model's class: depth alone, then width alone (``transform`` is ``vf.coalesce`` or
+    ``vf.decoalesce``; each candidate is transformed without its self-check and solved)."""
+    out = []
+    for w, d in ((1.0, depth), (width, 1.0)):
+        if (w, d) in ((1.0, 1.0), (width, depth)):
+            continue
+        try:
+            level, _ = transform(model, example_inputs, width=w, depth=d, check=False, **kwargs)
+            solve(level)
+        except LevelError:
+            continue
+        except Exception as e:  # noqa: BLE001 - a candidate the transform refuses is no answer
+            if not isinstance(e, VCycleError):
+                raise
+            continue
+        out.append((w, d))
+    return out
 
 
 def module_call(level) -> dict:
