@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import vcyclefx as vf
 from vcyclefx.driver.config import TrainConfig
 from vcyclefx.driver.data import Batches
 from vcyclefx.driver.models import lm_loss
@@ -89,6 +90,10 @@ def hf_args(out, **kw):
                              dataloader_num_workers=0, **kw)
 
 
+def example():
+    return (batches().get(0, 0)[0][:2],)
+
+
 def run_hf(model, out, seen, **kw):
     data = batches()
 
@@ -97,8 +102,7 @@ def run_hf(model, out, seen, **kw):
                        compute_loss_func=lambda out, labels, num_items_in_batch=None:
                        lm_loss(out, labels), callbacks=[Moments(run, seen)])
 
-    example = (data.get(0, 0)[0][:2],)
-    return train_vcycle(model, example, make_trainer, hf_args(out, **kw), **cycle_options(CFG))
+    return train_vcycle(model, example(), make_trainer, hf_args(out, **kw), **cycle_options(CFG))
 
 
 def assert_carried_exactly(seen):
@@ -120,10 +124,11 @@ def eval_loss(model) -> float:
 
 
 def test_trainer_vcycle_on_gpt2_matches_the_driver_recipe_and_carries_moments_exactly(tmp_path):
+    level0 = vf.capture(tiny_gpt2(), example())  # one capture for both runs (a VCycle copies it)
     seen = {}
-    final = run_hf(tiny_gpt2(), tmp_path / "hf", seen)
+    final = run_hf(level0, tmp_path / "hf", seen)
     assert_carried_exactly(seen)
-    ours, records = train_vcycle_on(CFG, tiny_gpt2(), batches(), tmp_path / "driver")
+    ours, records = train_vcycle_on(CFG, level0, batches(), tmp_path / "driver")
     driver_train = [r for r in records if r["event"] == "train"]
     hf_log = [r for r in _metrics(tmp_path / "hf") if "loss" in r]
     assert len(hf_log) == len(driver_train) == 10
