@@ -80,13 +80,14 @@ class Moments(TrainerCallback):
 
 
 def hf_args(out, **kw):
+    kw = {"save_strategy": "no", **kw}
     return TrainingArguments(str(out), learning_rate=CFG.lr, warmup_steps=CFG.warmup,
                              lr_scheduler_type="cosine_with_min_lr",
                              lr_scheduler_kwargs={"min_lr": CFG.min_lr},
                              weight_decay=CFG.weight_decay, adam_beta1=CFG.beta1,
                              adam_beta2=CFG.beta2, max_grad_norm=CFG.grad_clip,
                              per_device_train_batch_size=B, report_to=[], logging_steps=1,
-                             save_strategy="no", use_cpu=True, optim="adamw_torch",
+                             use_cpu=True, optim="adamw_torch",
                              dataloader_num_workers=0, **kw)
 
 
@@ -94,15 +95,16 @@ def example():
     return (batches().get(0, 0)[0][:2],)
 
 
-def run_hf(model, out, seen, **kw):
+def run_hf(model, out, seen, *, extra=lambda run: [], resume=False, **kw):
     data = batches()
 
     def make_trainer(module, args, run):
         return Trainer(model=module, args=args, train_dataset=Rows(data, run.before.step, run.steps),
                        compute_loss_func=lambda out, labels, num_items_in_batch=None:
-                       lm_loss(out, labels), callbacks=[Moments(run, seen)])
+                       lm_loss(out, labels), callbacks=[Moments(run, seen), *extra(run)])
 
-    return train_vcycle(model, example(), make_trainer, hf_args(out, **kw), **cycle_options(CFG))
+    return train_vcycle(model, example(), make_trainer, hf_args(out, **kw), resume=resume,
+                        **cycle_options(CFG))
 
 
 def assert_carried_exactly(seen):
@@ -162,3 +164,42 @@ def test_trainer_vcycle_on_llama_logs_one_global_count_and_loads_into_its_class(
     back = LlamaForCausalLM.from_pretrained(tmp_path / "hf" / "final")
     assert back.config.hidden_size == 32 and back.config.num_hidden_layers == 2
     assert abs(eval_loss(back) - eval_loss(final)) == 0.0
+
+
+class Killed(Exception):
+    pass
+
+
+class KillAt(TrainerCallback):
+    """Stops the process's training (an exception) after optimizer step ``step`` of a stage."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == self.step:
+            raise Killed(f"killed after step {self.step}")
+
+
+@pytest.mark.slow
+def test_trainer_vcycle_killed_inside_a_stage_resumes_to_the_same_model(tmp_path):
+    level0 = vf.capture(tiny_gpt2(), example())
+    full = run_hf(level0, tmp_path / "full", {}, save_strategy="steps", save_steps=1)
+    with pytest.raises(Killed):  # in stage 1 (the coarse level) after its 3rd step
+        run_hf(level0, tmp_path / "cut", {}, save_strategy="steps", save_steps=1,
+               extra=lambda run: [KillAt(3)] if run.index == 1 else [])
+    assert (tmp_path / "cut" / "vcycle" / "stage-000").is_dir()
+    assert not (tmp_path / "cut" / "stage-001" / "end").exists()
+    # killed after its 3rd step, before that step's log and checkpoint
+    assert sorted(p.name for p in (tmp_path / "cut" / "stage-001").iterdir()) == \
+        ["checkpoint-1", "checkpoint-2"]
+    with pytest.raises(Exception, match="already holds a V-cycle run"):
+        run_hf(level0, tmp_path / "cut", {}, save_strategy="steps", save_steps=1)
+    seen = {}
+    resumed = run_hf(level0, tmp_path / "cut", seen, save_strategy="steps", save_steps=1,
+                     resume=True)
+    assert sorted(seen) == [1, 2]  # stage 0 was not trained again
+    a, b = full.state_dict(), resumed.state_dict()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    log = [r for r in _metrics(tmp_path / "cut") if "loss" in r]
+    assert [r["global_step"] for r in log] == list(range(1, 11))  # one count, nothing repeated
