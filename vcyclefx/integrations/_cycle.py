@@ -88,9 +88,11 @@ def stage_dir(root: Path, index: int) -> Path:
     return Path(root) / f"stage-{index:03d}"
 
 
-def open_cycle(model, example_inputs, root: Path, resume: bool, options: dict) -> VCycle:
-    """The VCycle of an integration run in ``root`` (stage checkpoints in ``root/vcycle``). A
-    fresh run refuses a folder that already holds one (pass ``resume=True`` to continue it)."""
+def open_cycle(model, example_inputs, root: Path, resume: bool, options: dict,
+               writer: bool = True) -> VCycle:
+    """The VCycle of an integration run in ``root`` (stage checkpoints in ``root/vcycle``, written
+    by the ``writer`` process only: rank 0 of a multi-process run). A fresh run refuses a folder
+    that already holds one (pass ``resume=True`` to continue it)."""
     root = Path(root)
     vdir = root / "vcycle"
     for bad in ("checkpoint_dir", "resume", "write_checkpoints"):
@@ -101,7 +103,7 @@ def open_cycle(model, example_inputs, root: Path, resume: bool, options: dict) -
         raise ScheduleError(f"{root} already holds a V-cycle run: pass resume=True to continue it, "
                             "or choose another output folder")
     return VCycle(model, example_inputs, checkpoint_dir=vdir, resume=vdir if resume else None,
-                  **options)
+                  write_checkpoints=writer, **options)
 
 
 def _save_end(where: Path, stage: Stage, named: dict | None, totals: Totals) -> None:
@@ -120,8 +122,10 @@ def _load_end(where: Path) -> tuple[dict, Totals]:
 
 
 def run_stages(cycle: VCycle, root: Path, resume: bool,
-               train_stage: Callable[[StageRun, dict | None], tuple[dict, int]]) -> Totals:
-    """Train every remaining stage of ``cycle`` with ``train_stage`` (module docstring)."""
+               train_stage: Callable[[StageRun, dict | None], tuple[dict, int]],
+               writer: bool = True) -> Totals:
+    """Train every remaining stage of ``cycle`` with ``train_stage`` (module docstring); only
+    the ``writer`` process writes the stage ends."""
     root = Path(root)
     start = cycle.next_stage
     previous, totals = (None, Totals()) if start == 0 else _load_end(stage_dir(root, start - 1) / _END)
@@ -143,6 +147,7 @@ def run_stages(cycle: VCycle, root: Path, resume: bool,
         named, tokens = train_stage(run, carried)
         totals = Totals(totals.step + stage.steps, totals.tokens + tokens,
                         totals.flops + run.flops_per_token * tokens)
-        _save_end(end, stage, named, totals)
+        if writer:
+            _save_end(end, stage, named, totals)
         previous = named
     return totals

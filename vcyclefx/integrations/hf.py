@@ -106,9 +106,10 @@ def train_vcycle(model, example_inputs, make_trainer, args, *, resume: bool = Fa
 
     root = Path(args.output_dir)
     min_ratio = _min_lr_ratio(args)
-    cycle = open_cycle(model, example_inputs, root, resume, cycle_options)
+    writer = args.process_index == 0  # one process writes the cycle's files
+    cycle = open_cycle(model, example_inputs, root, resume, cycle_options, writer)
     warmup = args.get_warmup_steps(cycle.schedule.total_steps)
-    log = MetricLogger(root / "metrics.jsonl")
+    log = MetricLogger(root / "metrics.jsonl" if writer else None)
 
     def train_stage(run: StageRun, carried: dict | None) -> tuple[dict, int]:
         module = run.stage.module()
@@ -132,11 +133,11 @@ def train_vcycle(model, example_inputs, make_trainer, args, *, resume: bool = Fa
                 int(trainer.state.num_input_tokens_seen))
 
     try:
-        run_stages(cycle, root, resume, train_stage)
+        run_stages(cycle, root, resume, train_stage, writer)
     finally:
         log.close()
     final = cycle.result(as_module=True)
-    if hasattr(final, "save_pretrained"):
+    if writer and hasattr(final, "save_pretrained"):
         with atomic_directory(root / "final") as tmp:
             final.save_pretrained(str(tmp))
     return final

@@ -34,6 +34,7 @@ trained network (the user's class at the original sizes), also left in ``module.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -133,8 +134,9 @@ def fit_vcycle(module, attr: str, example_inputs, make_trainer, train_dataloader
     if not isinstance(net, torch.nn.Module):
         raise VCycleError(f"{type(module).__name__}.{attr} is not an nn.Module: name the attribute "
                           "that holds the network (e.g. attr='net' for self.net)")
-    cycle = open_cycle(net, example_inputs, root, resume, cycle_options)
-    log = MetricLogger(root / "metrics.jsonl")
+    writer = int(os.environ.get("RANK", 0)) == 0  # one process writes the cycle's files
+    cycle = open_cycle(net, example_inputs, root, resume, cycle_options, writer)
+    log = MetricLogger(root / "metrics.jsonl" if writer else None)
 
     def train_stage(run: StageRun, carried: dict | None) -> tuple[dict, int]:
         mine = run.stage.module()
@@ -152,7 +154,7 @@ def fit_vcycle(module, attr: str, example_inputs, make_trainer, train_dataloader
         return cb.final, cb.tokens
 
     try:
-        run_stages(cycle, root, resume, train_stage)
+        run_stages(cycle, root, resume, train_stage, writer)
     finally:
         log.close()
     final = cycle.result(as_module=True)
