@@ -93,6 +93,9 @@ def test_lightning_vcycle_matches_the_driver_recipe_carries_moments_and_ends_in_
     driver = [r for r in records if r["event"] == "train"]
     log = [json.loads(x) for x in (tmp_path / "lit" / "metrics.jsonl").read_text().splitlines()]
     assert len(log) == len(driver) == 10
+    assert [r["tokens"] for r in log] == [r["tokens"] for r in driver]  # B * T per step, global
+    assert [(r["level"], r["phase"]) for r in log] == [(0, "down")] * 2 + [(1, "bottom")] * 6 + \
+        [(0, "up")] * 2
     for a, b in zip(log, driver):
         assert (a["global_step"], a["level"]) == (b["step"], b["level"])
         assert abs(a["loss"] - b["loss"]) <= 1e-4, (a, b)

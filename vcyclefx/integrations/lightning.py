@@ -19,10 +19,11 @@ A callback the integration adds to each stage's Trainer
   not yet restored) records each param group's learning rate as its peak and loads the previous
   stage's AdamW moments mapped through the transition by parameter name
   (``Stage.map_optimizer_state``; ``vcyclefx.train.optim_state`` translates the positional
-  state, Lightning's module names ``net.x`` to the stage's ``x``);
+  state, finding each optimizer parameter's name in the stage's model by identity);
 - before every batch sets each group's learning rate to its peak x the stage's ``lr_scale`` x the
   driver's ``--lr-schedule global`` factor (one warm-up of ``warmup`` steps, one cosine decay
-  to ``min_lr_ratio`` x the peak over the whole cycle; ``configure_optimizers`` must return no scheduler);
+  to ``min_lr_ratio`` x the peak over the whole cycle; ``configure_optimizers`` must return no
+  scheduler);
 - logs ``vcycle/level``, ``vcycle/phase`` (0 down, 1 bottom, 2 up), ``vcycle/stage``,
   ``vcycle/tokens``, ``vcycle/flops`` and ``vcycle/lr`` to the Trainer's loggers at the cycle's
   global step every ``log_every_n_steps``, and appends every step (with the loss
