@@ -40,7 +40,8 @@ if TYPE_CHECKING:
     from vcyclefx.driver.parallel import Trainee
 
 
-_RESUMABLE_CHANGES = {"resume", "out", "quiet", "ckpt_every", "device", "cache_dir", "cpu_offload"}
+_RESUMABLE_CHANGES = {"resume", "out", "quiet", "ckpt_every", "device", "cache_dir", "cpu_offload",
+                      "log_to"}
 
 
 def load_weights(module: torch.nn.Module, path: Path) -> None:

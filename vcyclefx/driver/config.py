@@ -23,6 +23,7 @@ from vcyclefx.train.vcycle import recommended_fractions
 SCHEDULES = ("vcycle", "baseline", "compare")
 LR_SCHEDULES = ("global", "stage")
 DTYPES = ("auto", "float32", "bfloat16")
+LOG_TO = ("jsonl", "tensorboard")
 COARSE_LR_SCALE = 2.0  # lr factor of the coarse levels when --lr-scales is not given (tuned)
 
 
@@ -148,6 +149,10 @@ class TrainConfig:
                                   "fit the GPUs")
     peak_flops: float = _f(989e12, "peak FLOP/s of one device for MFU (H100 SXM bf16 dense)")
     quiet: bool = _f(False, "no progress bar")
+    log_to: str = _f("jsonl", "jsonl: metrics.jsonl only; tensorboard: also TensorBoard event "
+                              "files in <out>/tensorboard/<schedule>/ (loss, val loss, lr, tokens, "
+                              "FLOPs, level; every stage start as text), written locally, nothing "
+                              "remote", choices=LOG_TO)
 
     def __post_init__(self):
         for name in ("fractions", "lr_scales", "frontier_budgets"):  # JSON gives lists, the command line strings
@@ -256,6 +261,7 @@ def _check_ranges(c: TrainConfig) -> None:
     need(c.lr_schedule in LR_SCHEDULES,
          f"--lr-schedule {c.lr_schedule!r}: choose one of {', '.join(LR_SCHEDULES)}")
     need(c.dtype in DTYPES, f"--dtype {c.dtype!r}: choose one of {', '.join(DTYPES)}")
+    need(c.log_to in LOG_TO, f"--log-to {c.log_to!r}: choose one of {', '.join(LOG_TO)}")
     need(0.0 <= c.dropout < 1.0, f"--dropout must be in [0, 1), got {c.dropout}")
     need(0.0 < c.val_fraction < 1.0, f"--val-fraction must be in (0, 1), got {c.val_fraction}")
     need(c.lr > 0 and 0 <= c.min_lr <= c.lr,

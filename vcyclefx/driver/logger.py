@@ -5,6 +5,10 @@ writes one JSON object per line, flushed at once, so a killed run leaves whole l
 checkpoint records ``logger.offset()``; resuming truncates the file back to it, so records
 written after the checkpoint by the killed run do not appear twice.
 
+With ``--log-to tensorboard`` every record also goes to TensorBoard event files
+(:class:`TensorBoardLog`), one run per schedule, written locally by
+``torch.utils.tensorboard.SummaryWriter``.
+
 Only rank 0 writes; the other ranks get a logger that drops everything.
 """
 
@@ -17,10 +21,62 @@ import sys
 from pathlib import Path
 
 
+class TensorBoardLog:
+    """Metrics records as TensorBoard scalars: ``<root>/<schedule>/`` per schedule (so that
+    TensorBoard overlays the baseline and the V-cycle), x axis = the schedule's optimizer step.
+    Tags: ``train/loss``, ``val/loss``, ``train/lr``, ``train/tok_per_s``, ``train/mfu``,
+    ``progress/tokens``, ``progress/flops``, ``progress/wall``, ``vcycle/level`` (at every train
+    record, so a transition is a step in that curve) and, at every stage start, ``vcycle/stage`` and a
+    text entry ``vcycle/transition`` (stage, level, phase, steps, lr scale, optimizer). A resumed
+    run passes ``resume_at=(schedule, step)``: that schedule's events from ``step`` on, written
+    by the killed run after its checkpoint, are purged."""
+
+    SCALARS = {"loss": "train/loss", "val_loss": "val/loss", "lr": "train/lr",
+               "tok_per_s": "train/tok_per_s", "mfu": "train/mfu", "tokens": "progress/tokens",
+               "flops": "progress/flops", "wall": "progress/wall", "level": "vcycle/level"}
+
+    def __init__(self, root: Path, resume_at: tuple[str, int] | None = None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._make, self.root, self.resume_at = SummaryWriter, Path(root), resume_at
+        self._writers: dict[str, object] = {}
+
+    def _writer(self, schedule: str):
+        if schedule not in self._writers:
+            purge = self.resume_at[1] if self.resume_at and self.resume_at[0] == schedule else None
+            self._writers[schedule] = self._make(str(self.root / schedule), purge_step=purge)
+        return self._writers[schedule]
+
+    def log_dict(self, record: dict) -> None:
+        w, step = self._writer(str(record.get("schedule", "run"))), int(record.get("step", 0))
+        event = record.get("event")
+        keys = {"train": tuple(k for k in self.SCALARS if k != "val_loss"),
+                "eval": ("val_loss",)}.get(event, ())
+        for key in keys:
+            value = record.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) \
+                    and math.isfinite(value):
+                w.add_scalar(self.SCALARS[key], value, step)
+        if event == "stage":
+            w.add_scalar("vcycle/stage", record.get("stage", 0), step)
+            w.add_text("vcycle/transition",
+                       f"stage {record.get('stage')}: level {record.get('level')} "
+                       f"({record.get('phase') or 'baseline'}), {record.get('steps')} steps, lr x "
+                       f"{record.get('lr_scale')}, optimizer {record.get('optimizer')}", step)
+        w.flush()
+
+    def close(self) -> None:
+        for w in self._writers.values():
+            w.close()
+        self._writers = {}
+
+
 class MetricLogger:
-    def __init__(self, path: Path | None, *, truncate_to: int | None = None):
+    def __init__(self, path: Path | None, *, truncate_to: int | None = None,
+                 tensorboard: TensorBoardLog | None = None):
         self.path = path
         self._f = None
+        self._tb = tensorboard
         if path is None:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -35,6 +91,8 @@ class MetricLogger:
         line = json.dumps({k: _plain(v) for k, v in record.items()}, allow_nan=False)
         self._f.write(line.encode() + b"\n")
         self._f.flush()
+        if self._tb is not None:
+            self._tb.log_dict(record)
 
     def offset(self) -> int:
         if self._f is None:
@@ -47,6 +105,9 @@ class MetricLogger:
         if self._f is not None:
             self._f.close()
             self._f = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
 
 
 def _plain(v):

@@ -53,14 +53,28 @@ def schedule_order(cfg: TrainConfig) -> list[str]:
     return [baseline_name(b) for b in budgets] + ["vcycle"]
 
 
+def cosine_lr(step: int, steps: int, warmup: int, lr: float, min_lr: float) -> float:
+    """``cosine(step; steps, warmup)`` of the module docstring, peak ``lr``, floor ``min_lr``."""
+    if step < warmup:
+        return lr * (step + 1) / (warmup + 1)
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+def global_lr(step: int, stage_step: int, first_stage: bool, *, steps: int, warmup: int,
+              stage_warmup: int, lr: float, min_lr: float) -> float:
+    """``--lr-schedule global`` without the stage's lr scale: ``ramp(stage_step) * cosine(step;
+    steps, warmup)`` (module docstring). The integrations (``vcyclefx.integrations``) run their
+    stages with this function, so a Trainer's or Lightning's stages follow the driver's envelope."""
+    ramp = 1.0 if first_stage else min(1.0, (stage_step + 1) / (stage_warmup + 1))
+    return ramp * cosine_lr(step, steps, warmup, lr, min_lr)
+
+
 def lr_at(cfg: TrainConfig, step: int, steps: int | None = None, warmup: int | None = None) -> float:
     """``cosine(step; steps, warmup)`` of the module docstring (default: the baseline's steps)."""
     steps = cfg.steps if steps is None else steps
     warmup = cfg.warmup if warmup is None else warmup
-    if step < warmup:
-        return cfg.lr * (step + 1) / (warmup + 1)
-    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+    return cosine_lr(step, steps, warmup, cfg.lr, cfg.min_lr)
 
 
 def stage_lr(cfg: TrainConfig, state: RunState, steps: int, lr_scale: float) -> float:
@@ -69,5 +83,6 @@ def stage_lr(cfg: TrainConfig, state: RunState, steps: int, lr_scale: float) -> 
     if cfg.lr_schedule == "stage":
         warmup = cfg.warmup if first else cfg.stage_warmup
         return lr_scale * lr_at(cfg, state.stage_step, steps, warmup)
-    ramp = 1.0 if first else min(1.0, (state.stage_step + 1) / (cfg.stage_warmup + 1))
-    return lr_scale * ramp * lr_at(cfg, state.step, schedule_steps(cfg, state.schedule))
+    return lr_scale * global_lr(state.step, state.stage_step, first,
+                                steps=schedule_steps(cfg, state.schedule), warmup=cfg.warmup,
+                                stage_warmup=cfg.stage_warmup, lr=cfg.lr, min_lr=cfg.min_lr)

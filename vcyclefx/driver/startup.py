@@ -19,7 +19,7 @@ import torch.distributed as dist
 from vcyclefx.driver.checkpoint import resume_config
 from vcyclefx.driver.config import ConfigError, TrainConfig, check_runtime
 from vcyclefx.driver.data import Batches, TokenData, load_data
-from vcyclefx.driver.logger import MetricLogger
+from vcyclefx.driver.logger import MetricLogger, TensorBoardLog
 from vcyclefx.driver.models import build_causal_lm, check_model
 from vcyclefx.driver.runtime import Runtime
 from vcyclefx.store import atomic_write_text
@@ -97,6 +97,8 @@ def setup(cfg: TrainConfig) -> Runtime:
         raise ConfigError(f"--vocab-size {vocab} is too small for token id {data.max_token} in "
                           "the data: use --vocab-size 0 (from the data) or a larger one")
     check_model(cfg.model)
+    if cfg.log_to == "tensorboard":
+        _check_tensorboard()
     train_batches = Batches(data.train, "train", cfg.batch_size, cfg.seq_len, cfg.seed, dev)
     val_batches = Batches(data.val, "val", cfg.batch_size, cfg.seq_len, cfg.seed, dev)
     if not cfg.resume:
@@ -106,14 +108,27 @@ def setup(cfg: TrainConfig) -> Runtime:
             out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(out / "config.json", cfg.to_json())
     compile_ = cfg.compile if cfg.compile is not None else dev.type == "cuda"
+    tb = None
+    if cfg.log_to == "tensorboard" and rank == 0:
+        tb = TensorBoardLog(out / "tensorboard",
+                            resume_at=(point.state.schedule, point.state.step) if point else None)
     logger = MetricLogger(out / "metrics.jsonl" if rank == 0 else None,
-                          truncate_to=point.metrics_offset if point else (0 if cfg.resume else None))
+                          truncate_to=point.metrics_offset if point else (0 if cfg.resume else None),
+                          tensorboard=tb)
     return Runtime(
         cfg=cfg, out=out, device=dev, autocast_dtype=_autocast_dtype(cfg, dev), compile=compile_,
         rank=rank, world=world, local_rank=local_rank, data=data,
         train_batches=train_batches, val_batches=val_batches,
         logger=logger, resume_point=point, done=dict(point.done) if point else {},
     )
+
+
+def _check_tensorboard() -> None:
+    try:
+        import tensorboard  # noqa: F401  (torch.utils.tensorboard writes through it)
+    except ImportError as e:
+        raise ConfigError("--log-to tensorboard needs the tensorboard package: pip install "
+                          "tensorboard (or use --log-to jsonl)") from e
 
 
 def _load_data_once(cfg: TrainConfig, local_rank: int, world: int) -> TokenData:

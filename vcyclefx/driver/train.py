@@ -14,27 +14,28 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from vcyclefx.driver.checkpoint import load_weights, restore_rng, saved_optimizer_by_name
 from vcyclefx.driver.config import ConfigError, TrainConfig
-from vcyclefx.driver.logger import ProgressBar
+from vcyclefx.driver.logger import MetricLogger, ProgressBar, read_metrics
 from vcyclefx.driver.models import save_hf
 from vcyclefx.driver.parallel import optimizer_state_by_name, optimizer_state_from_names
 from vcyclefx.driver.plot import finish
 from vcyclefx.driver.runtime import Point, RunState, Runtime
 from vcyclefx.driver.schedule import lr_at, schedule_order, schedule_steps, stage_lr
 from vcyclefx.driver.stage import make_optimizer, record, run_stage
-from vcyclefx.driver.startup import cleanup, new_model, setup
+from vcyclefx.driver.startup import _autocast_dtype, _device, cleanup, new_model, setup
 from vcyclefx.store import save_tensors
 from vcyclefx.train.flops import training_flops_per_token
 from vcyclefx.train.vcycle import VCycle
 
 # names other modules and tests import from here, besides those defined below
-__all__ = ["load_weights", "lr_at", "make_cycle", "make_optimizer", "main", "optimizer_state_by_name",
-           "optimizer_state_from_names", "RunState", "run_stage", "setup", "stage_lr",
-           "training_flops_per_token", "train"]
+__all__ = ["cycle_options", "load_weights", "lr_at", "make_cycle", "make_optimizer", "main",
+           "optimizer_state_by_name", "optimizer_state_from_names", "RunState", "run_stage", "setup", "stage_lr",
+           "training_flops_per_token", "train", "train_vcycle_on"]
 
 
 def _restore(rt: Runtime, point: Point | None, module: torch.nn.Module, state: RunState):
@@ -73,20 +74,26 @@ class Cycle:
     seconds: float
 
 
-def make_cycle(rt: Runtime) -> Cycle:
-    """The V-cycle over the run's level 0, captured on the training device (a captured graph
-    keeps the device of its position ids). Its stage checkpoints go to ``<out>/vcycle``, written
-    by rank 0; resuming continues after its last completed stage."""
+def cycle_options(cfg: TrainConfig) -> dict:
+    """The ``vf.VCycle`` keyword options of the run's V-cycle (levels, factors, steps per stage,
+    learning-rate scales, pairings): what an integration gives its VCycle to run this recipe."""
+    return dict(levels=cfg.levels, width=cfg.width, depth=cfg.depth, alpha=cfg.alpha,
+                total_steps=cfg.vcycle_total_steps, fractions=cfg.vcycle_fractions(),
+                lr_scales=cfg.vcycle_lr_scales(), pairing=cfg.pairing,
+                depth_pairing=cfg.depth_pairing, depth_init=cfg.depth_init)
+
+
+def make_cycle(rt: Runtime, model: torch.nn.Module | None = None) -> Cycle:
+    """The V-cycle over the run's level 0 (``model``, else a new one), captured on the training
+    device (a captured graph keeps the device of its position ids). Its stage checkpoints go to
+    ``<out>/vcycle``, written by rank 0; resuming continues after its last completed stage."""
     cfg = rt.cfg
     t0 = time.perf_counter()
-    model = new_model(rt).to(rt.device)
+    model = (model if model is not None else new_model(rt)).to(rt.device)
     example = (rt.train_batches.get(0, 0)[0][:2],)  # (2, T): batch 2 keeps the batch dim dynamic
     vdir = rt.out / "vcycle"
-    cycle = VCycle(model, example, levels=cfg.levels, width=cfg.width, depth=cfg.depth,
-                   alpha=cfg.alpha, total_steps=cfg.vcycle_total_steps,
-                   fractions=cfg.vcycle_fractions(), lr_scales=cfg.vcycle_lr_scales(),
-                   pairing=cfg.pairing, depth_pairing=cfg.depth_pairing,
-                   depth_init=cfg.depth_init, checkpoint_dir=vdir, resume=vdir if cfg.resume else None,
+    cycle = VCycle(model, example, **cycle_options(cfg), checkpoint_dir=vdir,
+                   resume=vdir if cfg.resume else None,
                    write_checkpoints=rt.master)  # one writer; every rank rebuilds the same levels
     return Cycle(cycle, time.perf_counter() - t0)
 
@@ -197,6 +204,29 @@ def train(rt: Runtime) -> None:
             bar.close()
         rt.done[name] = state.val_loss
         record(rt, state, 0, "end", val_loss=state.val_loss)
+
+
+def train_vcycle_on(cfg: TrainConfig, model: torch.nn.Module, train_batches, out: Path,
+                    val_batches=None) -> tuple[torch.nn.Module, list[dict]]:
+    """The driver's V-cycle recipe (``run_vcycle``: its optimizer, learning rates, clipping,
+    carried moments, stages) on ``model`` and the batches of ``train_batches`` (anything with
+    ``.get(step, micro) -> (inputs (B, T), targets (B, T))``, like ``driver.data.Batches``), in
+    this process on ``cfg.device`` (``auto``: CUDA if present). Metrics, checkpoints and the
+    result are written under ``out``. Returns (the trained level 0, the metrics records). The
+    integrations' tests train the same model on the same batches and compare."""
+    cfg = cfg.replace(schedule="vcycle", out=str(out), resume="")
+    dev = _device(cfg, 0)
+    out.mkdir(parents=True, exist_ok=True)
+    rt = Runtime(cfg=cfg, out=out, device=dev, autocast_dtype=_autocast_dtype(cfg, dev),
+                 compile=bool(cfg.compile), rank=0, world=1, local_rank=0, data=None,
+                 train_batches=train_batches, val_batches=val_batches or train_batches,
+                 logger=MetricLogger(out / "metrics.jsonl"))
+    made = make_cycle(rt, model)
+    try:
+        run_vcycle(rt, made, None, None)
+    finally:
+        rt.logger.close()
+    return made.cycle.result(), read_metrics(out / "metrics.jsonl")
 
 
 def main(cfg: TrainConfig) -> dict | None:

@@ -262,6 +262,12 @@ class VCycle:
         return self._flops[level]
 
     # -- iteration ------------------------------------------------------------------------------
+    @property
+    def next_stage(self) -> int:
+        """Index of the stage iteration yields next (after ``resume=DIR``: the first stage not
+        completed; ``len(schedule)`` once every stage ran)."""
+        return self._next
+
     def __iter__(self):
         if self._iterating:
             raise ScheduleError("this VCycle is already being iterated; make a new one "
