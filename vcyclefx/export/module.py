@@ -197,6 +197,43 @@ def _verify(recipe: Recipe, overrides: dict, level, state, info):
     return module, err, None
 
 
+_LOW = (torch.bfloat16, torch.float16)
+
+
+def float32_level(level):
+    """``level`` computing in float32: a copy with its bfloat16/float16 tensors upcast and the
+    dtype literals of its graph (``.to(bfloat16)`` casts baked in by the capture) made float32;
+    ``level`` itself where it is float32 already. The class built by ``to_module`` computes in
+    float32 (the default dtype), so both are compared without a low-precision rounding between
+    them: a bf16 checkpoint's level is verified under the float32 tolerance."""
+    if not any(t.dtype in _LOW for t in level.state_dict().values()):
+        return level
+    import copy
+
+    out = copy.deepcopy(level)
+    out.to(torch.float32)
+    _float32_literals(out)
+    return out
+
+
+def _float32_literals(gm) -> None:
+    from torch.fx import GraphModule
+
+    from vcyclefx.fx.args import get_arg, set_arg
+
+    for node in gm.graph.nodes:
+        schema = getattr(node.target, "_schema", None)
+        if node.op != "call_function" or schema is None:
+            continue
+        for a in schema.arguments:
+            if "ScalarType" in str(a.type) and get_arg(node, a.name, None) in _LOW:
+                set_arg(node, a.name, torch.float32)
+    for sub in gm.children():
+        if isinstance(sub, GraphModule):
+            _float32_literals(sub)
+    gm.recompile()
+
+
 def solve(level) -> tuple[Recipe, dict, nn.Module, float]:
     """(recipe, field overrides, a verified module with the level's weights, its error)."""
     info = level_info(level)
@@ -223,6 +260,7 @@ def solve(level) -> tuple[Recipe, dict, nn.Module, float]:
     state = level.state_dict()
     was_training = level.training
     level.eval()
+    checked = float32_level(level)  # the level itself, or its float32 copy (in eval mode too)
     module, err, overrides, tried = None, float("inf"), exact[0], []
     try:
         for shaped in exact:
@@ -233,7 +271,7 @@ def solve(level) -> tuple[Recipe, dict, nn.Module, float]:
             for trial in trials:
                 if _mismatch(builder.shapes(trial), target) != 0:
                     continue
-                m, e, why = _verify(recipe, trial, level, state, info)
+                m, e, why = _verify(recipe, trial, checked, state, info)
                 tried.append((trial, e, why))
                 if e <= TOLERANCE:
                     module, err, overrides = m, e, trial
