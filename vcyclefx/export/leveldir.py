@@ -241,10 +241,12 @@ def _weights_of(d: Path, meta: dict) -> dict:
     index = d / "weights.safetensors.index.json"
     if not index.is_file():
         return load_tensors(d / "weights.safetensors", meta.get("aliases"))
+    from safetensors.torch import load_file
+
     spec = json.loads(index.read_text())
     state = {}
     for file in dict.fromkeys(spec["weight_map"].values()):
-        state.update(load_tensors(d / file, {}))
+        state.update(load_file(str(d / file)))  # the aliases are the index's, not one shard's
     for alias, name in (spec.get("aliases") or {}).items():
         state[alias] = state[name]
     return state

@@ -218,16 +218,15 @@ def float32_level(level):
 
 def _float32_literals(gm) -> None:
     from torch.fx import GraphModule
+    from torch.fx.node import map_aggregate
 
-    from vcyclefx.fx.args import get_arg, set_arg
+    def up(v):  # dtype arguments are ints in the op schemas: match the values
+        return torch.float32 if isinstance(v, torch.dtype) and v in _LOW else v
 
     for node in gm.graph.nodes:
-        schema = getattr(node.target, "_schema", None)
-        if node.op != "call_function" or schema is None:
-            continue
-        for a in schema.arguments:
-            if "ScalarType" in str(a.type) and get_arg(node, a.name, None) in _LOW:
-                set_arg(node, a.name, torch.float32)
+        if node.op == "call_function":
+            node.args = map_aggregate(node.args, up)
+            node.kwargs = map_aggregate(node.kwargs, up)
     for sub in gm.children():
         if isinstance(sub, GraphModule):
             _float32_literals(sub)
