@@ -152,6 +152,9 @@ def test_a_write_error_names_the_shard_and_tensor_and_leaves_no_output(tmp_path,
         def __getattr__(self, name):
             return getattr(self.f, name)
 
-    monkeypatch.setattr(shards, "open", FullDisk, raising=False)
+    def open_(path, mode="r"):  # the writer's files fill the disk, reads are as they are
+        return FullDisk(path, mode) if "w" in mode else builtins.open(path, mode)
+
+    monkeypatch.setattr(shards, "open", open_, raising=False)
     err = _run_bad(tmp_path, capsys, ckpt)
     assert "No space left on device" in err and "weights" in err and "cannot write tensor" in err
