@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from vcyclefx.errors import LevelError, brief
+from vcyclefx.fx.device import module_device, move_device_literals_
 from vcyclefx.level import Level, LevelInfo, level_info, make_level, owner_of
 from vcyclefx.plan.mapping import Mapping
 from vcyclefx.capture.recipe import Recipe
@@ -212,7 +213,11 @@ def _level_of(gm, inputs: dict, meta: dict):
                      notes=tuple(meta.get("notes", [])),
                      recipe=Recipe.from_json(meta.get("recipe")),
                      input_names=tuple(meta.get("input_names", ())))
-    return make_level(gm, info, training=meta.get("training", False))
+    level = make_level(gm, info, training=meta.get("training", False))
+    device = module_device(level)
+    if device is not None:  # a streamed level was saved with meta tensors: literals follow
+        move_device_literals_(level, device)
+    return level
 
 
 def _summary_of(d: Path) -> dict:

@@ -108,6 +108,7 @@ class ShardReader:
     def __init__(self, directory, stem: str = "model"):
         d = Path(directory)
         self.directory = d
+        self.held: dict[str, torch.Tensor] = {}  # small tensors kept in memory ("@" names)
         index = _index_of(d, stem)
         self.entries: dict[str, Entry] = {}
         self.metadata: dict = {}
@@ -148,10 +149,11 @@ class ShardReader:
         """The tensors ``names``, each shard opened (memory-mapped) once for the call."""
         from safetensors import safe_open
 
+        out = {n: self.held[n] for n in names if n in self.held}
         by_file: dict[Path, list[str]] = {}
         for n in names:
-            by_file.setdefault(self.entries[n].file, []).append(n)
-        out = {}
+            if n not in self.held:
+                by_file.setdefault(self.entries[n].file, []).append(n)
         for file, ns in by_file.items():
             try:
                 with safe_open(str(file), framework="pt") as f:

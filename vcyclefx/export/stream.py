@@ -30,6 +30,7 @@ from tqdm import tqdm
 from vcyclefx.errors import CheckpointError
 from vcyclefx.export.record import Recorder
 from vcyclefx.export.shards import ShardReader, ShardWriter, parse_size
+from vcyclefx.fx.device import move_device_literals_
 from vcyclefx.level import owner_of
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -124,6 +125,53 @@ def _bind(level, reader: ShardReader, where: str, dtype_of=None) -> dict:
     return leaves
 
 
+def _extras(level):
+    """(module, attribute, tensor) of each tensor outside the state dict: non-persistent
+    buffers and lifted constants."""
+    state = {id(t) for t in level.state_dict(keep_vars=True).values()}
+    for mod in level.modules():
+        named = list(mod._buffers.items()) + [(k, v) for k, v in vars(mod).items()
+                                              if isinstance(v, torch.Tensor)]
+        for leaf, t in named:
+            if t is not None and id(t) not in state:
+                yield mod, leaf, t
+
+
+def _put(mod, leaf: str, t: torch.Tensor) -> None:
+    if leaf in mod._buffers:
+        mod._buffers[leaf] = t
+    else:
+        object.__setattr__(mod, leaf, t)
+
+
+def _hold_extras(level, reader: ShardReader) -> dict:
+    """The level's tensors outside its state dict replaced by meta tensors, their values held by
+    ``reader`` (under ``@`` names): a level directory's graph then runs the transform on meta
+    tensors only, like a capture on the meta device. Returns {meta tensor: name}."""
+    leaves, done = {}, {}
+    for i, (mod, leaf, t) in enumerate(list(_extras(level))):
+        if t.is_meta:
+            continue
+        if id(t) not in done:
+            name = f"@{i}.{leaf}"
+            reader.held[name] = t
+            done[id(t)] = torch.empty_like(t, device="meta")
+            leaves[done[id(t)]] = name
+        _put(mod, leaf, done[id(t)])
+    return leaves
+
+
+def materialize_extras(level, recorder: Recorder, load) -> None:
+    """The result's meta tensors outside its state dict (small: rotary tables, constants), made
+    real (replayed) in place, so that ``level.pt2`` holds their values."""
+    made = {}
+    for mod, leaf, t in list(_extras(level)):
+        if t.is_meta:
+            if id(t) not in made:
+                made[id(t)] = recorder.value(t, load)
+            _put(mod, leaf, made[id(t)])
+
+
 def hf_source(directory, spec: str, batch: int, seq: int, recipe_of_model) -> Source:
     """A Hugging Face checkpoint directory as a meta-device level (see the module docstring)."""
     import transformers
@@ -160,6 +208,8 @@ def level_source(directory) -> Source:
     for alias, name in aliases.items():
         tie(level, alias, name)  # one tensor under both names, as load_level ties them
     leaves = _bind(level, reader, f"the graph of {d / 'level.pt2'}")
+    leaves.update(_hold_extras(level, reader))
+    move_device_literals_(level, torch.device("meta"))  # every tensor is a meta tensor now
     return Source(level, reader, leaves, mapping=mapping, directory=d)
 
 
@@ -173,10 +223,18 @@ def stream_weights(level, recorder, reader: ShardReader, max_shard_size, produce
     aliases = aliases_of(state)
     layout = [(n, t.dtype, tuple(t.shape)) for n, t in state.items() if n not in aliases]
 
+    read = [0]
+
     def load(names):
-        return reader.get(names)
+        got = reader.get(names)
+        read[0] += sum(t.numel() * t.element_size() for t in got.values())
+        return got
 
     def write(tmp: Path) -> None:
+        import sys
+        import time
+
+        start = time.perf_counter()
         writer = ShardWriter(tmp, "weights", layout, parse_size(max_shard_size),
                              {ALIASES_KEY: json.dumps(aliases)})
         try:
@@ -193,8 +251,16 @@ def stream_weights(level, recorder, reader: ShardReader, max_shard_size, produce
             writer.finish(aliases)
         finally:
             writer.abort()
+        written = sum(_bytes(t) for n, t in state.items() if n not in aliases)
+        print(f"vcyclefx: streamed {len(layout)} tensors ({read[0] / 1e9:.3f} GB read, "
+              f"{written / 1e9:.3f} GB written) in {time.perf_counter() - start:.2f} s",
+              file=sys.stderr, flush=True)
 
     return write
+
+
+def _bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 def interpolated(a: Source, b: Source, alpha: float):
@@ -220,4 +286,5 @@ def interpolated(a: Source, b: Source, alpha: float):
     return produce
 
 
-__all__ = ["streamable", "hf_source", "level_source", "stream_weights", "interpolated", "Source"]
+__all__ = ["streamable", "hf_source", "level_source", "stream_weights", "interpolated", "Source",
+           "materialize_extras"]

@@ -62,7 +62,10 @@ def _save(level, mapping, src_dirs, args, recorder, reader, extra, produce=None)
     from vcyclefx.cli import _level_summary
     from vcyclefx.export.leveldir import save_level
 
+    from vcyclefx.export.stream import materialize_extras
+
     _check_hf(level, args)
+    materialize_extras(level, recorder, reader.get)
     card = {"source_dir": src_dirs[0], **extra}
     summary = _level_summary(level, mapping) if extra.get("made_by") != "interpolate" else {}
     save_level(level, args.output, mapping, overwrite=args.force, also=_after(args, card),
@@ -118,10 +121,11 @@ def decoalesce(args) -> int:
 
 def interpolate(args) -> int:
     from vcyclefx.api import _check_alpha
+    from vcyclefx.export.record import Recorder
 
     _check_alpha(args.alpha)
     a, b = level_source(args.dir_a), level_source(args.dir_b)
-    _save(a.level, a.mapping, [args.dir_a, args.dir_b], args, None, a.reader,
+    _save(a.level, a.mapping, [args.dir_a, args.dir_b], args, Recorder(a.leaves), a.reader,
           {"made_by": "interpolate", "alpha": args.alpha, "from": [args.dir_a, args.dir_b]},
           produce=interpolated(a, b, args.alpha))
     _progress(f"wrote {args.output} = (1 - {args.alpha}) * {args.dir_a} + {args.alpha} * "
