@@ -412,7 +412,8 @@ def big_checkpoint(repeats: int, shard: str, where: str) -> None:
 
 
 def split_child(src: str, out: str) -> dict:
-    """`vcyclefx coalesce SRC --width 0.5 --depth 0.5 -o OUT`, step by step, in one process."""
+    """`vcyclefx coalesce SRC --width 0.5 --depth 0.5 -o OUT` (the streaming path), step by
+    step, in one process."""
     t0 = time.perf_counter()
     steps = {}
 
@@ -423,21 +424,23 @@ def split_child(src: str, out: str) -> dict:
     import torch  # noqa: F401
 
     from vcyclefx import api
-    from vcyclefx.capture import capture
-    from vcyclefx.capture.specs import model_from_spec
-    from vcyclefx.cli import _level_summary, _capture_kwargs
+    from vcyclefx.capture.recipe import recipe_of
+    from vcyclefx.cli import _level_summary
     from vcyclefx.export.leveldir import save_level
+    from vcyclefx.export.record import Recorder
+    from vcyclefx.export.shards import DEFAULT_MAX_SHARD
+    from vcyclefx.export.stream import hf_source, materialize_extras, stream_weights
 
     t = mark("imports (torch, vcyclefx)", t0)
-    found = model_from_spec(src)
-    t = mark("loading (transformers import, from_pretrained)", t)
-    level = capture(found.model, found.example, **_capture_kwargs(found))
-    del found
-    t = mark("capture (torch.export)", t)
-    small, mapping = api.coalesce(level, width=0.5, depth=0.5)
-    t = mark("analysis + passes", t)
-    save_level(small, out, mapping, extra=_level_summary(small, mapping))
-    mark("writing the level directory", t)
+    source = hf_source(src, src, 2, 16, recipe_of)
+    t = mark("model on the meta device, capture (torch.export)", t)
+    with Recorder(source.leaves) as rec:
+        small, mapping = api.coalesce(source.level, width=0.5, depth=0.5, check=False)
+    t = mark("analysis + passes (on meta tensors, recorded)", t)
+    materialize_extras(small, rec, source.reader.get)
+    save_level(small, out, mapping, extra=_level_summary(small, mapping),
+               weights=stream_weights(small, rec, source.reader, DEFAULT_MAX_SHARD))
+    mark("writing the level directory (weights streamed)", t)
     steps["total"] = time.perf_counter() - t0
     return steps
 
