@@ -91,8 +91,9 @@ def _checkpoint_dtype(cfg, reader: ShardReader) -> torch.dtype:
 
 
 def _bind(level, reader: ShardReader, where: str, dtype_of=None) -> dict:
-    """Meta-device copies of ``level``'s parameters and persistent buffers (ties kept), each
-    checked against the checkpoint's header; returns {meta tensor: checkpoint name}."""
+    """``level``'s (or a model's) parameters and persistent buffers replaced by meta tensors
+    (ties kept) of the dtype and shape the checkpoint's header gives, each checked against the
+    module's own (``dtype_of``: the dtype expected); returns {meta tensor: checkpoint name}."""
     state = level.state_dict(keep_vars=True)
     names_of: dict[int, list[str]] = {}
     for name, t in state.items():
@@ -187,10 +188,12 @@ def hf_source(directory, spec: str, batch: int, seq: int, recipe_of_model) -> So
     with _params_on_meta(dtype):
         model = cls(cfg)
     model.eval()
+    # checked against the shards before the capture: a checkpoint that does not fit its config
+    # fails in seconds; the level takes these very tensors (copy_weights=False)
+    leaves = _bind(model, reader, f"{cls.__name__} of {d / 'config.json'}",
+                   dtype_of=lambda t: dtype)
     level = capture(model, hf_example(model, spec, batch, seq), copy_weights=False,
                     recipe=recipe_of_model(model))
-    leaves = _bind(level, reader, f"{cls.__name__} of {d / 'config.json'}",
-                   dtype_of=lambda t: dtype)
     return Source(level, reader, leaves, directory=d)
 
 
