@@ -150,7 +150,7 @@ def _new_tensors(gm: GraphModule, cm: ChainMap, src: list[str], dst: list[str], 
             for rel in rels[g % p]:
                 ts = [fetch_attr(gm, f"{src[i]}.{rel}").detach() for i in members]
                 if ts[0].dtype.is_floating_point:
-                    t = torch.stack(ts).sum(0) / len(ts) if len(ts) > 1 else ts[0].clone()
+                    t = _mean(ts) if len(ts) > 1 else ts[0].clone()
                 else:
                     t = ts[0].clone()
                 out[f"{dst[g]}.{rel}"] = _like(t, f"{src[members[0]]}.{rel}", params)
@@ -164,6 +164,15 @@ def _new_tensors(gm: GraphModule, cm: ChainMap, src: list[str], dst: list[str], 
                     t = torch.zeros_like(t)
                 out[f"{dst[i]}.{rel}"] = _like(t, f"{src[g]}.{rel}", params)
     return out
+
+
+def _mean(ts: list[torch.Tensor]) -> torch.Tensor:
+    """The group's mean; bfloat16/float16 blocks are summed and divided in float32 and rounded
+    once (a checkpoint's dtype is kept, its arithmetic is not done in it)."""
+    x = torch.stack(ts)
+    if x.dtype in (torch.bfloat16, torch.float16):
+        return (x.float().sum(0) / len(ts)).to(x.dtype)
+    return x.sum(0) / len(ts)
 
 
 def _like(t: torch.Tensor, old_name: str, params: dict) -> torch.Tensor:

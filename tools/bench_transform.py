@@ -7,6 +7,7 @@ measured step minus the resident set just before it (Linux ``/proc/self/clear_re
 
     python tools/bench_transform.py --repeats 3          # the width pass against dense matrices
     python tools/bench_transform.py --whole --repeats 3  # `vcyclefx coalesce` against the reference
+    python tools/bench_transform.py --big --repeats 3    # streaming a 2.4 GB sharded bf16 Llama
 
 ``--whole`` also runs a floor process: the imports, ``from_pretrained`` and the one symbolic export
 that any coalesce built on torch.export needs, and nothing else (no coalesce can beat its row), and
@@ -16,6 +17,7 @@ an imports-only process (torch and transformers' GPT-2 class).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -154,6 +156,13 @@ def main() -> None:
                     "(default: one with random weights, made in a temporary directory)")
     ap.add_argument("--baseline", metavar="TREE", help="with --whole: also run `vcyclefx "
                     "coalesce` from this checkout (an earlier commit) in the same alternation")
+    ap.add_argument("--big", action="store_true",
+                    help="coalesce and decoalesce a synthetic sharded bf16 Llama (2.4 GB, made "
+                         "and deleted by the benchmark) against from_pretrained and cat")
+    ap.add_argument("--shard", default="300MB", help="with --big: shard size of the checkpoint")
+    ap.add_argument("--where", default=None, help="with --big: folder for the checkpoint")
+    ap.add_argument("--make-big", metavar="DIR", help=argparse.SUPPRESS)
+    ap.add_argument("--load-only", metavar="DIR", help=argparse.SUPPRESS)
     ap.add_argument("--child", choices=["sparse", "dense"], help=argparse.SUPPRESS)
     ap.add_argument("--reference", nargs=2, metavar=("SRC", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("--split", nargs=2, metavar=("SRC", "OUT"), help=argparse.SUPPRESS)
@@ -170,15 +179,18 @@ def main() -> None:
     if args.split:
         print(json.dumps(split_child(*args.split)))
         return
-    if args.floor:
-        floor_process(args.floor, args.imports)
-        return
-    if args.make_checkpoint:
-        make_checkpoint(args.make_checkpoint)
-        return
-    if args.whole:
-        whole_process(args.checkpoint, args.repeats, args.baseline)
-        return
+    modes = [  # (given, what it runs): the first one given runs
+        (args.floor, lambda: floor_process(args.floor, args.imports)),
+        (args.make_big, lambda: make_big(args.make_big, args.shard)),
+        (args.load_only, lambda: load_only(args.load_only)),
+        (args.big, lambda: big_checkpoint(args.repeats, args.shard, args.where)),
+        (args.make_checkpoint, lambda: make_checkpoint(args.make_checkpoint)),
+        (args.whole, lambda: whole_process(args.checkpoint, args.repeats, args.baseline)),
+    ]
+    for given, run in modes:
+        if given:
+            run()
+            return
     runs: dict[str, list[dict]] = {"sparse": [], "dense": []}
     for r in range(args.repeats):
         for what in ("sparse", "dense"):  # interleaved, so both see the same machine load
@@ -310,7 +322,8 @@ def floor_process(src: str, imports_only: bool = False) -> None:
 
 
 def make_checkpoint(directory: str) -> None:
-    """GPT-2 base (124M) with random weights as config.json + pytorch_model.bin."""
+    """GPT-2 base (124M) with random weights as config.json + model.safetensors
+    (``save_pretrained``), the form the streaming command line reads."""
     import torch
     import transformers as T
 
@@ -319,12 +332,89 @@ def make_checkpoint(directory: str) -> None:
     # DynamicCache output), and --baseline runs such a commit
     model = T.GPT2LMHeadModel(T.GPT2Config(use_cache=False))
     model.config.architectures = ["GPT2LMHeadModel"]
-    model.config.save_pretrained(directory)
-    torch.save(model.state_dict(), f"{directory}/pytorch_model.bin")
+    model.save_pretrained(directory)
+
+
+# --- a synthetic sharded bf16 Llama larger than the rest: streaming against loading -----------
+BIG = dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=4,
+           intermediate_size=5632, vocab_size=32000, max_position_embeddings=2048)
+
+
+def make_big(directory: str, shard: str) -> None:
+    """A random bf16 Llama (BIG: 1.2B parameters, 2.4 GB) saved in shards of ``shard``."""
+    import torch
+    import transformers as T
+
+    torch.manual_seed(0)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        model = T.LlamaForCausalLM(T.LlamaConfig(**BIG, use_cache=False, dtype="bfloat16"))
+    finally:
+        torch.set_default_dtype(old)
+    model.config.architectures = ["LlamaForCausalLM"]
+    model.save_pretrained(directory, max_shard_size=shard)
+
+
+def load_only(src: str) -> None:
+    """``from_pretrained`` of ``src`` in its dtype, then exit without teardown."""
+    import transformers as T
+
+    T.logging.set_verbosity_error()
+    T.AutoModelForCausalLM.from_pretrained(src, local_files_only=True, dtype="auto")
+    os._exit(0)
+
+
+def big_checkpoint(repeats: int, shard: str, where: str) -> None:
+    """coalesce 0.5/0.5 and decoalesce (back) of the synthetic checkpoint, ``from_pretrained``
+    alone and ``cat`` of its files, alternating; peak RSS of each child."""
+    import shutil
+    import tempfile
+
+    work = tempfile.mkdtemp(prefix="bench_big_", dir=where)
+    try:
+        ckpt = os.path.join(work, "llama")
+        subprocess.run([sys.executable, __file__, "--make-big", ckpt, "--shard", shard], check=True)
+        files = sorted(os.path.join(ckpt, f) for f in os.listdir(ckpt) if f.endswith(".safetensors"))
+        size = sum(os.path.getsize(f) for f in files)
+        vcyclefx = [sys.executable, "-c", "from vcyclefx.cli import entry; entry()"]
+        small = os.path.join(work, "small")
+        cmds = {"cat": ["cat", *files],
+                "from_pretrained": [sys.executable, __file__, "--load-only", ckpt],
+                "coalesce": [*vcyclefx, "coalesce", ckpt, "--width", "0.5", "--depth", "0.5",
+                             "-o", small, "--max-shard-size", shard, "--force",
+                             "--stream", "always"],
+                "decoalesce": [*vcyclefx, "decoalesce", small, "-o", os.path.join(work, "big"),
+                               "--max-shard-size", shard, "--force", "--stream", "always"]}
+        runs: dict[str, list[tuple[float, int]]] = {w: [] for w in cmds}
+        streaming: dict[str, list[float]] = {"coalesce": [], "decoalesce": []}
+        for r in range(repeats):
+            for what, cmd in cmds.items():
+                _measure(runs, what, cmd, work, r, repeats)
+                if what in streaming:
+                    streaming[what].append(_streamed_seconds())
+            shutil.rmtree(os.path.join(work, "big"), ignore_errors=True)
+        out_size = sum(os.path.getsize(os.path.join(small, f)) for f in os.listdir(small)
+                       if f.startswith("weights"))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    med = functools.partial(_median, runs)
+    print(f"\nsynthetic bf16 Llama, {len(files)} shards of <= {shard}, {size / 1e9:.2f} GB "
+          f"(coalesced level: {out_size / 1e9:.2f} GB), medians of {repeats} alternating runs")
+    print(f"{'':<16} {'time':>8} {'peak RSS':>10} {'RSS / ckpt':>11} {'time / cat':>11}")
+    for what in cmds:
+        print(f"{what:<16} {med(what, 0):>6.2f} s {med(what, 1) / 2**30:>6.2f} GiB "
+              f"{med(what, 1) / size:>10.2f}x {med(what, 0) / med('cat', 0):>10.2f}x")
+    for what, xs in streaming.items():
+        if all(x is not None for x in xs):
+            t = statistics.median(xs)
+            print(f"{what}: streaming the weights alone {t:.2f} s = {t / med('cat', 0):.2f}x cat")
 
 
 def split_child(src: str, out: str) -> dict:
-    """`vcyclefx coalesce SRC --width 0.5 --depth 0.5 -o OUT`, step by step, in one process."""
+    """`vcyclefx coalesce SRC --width 0.5 --depth 0.5 -o OUT` (the streaming path), step by
+    step, in one process."""
     t0 = time.perf_counter()
     steps = {}
 
@@ -335,23 +425,48 @@ def split_child(src: str, out: str) -> dict:
     import torch  # noqa: F401
 
     from vcyclefx import api
-    from vcyclefx.capture import capture
-    from vcyclefx.capture.specs import model_from_spec
-    from vcyclefx.cli import _level_summary, _capture_kwargs
+    from vcyclefx.capture.recipe import recipe_of
+    from vcyclefx.cli import _level_summary
     from vcyclefx.export.leveldir import save_level
+    from vcyclefx.export.record import Recorder
+    from vcyclefx.export.shards import DEFAULT_MAX_SHARD
+    from vcyclefx.export.stream import hf_source, materialize_extras, stream_weights
 
     t = mark("imports (torch, vcyclefx)", t0)
-    found = model_from_spec(src)
-    t = mark("loading (transformers import, from_pretrained)", t)
-    level = capture(found.model, found.example, **_capture_kwargs(found))
-    del found
-    t = mark("capture (torch.export)", t)
-    small, mapping = api.coalesce(level, width=0.5, depth=0.5)
-    t = mark("analysis + passes", t)
-    save_level(small, out, mapping, extra=_level_summary(small, mapping))
-    mark("writing the level directory", t)
+    source = hf_source(src, src, 2, 16, recipe_of)
+    t = mark("model on the meta device, capture (torch.export)", t)
+    with Recorder(source.leaves) as rec:
+        small, mapping = api.coalesce(source.level, width=0.5, depth=0.5, check=False)
+    t = mark("analysis + passes (on meta tensors, recorded)", t)
+    materialize_extras(small, rec, source.reader.get)
+    save_level(small, out, mapping, extra=_level_summary(small, mapping),
+               weights=stream_weights(small, rec, source.reader, DEFAULT_MAX_SHARD))
+    mark("writing the level directory (weights streamed)", t)
     steps["total"] = time.perf_counter() - t0
     return steps
+
+
+_LAST_ERR = [""]  # the last measured child's standard error
+
+
+def _measure(runs: dict, what: str, cmd: list[str], cwd: str, r: int, repeats: int,
+             env: dict | None = None) -> None:
+    """Run ``cmd`` once, add (seconds, peak bytes) to ``runs[what]`` and report it."""
+    runs[what].append(_run_measured(cmd, cwd, env))
+    print(f"run {r + 1}/{repeats} {what}: {runs[what][-1][0]:.2f} s, "
+          f"{runs[what][-1][1] / 2**30:.2f} GiB", file=sys.stderr)
+
+
+def _median(runs: dict, what: str, i: int) -> float:
+    return statistics.median(x[i] for x in runs[what])
+
+
+def _streamed_seconds() -> float | None:
+    """The time the last child spent streaming its weights (its "streamed ... in X s" line)."""
+    import re
+
+    m = re.search(r"streamed .* in ([0-9.]+) s", _LAST_ERR[0])
+    return float(m.group(1)) if m else None
 
 
 def _run_measured(cmd: list[str], cwd: str, env: dict | None = None) -> tuple[float, int]:
@@ -364,6 +479,7 @@ def _run_measured(cmd: list[str], cwd: str, env: dict | None = None) -> tuple[fl
     seconds = time.perf_counter() - start
     err = proc.stderr.read().decode()
     proc.stderr.close()
+    _LAST_ERR[0] = err
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{err}")
     return seconds, usage.ru_maxrss * 1024
@@ -394,12 +510,10 @@ def whole_process(checkpoint: str | None, repeats: int, baseline: str | None = N
                        "floor": [*here, "--floor", checkpoint],
                        "imports": [*here, "--floor", checkpoint, "--imports"]}.get(
                     what, [*vcyclefx, "coalesce", checkpoint, "--width", "0.5", "--depth", "0.5",
-                           "-o", out])
+                           "-o", out] + (["--stream", "always"] if what == "vcyclefx" else []))
                 env = {**os.environ, "PYTHONPATH": os.path.abspath(baseline)} if what == "baseline" else None
-                runs[what].append(_run_measured(cmd, work, env))
+                _measure(runs, what, cmd, work, r, repeats, env)
                 shutil.rmtree(out, ignore_errors=True)
-                print(f"run {r + 1}/{repeats} {what}: {runs[what][-1][0]:.2f} s, "
-                      f"{runs[what][-1][1] / 2**30:.2f} GiB", file=sys.stderr)
             out = os.path.join(work, f"split{r}")
             res = subprocess.run([sys.executable, __file__, "--split", checkpoint, out],
                                  capture_output=True, text=True, check=True)
@@ -408,10 +522,8 @@ def whole_process(checkpoint: str | None, repeats: int, baseline: str | None = N
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    def med(what, i):
-        return statistics.median(x[i] for x in runs[what])
-
-    print(f"\n`vcyclefx coalesce` of GPT-2 base (124M, pytorch_model.bin) to width 0.5 / depth 0.5, "
+    med = functools.partial(_median, runs)
+    print(f"\n`vcyclefx coalesce` of GPT-2 base (124M, model.safetensors) to width 0.5 / depth 0.5, "
           f"whole process, medians of {repeats} alternating runs")
     print(f"{'':<40} {'time':>8} {'peak RSS':>10}")
     labels = [("vcyclefx", "vcyclefx coalesce"), ("reference", "reference procedure (re-impl.)"),

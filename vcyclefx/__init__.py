@@ -18,6 +18,7 @@ from vcyclefx.export import leveldir as _leveldir  # registers how a Level pickl
 from vcyclefx.errors import (
     AnalysisError,
     CaptureError,
+    CheckpointError,
     ExportError,
     LevelError,
     MappingError,
@@ -77,6 +78,7 @@ __all__ = [
     "PlanError",
     "MappingError",
     "LevelError",
+    "CheckpointError",
     "ExportError",
     "ScheduleError",
     "SelfCheckError",

@@ -190,8 +190,7 @@ def interpolate(before, after, alpha: float):
     Floating tensors are interpolated; integer buffers (step counters) are taken from ``after``.
     Returns a new level with ``before``'s graph; neither input is changed.
     """
-    if not isinstance(alpha, (int, float)) or not (0.0 <= float(alpha) <= 1.0):
-        raise PlanError(f"alpha={alpha!r} must be a number in [0, 1]")
+    _check_alpha(alpha)
     for name, m in (("before", before), ("after", after)):
         if not isinstance(m, torch.nn.Module):
             raise LevelError(f"interpolate: {name} must be a module, got {type(m).__name__}")
@@ -205,18 +204,22 @@ def interpolate(before, after, alpha: float):
             raise MappingError(f"interpolate: tensor {k} has shape {list(sa[k].shape)} in before "
                                f"but {list(sb[k].shape)} in after")
     out = clone_level(before)  # a deep copy, for levels and plain modules alike
-    alpha = float(alpha)
     with torch.no_grad():
-        new_state = {}
-        for k, a in sa.items():
-            b = sb[k]
-            if not a.dtype.is_floating_point:
-                new_state[k] = b.detach().clone()
-            elif alpha == 0.0:
-                new_state[k] = a.detach().clone()
-            elif alpha == 1.0:
-                new_state[k] = b.detach().clone()
-            else:
-                new_state[k] = torch.lerp(a.detach(), b.detach().to(a.dtype), alpha)
-        out.load_state_dict(new_state)
+        out.load_state_dict({k: mix(a, sb[k], float(alpha)) for k, a in sa.items()})
     return out
+
+
+def _check_alpha(alpha) -> None:
+    if not isinstance(alpha, (int, float)) or not (0.0 <= float(alpha) <= 1.0):
+        raise PlanError(f"alpha={alpha!r} must be a number in [0, 1]")
+
+
+def mix(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
+    """One tensor of :func:`interpolate` (also what the streaming command line computes):
+    floating tensors ``lerp(a, b, alpha)``, integer ones (step counters) ``b``; new memory."""
+    a, b = a.detach(), b.detach()
+    if not a.dtype.is_floating_point or alpha == 1.0:
+        return b.clone()
+    if alpha == 0.0:
+        return a.clone()
+    return torch.lerp(a, b.to(a.dtype), alpha)

@@ -10,6 +10,7 @@ from vcyclefx.errors import VCycleError
 
 # Each command imports what it uses inside its function: `vcyclefx --help`, `inspect` and `train`
 # do not load the passes, the level-directory writer or the ONNX exporter they do not need.
+from vcyclefx.export.shards import DEFAULT_MAX_SHARD
 from vcyclefx.plan.choices import DEPTH_INITS, DEPTH_PAIRINGS, GROW_PAIRINGS, WIDTH_PAIRINGS
 
 
@@ -65,18 +66,23 @@ def _check_arg(parser, what: str) -> None:
 
 def _cmd_coalesce(args) -> int:
     from vcyclefx import api
+    from vcyclefx.export import stream_cmd
     from vcyclefx.export.leveldir import save_level
     from vcyclefx.capture.specs import model_from_spec
 
     _check_output(args)
+    if stream_cmd.wanted(args, args.model):
+        return stream_cmd.coalesce(args)
     found = model_from_spec(args.model, batch=args.batch, seq=args.seq)
     _progress(f"coalescing {args.model} (width={args.width}, depth={args.depth})")
     small, mapping = api.coalesce(found.model, found.example, width=args.width, depth=args.depth,
                                   pairing=args.pairing, depth_pairing=args.depth_pairing,
                                   check=args.check, **_capture_kwargs(found))
-    also = _writer(small, args, lambda: _nearest(api.coalesce, found, args))
+    made = {"made_by": "coalesce", "from": args.model, "width": args.width, "depth": args.depth,
+            "pairing": args.pairing, "depth_pairing": args.depth_pairing}
+    also = _writer(small, args, made, lambda: _nearest(api.coalesce, found, args))
     save_level(small, args.output, mapping, overwrite=args.force, also=also,
-               extra={"made_by": "coalesce", "from": args.model, **_level_summary(small, mapping)})
+               extra={**made, **_level_summary(small, mapping)})
     print(mapping.summary())
     _progress(f"wrote {args.output}")
     return 0
@@ -86,10 +92,13 @@ def _cmd_decoalesce(args) -> int:
     from pathlib import Path
 
     from vcyclefx import api
+    from vcyclefx.export import stream_cmd
     from vcyclefx.export.leveldir import load_level, save_level
     from vcyclefx.capture.specs import model_from_spec
 
     _check_output(args)
+    if stream_cmd.wanted(args, args.model):
+        return stream_cmd.decoalesce(args)
     if Path(args.model).is_dir() and (Path(args.model) / "level.json").is_file():
         level, mapping = load_level(args.model)
         example, extra = None, {}
@@ -108,25 +117,31 @@ def _cmd_decoalesce(args) -> int:
         big, used = api.decoalesce(level, example, width=args.width or 1.0,
                                    depth=args.depth or 1.0, depth_init=args.depth_init,
                                    pairing=args.pairing, check=args.check, **extra)
+    made = {"made_by": "decoalesce", "from": args.model, "width": args.width,
+            "depth": args.depth, "pairing": args.pairing, "depth_init": args.depth_init}
     nearest = None
     if mapping is None or args.width is not None or args.depth is not None:
         nearest = lambda: _nearest(api.decoalesce, found if mapping is None else level, args)  # noqa: E731
-    save_level(big, args.output, used, overwrite=args.force, also=_writer(big, args, nearest),
-               extra={"made_by": "decoalesce", "from": args.model, **_level_summary(big, used)})
+    save_level(big, args.output, used, overwrite=args.force, also=_writer(big, args, made, nearest),
+               extra={**made, **_level_summary(big, used)})
     _progress(f"wrote {args.output}")
     return 0
 
 
 def _cmd_interpolate(args) -> int:
     from vcyclefx import api
+    from vcyclefx.export import stream_cmd
     from vcyclefx.export.leveldir import load_level, save_level
 
     _check_output(args)
+    if stream_cmd.wanted(args, args.dir_a, args.dir_b):
+        return stream_cmd.interpolate(args)
     a, mapping = load_level(args.dir_a)
     b, _ = load_level(args.dir_b)
     mixed = api.interpolate(a, b, args.alpha)
-    save_level(mixed, args.output, mapping, overwrite=args.force, also=_writer(mixed, args),
-               extra={"made_by": "interpolate", "alpha": args.alpha, "from": [args.dir_a, args.dir_b]})
+    made = {"made_by": "interpolate", "alpha": args.alpha, "from": [args.dir_a, args.dir_b]}
+    save_level(mixed, args.output, mapping, overwrite=args.force,
+               also=_writer(mixed, args, made), extra=made)
     _progress(f"wrote {args.output} = (1 - {args.alpha}) * {args.dir_a} + {args.alpha} * {args.dir_b}")
     return 0
 
@@ -147,18 +162,20 @@ def _capture_kwargs(found) -> dict:
     return {"copy_weights": False, **({"recipe": found.recipe} if found.recipe is not None else {})}
 
 
-def _writer(level, args, nearest=None):
-    """What --format adds to the level directory (checked before anything is written).
-    ``nearest()``: the factors nearest to the asked ones whose level the class can express, for
-    the refusal's message."""
+def _writer(level, args, card: dict | None = None, nearest=None):
+    """What --format adds to the level directory (checked before anything is written);
+    ``card``: what made the level, for the README of --format hf; ``nearest()``: the factors
+    nearest to the asked ones whose level the class can express, for the refusal's message."""
     if args.format == "level":
         return None
     from vcyclefx.errors import LevelError
     from vcyclefx.export.formats import module_writer
 
     _progress(f"solving for the original class at the level's sizes (--format {args.format})")
+    source = getattr(args, "model", None) or getattr(args, "dir_a", None)
     try:
-        return module_writer(level, args.format)
+        return module_writer(level, args.format, source=source, card=card,
+                             max_shard_size=args.max_shard_size)
     except LevelError as e:
         if nearest is None:
             raise
@@ -200,6 +217,11 @@ def _example_args(p) -> None:
 
 def _out_args(p) -> None:
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="level directory to write")
+    p.add_argument("--stream", choices=["auto", "always", "never"], default="auto",
+                   help="stream a Hugging Face safetensors directory or a level directory tensor "
+                        "by tensor instead of loading it (auto, the default: when its weights "
+                        "exceed a quarter of this machine's memory). Streaming skips the "
+                        "self-check, which needs the weights in memory")
     p.add_argument("--force", action="store_true", help="replace DIR if it exists")
     p.add_argument("--format", choices=["level", "hf", "module"], default="level",
                    help="level: the level directory (graph, weights, mapping); hf: also the "
@@ -207,6 +229,12 @@ def _out_args(p) -> None:
                         "from_pretrained loads at the new sizes; module: also model.safetensors "
                         "and module.json, the call that builds the original class at the new "
                         "sizes (timm, torchvision, factories)")
+    p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD, metavar="SIZE",
+                   help="largest safetensors shard to write, e.g. 5GB or 300MB (default "
+                        f"{DEFAULT_MAX_SHARD}, as save_pretrained); a Hugging Face directory of "
+                        "safetensors and level directories are transformed by streaming: each "
+                        "output tensor made from the input tensors it needs, shards written as "
+                        "they fill")
 
 
 def build_parser() -> argparse.ArgumentParser:

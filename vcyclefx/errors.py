@@ -80,6 +80,11 @@ class LevelError(VCycleError):
     """A level directory or a level module is not what vcyclefx expects."""
 
 
+class CheckpointError(LevelError):
+    """A checkpoint's files (safetensors shards, their index) are missing, truncated or disagree
+    with its config, or an output shard could not be written (names the file and the tensor)."""
+
+
 class ExportError(VCycleError):
     """A level could not be exported (names the op/node and the exporter's report)."""
 

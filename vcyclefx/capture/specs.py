@@ -92,7 +92,9 @@ def hf_example(model, spec: str, batch: int, seq: int) -> tuple:
                       "pkg.mod:factory that returns (model, example_inputs)")
 
 
-def _hf_directory(p: Path, spec: str, batch: int, seq: int) -> ModelSpec:
+def hf_class(p: Path, spec: str):
+    """(config, model class) of a Hugging Face directory: the class its
+    ``config.architectures`` names, with the key/value cache off."""
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -109,6 +111,11 @@ def _hf_directory(p: Path, spec: str, batch: int, seq: int) -> ModelSpec:
                           '"architectures": ["LlamaForCausalLM"]')
     if getattr(cfg, "use_cache", None):
         cfg.use_cache = False  # a key/value cache in the outputs cannot be captured (nor trained)
+    return cfg, cls
+
+
+def _hf_directory(p: Path, spec: str, batch: int, seq: int) -> ModelSpec:
+    cfg, cls = hf_class(p, spec)
     has_weights = any(p.glob("*.safetensors")) or any(p.glob("*.bin"))
     try:
         model = (cls.from_pretrained(str(p), config=cfg, local_files_only=True) if has_weights
@@ -251,4 +258,4 @@ def model_from_spec(spec: str, batch: int | None = None, seq: int | None = None)
     return _factory(spec)
 
 
-__all__ = ["ModelSpec", "model_from_spec", "parse_overrides", "hf_example"]
+__all__ = ["ModelSpec", "model_from_spec", "parse_overrides", "hf_example", "hf_class"]

@@ -23,18 +23,25 @@ from vcyclefx.store import load_tensors, save_tensors
 FORMAT = "vcyclefx.module"
 
 
-def module_writer(level, fmt: str):
+def module_writer(level, fmt: str, *, source=None, card: dict | None = None,
+                  max_shard_size="50GB"):
     """Solve for ``level``'s class now (errors before any file exists); returns the function
-    that writes the files of ``fmt`` into a directory."""
+    that writes the files of ``fmt`` into a directory. For ``hf``: the weights in the level's
+    dtype, sharded at ``max_shard_size``; the tokenizer and generation files of the Hugging Face
+    directory ``source`` where it has them; a README model card from ``card`` (what made it)."""
     recipe, overrides, module, err = solve(level)
     module.train(level.training)
     if fmt == "hf":
         if recipe.kind != HF:
             raise LevelError(f"--format hf needs a Hugging Face model; {recipe.target} is not one "
                              "(use --format module)")
+        dtype = _dtype_of(level)
 
         def write_hf(tmp: Path) -> None:
-            module.save_pretrained(str(tmp), safe_serialization=True)
+            out = module.to(dtype) if dtype is not None else module
+            out.save_pretrained(str(tmp), safe_serialization=True, max_shard_size=max_shard_size)
+            _copy_hf_files(source, tmp)
+            (tmp / "README.md").write_text(model_card(recipe, overrides, card or {}))
 
         return write_hf
     if fmt != "module":
@@ -50,6 +57,46 @@ def module_writer(level, fmt: str):
         (tmp / "module.json").write_text(json.dumps(spec, indent=1))
 
     return write_module
+
+
+def _dtype_of(level):
+    """The one floating dtype of the level's weights (None if they mix dtypes)."""
+    dtypes = {t.dtype for t in level.state_dict().values() if t.dtype.is_floating_point}
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
+def _copy_hf_files(source, tmp: Path) -> None:
+    """The tokenizer and generation files of the Hugging Face directory ``source``."""
+    import shutil
+
+    from vcyclefx.export.stream import TOKENIZER_FILES
+
+    if source is None or not (Path(source) / "config.json").is_file():
+        return
+    for name in TOKENIZER_FILES:
+        if (Path(source) / name).is_file():
+            shutil.copyfile(Path(source) / name, tmp / name)
+
+
+def model_card(recipe: Recipe, overrides: dict, card: dict) -> str:
+    """A short README: which transform made the directory, from what, with which settings."""
+    import vcyclefx
+
+    made = card.get("made_by", "a vcyclefx transform")
+    settings = {k: card[k] for k in ("width", "depth", "pairing", "depth_pairing", "depth_init",
+                                     "alpha") if card.get(k) is not None}
+    src = card.get("from")
+    src = ", ".join(map(str, src)) if isinstance(src, list) else src
+    lines = [f"# {recipe.target.rsplit('.', 1)[-1]} made by vcyclefx {made}", "",
+             f"This directory was made by `vcyclefx {made}` (vcyclefx {vcyclefx.__version__}) "
+             f"from `{src}`." if src else f"This directory was made by vcyclefx {made}.", "",
+             f"- class: `{recipe.target}`",
+             f"- changed config fields: {', '.join(f'{k}={v}' for k, v in overrides.items()) or 'none'}"]
+    lines += [f"- {k}: {v}" for k, v in settings.items()]
+    lines += ["", "Load it with the class's own `from_pretrained(DIR)`. The level directory's "
+              "files beside these (`level.pt2`, `weights*.safetensors`, `mapping.json`) let "
+              "`vcyclefx decoalesce DIR` map it back.", ""]
+    return "\n".join(lines)
 
 
 def load_module(directory):

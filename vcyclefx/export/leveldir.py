@@ -3,7 +3,10 @@
 A level directory holds::
 
     level.pt2            the graph (torch.export format, with the dynamic batch/sequence dims)
-    weights.safetensors  the weights, each tensor once (tied names in its metadata, vcyclefx.store)
+    weights.safetensors  the weights, each tensor once (tied names in its metadata, vcyclefx.store);
+                         or, written by the streaming command line, the shards
+                         weights-0000k-of-0000n.safetensors and weights.safetensors.index.json
+                         (tied names in the index's "aliases"); level.pt2 then holds meta tensors
     inputs.safetensors   the example inputs the level was captured with
     mapping.json         the mapping that made this level (if one did)
     level.json           a summary: source class, shapes, spaces, chains
@@ -28,6 +31,7 @@ from pathlib import Path
 import torch
 
 from vcyclefx.errors import LevelError, brief
+from vcyclefx.fx.device import module_device, move_device_literals_
 from vcyclefx.level import Level, LevelInfo, level_info, make_level, owner_of
 from vcyclefx.plan.mapping import Mapping
 from vcyclefx.capture.recipe import Recipe
@@ -40,9 +44,11 @@ VERSION = 1
 
 
 def save_level(level, directory, mapping: Mapping | None = None, *, overwrite: bool = False,
-               extra: dict | None = None, also=None) -> Path:
+               extra: dict | None = None, also=None, weights=None) -> Path:
     """Write ``level`` as a level directory, atomically; ``also(tmp_dir)`` adds files (the
-    ``--format hf`` / ``module`` outputs) before the directory is renamed into place."""
+    ``--format hf`` / ``module`` outputs) before the directory is renamed into place.
+    ``weights(tmp_dir)``, where given, writes the weights instead of ``weights.safetensors``
+    (the streaming command line: sharded, one tensor at a time, ``vcyclefx.export.stream``)."""
     directory = Path(directory)
     if directory.exists() and not overwrite and any(directory.iterdir()):
         raise LevelError(f"output directory {directory} exists and is not empty: choose another -o "
@@ -54,7 +60,10 @@ def save_level(level, directory, mapping: Mapping | None = None, *, overwrite: b
         ep = program_of(level)  # the graph as it is: no second export
         torch.export.save(ep, tmp / "level.pt2")
         state = level.state_dict(keep_vars=True)
-        save_tensors(tmp / "weights.safetensors", state)
+        if weights is None:
+            save_tensors(tmp / "weights.safetensors", state)
+        else:
+            weights(tmp)
         save_tensors(tmp / "inputs.safetensors", _inputs_state(info))
         if mapping is not None:
             mapping.save(tmp / "mapping.json")
@@ -112,7 +121,8 @@ def level_from_bytes(data: dict):
 Level.pickler = (level_to_bytes, level_from_bytes)
 
 
-def _tie(gm, alias: str, canon: str) -> None:
+def tie(gm, alias: str, canon: str) -> None:
+    """``alias`` becomes the very tensor ``canon`` is (a tied weight)."""
     owner, leaf = owner_of(gm, alias)
     target = gm.get_parameter(canon) if canon in dict(gm.named_parameters()) else gm.get_buffer(canon)
     if isinstance(target, torch.nn.Parameter):
@@ -180,12 +190,22 @@ def _assemble(ep, weights: dict, inputs: dict, meta: dict, where: str):
     """The Level of a loaded ExportedProgram with its weights (``load_tensors``: every name,
     tied ones sharing one tensor; the ties restored in the module) and info."""
     gm = ep.module()
-    for alias, canon in aliases_of(weights).items():
-        _tie(gm, alias, canon)  # one tensor under several names, as when it was saved
-    missing, unexpected = gm.load_state_dict(weights, strict=False)
+    ties = aliases_of(weights)
+    for alias, canon in ties.items():
+        tie(gm, alias, canon)  # one tensor under several names, as when it was saved
+    # a graph saved by the streaming command line holds meta tensors: take the weights' own
+    assign = any(t.is_meta for t in gm.state_dict(keep_vars=True).values())
+    missing, unexpected = gm.load_state_dict(weights, strict=False, assign=assign)
     if missing or unexpected:
         raise LevelError(f"{where}: weights do not match the graph (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]})")
+    if assign:
+        for alias, canon in ties.items():
+            tie(gm, alias, canon)
+    return _level_of(gm, inputs, meta)
+
+
+def _level_of(gm, inputs: dict, meta: dict):
     example = tuple(inputs[f"input.{i}"] for i in range(len(inputs)))
     info = LevelInfo(example_inputs=example, frontend=meta.get("frontend", "export"),
                      source_class=meta.get("source_class"),
@@ -193,12 +213,14 @@ def _assemble(ep, weights: dict, inputs: dict, meta: dict, where: str):
                      notes=tuple(meta.get("notes", [])),
                      recipe=Recipe.from_json(meta.get("recipe")),
                      input_names=tuple(meta.get("input_names", ())))
-    return make_level(gm, info, training=meta.get("training", False))
+    level = make_level(gm, info, training=meta.get("training", False))
+    device = module_device(level)
+    if device is not None:  # a streamed level was saved with meta tensors: literals follow
+        move_device_literals_(level, device)
+    return level
 
 
-def load_level(directory) -> tuple[torch.fx.GraphModule, Mapping | None]:
-    """Load a level directory: (level GraphModule, its mapping or None)."""
-    d = Path(directory)
+def _summary_of(d: Path) -> dict:
     meta_path = d / "level.json"
     if not meta_path.is_file():
         raise LevelError(f"{d} is not a level directory (no level.json); make one with "
@@ -209,16 +231,54 @@ def load_level(directory) -> tuple[torch.fx.GraphModule, Mapping | None]:
         raise LevelError(f"{meta_path} is not valid JSON ({e.msg}, line {e.lineno})") from e
     if meta.get("format") != FORMAT:
         raise LevelError(f"{meta_path}: not a vcyclefx level summary")
-    for name in ("level.pt2", "weights.safetensors", "inputs.safetensors"):
+    weights = ("weights.safetensors.index.json" if (d / "weights.safetensors.index.json").is_file()
+               else "weights.safetensors")
+    for name in ("level.pt2", weights, "inputs.safetensors"):
         if not (d / name).is_file():
             raise LevelError(f"{d}: missing {name}; the level directory is incomplete")
     _import_source(meta.get("source_class"))
+    return meta
+
+
+def _weights_of(d: Path, meta: dict) -> dict:
+    """Every tensor of the level directory's weights: ``weights.safetensors``, or the shards
+    ``weights.safetensors.index.json`` lists (tied names in its ``"aliases"``)."""
+    index = d / "weights.safetensors.index.json"
+    if not index.is_file():
+        return load_tensors(d / "weights.safetensors", meta.get("aliases"))
+    from safetensors.torch import load_file
+
+    spec = json.loads(index.read_text())
+    state = {}
+    for file in dict.fromkeys(spec["weight_map"].values()):
+        state.update(load_file(str(d / file)))  # the aliases are the index's, not one shard's
+    for alias, name in (spec.get("aliases") or {}).items():
+        state[alias] = state[name]
+    return state
+
+
+def load_level(directory) -> tuple[torch.fx.GraphModule, Mapping | None]:
+    """Load a level directory: (level GraphModule, its mapping or None)."""
+    d = Path(directory)
+    meta = _summary_of(d)
     ep = load_pt2(d / "level.pt2")
     try:
-        weights = load_tensors(d / "weights.safetensors", meta.get("aliases"))
+        weights = _weights_of(d, meta)
         inputs = load_tensors(d / "inputs.safetensors")
     except Exception as e:  # noqa: BLE001
         raise LevelError(f"{d}: cannot read the safetensors files ({brief(e)})") from e
     gm = _assemble(ep, weights, inputs, meta, str(d))
     mapping = Mapping.load(d / "mapping.json") if (d / "mapping.json").is_file() else None
     return gm, mapping
+
+
+def graph_of_level(directory) -> tuple[torch.fx.GraphModule, Mapping | None]:
+    """A level directory's level without its weights file read: the tensors are what
+    ``level.pt2`` holds (meta tensors where the streaming command line wrote it), for
+    ``vcyclefx.export.stream`` to bind to the weights' shards."""
+    d = Path(directory)
+    meta = _summary_of(d)
+    gm = load_pt2(d / "level.pt2").module()
+    level = _level_of(gm, load_tensors(d / "inputs.safetensors"), meta)
+    mapping = Mapping.load(d / "mapping.json") if (d / "mapping.json").is_file() else None
+    return level, mapping

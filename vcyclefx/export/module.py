@@ -242,6 +242,42 @@ def _verify(recipe: Recipe, overrides: dict, level, state, info, reference=None)
     return module, _rel_error(out, reference), None
 
 
+_LOW = (torch.bfloat16, torch.float16)
+
+
+def float32_level(level):
+    """``level`` computing in float32: a copy with its bfloat16/float16 tensors upcast and the
+    dtype literals of its graph (``.to(bfloat16)`` casts baked in by the capture) made float32;
+    ``level`` itself where it is float32 already. The class built by ``to_module`` computes in
+    float32 (the default dtype), so both are compared without a low-precision rounding between
+    them: a bf16 checkpoint's level is verified under the float32 tolerance."""
+    if not any(t.dtype in _LOW for t in level.state_dict().values()):
+        return level
+    import copy
+
+    out = copy.deepcopy(level)
+    out.to(torch.float32)
+    _float32_literals(out)
+    return out
+
+
+def _float32_literals(gm) -> None:
+    from torch.fx import GraphModule
+    from torch.fx.node import map_aggregate
+
+    def up(v):  # dtype arguments are ints in the op schemas: match the values
+        return torch.float32 if isinstance(v, torch.dtype) and v in _LOW else v
+
+    for node in gm.graph.nodes:
+        if node.op == "call_function":
+            node.args = map_aggregate(node.args, up)
+            node.kwargs = map_aggregate(node.kwargs, up)
+    for sub in gm.children():
+        if isinstance(sub, GraphModule):
+            _float32_literals(sub)
+    gm.recompile()
+
+
 def solve(level) -> tuple[Recipe, dict, nn.Module, float]:
     """(recipe, field overrides, a verified module with the level's weights, its error)."""
     info = level_info(level)
@@ -270,15 +306,16 @@ def solve(level) -> tuple[Recipe, dict, nn.Module, float]:
     state = level.state_dict()
     was_training = level.training
     level.eval()
+    checked = float32_level(level)  # the level itself, or its float32 copy (in eval mode too)
     module, err, overrides, tried = None, float("inf"), exact[0], []
     try:
         with torch.no_grad():
-            reference = level(*info.example_inputs)
+            reference = checked(*info.example_inputs)
         for shaped in exact:
             # each shape solution, then with one field that no tensor shape shows changed too
             # (head counts that only appear in reshapes), then two (query and key/value heads)
             for trial in _function_trials(builder, shaped, fields, ratios, target):
-                m, e, why = _verify(recipe, trial, level, state, info, reference)
+                m, e, why = _verify(recipe, trial, checked, state, info, reference)
                 tried.append((trial, e, why))
                 if e <= TOLERANCE:
                     module, err, overrides = m, e, trial

@@ -1,0 +1,164 @@
+"""Checkpoints larger than memory: `vcyclefx coalesce/decoalesce/interpolate` of a Hugging Face
+directory of (sharded) safetensors streams the weights (meta-device capture, one output tensor
+at a time, sharded output) and writes exactly what the in-memory path writes. GPT-2 (tied
+embedding and head) and float16 run with -m slow; Llama and bfloat16 by default."""
+
+from __future__ import annotations
+
+import errno
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import vcyclefx as vf
+from vcyclefx import zoo
+from vcyclefx.capture.specs import model_from_spec
+from vcyclefx.cli import main
+from vcyclefx.export.leveldir import load_level
+
+
+def _checkpoint(tmp_path, model, name: str, dtype=torch.float32, shard="20KB"):
+    d = tmp_path / name
+    model = model.to(dtype)
+    model.config.architectures = [type(model).__name__]
+    model.save_pretrained(d, max_shard_size=shard)
+    return d
+
+
+def _weights(directory) -> dict:
+    """Every tensor of a level directory's weight files, by name (aliases included)."""
+    level, _ = load_level(directory)
+    return level.state_dict()
+
+
+def _same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("which", ["llama", pytest.param("gpt2", marks=pytest.mark.slow)])
+def test_streamed_coalesce_and_decoalesce_equal_the_in_memory_path_tensor_for_tensor(tmp_path, which):
+    model, _ = getattr(zoo, which)()
+    ckpt = _checkpoint(tmp_path, model, which)
+    assert (ckpt / "model.safetensors.index.json").is_file()  # sharded input
+    out = tmp_path / "small"
+    assert main(["coalesce", "--stream", "always", str(ckpt), "--width", "0.5", "--depth", "0.5", "-o", str(out),
+                 "--max-shard-size", "8KB"]) == 0
+    index = json.loads((out / "weights.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1  # sharded output
+    found = model_from_spec(str(ckpt))
+    want, want_map = vf.coalesce(found.model, found.example, width=0.5, depth=0.5)
+    got = _weights(out)
+    _same(got, want.state_dict())
+    small, _ = load_level(out)  # written with meta tensors in level.pt2, it runs on its weights
+    x = found.example
+    assert torch.equal(small.eval()(*x).logits, want.eval()(*x).logits)
+    if which == "gpt2":  # tied embedding and LM head: one tensor under both names
+        assert small.lm_head.weight is small.transformer.wte.weight
+    # back up, streaming from the level directory
+    assert main(["decoalesce", "--stream", "always", str(out), "-o", str(tmp_path / "big")]) == 0
+    restored, _ = vf.decoalesce(want, mapping=want_map)
+    _same(_weights(tmp_path / "big"), restored.state_dict())
+    # interpolate, streaming both level directories
+    assert main(["interpolate", "--stream", "always", str(tmp_path / "big"), str(tmp_path / "big"), "--alpha", "0.25",
+                 "-o", str(tmp_path / "mixed")]) == 0
+    _same(_weights(tmp_path / "mixed"), vf.interpolate(restored, restored, 0.25).state_dict())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16,
+                                   pytest.param(torch.float16, marks=pytest.mark.slow)])
+def test_format_hf_of_a_low_precision_checkpoint_keeps_its_dtype_and_loads(tmp_path, dtype):
+    from transformers import AutoModelForCausalLM
+
+    model, example = zoo.llama()
+    ckpt = _checkpoint(tmp_path, model, "llama", dtype)
+    (ckpt / "tokenizer_config.json").write_text("{}")
+    out = tmp_path / "small"
+    assert main(["coalesce", "--stream", "always", str(ckpt), "--width", "0.5", "--depth", "0.5", "-o", str(out),
+                 "--format", "hf"]) == 0
+    small = AutoModelForCausalLM.from_pretrained(out, dtype="auto")
+    assert small.config.hidden_size == 32 and small.config.num_hidden_layers == 1
+    assert {p.dtype for p in small.parameters()} == {dtype}
+    level, _ = load_level(out)
+    _same({k: v for k, v in small.state_dict().items()},
+          {k: v for k, v in level.state_dict().items() if k in small.state_dict()})
+    assert (out / "tokenizer_config.json").is_file() and (out / "generation_config.json").is_file()
+    card = (out / "README.md").read_text()
+    assert "coalesce" in card and "width: 0.5" in card and str(ckpt) in card
+
+
+def _no_output(tmp_path) -> bool:
+    return not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def _run_bad(tmp_path, capsys, ckpt) -> str:
+    assert main(["coalesce", "--stream", "always", str(ckpt), "-o", str(tmp_path / "out")]) == 2
+    assert _no_output(tmp_path)
+    return capsys.readouterr().err
+
+
+def test_bad_checkpoints_are_named_by_file_and_tensor_and_leave_no_output(tmp_path, capsys):
+    model, _ = zoo.llama()
+    ckpt = _checkpoint(tmp_path, model, "llama")
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    # an index naming a tensor no shard holds
+    bad = dict(index, weight_map={**index["weight_map"], "model.extra.weight": shards[0]})
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(bad))
+    err = _run_bad(tmp_path, capsys, ckpt)
+    assert "model.extra.weight" in err and shards[0] in err
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    # a truncated shard
+    data = (ckpt / shards[-1]).read_bytes()
+    (ckpt / shards[-1]).write_bytes(data[:-100])
+    err = _run_bad(tmp_path, capsys, ckpt)
+    assert "truncated" in err and shards[-1] in err
+    # a missing shard
+    (ckpt / shards[-1]).unlink()
+    err = _run_bad(tmp_path, capsys, ckpt)
+    assert "missing shard" in err and shards[-1] in err
+
+
+def test_a_shard_that_disagrees_with_the_config_is_refused_before_any_output(tmp_path, capsys):
+    model, _ = zoo.llama()
+    ckpt = _checkpoint(tmp_path, model, "llama")
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 96}))
+    err = _run_bad(tmp_path, capsys, ckpt)
+    assert "mlp" in err and "[128, 64]" in err and ".safetensors" in err
+    (ckpt / "config.json").write_text(json.dumps({**cfg, "dtype": "bfloat16"}))
+    err = _run_bad(tmp_path, capsys, ckpt)
+    assert "torch.float32" in err and "torch.bfloat16" in err
+
+
+def test_a_write_error_names_the_shard_and_tensor_and_leaves_no_output(tmp_path, capsys,
+                                                                        monkeypatch):
+    import builtins
+
+    from vcyclefx.export import shards
+
+    model, _ = zoo.llama()
+    ckpt = _checkpoint(tmp_path, model, "llama")
+
+    class FullDisk:  # a file on a disk that fills after 4 KB
+        def __init__(self, path, mode):
+            self.f, self.n = builtins.open(path, mode), 0
+
+        def write(self, data):
+            self.n += len(data)
+            if self.n > 4096:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    def open_(path, mode="r"):  # the writer's files fill the disk, reads are as they are
+        return FullDisk(path, mode) if "w" in mode else builtins.open(path, mode)
+
+    monkeypatch.setattr(shards, "open", open_, raising=False)
+    err = _run_bad(tmp_path, capsys, ckpt)
+    assert "No space left on device" in err and "weights" in err and "cannot write tensor" in err

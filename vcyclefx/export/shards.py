@@ -1,0 +1,276 @@
+"""Sharded safetensors, one tensor at a time: a lazy reader and a streaming writer.
+
+Two small pieces (after mergekit's lazy loader and tensor writer), for checkpoints larger than
+memory:
+
+- :class:`ShardReader` maps each tensor name of a checkpoint (one ``*.safetensors`` file, or the
+  shards an ``*.safetensors.index.json`` lists) to its shard, from the shards' headers alone, and
+  reads a tensor on demand through safetensors' memory-mapped ``safe_open`` (the shard is opened
+  for the read and closed after it, so no mapping outlives it). Every shard is checked when the
+  reader is made: it exists, it holds what the index says, its data is as long as its header
+  says; each failure is a :class:`~vcyclefx.errors.CheckpointError` naming the file and tensor.
+- :class:`ShardWriter` lays out the output shards before any value exists (every name, dtype and
+  shape is known from the level captured on the meta device), writes each shard's header first
+  and then each tensor's bytes as the tensor is made, so a shard is complete as soon as its last
+  tensor is written and nothing holds more than one tensor. The index is written at the end.
+
+The byte format is safetensors' own (8-byte little-endian header length, JSON header, data);
+files are read back with ``safetensors.safe_open``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vcyclefx.errors import CheckpointError
+
+# safetensors dtype names <-> torch dtypes
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+NAMES = {v: k for k, v in DTYPES.items()}
+DEFAULT_MAX_SHARD = "50GB"  # save_pretrained's default
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text) -> int:
+    """``"5GB"`` / ``"300MB"`` / ``"2GiB"`` / an int -> bytes (decimal units as in
+    ``save_pretrained``, binary ones with ``i``)."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE.match(str(text))
+    if not m:
+        raise CheckpointError(f"--max-shard-size {text!r} is not a size (write e.g. 5GB or 300MB)")
+    unit = (m.group(2) or "B").upper()
+    base = 1024 if "I" in unit else 1000
+    power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
+    return int(float(m.group(1)) * base ** power)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """Where a tensor lies: its shard, dtype, shape and byte range in the shard's data."""
+    file: Path
+    dtype: torch.dtype
+    shape: tuple
+    begin: int
+    end: int
+
+
+def read_header(path: Path) -> tuple[dict, dict, int]:
+    """(tensor entries, metadata, data start) of a safetensors file; CheckpointError if the file
+    is missing, not safetensors, or shorter than its header says (truncated)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                raise CheckpointError(f"{path}: not a safetensors file or truncated (header of "
+                                      f"{n} bytes in a file of {size}); copy the shard again")
+            header = json.loads(f.read(n))
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{path}: missing shard; copy it into the checkpoint directory") from e
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read its safetensors header ({e})") from e
+    meta = header.pop("__metadata__", None) or {}
+    start = 8 + n
+    entries = {}
+    for name, h in header.items():
+        dtype = DTYPES.get(h.get("dtype"))
+        if dtype is None:
+            raise CheckpointError(f"{path}: tensor {name} has dtype {h.get('dtype')!r}, which "
+                                  "vcyclefx does not read")
+        b, e = h["data_offsets"]
+        if start + e > size:
+            raise CheckpointError(f"{path}: truncated: tensor {name} needs bytes up to "
+                                  f"{start + e} but the file has {size}; copy the shard again")
+        entries[name] = Entry(path, dtype, tuple(h["shape"]), b, e)
+    return entries, meta, start
+
+
+def _index_of(directory: Path, stem: str) -> Path | None:
+    p = directory / f"{stem}.safetensors.index.json"
+    return p if p.is_file() else None
+
+
+class ShardReader:
+    """The tensors of one checkpoint (``stem``: ``model`` for Hugging Face, ``weights`` for a
+    level directory), by name, read one at a time."""
+
+    def __init__(self, directory, stem: str = "model"):
+        d = Path(directory)
+        self.directory = d
+        self.held: dict[str, torch.Tensor] = {}  # small tensors kept in memory ("@" names)
+        index = _index_of(d, stem)
+        self.entries: dict[str, Entry] = {}
+        self.metadata: dict = {}
+        if index is not None:
+            try:
+                spec = json.loads(index.read_text())
+                weight_map = spec["weight_map"]
+            except (ValueError, KeyError) as e:
+                raise CheckpointError(f"{index}: not a safetensors index ({e})") from e
+            self.metadata = spec.get("metadata") or {}
+            files: dict[str, list[str]] = {}
+            for name, file in weight_map.items():
+                files.setdefault(file, []).append(name)
+            for file, names in files.items():
+                path = d / file
+                if not path.is_file():
+                    raise CheckpointError(f"{path}: missing shard (the index {index.name} puts "
+                                          f"tensor {names[0]} in it); copy it into {d}")
+                entries, meta, _ = read_header(path)
+                for name in names:
+                    if name not in entries:
+                        raise CheckpointError(f"{index}: names tensor {name} in {file}, which does "
+                                              "not hold it; the index and the shards are from "
+                                              "different checkpoints")
+                    self.entries[name] = entries[name]
+                self.metadata = {**meta, **self.metadata}
+        else:
+            path = d / f"{stem}.safetensors"
+            if not path.is_file():
+                raise CheckpointError(f"{d}: no {stem}.safetensors and no "
+                                      f"{stem}.safetensors.index.json")
+            self.entries, self.metadata, _ = read_header(path)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def get(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The tensors ``names``, each shard opened (memory-mapped) once for the call."""
+        from safetensors import safe_open
+
+        out = {n: self.held[n] for n in names if n in self.held}
+        by_file: dict[Path, list[str]] = {}
+        for n in names:
+            if n not in self.held:
+                by_file.setdefault(self.entries[n].file, []).append(n)
+        for file, ns in by_file.items():
+            try:
+                with safe_open(str(file), framework="pt") as f:
+                    for n in ns:
+                        out[n] = f.get_tensor(n)
+            except Exception as e:  # noqa: BLE001 - safetensors' own errors name no tensor
+                raise CheckpointError(f"{file}: cannot read tensor {ns[0]} ({e})") from e
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+def _nbytes(dtype: torch.dtype, shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+class ShardWriter:
+    """Writes tensors given in a fixed order into shards of at most ``max_bytes`` (a tensor larger
+    than that gets a shard of its own), named ``{stem}-0000k-of-0000n.safetensors`` (or
+    ``{stem}.safetensors`` when one shard holds everything) with ``{stem}.safetensors.index.json``.
+
+    ``layout``: ``[(name, dtype, shape)]`` in the order :meth:`write` will be called. ``metadata``
+    goes into every shard's header (and the index)."""
+
+    def __init__(self, directory, stem: str, layout: list[tuple], max_bytes: int,
+                 metadata: dict | None = None):
+        self.directory = Path(directory)
+        self.metadata = {k: str(v) for k, v in (metadata or {}).items()}
+        shards: list[list[tuple]] = [[]]
+        size = 0
+        for name, dtype, shape in layout:
+            n = _nbytes(dtype, shape)
+            if shards[-1] and size + n > max_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append((name, dtype, tuple(shape), n))
+            size += n
+        count = len(shards)
+        self.files = [f"{stem}.safetensors" if count == 1 else
+                      f"{stem}-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        self.shards = shards
+        self.index = None if count == 1 else f"{stem}.safetensors.index.json"
+        self.where = {name: (i, j) for i, s in enumerate(shards) for j, (name, *_) in enumerate(s)}
+        self._shard, self._pos, self._f = -1, 0, None
+
+    def _open(self, i: int) -> None:
+        entries, offset = {}, 0
+        for name, dtype, shape, n in self.shards[i]:
+            entries[name] = {"dtype": NAMES[dtype], "shape": list(shape),
+                             "data_offsets": [offset, offset + n]}
+            offset += n
+        header = json.dumps({"__metadata__": self.metadata, **entries}).encode()
+        header += b" " * (-len(header) % 8)  # data aligned to 8 bytes, as safetensors writes it
+        path = self.directory / self.files[i]
+        self._f = open(path, "wb")
+        self._f.write(len(header).to_bytes(8, "little") + header)
+        self._shard, self._pos = i, 0
+
+    def write(self, name: str, t: torch.Tensor) -> None:
+        """Append tensor ``name`` (the next one in the layout) to its shard; a shard is closed
+        and flushed to disk when its last tensor is written."""
+        i, j = self.where[name]
+        _, dtype, shape, n = self.shards[i][j]
+        path = self.directory / self.files[i]
+        if t.dtype != dtype or tuple(t.shape) != shape:
+            raise CheckpointError(f"{path}: tensor {name} was laid out as {dtype} {list(shape)} "
+                                  f"but is {t.dtype} {list(t.shape)} (a bug in vcyclefx)")
+        expected = (self._shard, self._pos) if self._f is not None else (self._shard + 1, 0)
+        if (i, j) != expected:
+            raise CheckpointError(f"{path}: tensor {name} written out of order (a bug in vcyclefx)")
+        try:
+            if self._shard != i:
+                self._open(i)
+            data = t.detach().contiguous().cpu()
+            if data.numel():
+                self._f.write(data.view(torch.uint8).reshape(-1).numpy().data)
+            self._pos += 1
+            if self._pos == len(self.shards[i]):
+                self._close()
+        except OSError as e:
+            self.abort()
+            why = os.strerror(e.errno) if e.errno else str(e)
+            raise CheckpointError(f"{path}: cannot write tensor {name} ({why}); free space on "
+                                  "that disk or choose another -o") from e
+
+    def _close(self) -> None:
+        f, self._f = self._f, None
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+
+    def abort(self) -> None:
+        if self._f is not None:
+            f, self._f = self._f, None
+            f.close()
+
+    def finish(self, aliases: dict[str, str] | None = None) -> None:
+        """Write the index (sharded output); ``aliases``: tied names, kept in the index."""
+        total = sum(n for s in self.shards for *_, n in s)
+        if self._shard == -1 and self.shards == [[]]:  # nothing to write: an empty file
+            self._open(0)
+            self._close()
+        if self._f is not None or self._shard != len(self.shards) - 1:
+            raise CheckpointError(f"{self.directory}: not every tensor was written (a bug in "
+                                  "vcyclefx)")
+        if self.index is None:
+            return
+        spec = {"metadata": {"total_size": total, **self.metadata},
+                "weight_map": {name: self.files[i] for name, (i, _) in self.where.items()}}
+        if aliases:
+            spec["aliases"] = aliases
+        try:
+            (self.directory / self.index).write_text(json.dumps(spec, indent=2))
+        except OSError as e:
+            raise CheckpointError(f"{self.directory / self.index}: cannot write the index ({e})") from e

@@ -1,0 +1,293 @@
+"""Checkpoints larger than memory: coalesce / decoalesce / interpolate by streaming.
+
+For a Hugging Face directory of safetensors (one file or shards with
+``model.safetensors.index.json``) or a level directory, the command line:
+
+1. builds the model on the meta device (parameters and persistent buffers are meta tensors; the
+   non-persistent buffers a class computes in ``__init__``, such as rotary frequencies, are real
+   and small) in the checkpoint's dtype, and checks every tensor's dtype and shape against the
+   shards' headers before any value is read;
+2. captures and plans there (``torch.export`` traces with fake tensors anyway) and runs the
+   transform under a :class:`~vcyclefx.export.record.Recorder`;
+3. writes the level directory with the weights as sharded safetensors
+   (:class:`~vcyclefx.export.shards.ShardWriter`), each output tensor replayed from the few
+   input tensors it needs, read memory-mapped (:class:`~vcyclefx.export.shards.ShardReader`).
+
+Nothing holds the whole input or the whole output. Results are bit-identical to the in-memory
+path (the same ops run on the same values). The output directory is written atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from vcyclefx.errors import CheckpointError
+from vcyclefx.export.record import Recorder
+from vcyclefx.export.shards import ShardReader, ShardWriter, parse_size
+from vcyclefx.fx.device import move_device_literals_
+from vcyclefx.level import owner_of
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json", "generation_config.json")
+
+
+def streamable(path) -> bool:
+    """A Hugging Face directory with safetensors weights, or a level directory."""
+    p = Path(path)
+    if not p.is_dir():
+        return False
+    if (p / "level.json").is_file():
+        return True
+    return (p / "config.json").is_file() and (
+        (p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file())
+
+
+@dataclass
+class Source:
+    level: torch.fx.GraphModule  # parameters and persistent buffers on the meta device
+    reader: ShardReader
+    leaves: dict  # meta tensor -> the checkpoint name it is read from
+    mapping: object = None  # a level directory's mapping.json
+    directory: Path | None = None
+
+
+@contextlib.contextmanager
+def _params_on_meta(dtype: torch.dtype):
+    """Modules made inside put their parameters on the meta device (buffers stay real: a class
+    computes its non-persistent ones in ``__init__``), with ``dtype`` as the default dtype, as
+    ``from_pretrained`` builds a checkpoint of that dtype. Both are undone on exit."""
+    register = torch.nn.Module.register_parameter
+    old_dtype = torch.get_default_dtype()
+
+    def on_meta(module, name, param):
+        if param is not None and not param.is_meta:
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        torch.set_default_dtype(dtype)
+        yield
+    finally:
+        torch.set_default_dtype(old_dtype)
+        torch.nn.Module.register_parameter = register
+
+
+def _checkpoint_dtype(cfg, reader: ShardReader) -> torch.dtype:
+    dtype = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    floats = [e.dtype for e in reader.entries.values() if e.dtype.is_floating_point]
+    return floats[0] if floats else torch.float32
+
+
+def _bind(level, reader: ShardReader, where: str, dtype_of=None) -> dict:
+    """``level``'s (or a model's) parameters and persistent buffers replaced by meta tensors
+    (ties kept) of the dtype and shape the checkpoint's header gives, each checked against the
+    module's own (``dtype_of``: the dtype expected); returns {meta tensor: checkpoint name}."""
+    state = level.state_dict(keep_vars=True)
+    names_of: dict[int, list[str]] = {}
+    for name, t in state.items():
+        names_of.setdefault(id(t), []).append(name)
+    leaves, done = {}, {}
+    for name, t in state.items():
+        if id(t) in done:
+            new = done[id(t)]
+        else:
+            held = next((n for n in names_of[id(t)] if n in reader), None)
+            if held is None:
+                raise CheckpointError(f"{reader.directory}: no shard holds tensor {name} "
+                                      f"({list(t.shape)} {t.dtype}), which {where} needs")
+            e = reader.entries[held]
+            want = dtype_of(t) if dtype_of else t.dtype
+            if e.shape != tuple(t.shape) or (t.dtype.is_floating_point and e.dtype != want):
+                raise CheckpointError(
+                    f"{e.file}: tensor {held} is {e.dtype} {list(e.shape)} but {where} has it "
+                    f"as {want} {list(t.shape)}; the shard and config.json are from different "
+                    "checkpoints")
+            meta = torch.empty(e.shape, dtype=e.dtype, device="meta")
+            new = torch.nn.Parameter(meta, t.requires_grad) if isinstance(t, torch.nn.Parameter) else meta
+            done[id(t)] = new
+            leaves[new] = held
+        owner, leaf = owner_of(level, name)
+        if isinstance(new, torch.nn.Parameter):
+            owner._parameters[leaf] = new
+        else:
+            owner._buffers[leaf] = new
+    return leaves
+
+
+def _extras(level):
+    """(module, attribute, tensor) of each tensor outside the state dict: non-persistent
+    buffers and lifted constants."""
+    state = {id(t) for t in level.state_dict(keep_vars=True).values()}
+    for mod in level.modules():
+        named = list(mod._buffers.items()) + [(k, v) for k, v in vars(mod).items()
+                                              if isinstance(v, torch.Tensor)]
+        for leaf, t in named:
+            if t is not None and id(t) not in state:
+                yield mod, leaf, t
+
+
+def _put(mod, leaf: str, t: torch.Tensor) -> None:
+    if leaf in mod._buffers:
+        mod._buffers[leaf] = t
+    else:
+        object.__setattr__(mod, leaf, t)
+
+
+def _hold_extras(level, reader: ShardReader) -> dict:
+    """The level's tensors outside its state dict replaced by meta tensors, their values held by
+    ``reader`` (under ``@`` names): a level directory's graph then runs the transform on meta
+    tensors only, like a capture on the meta device. Returns {meta tensor: name}."""
+    leaves, done = {}, {}
+    for i, (mod, leaf, t) in enumerate(list(_extras(level))):
+        if t.is_meta:
+            continue
+        if id(t) not in done:
+            name = f"@{i}.{leaf}"
+            reader.held[name] = t
+            done[id(t)] = torch.empty_like(t, device="meta")
+            leaves[done[id(t)]] = name
+        _put(mod, leaf, done[id(t)])
+    return leaves
+
+
+def materialize_extras(level, recorder: Recorder, load) -> None:
+    """The result's meta tensors outside its state dict (small: rotary tables, constants), made
+    real (replayed) in place, so that ``level.pt2`` holds their values."""
+    made = {}
+    for mod, leaf, t in list(_extras(level)):
+        if t.is_meta:
+            if id(t) not in made:
+                made[id(t)] = recorder.value(t, load)
+            _put(mod, leaf, made[id(t)])
+
+
+def hf_source(directory, spec: str, batch: int, seq: int, recipe_of_model) -> Source:
+    """A Hugging Face checkpoint directory as a meta-device level (see the module docstring)."""
+    import transformers
+
+    from vcyclefx.capture.frontend import capture
+    from vcyclefx.capture.specs import hf_example, hf_class
+
+    d = Path(directory)
+    cfg, cls = hf_class(d, spec)
+    reader = ShardReader(d, "model")
+    dtype = _checkpoint_dtype(cfg, reader)
+    transformers.logging.set_verbosity_error()
+    with _params_on_meta(dtype):
+        model = cls(cfg)
+    model.eval()
+    # checked against the shards before the capture: a checkpoint that does not fit its config
+    # fails in seconds; the level takes these very tensors (copy_weights=False)
+    leaves = _bind(model, reader, f"{cls.__name__} of {d / 'config.json'}",
+                   dtype_of=lambda t: dtype)
+    level = capture(model, hf_example(model, spec, batch, seq), copy_weights=False,
+                    recipe=recipe_of_model(model))
+    return Source(level, reader, leaves, directory=d)
+
+
+def level_source(directory) -> Source:
+    """A level directory as a meta-device level: the graph from ``level.pt2``, the weights read
+    from its (sharded) safetensors."""
+    from vcyclefx.export.leveldir import graph_of_level, tie
+    from vcyclefx.store import ALIASES_KEY
+
+    d = Path(directory)
+    level, mapping = graph_of_level(d)
+    reader = ShardReader(d, "weights")
+    aliases = json.loads(reader.metadata.get(ALIASES_KEY) or "{}") or \
+        json.loads((d / "level.json").read_text()).get("aliases") or {}
+    for alias, name in aliases.items():
+        tie(level, alias, name)  # one tensor under both names, as load_level ties them
+    leaves = _bind(level, reader, f"the graph of {d / 'level.pt2'}")
+    leaves.update(_hold_extras(level, reader))
+    move_device_literals_(level, torch.device("meta"))  # every tensor is a meta tensor now
+    return Source(level, reader, leaves, mapping=mapping, directory=d)
+
+
+def stream_weights(level, recorder, reader: ShardReader, max_shard_size, produce=None):
+    """A ``weights=`` writer for ``save_level``: writes the level's tensors as sharded
+    safetensors, each made when it is written (``produce(name, meta tensor)`` where given, else
+    replayed by ``recorder``)."""
+    from vcyclefx.store import ALIASES_KEY, aliases_of
+
+    state = level.state_dict(keep_vars=True)
+    aliases = aliases_of(state)
+    layout = [(n, t.dtype, tuple(t.shape)) for n, t in state.items() if n not in aliases]
+
+    read = [0]
+
+    def load(names):
+        got = reader.get(names)
+        read[0] += sum(t.numel() * t.element_size() for t in got.values())
+        return got
+
+    def write(tmp: Path) -> None:
+        import sys
+        import time
+
+        start = time.perf_counter()
+        writer = ShardWriter(tmp, "weights", layout, parse_size(max_shard_size),
+                             {ALIASES_KEY: json.dumps(aliases)})
+        try:
+            for name, *_ in tqdm(layout, desc="writing weights", unit="tensor", leave=False,
+                                 disable=None):
+                t = state[name]
+                if produce is not None:
+                    value = produce(name, t)
+                elif t.is_meta:
+                    value = recorder.value(t, load)
+                else:
+                    value = t
+                writer.write(name, value.detach())
+            writer.finish(aliases)
+        finally:
+            writer.abort()
+        written = sum(_bytes(t) for n, t in state.items() if n not in aliases)
+        print(f"vcyclefx: streamed {len(layout)} tensors ({read[0] / 1e9:.3f} GB read, "
+              f"{written / 1e9:.3f} GB written) in {time.perf_counter() - start:.2f} s",
+              file=sys.stderr, flush=True)
+
+    return write
+
+
+def _bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def interpolated(a: Source, b: Source, alpha: float):
+    """``produce`` for :func:`stream_weights`: ``(1 - alpha) * a + alpha * b`` per tensor,
+    as ``vf.interpolate`` mixes them."""
+    from vcyclefx.api import mix
+
+    names_a = {id(t): n for t, n in a.leaves.items()}
+    state_b = b.level.state_dict(keep_vars=True)
+    for name, t in a.level.state_dict(keep_vars=True).items():
+        if name not in state_b or tuple(state_b[name].shape) != tuple(t.shape):
+            raise CheckpointError(f"interpolate: tensor {name} is {list(t.shape)} in "
+                                  f"{a.directory} but "
+                                  f"{list(state_b[name].shape) if name in state_b else 'absent'} "
+                                  f"in {b.directory}")
+    names_b = {id(t): n for t, n in b.leaves.items()}
+
+    def produce(name, t):
+        ta = a.reader.get([names_a[id(t)]])[names_a[id(t)]]
+        nb = names_b[id(state_b[name])]
+        return mix(ta, b.reader.get([nb])[nb], alpha)
+
+    return produce
+
+
+__all__ = ["streamable", "hf_source", "level_source", "stream_weights", "interpolated", "Source",
+           "materialize_extras"]

@@ -1,0 +1,157 @@
+"""The streaming form of ``vcyclefx coalesce / decoalesce / interpolate`` (see
+:mod:`vcyclefx.export.stream`): used for a Hugging Face directory of safetensors and for level
+directories, unless the pairing needs the weights' values (``similarity``)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from vcyclefx.errors import LevelError
+from vcyclefx.export.stream import (Source, hf_source, interpolated, level_source, stream_weights,
+                                    streamable)
+
+
+def _progress(msg: str) -> None:
+    print(f"vcyclefx: {msg}", file=sys.stderr, flush=True)
+
+
+def wanted(args, *dirs) -> bool:
+    """Whether the command streams: every input is a streamable directory, the plan does not
+    read weight values, and ``--stream`` says so (``auto``: the weights exceed a quarter of the
+    machine's memory, where loading them whole is what streaming avoids; smaller checkpoints are
+    transformed in memory, with the self-check)."""
+    mode = getattr(args, "stream", "auto")
+    if mode == "never" or not all(streamable(d) for d in dirs) or \
+            getattr(args, "pairing", None) == "similarity":
+        return False
+    if mode == "auto" and sum(_weight_bytes(d) for d in dirs) <= _memory_bytes() // 4:
+        return False
+    if getattr(args, "check", False):
+        _progress("streaming: the self-check is skipped (it needs the weights in memory; "
+                  "--stream never transforms in memory and checks)")
+    return True
+
+
+def _weight_bytes(directory) -> int:
+    return sum(f.stat().st_size for f in Path(directory).glob("*.safetensors"))
+
+
+def _memory_bytes() -> int:
+    import os
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: stream only when asked
+        return 1 << 62
+
+
+def source_of(spec: str, args) -> Source:
+    from vcyclefx.capture.recipe import recipe_of
+
+    if (Path(spec) / "level.json").is_file():
+        return level_source(spec)
+    return hf_source(spec, spec, args.batch or 2, args.seq or 16, recipe_of)
+
+
+def _after(args, card: dict):
+    """``also=`` of save_level for ``--format hf/module``: the written level is loaded back (its
+    weights, once: the output's size) and solved for its class, then the files are written."""
+    if args.format == "level":
+        return None
+
+    def also(tmp: Path) -> None:
+        from vcyclefx.export.formats import module_writer
+        from vcyclefx.export.leveldir import load_level
+
+        _progress(f"solving for the original class at the level's sizes (--format {args.format})")
+        level, _ = load_level(tmp)
+        module_writer(level, args.format, source=card.get("source_dir"), card=card,
+                      max_shard_size=args.max_shard_size)(tmp)
+
+    return also
+
+
+def _check_hf(level, args) -> None:
+    from vcyclefx.capture.recipe import HF
+    from vcyclefx.level import level_info
+
+    recipe = level_info(level).recipe
+    if args.format == "hf" and (recipe is None or recipe.kind != HF):
+        raise LevelError(f"--format hf needs a Hugging Face model; "
+                         f"{recipe.target if recipe else 'this level'} is not one (use --format module)")
+
+
+def _save(level, mapping, src_dirs, args, recorder, reader, extra, produce=None) -> None:
+    from vcyclefx.cli import _level_summary
+    from vcyclefx.export.leveldir import save_level
+
+    from vcyclefx.export.stream import materialize_extras
+
+    _check_hf(level, args)
+    materialize_extras(level, recorder, reader.get)
+    card = {"source_dir": src_dirs[0], **extra}
+    summary = _level_summary(level, mapping) if extra.get("made_by") != "interpolate" else {}
+    save_level(level, args.output, mapping, overwrite=args.force, also=_after(args, card),
+               extra={**extra, **summary},
+               weights=stream_weights(level, recorder, reader, args.max_shard_size, produce))
+
+
+def coalesce(args) -> int:
+    from vcyclefx import api
+    from vcyclefx.export.record import Recorder
+
+    src = source_of(args.model, args)
+    _progress(f"coalescing {args.model} (width={args.width}, depth={args.depth}), streaming "
+              "its weights")
+    with Recorder(src.leaves) as rec:
+        small, mapping = api.coalesce(src.level, width=args.width, depth=args.depth,
+                                      pairing=args.pairing, depth_pairing=args.depth_pairing,
+                                      check=False)
+    _save(small, mapping, [args.model], args, rec, src.reader,
+          {"made_by": "coalesce", "from": args.model, "width": args.width, "depth": args.depth,
+           "pairing": args.pairing, "depth_pairing": args.depth_pairing})
+    print(mapping.summary())
+    _progress(f"wrote {args.output}")
+    return 0
+
+
+def decoalesce(args) -> int:
+    from vcyclefx import api
+    from vcyclefx.errors import VCycleError
+    from vcyclefx.export.record import Recorder
+
+    src = source_of(args.model, args)
+    if args.width is None and args.depth is None:
+        if src.mapping is None:
+            raise VCycleError(f"{args.model} has no mapping.json: pass --width/--depth to grow it")
+        _progress(f"de-coalescing {args.model} with its mapping.json, streaming its weights")
+        with Recorder(src.leaves) as rec:
+            big, used = api.decoalesce(src.level, mapping=src.mapping, depth_init=args.depth_init,
+                                       check=False)
+    else:
+        _progress(f"growing {args.model} (width={args.width or 1.0}, depth={args.depth or 1.0}), "
+                  "streaming its weights")
+        with Recorder(src.leaves) as rec:
+            big, used = api.decoalesce(src.level, width=args.width or 1.0,
+                                       depth=args.depth or 1.0, depth_init=args.depth_init,
+                                       pairing=args.pairing, check=False)
+    _save(big, used, [args.model], args, rec, src.reader,
+          {"made_by": "decoalesce", "from": args.model, "width": args.width, "depth": args.depth,
+           "pairing": args.pairing, "depth_init": args.depth_init})
+    _progress(f"wrote {args.output}")
+    return 0
+
+
+def interpolate(args) -> int:
+    from vcyclefx.api import _check_alpha
+    from vcyclefx.export.record import Recorder
+
+    _check_alpha(args.alpha)
+    a, b = level_source(args.dir_a), level_source(args.dir_b)
+    _save(a.level, a.mapping, [args.dir_a, args.dir_b], args, Recorder(a.leaves), a.reader,
+          {"made_by": "interpolate", "alpha": args.alpha, "from": [args.dir_a, args.dir_b]},
+          produce=interpolated(a, b, args.alpha))
+    _progress(f"wrote {args.output} = (1 - {args.alpha}) * {args.dir_a} + {args.alpha} * "
+              f"{args.dir_b}")
+    return 0
