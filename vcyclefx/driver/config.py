@@ -87,6 +87,12 @@ class TrainConfig:
                                              "and full cosine decay; the V-cycle's effective "
                                              "saving is read off their frontier (1 must be one)",
                                              parse="floats")
+    coarse_budgets: tuple[float, ...] = _f((1.0, 2.0, 4.0), "budgets of each coarser level's "
+                                           "architecture trained ALONE in --schedule compare "
+                                           "(built-in GPT only), as multiples of --steps (its "
+                                           "steps cost less); with the baselines they make the "
+                                           "envelope the V-cycle is also scored against; empty "
+                                           "= none", parse="floats")
     levels: int = _f(2, "levels of the V-cycle (2 = one coalesced level below the model)")
     width: float = _f(0.5, "width factor from one level to the next smaller one")
     depth: float = _f(0.5, "depth factor from one level to the next smaller one")
@@ -150,7 +156,7 @@ class TrainConfig:
     quiet: bool = _f(False, "no progress bar")
 
     def __post_init__(self):
-        for name in ("fractions", "lr_scales", "frontier_budgets"):  # JSON gives lists, the command line strings
+        for name in ("fractions", "lr_scales", "frontier_budgets", "coarse_budgets"):  # JSON gives lists, the command line strings
             object.__setattr__(self, name, parse_floats(getattr(self, name), name))
         _check_ranges(self)
 
@@ -290,6 +296,9 @@ def _check_ranges(c: TrainConfig) -> None:
          and len(set(c.frontier_budgets)) == len(c.frontier_budgets),
          f"--frontier-budgets {','.join(map(str, c.frontier_budgets))} must be distinct positive "
          "multiples of --steps and include 1 (the baseline of --steps), e.g. 1,1.5")
+    need(all(b > 0 for b in c.coarse_budgets) and len(set(c.coarse_budgets)) == len(c.coarse_budgets),
+         f"--coarse-budgets {','.join(map(str, c.coarse_budgets))} must be distinct positive "
+         "multiples of --steps, e.g. 1,2,4 (or empty for none)")
     if c.lr_scales:
         need(len(c.lr_scales) == c.levels and all(x > 0 for x in c.lr_scales),
              f"--lr-scales needs {c.levels} positive factors, one per level (level 0 first), got "

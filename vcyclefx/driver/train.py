@@ -24,7 +24,9 @@ from vcyclefx.driver.models import save_hf
 from vcyclefx.driver.parallel import optimizer_state_by_name, optimizer_state_from_names
 from vcyclefx.driver.plot import finish
 from vcyclefx.driver.runtime import Point, RunState, Runtime
-from vcyclefx.driver.schedule import lr_at, schedule_order, schedule_steps, stage_lr
+from vcyclefx.driver.regime import regime_note
+from vcyclefx.driver.schedule import (lr_at, parse_alone, schedule_order, schedule_steps,
+                                     stage_lr)
 from vcyclefx.driver.stage import make_optimizer, record, run_stage
 from vcyclefx.driver.startup import cleanup, new_model, setup
 from vcyclefx.store import save_tensors
@@ -56,10 +58,15 @@ def _restore(rt: Runtime, point: Point | None, module: torch.nn.Module, state: R
 
 def run_baseline(rt: Runtime, point: Point | None, bar: ProgressBar | None,
                  name: str = "baseline") -> RunState:
-    """The plain model for the steps of the baseline ``name`` (its own warm-up and cosine)."""
-    model = new_model(rt)
+    """The plain model for the steps of the baseline ``name`` (its own warm-up and cosine); for
+    ``alone-L<k>-x<F>`` level k's architecture alone, freshly initialised, at ``--lr`` times
+    that level's lr scale (the rate its V-cycle stages train at)."""
+    alone = parse_alone(name)
+    level = alone[0] if alone else 0
+    model = new_model(rt, level)
+    scale = rt.cfg.vcycle_lr_scales()[level] if alone else 1.0
     state, optim_state = _restore(rt, point, model, RunState(name))
-    state, _ = run_stage(rt, model, schedule_steps(rt.cfg, name), 1.0, 0, state, optim_state, bar)
+    state, _ = run_stage(rt, model, schedule_steps(rt.cfg, name), scale, 0, state, optim_state, bar)
     _save_final(rt, model, name)
     return state
 
@@ -189,7 +196,7 @@ def train(rt: Runtime) -> None:
         bar = ProgressBar(schedule_steps(cfg, name), here.state.step if here else 0, name,
                           enabled=rt.master and not cfg.quiet)
         try:
-            if name.startswith("baseline"):
+            if name.startswith("baseline") or parse_alone(name):
                 state = run_baseline(rt, here, bar, name)
             else:
                 state = run_vcycle(rt, made, here, bar)
@@ -208,6 +215,9 @@ def main(cfg: TrainConfig) -> dict | None:
             print(f"vcyclefx train: {rt.data.source}; {len(rt.data.train):,} train / "
                   f"{len(rt.data.val):,} val tokens; device {rt.device}, world {rt.world}, "
                   f"compile {rt.compile}, out {rt.out}", flush=True)
+            note = regime_note(cfg, sum(p.numel() for p in new_model(rt).parameters()))
+            if note:
+                print(note, flush=True)
         train(rt)
         rt.logger.close()
         return finish(rt.out, rt.cfg) if rt.master else None
