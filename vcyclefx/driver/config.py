@@ -23,6 +23,7 @@ from vcyclefx.train.vcycle import recommended_fractions
 SCHEDULES = ("vcycle", "baseline", "compare")
 LR_SCHEDULES = ("global", "stage")
 DTYPES = ("auto", "float32", "bfloat16")
+GROW_WHEN = ("fractions", "slope")
 COARSE_LR_SCALE = 2.0  # lr factor of the coarse levels when --lr-scales is not given (tuned)
 
 
@@ -110,6 +111,19 @@ class TrainConfig:
                                           "the way down and up, the rest at the coarsest level "
                                           "(0.05,0.9,0.05; measured best, BENCHMARKS.md; the "
                                           "paper's GPT recipe: 0.05,0.45,0.5)", parse="floats")
+    grow_when: str = _f("fractions", "when the V-cycle leaves its coarsest level: fractions (after "
+                                     "its --fractions share) or slope (as soon as the coarse "
+                                     "level's validation loss falls more slowly per FLOP than "
+                                     "the full model's frontier at the same loss, read from this "
+                                     "run's own curve; its --fractions share is then the most it "
+                                     "may take, and the steps left go to the way up; needs the "
+                                     "frontier: --schedule compare or --grow-frontier)",
+                         choices=GROW_WHEN)
+    grow_frontier: str = _f("", "the full model's frontier for --grow-when slope: a JSON "
+                                "{\"points\": [[flops, loss], ...]} or a compare run's summary.json; "
+                                "empty = this run's own baselines (--schedule compare)")
+    grow_window: int = _f(4, "evaluations the coarse level's slope is fitted over "
+                             "(--grow-when slope); evaluations are --eval-every steps apart")
     lr_scales: tuple[float, ...] = _f((), "learning-rate factor per level, comma-separated (level "
                                           "0 first); empty = 1 at level 0 and 2 below (tuned; "
                                           "the paper's GPT recipe uses 4)", parse="floats")
@@ -299,6 +313,16 @@ def _check_ranges(c: TrainConfig) -> None:
     need(all(b > 0 for b in c.coarse_budgets) and len(set(c.coarse_budgets)) == len(c.coarse_budgets),
          f"--coarse-budgets {','.join(map(str, c.coarse_budgets))} must be distinct positive "
          "multiples of --steps, e.g. 1,2,4 (or empty for none)")
+    need(c.grow_when in GROW_WHEN, f"--grow-when {c.grow_when!r}: choose one of {', '.join(GROW_WHEN)}")
+    need(c.grow_window >= 2, f"--grow-window must be at least 2 evaluations, got {c.grow_window}")
+    if c.grow_when == "slope" and c.schedule != "baseline":
+        need(bool(c.grow_frontier) or (c.schedule == "compare" and len(c.frontier_budgets) >= 2),
+             "--grow-when slope compares the coarse level's slope with the full model's "
+             "frontier: run --schedule compare (with 2 or more --frontier-budgets) or give "
+             "--grow-frontier FILE")
+        need(c.eval_every > 0, "--grow-when slope reads the evaluations: set --eval-every > 0")
+        need(not c.resume, "--resume of a --grow-when slope run is not supported (the stage "
+                           "where it grew is not checkpointed yet): start it again")
     if c.lr_scales:
         need(len(c.lr_scales) == c.levels and all(x > 0 for x in c.lr_scales),
              f"--lr-scales needs {c.levels} positive factors, one per level (level 0 first), got "

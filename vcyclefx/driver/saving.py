@@ -228,7 +228,9 @@ def steady_wall(records: list[dict], schedule: str) -> float | None:
                  for a, b in zip(marks, marks[1:]) if b["step"] > a["step"]]
         if not rates:
             return None
-        total += statistics.median(rates) * st["steps"]
+        # the steps it trained: fewer than planned when --grow-when slope ended it early
+        done = train[-1]["step"] - st["step"] if train else st["steps"]
+        total += statistics.median(rates) * done
         last_wall = train[-1]["wall"] if train else st["wall"]
     return total
 
