@@ -314,7 +314,8 @@ def plot(data: dict, path: Path) -> None:
         ax.set_title(f"effective FLOPs saving {title}")
         ax.grid(alpha=0.3, which="both")
     axes[0].set_ylabel("saving, % (median, range over seeds)")
-    axes[0].legend(fontsize=8)
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -52,7 +52,8 @@ class TrainConfig:
     # --- data ---
     data: str = _f("", "text file, folder of text files, or token file (.npy uint8/16/32; .bin "
                        "raw uint16, or uint8/uint32 when the name contains that word); empty = the "
-                       "Python standard library source as bytes")
+                       "Python standard library source as bytes; python-site = every .py file "
+                       "of the interpreter's path (stdlib and site-packages), split by file")
     cache_dir: str = _f("", "where the tokenised corpus is cached; empty = $VCYCLEFX_CACHE or "
                             "~/.cache/vcyclefx")
     val_fraction: float = _f(0.05, "share of files (or of the tail of a single file) held out for "
