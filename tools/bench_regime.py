@@ -93,8 +93,10 @@ def result(out: Path) -> dict:
 class Runner:
     """Runs training subprocesses, ``jobs`` at a time; a run with ``<name>.json`` is done."""
 
-    def __init__(self, root: Path, jobs: int, threads: int, common: list[str]):
+    def __init__(self, root: Path, jobs: int, threads: int, common: list[str],
+                 dry: bool = False):
         self.root, self.jobs, self.threads, self.common = root, jobs, threads, common
+        self.dry = dry  # report what is finished, start nothing
 
     def done(self, name: str) -> dict | None:
         path = self.root / f"{name}.json"
@@ -114,7 +116,7 @@ class Runner:
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
 
     def run(self, runs: dict[str, list[str]]) -> dict[str, dict | None]:
-        pending = [(n, o) for n, o in runs.items() if self.done(n) is None]
+        pending = [] if self.dry else [(n, o) for n, o in runs.items() if self.done(n) is None]
         running: list[tuple[str, subprocess.Popen, float]] = []
         while pending or running:
             while pending and len(running) < self.jobs:
@@ -183,23 +185,22 @@ def study(a, runner: Runner) -> dict:
         got = runner.run(tune)
         lr = min(lrs, key=lambda x: _loss(got[base(x, 1.0, seeds[0])[0]]))
         clr = min(clrs, key=lambda x: _loss(got[alone(x, cmid, seeds[0])[0]]))
+        # seed by seed, so that a study cut short has whole seeds:
         # 2. frontiers of both sizes and the fixed recipes
+        # 3. recipes that read the full model's frontier (--grow-when slope)
         fixed = [r for r in recipes if "--grow-when" not in RECIPES[r]]
-        grid = dict([base(lr, b, s) for s in seeds for b in budgets]
-                    + [alone(clr, b, s) for s in seeds for b in cbudgets]
-                    + [recipe(r, lr, s) for s in seeds for r in fixed])
-        got.update(runner.run(grid))
-        fronts = {s: {"full": [got[base(lr, b, s)[0]] for b in budgets],
-                      "coarse": [got[alone(clr, b, s)[0]] for b in cbudgets]} for s in seeds}
-        # 3. recipes that read the full model's frontier
-        later = {}
+        fronts = {}
         for s in seeds:
+            grid = dict([base(lr, b, s) for b in budgets] + [alone(clr, b, s) for b in cbudgets]
+                        + [recipe(r, lr, s) for r in fixed])
+            got.update(runner.run(grid))
+            fronts[s] = {"full": [got[base(lr, b, s)[0]] for b in budgets],
+                         "coarse": [got[alone(clr, b, s)[0]] for b in cbudgets]}
             pts = [[r["flops"], r["loss"]] for r in fronts[s]["full"] if r]
             path = runner.root / f"{tag}-s{s}-full-frontier.json"
             path.write_text(json.dumps({"points": pts}))
-            later.update(dict(recipe(r, lr, s, ["--grow-frontier", str(path)])
-                              for r in recipes if "--grow-when" in RECIPES[r]))
-        got.update(runner.run(later))
+            got.update(runner.run(dict(recipe(r, lr, s, ["--grow-frontier", str(path)])
+                                       for r in recipes if "--grow-when" in RECIPES[r])))
         rows = []
         for r in recipes:
             per = {}
@@ -340,6 +341,8 @@ def main(argv=None) -> int:
     p.add_argument("--vcycle-eval-every", type=int, default=50)
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="threads per run")
+    p.add_argument("--report-only", action="store_true",
+                   help="start no run: the table and plot of the runs finished so far")
     p.add_argument("extra", nargs="*", help="options for every run (after --)")
     a = p.parse_args(argv)
     unknown = [r for r in a.recipes.split(",") if r and r not in RECIPES]
@@ -347,7 +350,7 @@ def main(argv=None) -> int:
         p.error(f"unknown recipes {unknown}; known: {', '.join(RECIPES)}")
     common = ["--seq-len", str(a.seq_len), "--batch-size", str(a.batch_size), "--ckpt-every", "0",
               "--eval-every", "250", *a.extra]
-    runner = Runner(Path(a.out), a.jobs, a.threads, common)
+    runner = Runner(Path(a.out), a.jobs, a.threads, common, dry=a.report_only)
     data = study(a, runner)
     runner.root.mkdir(parents=True, exist_ok=True)
     (runner.root / "regime.json").write_text(json.dumps(data, indent=1))

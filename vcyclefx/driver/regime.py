@@ -9,8 +9,11 @@ parameter say which regime a run is in; a ``--schedule compare`` run measures th
 its verdict says which size is best (``driver.plot.verdict``).
 
 ``COMPUTE_EFFICIENT_TPP``: Hoffmann et al. (2022) put the compute-optimal budget of a model
-near 20 tokens per parameter; on this project's CPU study the 225K-parameter 4 x 64 GPT overtook
-its coarse level (2 x 32) trained alone at about 24 (BENCHMARKS.md, "Regime map").
+near 20 tokens per parameter; on this project's CPU the 225K-parameter 4 x 64 GPT overtook its
+coarse level (2 x 32) trained alone at about 24 (issue 26, one seed), while the tiny 38K-parameter
+2 x 32 GPT was still beaten by its 1 x 16 coarse architecture at 25 (BENCHMARKS.md, "Regime
+map"): the threshold moves with scale, so the note is a warning, and only the envelope measured
+by ``--schedule compare`` says which size is compute-efficient.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ def regime_note(cfg, params: int) -> str:
     line = (f"regime: level 0 has {params:,} parameters; --steps {cfg.steps} is {tokens:,} "
             f"tokens = {tpp:.1f} tokens per parameter")
     if tpp >= COMPUTE_EFFICIENT_TPP:
-        return line
+        return (line + "; --schedule compare measures whether a smaller size would be "
+                "cheaper (the envelope)")
     return (line + f". Below about {COMPUTE_EFFICIENT_TPP:g} tokens per parameter the "
             f"{params:,}-parameter model is likely NOT the compute-efficient size at this budget: "
             "a smaller model trained alone usually reaches the same loss for less, so a saving "
