@@ -12,7 +12,7 @@ from tools import device_study
 from vcyclefx.driver.data import python_site_files
 
 
-@pytest.mark.slow  # six training subprocesses (about 30 s on an idle 2-core machine)
+@pytest.mark.slow  # six training subprocesses: 249 s on the shared 2-core machine under load
 def test_the_device_study_runs_at_toy_size_and_prints_both_savings_last(tmp_path, capsys):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
