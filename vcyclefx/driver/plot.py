@@ -170,7 +170,9 @@ def verdict(summary: dict) -> str | None:
     if e is not None and len(env.get("sizes", {})) > 1:
         approx = " (extrapolated)" if env.get("flops_extrapolated") else ""
         size = env.get("size_at_loss")
-        label = size_label(size, params.get(size)) if size else "?"
+        n = params.get(size)
+        label = (f"the {n:,}-parameter model ({size_label(size, None)})" if n
+                 else size_label(size, None) if size else "?")
         if e > 0:
             lines.append(f"Against the envelope (the cheapest of the sizes measured) it saves "
                          f"{100 * e:.1f}% of the FLOPs{approx}: it pays.")
