@@ -138,3 +138,24 @@ def test_envelope_against_writes_both_sizes_and_the_size_at_the_schedules_loss()
     assert got["flops_extrapolated"] is False
     assert got["best_size_at_cost"]["size"] == "coarse"
     assert got["sizes"]["full"][0] == [1e12, law(1e12)]
+
+
+def test_the_verdict_says_train_the_smaller_model_when_the_envelope_saving_is_negative():
+    from vcyclefx.driver.plot import verdict
+
+    sizes = {"level0": [dict(flops=c, loss=law(c)) for c in (1e12, 1e13, 1e14)],
+             "level1": [dict(flops=c, loss=small_law(c)) for c in (1e11, 1e12, 1e13)]}
+    loss = small_law(2e12)  # the small model reaches it for 2e12; the schedule spent 3e12
+    env = envelope_against(sizes, dict(flops=3e12, loss=loss))
+    env["params"] = {"level0": 37760, "level1": 9456}
+    summary = {"effective_saving": {"flops": 0.3, "wall": None, "flops_extrapolated": False,
+                                    "envelope": env},
+               "schedules": {"vcycle": {"tokens_per_param": 37.5, "final_val_loss": loss,
+                                        "total_flops": 3e12}}}
+    said = verdict(summary)
+    assert "saves 30.0% in training FLOPs at 37.5 tokens per parameter" in said
+    assert "costs 50.0% more FLOPs" in said
+    assert "Train the 9,456-parameter model (level 1 alone) instead" in said
+    assert "for 2.000e+12 FLOPs" in said
+    env["flops"] = 0.12  # a positive envelope saving is reported as paying
+    assert "saves 12.0% of the FLOPs: it pays" in verdict(summary)
