@@ -65,6 +65,7 @@ def test_resume_after_sigkill_in_the_vcycle_of_a_compare_run_matches_an_uninterr
     data = corpus(tmp_path)
     common = [*TINY, "--schedule", "compare", "--steps", "200", "--ckpt-every", "25",
               "--frontier-budgets", "1",  # one baseline keeps the test short
+              "--coarse-budgets", "",  # and no coarse architecture trained alone
               "--data", str(data), "--cache-dir", str(tmp_path / "cache")]
     full, cut = tmp_path / "full", tmp_path / "cut"
     subprocess.run(train_cmd(*common, "-o", str(full)), env=env(), check=True,

@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from vcyclefx.driver.saving import (Frontier, describe, effective_saving, saving_against,
+from vcyclefx.driver.saving import (Envelope, Frontier, describe, effective_saving,
+                                    envelope_against, envelope_saving, saving_against,
                                     steady_seconds_per_step, steady_wall)
 
 
@@ -84,3 +85,77 @@ def test_steady_wall_counts_median_step_times_and_the_transitions_but_not_load_s
                     steps=1)]
     assert steady_wall(records, "vcycle") == pytest.approx(2.0 + 4 * 0.1 + 0.5 + 6 * 0.02)
     assert steady_seconds_per_step(records, "vcycle", level=0) == pytest.approx(0.1)
+
+
+def small_law(c: float) -> float:
+    """A smaller model's frontier: better than ``law`` at low cost, worse past C = 1e12
+    (the two lines cross where 2.5 - 0.25 ln(C/1e12) = 3 - 0.5 ln(C/1e12): C = e^2 * 1e12)."""
+    return 2.5 - 0.25 * math.log(c / 1e12)
+
+
+def test_the_envelope_is_the_cheapest_size_at_each_loss_and_its_saving_is_known():
+    big = Frontier.from_points([(c, law(c)) for c in (1e12, 1e13, 1e14)])
+    small = Frontier.from_points([(c, small_law(c)) for c in (1e11, 1e12, 1e13)])
+    env = Envelope({"full": big, "coarse": small})
+    cross = math.exp(2) * 1e12
+    # above the crossing loss the small model is cheaper: at L = small_law(2e12) it costs 2e12,
+    # the full model exp(2*(3-L)) * 1e12
+    loss = small_law(2e12)
+    assert env.cost_at(loss).value == pytest.approx(2e12, rel=1e-9)
+    assert env.size_at(loss) == "coarse"
+    assert big.cost_at(loss).value == pytest.approx(math.exp(2 * (3 - loss)) * 1e12, rel=1e-9)
+    # a schedule spending 3e12 there: same-size saving positive, envelope saving exactly -50%
+    same = effective_saving(3e12, loss, big).value
+    assert same == pytest.approx(1 - 3e12 / (math.exp(2 * (3 - loss)) * 1e12), abs=1e-9) and same > 0
+    assert envelope_saving(3e12, loss, env).value == pytest.approx(-0.5, abs=1e-9)
+    # below the crossing loss the full model is the envelope (small model: 1e13 measures to 1.92)
+    low = law(3 * cross)
+    assert env.size_at(low) == "full"
+    assert envelope_saving(2 * cross, low, env).value == pytest.approx(1 - 2 / 3, abs=1e-9)
+    # past every measured bracket: extrapolated and labelled
+    far = env.cost_at(law(1e15), extrapolate=True)
+    assert far.extrapolated and far.value == pytest.approx(1e15, rel=1e-9)
+    assert env.cost_at(law(1e15)) is None
+    # which size is compute-efficient at a budget: the lower loss at equal cost
+    assert env.best_at_cost(2e12)[0] == "coarse" and env.best_at_cost(5e13)[0] == "full"
+
+
+def test_a_small_model_is_not_credited_with_a_loss_it_was_not_measured_to_reach():
+    big = Frontier.from_points([(c, law(c)) for c in (1e12, 1e13, 1e14)])
+    # the small model's measured frontier stops at 1e12; its line extrapolated would be cheaper
+    small = Frontier.from_points([(c, small_law(c)) for c in (1e11, 1e12)])
+    env = Envelope({"full": big, "coarse": small})
+    loss = law(5e12)  # inside the full bracket only
+    assert env.size_at(loss) == "full" and env.cost_at(loss).value == pytest.approx(5e12, rel=1e-9)
+
+
+def test_envelope_against_writes_both_sizes_and_the_size_at_the_schedules_loss():
+    sizes = {"full": [dict(flops=c, loss=law(c)) for c in (1e12, 1e13, 1e14)],
+             "coarse": [dict(flops=c, loss=small_law(c)) for c in (1e11, 1e12, 1e13)]}
+    got = envelope_against(sizes, dict(flops=3e12, loss=small_law(2e12)))
+    assert got["flops"] == pytest.approx(-0.5, abs=1e-9) and got["size_at_loss"] == "coarse"
+    assert got["flops_frontier"] == pytest.approx(2e12, rel=1e-9)
+    assert got["flops_extrapolated"] is False
+    assert got["best_size_at_cost"]["size"] == "coarse"
+    assert got["sizes"]["full"][0] == [1e12, law(1e12)]
+
+
+def test_the_verdict_says_train_the_smaller_model_when_the_envelope_saving_is_negative():
+    from vcyclefx.driver.plot import verdict
+
+    sizes = {"level0": [dict(flops=c, loss=law(c)) for c in (1e12, 1e13, 1e14)],
+             "level1": [dict(flops=c, loss=small_law(c)) for c in (1e11, 1e12, 1e13)]}
+    loss = small_law(2e12)  # the small model reaches it for 2e12; the schedule spent 3e12
+    env = envelope_against(sizes, dict(flops=3e12, loss=loss))
+    env["params"] = {"level0": 37760, "level1": 9456}
+    summary = {"effective_saving": {"flops": 0.3, "wall": None, "flops_extrapolated": False,
+                                    "envelope": env},
+               "schedules": {"vcycle": {"tokens_per_param": 37.5, "final_val_loss": loss,
+                                        "total_flops": 3e12}}}
+    said = verdict(summary)
+    assert "saves 30.0% in training FLOPs at 37.5 tokens per parameter" in said
+    assert "costs 50.0% more FLOPs" in said
+    assert "Train the 9,456-parameter model (level 1 alone) instead" in said
+    assert "for 2.000e+12 FLOPs" in said
+    env["flops"] = 0.12  # a positive envelope saving is reported as paying
+    assert "saves 12.0% of the FLOPs: it pays" in verdict(summary)

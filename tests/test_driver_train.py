@@ -210,7 +210,8 @@ def test_compare_writes_the_effective_saving_against_the_0_75x_1x_and_1_5x_basel
     per step; the table prints both measures, labelled, and a verdict."""
     from vcyclefx.driver.saving import Frontier
 
-    cfg = tiny(tmp_path, schedule="compare", steps=40, eval_every=20, log_every=10)
+    cfg = tiny(tmp_path, schedule="compare", steps=40, eval_every=20, log_every=10,
+               coarse_budgets=(1, 2))
     summary = main(cfg)
     eff = json.loads((Path(cfg.out) / "summary.json").read_text())["effective_saving"]
     assert eff == summary["effective_saving"]
@@ -234,5 +235,31 @@ def test_compare_writes_the_effective_saving_against_the_0_75x_1x_and_1_5x_basel
         vc["final_val_loss"], extrapolate=True).value)
     text = capsys.readouterr().out
     assert "effective saving against the baseline frontier" in text
-    assert "to reach the 1x baseline's final loss" in text and "Verdict: the V-cycle" in text
+    assert "to reach the 1x baseline's final loss" in text and "Verdict: " in text
     assert (Path(cfg.out) / "baseline-x1.5.safetensors").exists()
+    # the envelope: level 1's architecture (1 x 16, 1 head) trained alone at 1x and 2x --steps,
+    # at --lr x the coarse lr scale; the V-cycle's saving against the cheaper of the two sizes
+    from vcyclefx.driver.saving import Envelope
+
+    alone = [summary["schedules"][n] for n in ("alone-L1-x1", "alone-L1-x2")]
+    assert [a["steps"] for a in alone] == [40, 80]
+    # the built-in GPT at level 1's sizes (1 block, 1 head, 16 wide); the coalesced level
+    # itself keeps the attention's inner width (2 heads of 16), so it has more parameters
+    from vcyclefx.driver.startup import coarse_sizes
+    from vcyclefx.zoo.gpt import GPT, GPTConfig
+
+    assert coarse_sizes(cfg, 1) == (1, 1, 16)
+    coarse_params = sum(p.numel() for p in GPT(GPTConfig(
+        block_size=32, vocab_size=256, n_layer=1, n_head=1, n_embd=16)).parameters())
+    assert all(a["params"] == coarse_params for a in alone)
+    assert vc["stages"][1]["params"] > coarse_params
+    assert vc["params"] == bs[0]["params"] and vc["tokens_per_param"] == vc["tokens"] / vc["params"]
+    env = eff["envelope"]
+    assert set(env["sizes"]) == {"level0", "level1"} and env["params"]["level1"] == coarse_params
+    hull = Envelope({"level0": flops, "level1": Frontier.from_points(
+        [(a["total_flops"], a["final_val_loss"]) for a in alone])})
+    need = hull.cost_at(vc["final_val_loss"], extrapolate=True)
+    assert env["flops"] == pytest.approx(1 - vc["total_flops"] / need.value)
+    assert env["flops"] <= eff["flops"] + 1e-12 or need.extrapolated  # the hull is never dearer
+    assert env["size_at_loss"] in ("level0", "level1")
+    assert "saving against the envelope" in text and "tokens/param" in text

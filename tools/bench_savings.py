@@ -24,7 +24,10 @@ that sustained load, which differs between separate runs, cancels too; ``wall (b
 prices it at that seed's baselines' steady seconds per step instead, and ``raw wall`` uses the
 measured totals as they are. Outside the frontier's bracket the figure is extrapolated from the
 nearest segment and marked ``~``. Also kept, labelled: the saving to reach the 1x baseline's final
-loss (``reach 1x``). The table printed last gives medians over seeds and [min, max]; the study
+loss (``reach 1x``), and, when reference variants (``small-alone+xF``, the coarse architecture
+trained alone) are among ``--variants``, the **envelope saving** against the cheaper of the full
+model's frontier and theirs at each run's loss (``vcyclefx.driver.saving.Envelope``), with tokens
+per parameter. The table printed last gives medians over seeds and [min, max]; the study
 directory gets ``table.json`` and ``frontier.png`` (loss against FLOPs and wall seconds).
 
     python tools/bench_savings.py --out runs/frontier --seeds 1337,4242,7 --jobs 1 \\
@@ -50,8 +53,8 @@ sys.path.insert(0, str(ROOT))
 from vcyclefx.driver.config import preset  # noqa: E402
 from vcyclefx.driver.logger import read_metrics  # noqa: E402
 from vcyclefx.driver.plot import reach  # noqa: E402
-from vcyclefx.driver.saving import (saving_against, steady_seconds_per_step,  # noqa: E402
-                                    steady_wall)
+from vcyclefx.driver.saving import (envelope_against, saving_against,  # noqa: E402
+                                    steady_seconds_per_step, steady_wall)
 
 # Every variant starts from the paper's recipe, spelled out so that a change of the driver's
 # defaults does not change what a stored run means; a variant's options override it. A step
@@ -186,7 +189,9 @@ def result(out: Path) -> dict:
     """Final loss, FLOPs, wall, steps and level-0 seconds per step of one finished run."""
     records = read_metrics(out / "metrics.jsonl")
     end = next(r for r in records if r["event"] == "end")
+    params = next((r["params"] for r in records if r["event"] == "stage" and r["level"] == 0), None)
     return {"loss": end["val_loss"], "flops": end["flops"], "raw_wall": end["wall"],
+            "tokens": end["tokens"], "params": params,
             "wall": steady_wall(records, end["schedule"]), "steps": end["step"],
             "level0_sps": steady_seconds_per_step(records, end["schedule"], 0),
             "after_down": _after(records, "bottom"), "after_up": _after(records, "up"),
@@ -342,13 +347,15 @@ def report(data: dict) -> str:
     for v in data["variants"]:
         rows.append((v["name"], f"{v['lr']:g}", f"{v['scale']:g}", v["runs"],
                      _range(*v["loss"], loss), f"{v['flops']:.3e}",
+                     "-" if v.get("tokens_per_param") is None else f"{v['tokens_per_param']:.1f}",
                      _range(*v["flops_saving"], pct) + ("~" if v["extrapolated"] else ""),
+                     _range(*v.get("envelope_saving", (None, None, None)), pct),
                      _range(*v["wall_saving"], pct), _range(*v["base_rate_wall_saving"], pct),
                      _range(*v["raw_wall_saving"], pct),
                      _range(*v["reach_flops_saving"], pct),
                      "-" if v["after_up"] is None else f"{v['after_up']:.3f}"))
-    out += _grid(("variant", "lr", "coarse x", "runs", "final val loss", "FLOPs", "FLOPs saving",
-                  "wall saving", "wall (base rate)", "raw wall", "reach 1x", "after up"), rows)
+    out += _grid(("variant", "lr", "coarse x", "runs", "final val loss", "FLOPs", "tokens/param",
+                  "FLOPs saving", "envelope saving", "wall saving", "wall (base rate)", "raw wall", "reach 1x", "after up"), rows)
     return "\n".join(out)
 
 
@@ -424,11 +431,19 @@ def main(argv=None) -> int:
     st.run([st.vcycle(n, *rates.get(n, first), s) for n in names for s in st.seeds])
 
     base_1x = {s: next(b for b in fronts[s] if b["budget"] == 1.0) for s in st.seeds}
+    # the envelope: the full model's frontier and the coarse architecture alone (the reference
+    # variants, "small-alone+xF", at their own tuned lr), per seed
+    alone = {s: [result(st.vcycle(n, *rates.get(n, first), s)[1]) for n in names
+                 if _is_reference(n)] for s in st.seeds}
     variants = []
     for name in names:
         vlr, scale = rates.get(name, first)
         runs = {s: result(st.vcycle(name, vlr, scale, s)[1]) for s in st.seeds}
         scores = {s: score(runs[s], fronts[s], base_1x[s]) for s in st.seeds}
+        for s, sc in scores.items():
+            sizes = {"full": fronts[s], **({"coarse": alone[s]} if alone[s] else {})}
+            sc["envelope_saving"] = envelope_against(sizes, runs[s])["flops"]
+        tpp = [r["tokens"] / r["params"] for r in runs.values() if r.get("params")]
         if _is_reference(name):  # its own s/step is the smaller model's: price at the baselines'
             for sc in scores.values():
                 sc["wall_saving"] = sc["base_rate_wall_saving"]
@@ -438,10 +453,11 @@ def main(argv=None) -> int:
             "flops": statistics.median(r["flops"] for r in runs.values()),
             "wall": statistics.median(r["wall"] for r in runs.values()),
             "after_up": spread(r["after_up"] for r in runs.values())[0],
+            "tokens_per_param": statistics.median(tpp) if tpp else None,
             "extrapolated": any(sc["extrapolated"] for sc in scores.values()),
             **{k: spread(sc[k] for sc in scores.values())
                for k in ("flops_saving", "wall_saving", "base_rate_wall_saving",
-                         "raw_wall_saving", "reach_flops_saving")},
+                         "raw_wall_saving", "reach_flops_saving", "envelope_saving")},
             "per_seed": {s: {**{k: v for k, v in runs[s].items() if k != "evals"}, **scores[s]}
                          for s in st.seeds},
         })

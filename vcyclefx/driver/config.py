@@ -24,6 +24,7 @@ SCHEDULES = ("vcycle", "baseline", "compare")
 LR_SCHEDULES = ("global", "stage")
 DTYPES = ("auto", "float32", "bfloat16")
 LOG_TO = ("jsonl", "tensorboard")
+GROW_WHEN = ("fractions", "slope")
 COARSE_LR_SCALE = 2.0  # lr factor of the coarse levels when --lr-scales is not given (tuned)
 
 
@@ -52,7 +53,8 @@ class TrainConfig:
     # --- data ---
     data: str = _f("", "text file, folder of text files, or token file (.npy uint8/16/32; .bin "
                        "raw uint16, or uint8/uint32 when the name contains that word); empty = the "
-                       "Python standard library source as bytes")
+                       "Python standard library source as bytes; python-site = every .py file "
+                       "of the interpreter's path (stdlib and site-packages), split by file")
     cache_dir: str = _f("", "where the tokenised corpus is cached; empty = $VCYCLEFX_CACHE or "
                             "~/.cache/vcyclefx")
     val_fraction: float = _f(0.05, "share of files (or of the tail of a single file) held out for "
@@ -88,6 +90,12 @@ class TrainConfig:
                                              "and full cosine decay; the V-cycle's effective "
                                              "saving is read off their frontier (1 must be one)",
                                              parse="floats")
+    coarse_budgets: tuple[float, ...] = _f((1.0, 2.0, 4.0), "budgets of each coarser level's "
+                                           "architecture trained ALONE in --schedule compare "
+                                           "(built-in GPT only), as multiples of --steps (its "
+                                           "steps cost less); with the baselines they make the "
+                                           "envelope the V-cycle is also scored against; empty "
+                                           "= none", parse="floats")
     levels: int = _f(2, "levels of the V-cycle (2 = one coalesced level below the model)")
     width: float = _f(0.5, "width factor from one level to the next smaller one")
     depth: float = _f(0.5, "depth factor from one level to the next smaller one")
@@ -105,6 +113,19 @@ class TrainConfig:
                                           "the way down and up, the rest at the coarsest level "
                                           "(0.05,0.9,0.05; measured best, BENCHMARKS.md; the "
                                           "paper's GPT recipe: 0.05,0.45,0.5)", parse="floats")
+    grow_when: str = _f("fractions", "when the V-cycle leaves its coarsest level: fractions (after "
+                                     "its --fractions share) or slope (as soon as the coarse "
+                                     "level's validation loss falls more slowly per FLOP than "
+                                     "the full model's frontier at the same loss, read from this "
+                                     "run's own curve; its --fractions share is then the most it "
+                                     "may take, and the steps left go to the way up; needs the "
+                                     "frontier: --schedule compare or --grow-frontier)",
+                         choices=GROW_WHEN)
+    grow_frontier: str = _f("", "the full model's frontier for --grow-when slope: a JSON "
+                                "{\"points\": [[flops, loss], ...]} or a compare run's summary.json; "
+                                "empty = this run's own baselines (--schedule compare)")
+    grow_window: int = _f(4, "evaluations the coarse level's slope is fitted over "
+                             "(--grow-when slope); evaluations are --eval-every steps apart")
     lr_scales: tuple[float, ...] = _f((), "learning-rate factor per level, comma-separated (level "
                                           "0 first); empty = 1 at level 0 and 2 below (tuned; "
                                           "the paper's GPT recipe uses 4)", parse="floats")
@@ -155,7 +176,7 @@ class TrainConfig:
                               "remote", choices=LOG_TO)
 
     def __post_init__(self):
-        for name in ("fractions", "lr_scales", "frontier_budgets"):  # JSON gives lists, the command line strings
+        for name in ("fractions", "lr_scales", "frontier_budgets", "coarse_budgets"):  # JSON gives lists, the command line strings
             object.__setattr__(self, name, parse_floats(getattr(self, name), name))
         _check_ranges(self)
 
@@ -296,6 +317,19 @@ def _check_ranges(c: TrainConfig) -> None:
          and len(set(c.frontier_budgets)) == len(c.frontier_budgets),
          f"--frontier-budgets {','.join(map(str, c.frontier_budgets))} must be distinct positive "
          "multiples of --steps and include 1 (the baseline of --steps), e.g. 1,1.5")
+    need(all(b > 0 for b in c.coarse_budgets) and len(set(c.coarse_budgets)) == len(c.coarse_budgets),
+         f"--coarse-budgets {','.join(map(str, c.coarse_budgets))} must be distinct positive "
+         "multiples of --steps, e.g. 1,2,4 (or empty for none)")
+    need(c.grow_when in GROW_WHEN, f"--grow-when {c.grow_when!r}: choose one of {', '.join(GROW_WHEN)}")
+    need(c.grow_window >= 2, f"--grow-window must be at least 2 evaluations, got {c.grow_window}")
+    if c.grow_when == "slope" and c.schedule != "baseline":
+        need(bool(c.grow_frontier) or (c.schedule == "compare" and len(c.frontier_budgets) >= 2),
+             "--grow-when slope compares the coarse level's slope with the full model's "
+             "frontier: run --schedule compare (with 2 or more --frontier-budgets) or give "
+             "--grow-frontier FILE")
+        need(c.eval_every > 0, "--grow-when slope reads the evaluations: set --eval-every > 0")
+        need(not c.resume, "--resume of a --grow-when slope run is not supported (the stage "
+                           "where it grew is not checkpointed yet): start it again")
     if c.lr_scales:
         need(len(c.lr_scales) == c.levels and all(x > 0 for x in c.lr_scales),
              f"--lr-scales needs {c.levels} positive factors, one per level (level 0 first), got "

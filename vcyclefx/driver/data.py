@@ -6,6 +6,8 @@ Sources (``--data``):
   library (``sysconfig.get_paths()["stdlib"]``, without ``site-packages``/``dist-packages``; test
   packages are kept: they are real code and bring the corpus to about 30 MB). Byte-level tokens
   (vocabulary 256).
+- ``python-site``: every ``.py`` file of the interpreter's path, the standard library and
+  site-packages (``python_site_files``; a larger embedded corpus for GPU studies, split by file).
 - a folder: every regular, non-hidden text file under it (files with a NUL byte in their first
   8 KB are skipped as binary), read as bytes.
 - a text file: its bytes.
@@ -14,7 +16,7 @@ Sources (``--data``):
   If it is called ``train.bin``/``train.npy`` and a ``val.bin``/``val.npy`` sits next to it
   (nanoGPT's layout), that file is the validation split.
 
-Validation split: by file for the standard library and folders (a file is held out when the hash
+Validation split: by file for the standard library, python-site and folders (a file is held out when the hash
 of its relative path falls below ``val_fraction``), else the last ``val_fraction`` of the tokens.
 Files are joined with a NUL byte between them. Corpora built from many files are cached as
 ``.npy`` (uint8) under the cache directory, written atomically, keyed by the list of files with
@@ -66,6 +68,24 @@ def stdlib_files() -> tuple[Path, list[Path]]:
                              if d not in ("site-packages", "dist-packages", "__pycache__"))
         files += [Path(dirpath) / f for f in filenames if f.endswith(".py")]
     return root, sorted(files)
+
+
+PYTHON_SITE = "python-site"
+
+
+def python_site_files() -> tuple[Path, list[Path]]:
+    """``--data python-site``: every ``.py`` file of the interpreter's path (the standard
+    library and site-packages, ``sysconfig``'s stdlib/purelib/platlib), each once, sorted;
+    the root is their common folder (split by file as a folder is). Hundreds of MB where
+    torch and friends are installed: a larger corpus for GPU studies, still no download."""
+    roots = sorted({Path(sysconfig.get_paths()[k]) for k in ("stdlib", "purelib", "platlib")
+                    if Path(sysconfig.get_paths()[k]).is_dir()})
+    files: set[Path] = set()
+    for root in roots:
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
+            files.update(Path(dirpath) / f for f in filenames if f.endswith(".py"))
+    return Path(os.path.commonpath([str(r) for r in roots])), sorted(p for p in files if p.is_file())
 
 
 def _looks_binary(path: Path) -> bool:
@@ -162,6 +182,9 @@ def load_data(data: str, val_fraction: float, cache_dir: str = "", vocab_size: i
     if not data:
         root, files = stdlib_files()
         return load_file_corpus(root, files, val_fraction, cache, "stdlib")
+    if data == PYTHON_SITE:
+        root, files = python_site_files()
+        return load_file_corpus(root, files, val_fraction, cache, PYTHON_SITE)
     path = Path(data)
     if not path.exists():
         raise ConfigError(f"--data {data}: no such file or folder")

@@ -27,7 +27,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from vcyclefx.driver.logger import read_metrics
-from vcyclefx.driver.saving import describe, saving_against, steady_wall
+from vcyclefx.driver.regime import size_label
+from vcyclefx.driver.saving import describe, envelope_against, saving_against, steady_wall
+from vcyclefx.driver.schedule import parse_alone
 from vcyclefx.store import atomic_path, atomic_write_json
 
 REACH = "to reach the 1x baseline's final loss (one budget, not the frontier)"
@@ -72,6 +74,8 @@ def summarize(records: list[dict]) -> dict:
             "steady_wall_seconds": steady_wall(records, name),
             "tokens": end["tokens"],
             "steps": end["step"],
+            "params": _params(stages),
+            "tokens_per_param": None if not _params(stages) else end["tokens"] / _params(stages),
             "flops_to_baseline_loss": hit["flops"] if hit else None,
             "wall_to_baseline_loss": hit["wall"] if hit else None,
             "steps_to_baseline_loss": hit["step"] if hit else None,
@@ -103,12 +107,42 @@ def summarize(records: list[dict]) -> dict:
                           "stage its steps x the median seconds per step, plus capture and "
                           "transitions as measured), the frontier priced at the baselines' "
                           "steady seconds per step in this run")
+        eff["envelope"] = _envelope(out, frontier, v)
         out["effective_saving"] = eff
     return out
 
 
+def _params(stages: list[dict]) -> int | None:
+    """Parameters of the model a schedule ends with (its first level-0 stage's)."""
+    return next((st["params"] for st in stages if st["level"] == 0), None)
+
+
+def _envelope(out: dict, frontier: dict, v: dict) -> dict:
+    """``effective_saving.envelope``: the V-cycle against the lower hull of the full model's
+    baselines and every coarser level's architecture trained alone (``alone-L<k>-x<F>``)."""
+    s = out["schedules"]
+    sizes = {"level0": [dict(flops=e["flops"], loss=e["val_loss"]) for e in frontier.values()]}
+    params = {"level0": v["params"]}
+    for name, sch in s.items():
+        alone = parse_alone(name)
+        if alone:
+            sizes.setdefault(f"level{alone[0]}", []).append(
+                dict(flops=sch["total_flops"], loss=sch["final_val_loss"]))
+            params[f"level{alone[0]}"] = sch["params"]
+    env = envelope_against(sizes, dict(flops=v["total_flops"], loss=v["final_val_loss"]))
+    env["params"] = params
+    env["measure"] = ("effective saving against the envelope: 1 - C / C_env(L), C_env(L) the "
+                      "cheapest, in training FLOPs, of the full model's baselines and each "
+                      "coarser level's architecture trained alone (each frontier piecewise "
+                      "linear in log FLOPs; a size counts only inside its measured bracket "
+                      "unless none holds L, then extrapolated)")
+    return env
+
+
 def verdict(summary: dict) -> str | None:
-    """One plain sentence: does the V-cycle pay against the baseline frontier of this run?"""
+    """Plain sentences: does the V-cycle pay against the full model's baselines, and against the
+    envelope (every size measured)? Where it beats the same-size model but not the envelope,
+    the honest advice is to train the size that is the envelope there."""
     eff = summary.get("effective_saving")
     if not eff or eff.get("flops") is None:
         return None
@@ -117,16 +151,44 @@ def verdict(summary: dict) -> str | None:
                                                      f", {100 * w:.1f}% in wall time")
     where = (" (extrapolated beyond the measured baselines)" if eff.get("flops_extrapolated")
              else "")
+    env = eff.get("envelope") or {}
+    e, params = env.get("flops"), env.get("params", {})
+    v = summary["schedules"]["vcycle"]
+    tpp = v.get("tokens_per_param")
+    regime = "" if tpp is None else f" at {tpp:.1f} tokens per parameter"
+    lines = []
     if f > 0 and (w is None or w > 0):
-        return (f"Verdict: the V-cycle pays here{where}: effective saving {figures}, against "
-                "the full-size model's baselines (a smaller model trained alone can do better "
-                "when the budget is small for the full size: BENCHMARKS.md, 'Frontier study').")
-    if f > 0:
-        return (f"Verdict: the V-cycle saves training FLOPs but not wall time here{where}: "
-                f"effective saving {figures} (the coarse level runs fewer FLOPs per second, and "
-                "capture and transitions cost time that FLOPs do not show).")
-    return (f"Verdict: the V-cycle does not pay here{where}: effective saving {figures} "
-            "(negative: the plain baseline reaches the V-cycle's loss for less).")
+        lines.append(f"Verdict: against the same-size model's baselines the V-cycle saves "
+                     f"{figures}{where}{regime}.")
+    elif f > 0:
+        lines.append(f"Verdict: the V-cycle saves training FLOPs but not wall time against the "
+                     f"same-size model{where}: {figures} (the coarse level runs fewer FLOPs per "
+                     "second, and capture and transitions cost time that FLOPs do not show).")
+    else:
+        lines.append(f"Verdict: the V-cycle does not pay against the same-size model{where}: "
+                     f"{figures} (negative: the plain baseline reaches the V-cycle's loss for less).")
+    if e is not None and len(env.get("sizes", {})) > 1:
+        approx = " (extrapolated)" if env.get("flops_extrapolated") else ""
+        size = env.get("size_at_loss")
+        n = params.get(size)
+        label = (f"the {n:,}-parameter model ({size_label(size, None)})" if n
+                 else size_label(size, None) if size else "?")
+        if e > 0:
+            lines.append(f"Against the envelope (the cheapest of the sizes measured) it saves "
+                         f"{100 * e:.1f}% of the FLOPs{approx}: it pays.")
+        else:
+            lines.append(f"Against the envelope it costs {-100 * e:.1f}% more FLOPs{approx}: it does "
+                         f"not pay. Train {label} instead: it reaches the V-cycle's loss "
+                         f"{v['final_val_loss']:.4f} for {env['flops_frontier']:.3e} FLOPs "
+                         f"(the V-cycle spent {v['total_flops']:.3e}).")
+        best = env.get("best_size_at_cost")
+        if best and best["size"] != "level0":
+            lines.append(f"At the V-cycle's budget ({v['total_flops']:.3e} FLOPs) the "
+                         f"compute-efficient size measured here is "
+                         f"{size_label(best['size'], params.get(best['size']))} (loss "
+                         f"{best['loss']:.4f}), not the {params.get('level0') or 0:,}-parameter "
+                         "model asked for.")
+    return " ".join(lines)
 
 
 def _fmt(x, spec, target):
@@ -136,11 +198,14 @@ def _fmt(x, spec, target):
 
 
 def table(summary: dict) -> str:
-    head = ("schedule", "final val loss", "train FLOPs", "wall s", "FLOPs to baseline loss",
-            "wall s to baseline loss")
+    head = ("schedule", "params", "tokens/param", "final val loss", "train FLOPs", "wall s",
+            "FLOPs to baseline loss", "wall s to baseline loss")
     rows, target = [head], summary["baseline_final_val_loss"]
     for name, s in summary["schedules"].items():
-        rows.append((name, f"{s['final_val_loss']:.4f}", f"{s['total_flops']:.3e}",
+        tpp = s.get("tokens_per_param")
+        rows.append((name, "-" if s.get("params") is None else f"{s['params']:,}",
+                     "-" if tpp is None else f"{tpp:.1f}",
+                     f"{s['final_val_loss']:.4f}", f"{s['total_flops']:.3e}",
                      f"{s['wall_seconds']:.1f}", _fmt(s["flops_to_baseline_loss"], ".3e", target),
                      _fmt(s["wall_to_baseline_loss"], ".1f", target)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
@@ -154,6 +219,13 @@ def table(summary: dict) -> str:
                      f"linear in cost): FLOPs {describe(eff['flops'], eff['flops_extrapolated'])}, "
                      f"wall {describe(eff['wall'], eff['wall_extrapolated'])}"
                      + (f" (steady wall, the baselines at {sps:.4f} s/step)" if sps else ""))
+        env = eff.get("envelope")
+        if env and len(env.get("sizes", {})) > 1:
+            sizes = ", ".join(size_label(n, env["params"].get(n)) for n in env["sizes"])
+            lines.append(f"V-cycle effective saving against the envelope (lowest FLOPs of {sizes} "
+                         f"at its loss; the envelope there: "
+                         f"{size_label(env['size_at_loss'], env['params'].get(env['size_at_loss'])) if env.get('size_at_loss') else 'n/a'}): "
+                         f"FLOPs {describe(env['flops'], env['flops_extrapolated'])}")
     saving = summary.get("vcycle_saving")
     if saving:
         pct = {k: "never reached" if saving[k] is None else f"{100 * saving[k]:.1f}%"
@@ -192,6 +264,14 @@ def plot(records: list[dict], path: Path, target: float | None = None) -> None:
         for ax, key in zip(axes, ("flops", "wall")):
             ax.plot([r[key] for r in ends], [r["val_loss"] for r in ends], "s--", color="black",
                     lw=1, ms=5, label="baseline frontier")
+    levels = sorted({parse_alone(r["schedule"])[0] for r in records
+                     if r["event"] == "end" and parse_alone(r["schedule"])})
+    for level in levels:  # each coarser level's architecture trained alone: its frontier
+        alone = sorted((r for r in records if r["event"] == "end" and parse_alone(r["schedule"])
+                        and parse_alone(r["schedule"])[0] == level), key=lambda r: r["flops"])
+        for ax, key in zip(axes, ("flops", "wall")):
+            ax.plot([r[key] for r in alone], [r["val_loss"] for r in alone], "^:", color="gray",
+                    lw=1, ms=5, label=f"level {level} alone")
     for ax, xlabel in zip(axes, ("training FLOPs", "wall seconds (training)")):
         if target is not None:
             ax.axhline(target, color="gray", lw=0.8, ls="--", label="baseline final")

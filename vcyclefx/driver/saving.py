@@ -106,6 +106,58 @@ def effective_saving(cost: float, loss: float, frontier: Frontier,
     return Estimate(1.0 - cost / need.value, need.extrapolated)
 
 
+@dataclass(frozen=True)
+class Envelope:
+    """The lower hull of several model sizes' frontiers (each in the same cost unit, FLOPs):
+    at every loss, the cheapest size's cost. A schedule that ends at L for C beat every size the
+    user could have trained instead only if ``1 - C / C_envelope(L) > 0``.
+
+    ``cost_at(L)`` takes, over the frontiers whose measured bracket holds L, the lowest cost;
+    when none holds it, the lowest of the extrapolated ones (labelled extrapolated), so a small
+    model is never credited with a loss it was not measured to reach while a measured size is
+    there. ``size_at`` says which frontier that was."""
+
+    frontiers: dict  # name -> Frontier
+
+    def _best(self, loss: float, extrapolate: bool) -> tuple[str, Estimate] | None:
+        got = {n: f.cost_at(loss, extrapolate=True) for n, f in self.frontiers.items()}
+        got = {n: e for n, e in got.items() if e is not None}
+        inside = {n: e for n, e in got.items() if not e.extrapolated}
+        pool = inside or (got if extrapolate else {})
+        if not pool:
+            return None
+        name = min(pool, key=lambda n: pool[n].value)
+        return name, pool[name]
+
+    def cost_at(self, loss: float, extrapolate: bool = False) -> Estimate | None:
+        best = self._best(loss, extrapolate)
+        return best[1] if best else None
+
+    def size_at(self, loss: float, extrapolate: bool = True) -> str | None:
+        """The name of the frontier that is the envelope at ``loss``."""
+        best = self._best(loss, extrapolate)
+        return best[0] if best else None
+
+    def best_at_cost(self, cost: float) -> tuple[str, float] | None:
+        """(name, loss) of the size with the lowest measured loss at ``cost`` (inside brackets
+        only), for "is the requested model the compute-efficient size at this budget?"."""
+        got = {n: f.loss_at(cost) for n, f in self.frontiers.items()}
+        got = {n: e.value for n, e in got.items() if e is not None}
+        if not got:
+            return None
+        name = min(got, key=got.get)
+        return name, got[name]
+
+
+def envelope_saving(cost: float, loss: float, envelope: Envelope,
+                    extrapolate: bool = False) -> Estimate | None:
+    """``1 - cost / C_envelope(loss)`` (None where no size is measured unless ``extrapolate``)."""
+    need = envelope.cost_at(loss, extrapolate)
+    if need is None:
+        return None
+    return Estimate(1.0 - cost / need.value, need.extrapolated)
+
+
 def saving_against(baselines: list[dict], schedule: dict, seconds_per_step: float | None = None,
                    extrapolate: bool = True) -> dict:
     """The effective saving of ``schedule`` (``flops``, ``wall``, ``loss``) against the frontier
@@ -137,6 +189,24 @@ def saving_against(baselines: list[dict], schedule: dict, seconds_per_step: floa
     return out
 
 
+def envelope_against(sizes: dict[str, list[dict]], schedule: dict,
+                     extrapolate: bool = True) -> dict:
+    """The effective saving in FLOPs of ``schedule`` (``flops``, ``loss``) against the envelope
+    of ``sizes`` (name -> that size's baselines, each ``flops`` and ``loss``; the same-size one
+    among them), with the envelope's cost at the schedule's loss, which size it was, and whether
+    it was extrapolated. A JSON-able dict (``summary.json``'s ``effective_saving.envelope``)."""
+    env = Envelope({n: Frontier.from_points([(b["flops"], b["loss"]) for b in pts])
+                    for n, pts in sizes.items() if pts})
+    need = env.cost_at(schedule["loss"], extrapolate)
+    best = env.best_at_cost(schedule["flops"])
+    return {"flops": None if need is None else 1.0 - schedule["flops"] / need.value,
+            "flops_frontier": None if need is None else need.value,
+            "flops_extrapolated": None if need is None else need.extrapolated,
+            "size_at_loss": env.size_at(schedule["loss"], extrapolate),
+            "best_size_at_cost": None if best is None else {"size": best[0], "loss": best[1]},
+            "sizes": {n: [[b["flops"], b["loss"]] for b in pts] for n, pts in sizes.items()}}
+
+
 def steady_wall(records: list[dict], schedule: str) -> float | None:
     """Training wall seconds of ``schedule`` in ``metrics.jsonl`` records with load spikes left
     out: per stage, its steps times the median seconds per step between consecutive training
@@ -158,7 +228,9 @@ def steady_wall(records: list[dict], schedule: str) -> float | None:
                  for a, b in zip(marks, marks[1:]) if b["step"] > a["step"]]
         if not rates:
             return None
-        total += statistics.median(rates) * st["steps"]
+        # the steps it trained: fewer than planned when --grow-when slope ended it early
+        done = train[-1]["step"] - st["step"] if train else st["steps"]
+        total += statistics.median(rates) * done
         last_wall = train[-1]["wall"] if train else st["wall"]
     return total
 

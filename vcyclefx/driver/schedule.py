@@ -1,7 +1,9 @@
 """Schedules of a training run: which ones it trains, their steps and their learning rates.
 
 A run trains ``--schedule``: ``baseline``, ``vcycle``, or ``compare`` = every frontier baseline
-(``baseline`` at 1x ``--steps`` first, then ``baseline-x1.5`` and the like) and the V-cycle.
+(``baseline`` at 1x ``--steps`` first, then ``baseline-x1.5`` and the like), each coarser level's
+architecture alone (``alone-L1-x2`` = level 1's sizes, 2x ``--steps``, its own warm-up and
+cosine at ``--lr`` x that level's lr scale) and the V-cycle.
 
 Learning rate with ``--lr-schedule global`` at optimizer step ``s`` of a schedule, counted over
 all its stages::
@@ -35,6 +37,20 @@ def baseline_name(budget: float) -> str:
     return "baseline" if budget == 1.0 else f"baseline-x{budget:g}"
 
 
+def alone_name(level: int, budget: float) -> str:
+    """The schedule name of level ``level``'s architecture trained alone at ``budget`` x
+    ``--steps``: ``alone-L1-x2`` and the like."""
+    return f"alone-L{level}-x{budget:g}"
+
+
+def parse_alone(schedule: str) -> tuple[int, float] | None:
+    """(level, budget) of an ``alone-L<k>-x<F>`` schedule name, else None."""
+    if not schedule.startswith("alone-L"):
+        return None
+    level, budget = schedule[len("alone-L"):].split("-x")
+    return int(level), float(budget)
+
+
 def schedule_steps(cfg: TrainConfig, schedule: str) -> int:
     """Optimizer steps of a whole schedule: ``--vcycle-steps`` (or ``--steps``) for the V-cycle,
     ``round(F * --steps)`` for the baseline ``baseline-xF``."""
@@ -42,15 +58,21 @@ def schedule_steps(cfg: TrainConfig, schedule: str) -> int:
         return cfg.vcycle_total_steps
     if schedule.startswith("baseline-x"):
         return max(1, round(float(schedule[len("baseline-x"):]) * cfg.steps))
+    if parse_alone(schedule):
+        return max(1, round(parse_alone(schedule)[1] * cfg.steps))
     return cfg.steps
 
 
 def schedule_order(cfg: TrainConfig) -> list[str]:
-    """What a run trains, in order: compare = every frontier baseline (1x first), then the V-cycle."""
+    """What a run trains, in order: compare = every frontier baseline (1x first), each coarser
+    level's architecture alone at every ``--coarse-budgets`` budget (built-in GPT only: a
+    ``--model``'s coarse sizes have no config to build them from), then the V-cycle."""
     if cfg.schedule != "compare":
         return [cfg.schedule]
     budgets = sorted(cfg.frontier_budgets, key=lambda b: (b != 1.0, b))
-    return [baseline_name(b) for b in budgets] + ["vcycle"]
+    alone = [] if cfg.model else [alone_name(k, b) for k in range(1, cfg.levels)
+                                  for b in sorted(cfg.coarse_budgets)]
+    return [baseline_name(b) for b in budgets] + alone + ["vcycle"]
 
 
 def cosine_lr(step: int, steps: int, warmup: int, lr: float, min_lr: float) -> float:

@@ -164,7 +164,7 @@ def _step(rt: Runtime, t: Trainee, opt, state: RunState, lr: float, window: _Win
 def run_stage(rt: Runtime, module: torch.nn.Module, steps: int, lr_scale: float, level: int,
               state: RunState, optim_state: dict | None = None, bar: ProgressBar | None = None,
               phase: str = "", carried: dict[str, dict] | None = None,
-              hand_on: bool = False) -> tuple[RunState, dict | None]:
+              hand_on: bool = False, stop=None) -> tuple[RunState, dict | None]:
     """Train ``module`` (GPT or a level) for the remaining steps of the stage ``state`` is in.
 
     The optimizer starts fresh, or from ``optim_state`` (a checkpoint's: a state_dict, or the
@@ -174,7 +174,9 @@ def run_stage(rt: Runtime, module: torch.nn.Module, steps: int, lr_scale: float,
     it), the optimizer's final state by name, whole tensors on every rank
     (``Trainee.state_by_name``; under FSDP a gather, so only made when it is used), else None.
     ``module`` holds the trained weights when it returns (also under FSDP, which trains a
-    sharded copy). Each step is followed by its log, eval and checkpoint events.
+    sharded copy). Each step is followed by its log, eval and checkpoint events. ``stop``
+    (``--grow-when slope``): called with the state after every evaluation; when it returns True
+    the stage ends there (a ``grow`` record, then the stage-end log and checkpoint).
     """
     cfg = rt.cfg
     t = Trainee(rt, module)
@@ -213,6 +215,13 @@ def run_stage(rt: Runtime, module: torch.nn.Module, steps: int, lr_scale: float,
         if do_eval:
             state.val_loss = evaluate(rt, t.local)
             record(rt, state, level, "eval", val_loss=state.val_loss)
+            if not end and stop is not None and stop(state):
+                record(rt, state, level, "grow", steps=state.stage_step, planned_steps=steps)
+                steps, do_ckpt = state.stage_step, True  # the stage ends here
+                if not do_log:  # a stage end logs, as a checkpoint step does
+                    loss, tok_s = window.take(rt, state)
+                    record(rt, state, level, "train", loss=loss, lr=lr, tok_per_s=tok_s,
+                           mfu=fpt * tok_s / (rt.world * cfg.peak_flops))
         if do_ckpt:
             save_checkpoint(rt, t, opt, state)
         clock.restart()

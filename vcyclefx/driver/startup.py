@@ -149,12 +149,23 @@ def cleanup(rt: Runtime | None) -> None:
         dist.destroy_process_group()
 
 
-def new_model(rt: Runtime) -> torch.nn.Module:
+def new_model(rt: Runtime, level: int = 0) -> torch.nn.Module:
     """Level 0 with the run's initial weights (the same for every schedule of a run): the
-    built-in GPT, or the ``--model`` architecture (``driver.models``)."""
+    built-in GPT, or the ``--model`` architecture (``driver.models``). ``level`` k > 0: the
+    built-in GPT at level k's sizes (``coarse_sizes``), freshly initialised, to train alone."""
     c = rt.cfg
     torch.manual_seed(c.seed)
     if c.model:
+        if level:
+            raise ConfigError("a coarse level of --model has no config to build it alone from")
         return build_causal_lm(c.model, vocab_size=c.vocab_size, seq_len=c.seq_len, seed=c.seed)
-    return GPT(GPTConfig(block_size=c.seq_len, vocab_size=c.vocab_size, n_layer=c.n_layer,
-                         n_head=c.n_head, n_embd=c.n_embd, dropout=c.dropout, bias=c.bias))
+    n_layer, n_head, n_embd = coarse_sizes(c, level)
+    return GPT(GPTConfig(block_size=c.seq_len, vocab_size=c.vocab_size, n_layer=n_layer,
+                         n_head=n_head, n_embd=n_embd, dropout=c.dropout, bias=c.bias))
+
+
+def coarse_sizes(c, level: int) -> tuple[int, int, int]:
+    """(n_layer, n_head, n_embd) of the built-in GPT's level ``level``: depth x ``--depth``,
+    width and heads x ``--width`` per level (the head size is kept, as coalescing keeps it)."""
+    return (max(1, round(c.n_layer * c.depth ** level)), max(1, round(c.n_head * c.width ** level)),
+            max(1, round(c.n_embd * c.width ** level)))

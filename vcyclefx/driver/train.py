@@ -25,7 +25,12 @@ from vcyclefx.driver.models import save_hf
 from vcyclefx.driver.parallel import optimizer_state_by_name, optimizer_state_from_names
 from vcyclefx.driver.plot import finish
 from vcyclefx.driver.runtime import Point, RunState, Runtime
-from vcyclefx.driver.schedule import lr_at, schedule_order, schedule_steps, stage_lr
+from vcyclefx.driver.growth import load_frontier, should_grow
+from vcyclefx.driver.logger import read_metrics
+from vcyclefx.driver.regime import regime_note
+from vcyclefx.driver.saving import Frontier
+from vcyclefx.driver.schedule import (lr_at, parse_alone, schedule_order, schedule_steps,
+                                     stage_lr)
 from vcyclefx.driver.stage import make_optimizer, record, run_stage
 from vcyclefx.driver.startup import _autocast_dtype, _device, cleanup, new_model, setup
 from vcyclefx.store import save_tensors
@@ -57,10 +62,15 @@ def _restore(rt: Runtime, point: Point | None, module: torch.nn.Module, state: R
 
 def run_baseline(rt: Runtime, point: Point | None, bar: ProgressBar | None,
                  name: str = "baseline") -> RunState:
-    """The plain model for the steps of the baseline ``name`` (its own warm-up and cosine)."""
-    model = new_model(rt)
+    """The plain model for the steps of the baseline ``name`` (its own warm-up and cosine); for
+    ``alone-L<k>-x<F>`` level k's architecture alone, freshly initialised, at ``--lr`` times
+    that level's lr scale (the rate its V-cycle stages train at)."""
+    alone = parse_alone(name)
+    level = alone[0] if alone else 0
+    model = new_model(rt, level)
+    scale = rt.cfg.vcycle_lr_scales()[level] if alone else 1.0
     state, optim_state = _restore(rt, point, model, RunState(name))
-    state, _ = run_stage(rt, model, schedule_steps(rt.cfg, name), 1.0, 0, state, optim_state, bar)
+    state, _ = run_stage(rt, model, schedule_steps(rt.cfg, name), scale, 0, state, optim_state, bar)
     _save_final(rt, model, name)
     return state
 
@@ -72,6 +82,21 @@ class Cycle:
 
     cycle: object
     seconds: float
+    frontier: object = None  # the full model's Frontier, for --grow-when slope
+    window: int = 4
+
+    def grow_stop(self, start: RunState):
+        """The ``stop`` of the bottom stage under ``--grow-when slope`` (``driver.growth``):
+        True once its evaluations' slope per FLOP is shallower than the full frontier's."""
+        if self.frontier is None:
+            return None
+        points: list[tuple[float, float]] = []
+
+        def stop(state: RunState) -> bool:
+            points.append((state.flops, state.val_loss))
+            return should_grow(points, self.frontier, self.window)
+
+        return stop
 
 
 def cycle_options(cfg: TrainConfig) -> dict:
@@ -95,7 +120,22 @@ def make_cycle(rt: Runtime, model: torch.nn.Module | None = None) -> Cycle:
     cycle = VCycle(model, example, **cycle_options(cfg), checkpoint_dir=vdir,
                    resume=vdir if cfg.resume else None,
                    write_checkpoints=rt.master)  # one writer; every rank rebuilds the same levels
-    return Cycle(cycle, time.perf_counter() - t0)
+    # --grow-when slope: the file's frontier now (a bad file fails at start-up); a compare
+    # run's own when its baselines are done (train)
+    frontier = load_frontier(cfg.grow_frontier) if cfg.grow_when == "slope" and cfg.grow_frontier else None
+    return Cycle(cycle, time.perf_counter() - t0, frontier, cfg.grow_window)
+
+
+def _own_frontier(rt: Runtime):
+    """The full model's frontier from this compare run's finished baselines (metrics.jsonl)."""
+    ends = [r for r in read_metrics(rt.out / "metrics.jsonl")
+            if r["event"] == "end" and r["schedule"].startswith("baseline")]
+    front = Frontier.from_points([(r["flops"], r["val_loss"]) for r in ends])
+    if len(front.points) < 2:
+        raise ConfigError(f"--grow-when slope: the baselines of {rt.out} give "
+                          f"{len(front.points)} usable frontier point(s) (each costlier one must "
+                          "end lower); add --frontier-budgets or give --grow-frontier FILE")
+    return front
 
 
 def run_vcycle(rt: Runtime, made: Cycle, point: Point | None, bar: ProgressBar | None) -> RunState:
@@ -135,9 +175,14 @@ def run_vcycle(rt: Runtime, made: Cycle, point: Point | None, bar: ProgressBar |
         else:
             state.stage, state.stage_step, optim_state = stage.index, 0, None
         last = stage.index == len(cycle.schedule) - 1
+        stop = made.grow_stop(state) if stage.phase == "bottom" and not last else None
         state, final_optim = run_stage(rt, stage.model, stage.steps, stage.lr_scale, stage.level,
                                        state, optim_state, bar, phase=stage.phase, carried=carried,
-                                       hand_on=carry and not last)
+                                       hand_on=carry and not last, stop=stop)
+        if state.stage_step < stage.steps:  # --grow-when slope ended it: the rest goes up
+            cycle.end_stage_early(stage.index, state.stage_step)
+            _print(bar, f"grew after {state.stage_step} of {stage.steps} steps at the coarse "
+                        f"level (--grow-when slope); the way up trains the rest")
         previous = final_optim
     if point is not None:  # every stage was complete: resumed after the very end
         state = point.state
@@ -196,9 +241,11 @@ def train(rt: Runtime) -> None:
         bar = ProgressBar(schedule_steps(cfg, name), here.state.step if here else 0, name,
                           enabled=rt.master and not cfg.quiet)
         try:
-            if name.startswith("baseline"):
+            if name.startswith("baseline") or parse_alone(name):
                 state = run_baseline(rt, here, bar, name)
             else:
+                if cfg.grow_when == "slope" and made.frontier is None:
+                    made.frontier = _own_frontier(rt)
                 state = run_vcycle(rt, made, here, bar)
         finally:
             bar.close()
@@ -238,6 +285,9 @@ def main(cfg: TrainConfig) -> dict | None:
             print(f"vcyclefx train: {rt.data.source}; {len(rt.data.train):,} train / "
                   f"{len(rt.data.val):,} val tokens; device {rt.device}, world {rt.world}, "
                   f"compile {rt.compile}, out {rt.out}", flush=True)
+            note = regime_note(cfg, sum(p.numel() for p in new_model(rt).parameters()))
+            if note:
+                print(note, flush=True)
         train(rt)
         rt.logger.close()
         return finish(rt.out, rt.cfg) if rt.master else None

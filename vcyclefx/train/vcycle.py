@@ -20,7 +20,7 @@ stage index); ``VCycle(..., resume=DIR)`` continues after the last completed sta
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -274,7 +274,8 @@ class VCycle:
                                 "(or pass resume=DIR to continue a checkpointed one)")
         self._iterating = True
         prev_level = self.schedule[self._next - 1].level if self._next > 0 else 0
-        for spec in self.schedule.stages[self._next:]:
+        for index in range(self._next, len(self.schedule)):
+            spec = self.schedule[index]  # read when reached: end_stage_early may change it
             self._transition(prev_level, spec.level)
             prev_level = spec.level
             yield Stage(spec.index, spec.level, self._model, spec.steps, spec.lr_scale, spec.phase,
@@ -283,6 +284,20 @@ class VCycle:
             if self.checkpoint_dir is not None:
                 self._checkpoint(spec.index)
         self._done = True
+
+    def end_stage_early(self, index: int, steps_done: int) -> None:
+        """Stage ``index`` (the one being trained) ends after ``steps_done`` of its steps, e.g.
+        when a growth criterion says the coarse level has stopped paying (the driver's
+        ``--grow-when slope``); the steps it leaves go to the next stage, so the schedule's total
+        is unchanged. Call it before asking the iteration for the next stage."""
+        if index != self._next or not 1 <= steps_done <= self.schedule[index].steps:
+            raise ScheduleError(f"end_stage_early({index}, {steps_done}): stage {self._next} is "
+                                f"the one in training, with {self.schedule[self._next].steps} steps")
+        if index + 1 >= len(self.schedule):
+            raise ScheduleError("end_stage_early: the last stage has no next stage to take its steps")
+        st, nxt = self.schedule[index], self.schedule[index + 1]
+        self.schedule.stages[index] = replace(st, steps=steps_done)
+        self.schedule.stages[index + 1] = replace(nxt, steps=nxt.steps + st.steps - steps_done)
 
     def _transition(self, frm: int, to: int) -> None:
         self._last_transition = None

@@ -1,0 +1,363 @@
+"""Where does the V-cycle pay? A regime map: savings against the same-size frontier and the
+envelope, against tokens per parameter.
+
+For every ``--tpp`` (tokens per parameter of the full model's 1x baseline) and seed, this runs
+``tools/train.py`` (this checkout's driver) as subprocesses, at most ``--jobs`` at a time, one
+thread each (``OMP_NUM_THREADS=--threads``):
+
+1. the full model's baseline at 1x for every ``--lrs`` and the coarse level's architecture
+   alone at its 1x for every ``--coarse-lrs`` (first seed only): the lowest final loss wins;
+2. the full model at every ``--budgets`` multiple of the regime's steps S, the coarse
+   architecture alone at every ``--coarse-budgets`` multiple (its steps are cheaper), and every
+   fixed recipe in ``--recipes`` (``--steps S``, the driver's V-cycle options of the recipe);
+3. recipes that read the full model's frontier (``--grow-when slope``), from step 2's baselines.
+
+Every finished run leaves ``<name>.json`` (its final loss, FLOPs, tokens, parameters); a run
+with one is never run again, so a killed study resumes where it stopped (a run killed midway
+starts again from nothing). Each recipe run is scored against its own seed's frontiers: the
+**same-size** saving ``1 - C / C_full(L)`` and the **envelope** saving ``1 - C / C_env(L)``,
+C_env the cheapest of the full and the coarse architecture at loss L
+(``vcyclefx.driver.saving.Envelope``; ``~`` = extrapolated beyond every measured bracket). The
+table is printed last; ``regime.json`` and ``regime.png`` (both savings against tokens per
+parameter) go to ``--out``.
+
+    python tools/bench_regime.py --out runs/regime --tpp 25 --seeds 1337 --jobs 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from vcyclefx.driver.logger import read_metrics  # noqa: E402
+from vcyclefx.driver.saving import envelope_against, saving_against  # noqa: E402
+
+# recipes: V-cycle options on top of the driver's defaults (``--steps S``, V-cycle 1.5 S)
+RECIPES: dict[str, list[str]] = {
+    "defaults": [],
+    "f.02/.08/.90": ["--fractions", "0.02,0.08,0.90"],
+    "f.05/.20/.75": ["--fractions", "0.05,0.20,0.75"],
+    "f.05/.45/.50": ["--fractions", "0.05,0.45,0.50"],
+    # grow when the coarse level's loss falls more slowly per FLOP than the full frontier's
+    # (cap: 45% of the steps at the coarse level)
+    "slope": ["--fractions", "0.02,0.45,0.53", "--grow-when", "slope"],
+    "slope-cap20": ["--fractions", "0.02,0.20,0.78", "--grow-when", "slope"],
+}
+
+
+def model_options(a) -> list[str]:
+    return ["--n-layer", str(a.n_layer), "--n-head", str(a.n_head), "--n-embd", str(a.n_embd)]
+
+
+def coarse_options(a) -> list[str]:
+    """The coarse level's architecture (width and depth halved, heads with the width)."""
+    return ["--n-layer", str(max(1, a.n_layer // 2)), "--n-head", str(max(1, a.n_head // 2)),
+            "--n-embd", str(a.n_embd // 2)]
+
+
+def full_params(a) -> int:
+    from vcyclefx.zoo.gpt import GPT, GPTConfig
+
+    m = GPT(GPTConfig(block_size=a.seq_len, vocab_size=256, n_layer=a.n_layer, n_head=a.n_head,
+                      n_embd=a.n_embd, dropout=0.0, bias=True))
+    return sum(p.numel() for p in m.parameters())
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def result(out: Path) -> dict:
+    """What the study keeps of a finished run (``metrics.jsonl``)."""
+    records = read_metrics(out / "metrics.jsonl")
+    end = next(r for r in records if r["event"] == "end")
+    stages = [r for r in records if r["event"] == "stage"]
+    params0 = next((s["params"] for s in stages if s["level"] == 0), stages[0]["params"])
+    return {"loss": end["val_loss"], "flops": end["flops"], "steps": end["step"],
+            "tokens": end["tokens"], "params": params0, "wall": end["wall"],
+            "tokens_per_param": end["tokens"] / params0,
+            "stages": [{k: s.get(k) for k in ("level", "phase", "step", "steps", "params")}
+                       for s in stages],
+            "grow": next((r for r in records if r["event"] == "grow"), None)}
+
+
+class Runner:
+    """Runs training subprocesses, ``jobs`` at a time; a run with ``<name>.json`` is done."""
+
+    def __init__(self, root: Path, jobs: int, threads: int, common: list[str],
+                 dry: bool = False):
+        self.root, self.jobs, self.threads, self.common = root, jobs, threads, common
+        self.dry = dry  # report what is finished, start nothing
+
+    def done(self, name: str) -> dict | None:
+        path = self.root / f"{name}.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def _start(self, name: str, opts: list[str]) -> subprocess.Popen | None:
+        out = self.root / name
+        if out.exists():  # killed midway: start again from nothing
+            shutil.rmtree(out)
+        self.root.mkdir(parents=True, exist_ok=True)
+        log = open(self.root / f"{name}.log", "w")
+        env = dict(os.environ, OMP_NUM_THREADS=str(self.threads),
+                   MKL_NUM_THREADS=str(self.threads))
+        cmd = [sys.executable, str(ROOT / "tools" / "train.py"), "--quiet", *self.common, *opts,
+               "-o", str(out)]
+        print(f"start {name}: {' '.join(opts)}", flush=True)
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+
+    def run(self, runs: dict[str, list[str]]) -> dict[str, dict | None]:
+        pending = [] if self.dry else [(n, o) for n, o in runs.items() if self.done(n) is None]
+        running: list[tuple[str, subprocess.Popen, float]] = []
+        while pending or running:
+            while pending and len(running) < self.jobs:
+                name, opts = pending.pop(0)
+                running.append((name, self._start(name, opts), time.monotonic()))
+            time.sleep(1)
+            for item in list(running):
+                name, p, t0 = item
+                if p.poll() is None:
+                    continue
+                running.remove(item)
+                if p.returncode == 0:
+                    got = result(self.root / name)
+                    (self.root / f"{name}.json").write_text(json.dumps(got, indent=1))
+                    print(f"done  {name}: loss {got['loss']:.4f}, {got['flops']:.3e} FLOPs, "
+                          f"{got['tokens_per_param']:.1f} tokens/param, "
+                          f"{time.monotonic() - t0:.0f}s", flush=True)
+                    shutil.rmtree(self.root / name, ignore_errors=True)  # keep the JSON only
+                else:
+                    print(f"done  {name}: FAILED rc={p.returncode} "
+                          f"(see {self.root / name}.log)", flush=True)
+        return {n: self.done(n) for n in runs}
+
+
+# ----------------------------------------------------------------------------- the study
+
+
+def rates(lr: float) -> list[str]:
+    return ["--lr", f"{lr:g}", "--min-lr", f"{lr / 10:g}"]
+
+
+def study(a, runner: Runner) -> dict:
+    params = full_params(a)
+    tps = a.batch_size * a.seq_len
+    seeds = [int(s) for s in a.seeds.split(",")]
+    lrs = [float(x) for x in a.lrs.split(",")]
+    clrs = [float(x) for x in a.coarse_lrs.split(",")]
+    budgets = [float(x) for x in a.budgets.split(",")]
+    cbudgets = [float(x) for x in a.coarse_budgets.split(",")]
+    recipes = [r for r in a.recipes.split(",") if r]
+    full, coarse = model_options(a), coarse_options(a)
+    out: dict = {"params": params, "tokens_per_step": tps, "regimes": []}
+    for tpp in [float(x) for x in a.tpp.split(",")]:
+        S = max(1, round(tpp * params / tps))
+        tag = f"t{tpp:g}"
+
+        def base(lr, b, s):
+            return (f"{tag}-s{s}-full-lr{lr:g}-x{b:g}",
+                    [*full, "--schedule", "baseline", "--seed", str(s), *rates(lr),
+                     "--steps", str(max(1, round(b * S)))])
+
+        def alone(lr, b, s):
+            return (f"{tag}-s{s}-coarse-lr{lr:g}-x{b:g}",
+                    [*coarse, "--schedule", "baseline", "--seed", str(s), *rates(lr),
+                     "--steps", str(max(1, round(b * S)))])
+
+        def recipe(name, lr, s, extra=()):
+            return (f"{tag}-s{s}-{name.replace('/', '_')}",
+                    [*full, "--schedule", "vcycle", "--seed", str(s), *rates(lr),
+                     "--steps", str(S), "--eval-every", str(a.vcycle_eval_every),
+                     *RECIPES[name], *extra])
+
+        # 1. learning rates (first seed, 1x)
+        cmid = cbudgets[len(cbudgets) // 2]
+        tune = dict([base(lr, 1.0, seeds[0]) for lr in lrs] + [alone(lr, cmid, seeds[0]) for lr in clrs])
+        got = runner.run(tune)
+        lr = min(lrs, key=lambda x: _loss(got[base(x, 1.0, seeds[0])[0]]))
+        clr = min(clrs, key=lambda x: _loss(got[alone(x, cmid, seeds[0])[0]]))
+        # seed by seed, so that a study cut short has whole seeds:
+        # 2. frontiers of both sizes and the fixed recipes
+        # 3. recipes that read the full model's frontier (--grow-when slope)
+        fixed = [r for r in recipes if "--grow-when" not in RECIPES[r]]
+        fronts = {}
+        for s in seeds:
+            grid = dict([base(lr, b, s) for b in budgets] + [alone(clr, b, s) for b in cbudgets]
+                        + [recipe(r, lr, s) for r in fixed])
+            got.update(runner.run(grid))
+            fronts[s] = {"full": [got[base(lr, b, s)[0]] for b in budgets],
+                         "coarse": [got[alone(clr, b, s)[0]] for b in cbudgets]}
+            pts = [[r["flops"], r["loss"]] for r in fronts[s]["full"] if r]
+            path = runner.root / f"{tag}-s{s}-full-frontier.json"
+            path.write_text(json.dumps({"points": pts}))
+            got.update(runner.run(dict(recipe(r, lr, s, ["--grow-frontier", str(path)])
+                                       for r in recipes if "--grow-when" in RECIPES[r])))
+        rows = []
+        for r in recipes:
+            per = {}
+            for s in seeds:
+                run = got.get(recipe(r, lr, s)[0])
+                if run is None or not all(fronts[s]["full"]):
+                    continue
+                same = saving_against([dict(steps=b["steps"], flops=b["flops"], loss=b["loss"])
+                                       for b in fronts[s]["full"]], run)
+                env = envelope_against({k: [b for b in v if b] for k, v in fronts[s].items()}, run)
+                per[s] = {"loss": run["loss"], "flops": run["flops"],
+                          "tokens_per_param": run["tokens_per_param"], "same_size": same["flops"],
+                          "same_size_extrapolated": same["flops_extrapolated"],
+                          "envelope": env["flops"], "envelope_extrapolated": env["flops_extrapolated"],
+                          "envelope_size": env["size_at_loss"],
+                          "grow_step": (run.get("grow") or {}).get("step")}
+            rows.append({"recipe": r, "seeds": per})
+        out["regimes"].append({
+            "tpp": tpp, "steps": S, "lr": lr, "coarse_lr": clr, "seeds": seeds,
+            "lr_tuning": {f"{x:g}": _loss(got[base(x, 1.0, seeds[0])[0]]) for x in lrs},
+            "coarse_lr_tuning": {f"{x:g}": _loss(got[alone(x, cmid, seeds[0])[0]]) for x in clrs},
+            "frontiers": {str(s): {k: [None if b is None else {q: b[q] for q in
+                                   ("steps", "flops", "loss", "tokens_per_param")} for b in v]
+                                   for k, v in f.items()} for s, f in fronts.items()},
+            "recipes": rows})
+    return out
+
+
+def _loss(run: dict | None) -> float:
+    return float("inf") if run is None else run["loss"]
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+def _spread(vals):
+    vs = [v for v in vals if v is not None]
+    if not vs:
+        return None
+    return statistics.median(vs), min(vs), max(vs)
+
+
+def _pct(sp, approx=False) -> str:
+    if sp is None:
+        return "-"
+    m, lo, hi = sp
+    body = f"{100 * m:+.1f}%" + (f" [{100 * lo:+.1f}, {100 * hi:+.1f}]" if lo != hi else "")
+    return body + ("~" if approx else "")
+
+
+def report(data: dict) -> str:
+    lines = [f"full model {data['params']:,} parameters, {data['tokens_per_step']} tokens/step"]
+    rows = []
+    for g in data["regimes"]:
+        lines.append(f"{g['tpp']:g} tokens/param: S = {g['steps']} steps, lr {g['lr']:g} "
+                     f"(tried {g['lr_tuning']}), coarse alone lr {g['coarse_lr']:g} "
+                     f"(tried {g['coarse_lr_tuning']})")
+        for s, f in g["frontiers"].items():
+            for size, pts in f.items():
+                lines.append(f"  seed {s} {size:6s} " + ", ".join(
+                    "-" if b is None else f"{b['steps']} st {b['flops']:.3e} -> {b['loss']:.4f} "
+                    f"({b['tokens_per_param']:.0f} t/p)" for b in pts))
+        for r in g["recipes"]:
+            per = r["seeds"].values()
+            if not per:
+                rows.append((f"{g['tpp']:g}", r["recipe"], "0", "-", "-", "-", "-", "-", "-"))
+                continue
+            loss = _spread([p["loss"] for p in per])
+            rows.append((f"{g['tpp']:g}", r["recipe"], str(len(per)),
+                         f"{statistics.median(p['tokens_per_param'] for p in per):.1f}",
+                         f"{loss[0]:.4f}" + (f" [{loss[1]:.4f}, {loss[2]:.4f}]" if loss[1] != loss[2] else ""),
+                         f"{statistics.median(p['flops'] for p in per):.3e}",
+                         _pct(_spread([p["same_size"] for p in per]),
+                              any(p["same_size_extrapolated"] for p in per)),
+                         _pct(_spread([p["envelope"] for p in per]),
+                              any(p["envelope_extrapolated"] for p in per)),
+                         "/".join(sorted({str(p["envelope_size"]) for p in per}))))
+    head = ("t/p (1x)", "recipe", "seeds", "t/p run", "final val loss", "FLOPs",
+            "same-size saving", "envelope saving", "envelope size")
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+    grid = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in [head, *rows]]
+    grid.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines + ["", "effective FLOPs saving, median [min, max] over seeds "
+                              "(~ = extrapolated for some seed):"] + grid)
+
+
+def plot(data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    names = sorted({r["recipe"] for g in data["regimes"] for r in g["recipes"]})
+    for name in names:
+        for ax, key in zip(axes, ("same_size", "envelope")):
+            xs, ys, lo, hi = [], [], [], []
+            for g in data["regimes"]:
+                for r in g["recipes"]:
+                    sp = _spread([p[key] for p in r["seeds"].values()]) if r["recipe"] == name else None
+                    if sp:
+                        xs.append(g["tpp"])
+                        ys.append(100 * sp[0])
+                        lo.append(100 * (sp[0] - sp[1]))
+                        hi.append(100 * (sp[2] - sp[0]))
+            if xs:
+                ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o-", capsize=3, label=name)
+    for ax, title in zip(axes, ("against the same-size frontier", "against the envelope")):
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel("tokens per parameter of the full model (1x baseline)")
+        ax.set_title(f"effective FLOPs saving {title}")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel("saving, % (median, range over seeds)")
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="runs/regime", help="study directory (finished runs are reused)")
+    p.add_argument("--tpp", default="25", help="tokens per parameter of the 1x baseline, comma-separated")
+    p.add_argument("--seeds", default="1337,4242,7")
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--n-embd", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lrs", default="0.006", help="full-model peak lrs tried at 1x (min_lr lr/10)")
+    p.add_argument("--coarse-lrs", default="0.012", help="coarse-alone peak lrs tried")
+    p.add_argument("--budgets", default="0.67,1,1.5", help="full-model budgets, x S")
+    p.add_argument("--coarse-budgets", default="1,3", help="coarse-alone budgets, x S")
+    p.add_argument("--recipes", default="defaults,f.02/.08/.90,f.05/.20/.75,slope",
+                   help=f"comma-separated, of {', '.join(RECIPES)}")
+    p.add_argument("--vcycle-eval-every", type=int, default=50)
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="threads per run")
+    p.add_argument("--report-only", action="store_true",
+                   help="start no run: the table and plot of the runs finished so far")
+    p.add_argument("extra", nargs="*", help="options for every run (after --)")
+    a = p.parse_args(argv)
+    unknown = [r for r in a.recipes.split(",") if r and r not in RECIPES]
+    if unknown:
+        p.error(f"unknown recipes {unknown}; known: {', '.join(RECIPES)}")
+    common = ["--seq-len", str(a.seq_len), "--batch-size", str(a.batch_size), "--ckpt-every", "0",
+              "--eval-every", "250", *a.extra]
+    runner = Runner(Path(a.out), a.jobs, a.threads, common, dry=a.report_only)
+    data = study(a, runner)
+    runner.root.mkdir(parents=True, exist_ok=True)
+    (runner.root / "regime.json").write_text(json.dumps(data, indent=1))
+    plot(data, runner.root / "regime.png")
+    print(report(data))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
