@@ -202,8 +202,12 @@ class DepthPass(Pass):
             if not src or not dst:
                 raise PlanError(f"chain {cm.container}: the mapping has no blocks on one side")
             identity = (plan.depth_init or cm.depth_init) == "identity"
-            if (plan.direction == DECOALESCE and identity and not cm.zero_set(0)
-                    and not is_application(src[0])):
+            if plan.direction == DECOALESCE and identity and is_application(src[0]):
+                raise PlanError(
+                    f"depth_init='identity' on chain {cm.container}: its blocks are applications "
+                    "of one module with shared weights, so zeroing the last write of a new "
+                    "application would zero it in every application; use depth_init='copy'")
+            if plan.direction == DECOALESCE and identity and not cm.zero_set(0):
                 raise PlanError(
                     f"depth_init='identity' on chain {cm.container}: its blocks are not residual "
                     "(or the mapping predates identity support), so no tensor can be zeroed to "

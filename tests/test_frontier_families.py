@@ -202,6 +202,10 @@ def test_frontier_family_width_depth_identity_and_round_trip_are_exact_and_bound
     else:
         with pytest.raises(vf.PlanError, match=fam.identity):
             vf.decoalesce(level, depth=2.0, depth_init="identity")
+        if "shared" in fam.identity:  # through a mapping too (it used to copy silently)
+            shallow, m = vf.coalesce(level, depth=fam.depth, check=False)
+            with pytest.raises(vf.PlanError, match=fam.identity):
+                vf.decoalesce(shallow, mapping=m, depth_init="identity")
 
 
 @pytest.mark.parametrize("name", [c for c in KIND_CASES if c.id != "mamba2"] + [

@@ -244,7 +244,8 @@ def _pin_merged_replicas(ctx: Context) -> None:
     groups before it: keep it. Replication used directly elementwise (a mask expanded to the
     hidden size) is an ordinary axis of its space, and so is one with no group before it
     (multi-query attention: one key/value head that every query head reads, so the query heads
-    resize like any heads)."""
+    resize like any heads) where an ``expand`` made it (Mamba2's ``repeat_interleave`` of its
+    groups keeps its counts)."""
     grouped: set[int] = set()
     for r in ctx.table.roots():
         if r.kind == PROD:
@@ -253,7 +254,8 @@ def _pin_merged_replicas(ctx: Context) -> None:
                 if any(not _is_one(x.size) for x in kids[:i]):
                     grouped.add(c.id)
     for d, node in ctx.replicas:
-        if ctx.table.find(d).id in grouped:
+        # only an expand's sizes are rewritten with its space; a repeat's counts are not
+        if ctx.table.find(d).id in grouped or node.target is not torch.ops.aten.expand.default:
             ctx.pin(d, f"replication factor made at {_where(node)}: copies per group are kept "
                        "(query heads stay with their key/value head)")
 
