@@ -68,6 +68,7 @@ def test_grow_when_slope_needs_a_frontier_and_a_frontier_file_is_checked(tmp_pat
         load_frontier(bad)
 
 
+@pytest.mark.slow  # a whole driver run with evaluations: about 60 s on the 2-core machine
 def test_the_driver_grows_early_and_gives_the_steps_left_to_the_way_up(tmp_path):
     from vcyclefx.driver.train import main
 
