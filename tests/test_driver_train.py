@@ -88,7 +88,7 @@ def test_vcyclefx_train_command_reports_bad_data_as_an_error(tmp_path, capsys):
 
 def test_compare_runs_both_schedules_on_the_same_data_and_reports_the_saving(tmp_path):
     cfg = tiny(tmp_path, schedule="compare", steps=80, eval_every=10, log_every=2,
-               frontier_budgets=(1.0, 1.5))
+               frontier_budgets=(1.0, 1.5), coarse_budgets=())  # the envelope: the test below
     summary = main(cfg)
     out = Path(cfg.out)
     recs = rows(out)
