@@ -426,7 +426,7 @@ def split_child(src: str, out: str) -> dict:
 
     from vcyclefx import api
     from vcyclefx.capture.recipe import recipe_of
-    from vcyclefx.cli import _level_summary
+    from vcyclefx.export.leveldir import level_summary
     from vcyclefx.export.leveldir import save_level
     from vcyclefx.export.record import Recorder
     from vcyclefx.export.shards import DEFAULT_MAX_SHARD
@@ -439,7 +439,7 @@ def split_child(src: str, out: str) -> dict:
         small, mapping = api.coalesce(source.level, width=0.5, depth=0.5, check=False)
     t = mark("analysis + passes (on meta tensors, recorded)", t)
     materialize_extras(small, rec, source.reader.get)
-    save_level(small, out, mapping, extra=_level_summary(small, mapping),
+    save_level(small, out, mapping, extra=level_summary(small, mapping),
                weights=stream_weights(small, rec, source.reader, DEFAULT_MAX_SHARD))
     mark("writing the level directory (weights streamed)", t)
     steps["total"] = time.perf_counter() - t0

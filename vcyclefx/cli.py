@@ -36,18 +36,6 @@ def _progress(msg: str) -> None:
     print(f"vcyclefx: {msg}", file=sys.stderr, flush=True)
 
 
-def _level_summary(level, mapping) -> dict:
-    from vcyclefx.analysis.analyze import analyze
-
-    a = analyze(level)
-    return {
-        "spaces": [{"key": s.key, "units": s.size, "unit": s.unit, "resizable": s.resizable}
-                   for s in a.spaces if s.resizable],
-        "chains": [{"container": c.container, "blocks": len(c)} for c in a.chains],
-        "mapping": mapping.summary().splitlines() if mapping is not None else [],
-    }
-
-
 def _check_output(args) -> None:
     """Refuse an existing, non-empty output directory before doing any work."""
     from pathlib import Path
@@ -67,7 +55,7 @@ def _check_arg(parser, what: str) -> None:
 def _cmd_coalesce(args) -> int:
     from vcyclefx import api
     from vcyclefx.export import stream_cmd
-    from vcyclefx.export.leveldir import save_level
+    from vcyclefx.export.leveldir import level_summary, save_level
     from vcyclefx.capture.specs import model_from_spec
 
     _check_output(args)
@@ -82,7 +70,7 @@ def _cmd_coalesce(args) -> int:
             "pairing": args.pairing, "depth_pairing": args.depth_pairing}
     also = _writer(small, args, made, lambda: _nearest(api.coalesce, found, args))
     save_level(small, args.output, mapping, overwrite=args.force, also=also,
-               extra={**made, **_level_summary(small, mapping)})
+               extra={**made, **level_summary(small, mapping)})
     print(mapping.summary())
     _progress(f"wrote {args.output}")
     return 0
@@ -93,7 +81,7 @@ def _cmd_decoalesce(args) -> int:
 
     from vcyclefx import api
     from vcyclefx.export import stream_cmd
-    from vcyclefx.export.leveldir import load_level, save_level
+    from vcyclefx.export.leveldir import level_summary, load_level, save_level
     from vcyclefx.capture.specs import model_from_spec
 
     _check_output(args)
@@ -123,7 +111,7 @@ def _cmd_decoalesce(args) -> int:
     if mapping is None or args.width is not None or args.depth is not None:
         nearest = lambda: _nearest(api.decoalesce, found if mapping is None else level, args)  # noqa: E731
     save_level(big, args.output, used, overwrite=args.force, also=_writer(big, args, made, nearest),
-               extra={**made, **_level_summary(big, used)})
+               extra={**made, **level_summary(big, used)})
     _progress(f"wrote {args.output}")
     return 0
 

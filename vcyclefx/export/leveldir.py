@@ -43,6 +43,20 @@ FORMAT = "vcyclefx.level"
 VERSION = 1
 
 
+def level_summary(level, mapping) -> dict:
+    """What ``level.json`` says of a level made by a transform: its resizable spaces, its
+    chains and the mapping's summary lines."""
+    from vcyclefx.analysis.analyze import analyze
+
+    a = analyze(level)
+    return {
+        "spaces": [{"key": s.key, "units": s.size, "unit": s.unit, "resizable": s.resizable}
+                   for s in a.spaces if s.resizable],
+        "chains": [{"container": c.container, "blocks": len(c)} for c in a.chains],
+        "mapping": mapping.summary().splitlines() if mapping is not None else [],
+    }
+
+
 def save_level(level, directory, mapping: Mapping | None = None, *, overwrite: bool = False,
                extra: dict | None = None, also=None, weights=None) -> Path:
     """Write ``level`` as a level directory, atomically; ``also(tmp_dir)`` adds files (the

@@ -83,7 +83,7 @@ def _check_hf(level, args) -> None:
 
 
 def _save(level, mapping, src_dirs, args, recorder, reader, extra, produce=None) -> None:
-    from vcyclefx.cli import _level_summary
+    from vcyclefx.export.leveldir import level_summary
     from vcyclefx.export.leveldir import save_level
 
     from vcyclefx.export.stream import materialize_extras
@@ -91,7 +91,7 @@ def _save(level, mapping, src_dirs, args, recorder, reader, extra, produce=None)
     _check_hf(level, args)
     materialize_extras(level, recorder, reader.get)
     card = {"source_dir": src_dirs[0], **extra}
-    summary = _level_summary(level, mapping) if extra.get("made_by") != "interpolate" else {}
+    summary = level_summary(level, mapping) if extra.get("made_by") != "interpolate" else {}
     save_level(level, args.output, mapping, overwrite=args.force, also=_after(args, card),
                extra={**extra, **summary},
                weights=stream_weights(level, recorder, reader, args.max_shard_size, produce))
