@@ -97,9 +97,10 @@ class Frontier:
         return Estimate(l0 + t * (l1 - l0), not inside)
 
 
-def effective_saving(cost: float, loss: float, frontier: Frontier,
+def effective_saving(cost: float, loss: float, frontier: "Frontier | Envelope",
                      extrapolate: bool = False) -> Estimate | None:
-    """``1 - cost / C_frontier(loss)`` (None outside the bracket unless ``extrapolate``)."""
+    """``1 - cost / C_frontier(loss)`` (None outside the bracket unless ``extrapolate``); a
+    frontier or an envelope (anything with ``cost_at``)."""
     need = frontier.cost_at(loss, extrapolate)
     if need is None:
         return None
@@ -152,10 +153,7 @@ class Envelope:
 def envelope_saving(cost: float, loss: float, envelope: Envelope,
                     extrapolate: bool = False) -> Estimate | None:
     """``1 - cost / C_envelope(loss)`` (None where no size is measured unless ``extrapolate``)."""
-    need = envelope.cost_at(loss, extrapolate)
-    if need is None:
-        return None
-    return Estimate(1.0 - cost / need.value, need.extrapolated)
+    return effective_saving(cost, loss, envelope, extrapolate)
 
 
 def saving_against(baselines: list[dict], schedule: dict, seconds_per_step: float | None = None,
