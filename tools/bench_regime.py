@@ -52,7 +52,26 @@ RECIPES: dict[str, list[str]] = {
     # (cap: 45% of the steps at the coarse level)
     "slope": ["--fractions", "0.02,0.45,0.53", "--grow-when", "slope"],
     "slope-cap20": ["--fractions", "0.02,0.20,0.78", "--grow-when", "slope"],
+    # levers (issue 26, item 3): a shorter coarse phase (G_stack spends 1-3% small), smaller
+    # growth factors (width only, depth only), a re-warm-up of the learning rate at growth
+    "f.01/.04/.95": ["--fractions", "0.01,0.04,0.95"],
+    "width-only": ["--depth", "1", "--fractions", "0.02,0.08,0.90"],
+    "depth-only": ["--width", "1", "--fractions", "0.02,0.08,0.90"],
+    "rewarm": ["--fractions", "0.02,0.08,0.90", "--stage-warmup", "25"],
 }
+
+# the two reuse cases (issue 26, item 2), each a V-cycle whose stages have their own warm-up and
+# full cosine (``--lr-schedule stage``), so that the model handed over is a trained, decayed one:
+#   reuse-grow:   1 step at full size, the coarse level for COARSE_X x S steps (a trained small
+#                 model), identity growth, the full size for S steps; scored on the full model's
+#                 frontier, with the small model's FLOPs counted and not counted;
+#   reuse-shrink: the full size for S steps (a trained full model), coalesced, the coarse level
+#                 for S steps, 1 step back at full size (unused); scored at the end of the coarse
+#                 stage on the coarse architecture's frontier, with the full model's FLOPs counted
+#                 and not counted.
+REUSE = ("reuse-grow", "reuse-shrink")
+REUSE_OPTIONS = ["--lr-schedule", "stage", "--stage-warmup", "50"]
+COARSE_X = 3.0
 
 
 def model_options(a) -> list[str]:
@@ -82,7 +101,14 @@ def result(out: Path) -> dict:
     end = next(r for r in records if r["event"] == "end")
     stages = [r for r in records if r["event"] == "stage"]
     params0 = next((s["params"] for s in stages if s["level"] == 0), stages[0]["params"])
+    evals = [r for r in records if r["event"] == "eval"]
+    bounds = [{"stage": s["stage"], "level": s["level"], "flops_start": s["flops"],
+               "flops_end": (stages[i + 1]["flops"] if i + 1 < len(stages) else end["flops"]),
+               "val_loss_end": next((e["val_loss"] for e in reversed(evals)
+                                     if e["stage"] == s["stage"]), None)}
+              for i, s in enumerate(stages)]
     return {"loss": end["val_loss"], "flops": end["flops"], "steps": end["step"],
+            "stage_ends": bounds,
             "tokens": end["tokens"], "params": params0, "wall": end["wall"],
             "tokens_per_param": end["tokens"] / params0,
             "stages": [{k: s.get(k) for k in ("level", "phase", "step", "steps", "params")}
@@ -179,6 +205,16 @@ def study(a, runner: Runner) -> dict:
                      "--steps", str(S), "--eval-every", str(a.vcycle_eval_every),
                      *RECIPES[name], *extra])
 
+        def reuse(name, lr, s):
+            handed = max(1, round(COARSE_X * S)) if name == "reuse-grow" else S
+            steps = [1, handed, S] if name == "reuse-grow" else [S, S, 1]
+            total = sum(steps)
+            return (f"{tag}-s{s}-{name}",
+                    [*full, "--schedule", "vcycle", "--seed", str(s), *rates(lr), "--steps", str(S),
+                     "--vcycle-steps", str(total),
+                     "--fractions", ",".join(f"{x / total:.12g}" for x in steps),
+                     "--eval-every", str(a.vcycle_eval_every), *REUSE_OPTIONS])
+
         # 1. learning rates (first seed, 1x)
         cmid = cbudgets[len(cbudgets) // 2]
         tune = dict([base(lr, 1.0, seeds[0]) for lr in lrs] + [alone(lr, cmid, seeds[0]) for lr in clrs])
@@ -188,11 +224,12 @@ def study(a, runner: Runner) -> dict:
         # seed by seed, so that a study cut short has whole seeds:
         # 2. frontiers of both sizes and the fixed recipes
         # 3. recipes that read the full model's frontier (--grow-when slope)
-        fixed = [r for r in recipes if "--grow-when" not in RECIPES[r]]
+        fixed = [r for r in recipes if "--grow-when" not in RECIPES.get(r, [])]
         fronts = {}
         for s in seeds:
             grid = dict([base(lr, b, s) for b in budgets] + [alone(clr, b, s) for b in cbudgets]
-                        + [recipe(r, lr, s) for r in fixed])
+                        + [recipe(r, lr, s) for r in fixed if r not in REUSE]
+                        + [reuse(r, lr, s) for r in fixed if r in REUSE])
             got.update(runner.run(grid))
             fronts[s] = {"full": [got[base(lr, b, s)[0]] for b in budgets],
                          "coarse": [got[alone(clr, b, s)[0]] for b in cbudgets]}
@@ -200,24 +237,28 @@ def study(a, runner: Runner) -> dict:
             path = runner.root / f"{tag}-s{s}-full-frontier.json"
             path.write_text(json.dumps({"points": pts}))
             got.update(runner.run(dict(recipe(r, lr, s, ["--grow-frontier", str(path)])
-                                       for r in recipes if "--grow-when" in RECIPES[r])))
+                                       for r in recipes if "--grow-when" in RECIPES.get(r, []))))
         rows = []
         for r in recipes:
-            per = {}
-            for s in seeds:
-                run = got.get(recipe(r, lr, s)[0])
-                if run is None or not all(fronts[s]["full"]):
-                    continue
-                same = saving_against([dict(steps=b["steps"], flops=b["flops"], loss=b["loss"])
-                                       for b in fronts[s]["full"]], run)
-                env = envelope_against({k: [b for b in v if b] for k, v in fronts[s].items()}, run)
-                per[s] = {"loss": run["loss"], "flops": run["flops"],
-                          "tokens_per_param": run["tokens_per_param"], "same_size": same["flops"],
-                          "same_size_extrapolated": same["flops_extrapolated"],
-                          "envelope": env["flops"], "envelope_extrapolated": env["flops_extrapolated"],
-                          "envelope_size": env["size_at_loss"],
-                          "grow_step": (run.get("grow") or {}).get("step")}
-            rows.append({"recipe": r, "seeds": per})
+            for counted in ((True, False) if r in REUSE else (True,)):
+                per = {}
+                for s in seeds:
+                    run = got.get((reuse if r in REUSE else recipe)(r, lr, s)[0])
+                    if run is None or not all(fronts[s]["full"]) or not all(fronts[s]["coarse"]):
+                        continue
+                    own, point = scored(r, run, counted)
+                    same = saving_against([dict(steps=b["steps"], flops=b["flops"], loss=b["loss"])
+                                           for b in fronts[s][own]], point)
+                    env = envelope_against({k: list(v) for k, v in fronts[s].items()}, point)
+                    per[s] = {"loss": point["loss"], "flops": point["flops"],
+                              "tokens_per_param": run["tokens_per_param"], "same_size": same["flops"],
+                              "same_size_extrapolated": same["flops_extrapolated"],
+                              "envelope": env["flops"],
+                              "envelope_extrapolated": env["flops_extrapolated"],
+                              "envelope_size": env["size_at_loss"],
+                              "grow_step": (run.get("grow") or {}).get("step")}
+                rows.append({"recipe": r if counted else f"{r} (handed-over model free)",
+                             "seeds": per})
         out["regimes"].append({
             "tpp": tpp, "steps": S, "lr": lr, "coarse_lr": clr, "seeds": seeds,
             "lr_tuning": {f"{x:g}": _loss(got[base(x, 1.0, seeds[0])[0]]) for x in lrs},
@@ -227,6 +268,22 @@ def study(a, runner: Runner) -> dict:
                                    for k, v in f.items()} for s, f in fronts.items()},
             "recipes": rows})
     return out
+
+
+def scored(name: str, run: dict, counted: bool = True) -> tuple[str, dict]:
+    """Which frontier a run is scored on ("full" or "coarse") and its point (``flops``,
+    ``loss``). A recipe: the run's end, on the full model's frontier. ``reuse-grow``: the end,
+    on the full frontier; not ``counted``, without the FLOPs of the stages before growth (the
+    trained small model is given). ``reuse-shrink``: the end of the coarse stage, on the coarse
+    architecture's frontier; not ``counted``, without the full model's stage (it is given)."""
+    if name not in REUSE:
+        return "full", {"flops": run["flops"], "loss": run["loss"]}
+    st = run["stage_ends"]
+    if name == "reuse-grow":
+        return "full", {"loss": run["loss"],
+                        "flops": run["flops"] - (0 if counted else st[2]["flops_start"])}
+    return "coarse", {"loss": st[1]["val_loss_end"],
+                      "flops": st[1]["flops_end"] - (0 if counted else st[1]["flops_start"])}
 
 
 def _loss(run: dict | None) -> float:
@@ -337,7 +394,7 @@ def main(argv=None) -> int:
     p.add_argument("--budgets", default="0.67,1,1.5", help="full-model budgets, x S")
     p.add_argument("--coarse-budgets", default="1,3", help="coarse-alone budgets, x S")
     p.add_argument("--recipes", default="defaults,f.02/.08/.90,f.05/.20/.75,slope",
-                   help=f"comma-separated, of {', '.join(RECIPES)}")
+                   help=f"comma-separated, of {', '.join([*RECIPES, *REUSE])}")
     p.add_argument("--vcycle-eval-every", type=int, default=50)
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="threads per run")
@@ -345,7 +402,7 @@ def main(argv=None) -> int:
                    help="start no run: the table and plot of the runs finished so far")
     p.add_argument("extra", nargs="*", help="options for every run (after --)")
     a = p.parse_args(argv)
-    unknown = [r for r in a.recipes.split(",") if r and r not in RECIPES]
+    unknown = [r for r in a.recipes.split(",") if r and r not in RECIPES and r not in REUSE]
     if unknown:
         p.error(f"unknown recipes {unknown}; known: {', '.join(RECIPES)}")
     common = ["--seq-len", str(a.seq_len), "--batch-size", str(a.batch_size), "--ckpt-every", "0",
