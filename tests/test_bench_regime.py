@@ -1,0 +1,51 @@
+"""tools/bench_regime.py's scoring of the reuse cases: which frontier a run is scored on and which
+FLOPs count (known answers on synthetic run records)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tools import bench_regime
+from vcyclefx.driver.saving import envelope_against, saving_against
+
+
+def _run(stage_flops, stage_losses, end_loss):
+    """A run record as ``bench_regime.result`` keeps it: stage i spans stage_flops[i] FLOPs."""
+    ends, at = [], 0.0
+    for i, (f, l) in enumerate(zip(stage_flops, stage_losses)):
+        ends.append({"stage": i, "level": [0, 1, 0][i], "flops_start": at, "flops_end": at + f,
+                     "val_loss_end": l})
+        at += f
+    return {"flops": at, "loss": end_loss, "stage_ends": ends, "tokens_per_param": 1.0}
+
+
+def test_reuse_grow_is_scored_on_the_full_frontier_with_and_without_the_small_models_flops():
+    run = _run([1.0, 30.0, 100.0], [5.0, 2.5, 2.0], end_loss=2.0)
+    assert bench_regime.scored("reuse-grow", run) == ("full", {"loss": 2.0, "flops": 131.0})
+    assert bench_regime.scored("reuse-grow", run, counted=False) == ("full", {"loss": 2.0, "flops": 100.0})
+    # a full frontier through (100, 2.2) and (200, 2.0): the grown model reaches 2.0 for 100
+    # FLOPs of its own: 50% saved when the small model is given, 34.5% when it is counted
+    full = [dict(steps=1, flops=100.0, loss=2.2), dict(steps=2, flops=200.0, loss=2.0)]
+    _, free = bench_regime.scored("reuse-grow", run, counted=False)
+    assert saving_against(full, free)["flops"] == pytest.approx(0.5)
+    _, paid = bench_regime.scored("reuse-grow", run)
+    assert saving_against(full, paid)["flops"] == pytest.approx(1 - 131 / 200)
+
+
+def test_reuse_shrink_is_scored_at_the_end_of_the_coarse_stage_on_the_coarse_frontier():
+    run = _run([100.0, 20.0, 1.0], [2.0, 2.4, 2.3], end_loss=2.3)
+    own, paid = bench_regime.scored("reuse-shrink", run)
+    assert (own, paid) == ("coarse", {"loss": 2.4, "flops": 120.0})
+    assert bench_regime.scored("reuse-shrink", run, counted=False)[1] == {"loss": 2.4, "flops": 20.0}
+    # the coarse architecture alone reaches 2.4 for 40 FLOPs: the handed-over full model saves
+    # half of it, and costs 3x more when its own training is counted
+    sizes = {"full": [dict(flops=100.0, loss=2.0), dict(flops=200.0, loss=1.9)],
+             "coarse": [dict(flops=20.0, loss=2.6), dict(flops=40.0, loss=2.4), dict(flops=80.0, loss=2.3)]}
+    assert envelope_against(sizes, {"flops": 20.0, "loss": 2.4})["flops"] == pytest.approx(0.5)
+    assert envelope_against(sizes, paid)["flops"] == pytest.approx(1 - 120 / 40)
+
+
+def test_a_plain_recipe_is_scored_at_its_end_on_the_full_frontier():
+    run = _run([5.0, 50.0, 5.0], [3.0, 2.5, 2.2], end_loss=2.2)
+    assert bench_regime.scored("f.02/.08/.90", run) == ("full", {"loss": 2.2, "flops": 60.0})
+    assert bench_regime.scored("f.02/.08/.90", run, counted=False) == ("full", {"loss": 2.2, "flops": 60.0})
