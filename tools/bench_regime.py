@@ -5,9 +5,11 @@ For every ``--tpp`` (tokens per parameter of the full model's 1x baseline) and s
 ``tools/train.py`` (this checkout's driver) as subprocesses, at most ``--jobs`` at a time, one
 thread each (``OMP_NUM_THREADS=--threads``):
 
-1. the full model's baseline at 1x for every ``--lrs`` and the coarse level's architecture
-   alone at its 1x for every ``--coarse-lrs`` (first seed only): the lowest final loss wins;
-2. the full model at every ``--budgets`` multiple of the regime's steps S, the coarse
+1. on the first seed, the full model at every ``--budgets`` multiple of the regime's steps S
+   for every ``--lrs``, and the coarse level's architecture alone at every ``--coarse-budgets``
+   multiple for every ``--coarse-lrs``: each budget keeps its own best lr (the recipes run at
+   the full model's 1x lr);
+2. the full model at every ``--budgets`` multiple of S, the coarse
    architecture alone at every ``--coarse-budgets`` multiple (its steps are cheaper), and every
    fixed recipe in ``--recipes`` (``--steps S``, the driver's V-cycle options of the recipe);
 3. recipes that read the full model's frontier (``--grow-when slope``), from step 2's baselines.
@@ -217,22 +219,28 @@ def study(a, runner: Runner) -> dict:
 
         # 1. learning rates (first seed, 1x)
         cmid = cbudgets[len(cbudgets) // 2]
-        tune = dict([base(lr, 1.0, seeds[0]) for lr in lrs] + [alone(lr, cmid, seeds[0]) for lr in clrs])
+        # every budget of both sizes at every lr on the first seed: each budget of a frontier
+        # gets its own best lr (a frontier tuned at 1x only is under-tuned at the other
+        # budgets); the recipes run at the full model's 1x lr
+        tune = dict([base(x, b, seeds[0]) for x in lrs for b in budgets]
+                    + [alone(x, b, seeds[0]) for x in clrs for b in cbudgets])
         got = runner.run(tune)
-        lr = min(lrs, key=lambda x: _loss(got[base(x, 1.0, seeds[0])[0]]))
-        clr = min(clrs, key=lambda x: _loss(got[alone(x, cmid, seeds[0])[0]]))
+        blr = {b: min(lrs, key=lambda x: _loss(got[base(x, b, seeds[0])[0]])) for b in budgets}
+        cblr = {b: min(clrs, key=lambda x: _loss(got[alone(x, b, seeds[0])[0]])) for b in cbudgets}
+        lr = blr.get(1.0, blr[budgets[len(budgets) // 2]])
+        clr = cblr[cmid]
         # seed by seed, so that a study cut short has whole seeds:
         # 2. frontiers of both sizes and the fixed recipes
         # 3. recipes that read the full model's frontier (--grow-when slope)
         fixed = [r for r in recipes if "--grow-when" not in RECIPES.get(r, [])]
         fronts = {}
         for s in seeds:
-            grid = dict([base(lr, b, s) for b in budgets] + [alone(clr, b, s) for b in cbudgets]
+            grid = dict([base(blr[b], b, s) for b in budgets] + [alone(cblr[b], b, s) for b in cbudgets]
                         + [recipe(r, lr, s) for r in fixed if r not in REUSE]
                         + [reuse(r, lr, s) for r in fixed if r in REUSE])
             got.update(runner.run(grid))
-            fronts[s] = {"full": [got[base(lr, b, s)[0]] for b in budgets],
-                         "coarse": [got[alone(clr, b, s)[0]] for b in cbudgets]}
+            fronts[s] = {"full": [got[base(blr[b], b, s)[0]] for b in budgets],
+                         "coarse": [got[alone(cblr[b], b, s)[0]] for b in cbudgets]}
             pts = [[r["flops"], r["loss"]] for r in fronts[s]["full"] if r]
             path = runner.root / f"{tag}-s{s}-full-frontier.json"
             path.write_text(json.dumps({"points": pts}))
@@ -263,6 +271,12 @@ def study(a, runner: Runner) -> dict:
             "tpp": tpp, "steps": S, "lr": lr, "coarse_lr": clr, "seeds": seeds,
             "lr_tuning": {f"{x:g}": _loss(got[base(x, 1.0, seeds[0])[0]]) for x in lrs},
             "coarse_lr_tuning": {f"{x:g}": _loss(got[alone(x, cmid, seeds[0])[0]]) for x in clrs},
+            "budget_lrs": {f"{b:g}": blr[b] for b in budgets},
+            "coarse_budget_lrs": {f"{b:g}": cblr[b] for b in cbudgets},
+            "budget_lr_tuning": {f"{b:g}": {f"{x:g}": _loss(got[base(x, b, seeds[0])[0]]) for x in lrs}
+                                 for b in budgets},
+            "coarse_budget_lr_tuning": {f"{b:g}": {f"{x:g}": _loss(got[alone(x, b, seeds[0])[0]])
+                                                   for x in clrs} for b in cbudgets},
             "frontiers": {str(s): {k: [None if b is None else {q: b[q] for q in
                                    ("steps", "flops", "loss", "tokens_per_param")} for b in v]
                                    for k, v in f.items()} for s, f in fronts.items()},
@@ -315,6 +329,9 @@ def report(data: dict) -> str:
         lines.append(f"{g['tpp']:g} tokens/param: S = {g['steps']} steps, lr {g['lr']:g} "
                      f"(tried {g['lr_tuning']}), coarse alone lr {g['coarse_lr']:g} "
                      f"(tried {g['coarse_lr_tuning']})")
+        if "budget_lrs" in g:
+            lines.append(f"  lr per budget (seed {g['seeds'][0]}): full {g['budget_lr_tuning']}, "
+                         f"coarse alone {g['coarse_budget_lr_tuning']}")
         for s, f in g["frontiers"].items():
             for size, pts in f.items():
                 lines.append(f"  seed {s} {size:6s} " + ", ".join(
