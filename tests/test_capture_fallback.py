@@ -22,6 +22,7 @@ def _state_equal(a: dict, b: dict) -> bool:
 # -- ONNX: a reshape of a transposed attention output in a windowed (block/grid) attention model --
 
 
+@pytest.mark.slow  # 25-30 s on 2 cores; the fallback's capture tests below run by default
 def test_coalesced_maxvit_window_attention_exports_to_onnx_and_matches_torch(tmp_path):
     # the exporter decomposed `reshape` of the (64*B, 4, 2, 8) transposed attention output into
     # a `view` under the symbolic batch ("Cannot view a tensor with shape ..."); one stage of

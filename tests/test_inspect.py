@@ -25,7 +25,8 @@ def _comparable(report: Report | dict) -> str:
     return json.dumps(d, sort_keys=True, default=str)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "bert", "llama"])
+@pytest.mark.parametrize("name", ["gpt2", pytest.param("bert", marks=pytest.mark.slow),
+                                  pytest.param("llama", marks=pytest.mark.slow)])
 def test_inspect_reports_the_graph_that_coalesce_rewrites(name):
     model, x = getattr(zoo, name)()
     level = vf.capture(model, x)

@@ -20,7 +20,7 @@ def _round_trip(ep):
     return torch.export.load(io.BytesIO(buf.getvalue())).module()
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama"])
+@pytest.mark.parametrize("name", ["gpt2", pytest.param("llama", marks=pytest.mark.slow)])
 def test_the_lifted_program_equals_the_level_at_other_sizes(name):
     model, x = getattr(zoo, name)()
     small, _ = vf.coalesce(model, x, width=0.5, depth=0.5)

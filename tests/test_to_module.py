@@ -57,8 +57,9 @@ def _same_function(module, level, x) -> float:
         return rel_error(output_tensor(module(*x)), output_tensor(level(*x)))
 
 
-@pytest.mark.parametrize("direction", ["coalesce", "decoalesce"])
-@pytest.mark.parametrize("name", list(HF_CASES))
+@pytest.mark.parametrize("name,direction", [
+    pytest.param(n, d, id=f"{n}-{d}", marks=pytest.mark.slow if (n, d) == ("qwen2", "decoalesce") else ())
+    for n in HF_CASES for d in ("coalesce", "decoalesce")])
 def test_hugging_face_levels_come_back_as_their_class_with_the_config_sizes(name, direction,
                                                                              tmp_path):
     build, down, up = HF_CASES[name]
@@ -140,7 +141,7 @@ def _explicit_head_dim(name):
     return T.GemmaForCausalLM(T.GemmaConfig(**sizes)), (zoo._tokens(128),)
 
 
-@pytest.mark.parametrize("name", ["qwen3", "gemma"])
+@pytest.mark.parametrize("name", ["qwen3", pytest.param("gemma", marks=pytest.mark.slow)])
 def test_a_grouped_query_lm_with_an_explicit_head_dim_comes_back_or_is_refused_leaving_torch_state(
         name):
     # Qwen3's config validates layer_types against num_hidden_layers, so some meta builds of the
@@ -265,6 +266,7 @@ def test_factory_models_with_keyword_overrides_round_trip_through_their_factory(
     assert _same_function(mine, level, found.example) <= 1e-6
 
 
+@pytest.mark.slow  # the Trainer's V-cycle is tests/test_integrations_hf.py's, by default
 def test_a_vcycle_trained_stage_by_stage_with_the_hugging_face_trainer_ends_in_a_loadable_model(
         tmp_path):
     from transformers import GPT2LMHeadModel, Trainer, TrainingArguments

@@ -83,7 +83,7 @@ def _family(name):
 
 # one family of each kind runs by default (grouped-query head_dim, multi-query heads, a parallel
 # block with constant scales); the rest with -m slow
-DEFAULT = {("olmo", "coalesce"), ("gpt-bigcode", "decoalesce"), ("cohere", "decoalesce")}
+DEFAULT = {("olmo", "coalesce"), ("gpt-bigcode", "decoalesce")}
 FAMILIES = ["olmo", "granite", "cohere", "starcoder2", "gpt-bigcode", "falcon", "llama-mqa",
             "gpt-neox", "gptj"]
 

@@ -50,7 +50,8 @@ def plain_loop(model, steps, lr, example, seed):
     return float(loss.detach())
 
 
-@pytest.mark.parametrize("name,levels", [("gpt2", 2), ("gpt2", 3), ("bert", 2), ("deit", 2),
+@pytest.mark.parametrize("name,levels", [("gpt2", 2), ("gpt2", 3),
+                                         pytest.param("bert", 2, marks=pytest.mark.slow), ("deit", 2),
                                          pytest.param("llama", 3, marks=pytest.mark.slow)])
 def test_cycles_run_with_a_plain_loop_and_the_printed_schedule_is_what_ran(name, levels):
     kwargs = {"n_layer": 4} if name in ("gpt2", "llama") else {}
