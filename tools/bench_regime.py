@@ -5,10 +5,10 @@ For every ``--tpp`` (tokens per parameter of the full model's 1x baseline) and s
 ``tools/train.py`` (this checkout's driver) as subprocesses, at most ``--jobs`` at a time, one
 thread each (``OMP_NUM_THREADS=--threads``):
 
-1. on the first seed, the full model at every ``--budgets`` multiple of the regime's steps S
-   for every ``--lrs``, and the coarse level's architecture alone at every ``--coarse-budgets``
-   multiple for every ``--coarse-lrs``: each budget keeps its own best lr (the recipes run at
-   the full model's 1x lr);
+1. for every seed, the full model at every ``--budgets`` multiple of the regime's steps S for
+   every ``--lrs``, and the coarse level's architecture alone at every ``--coarse-budgets``
+   multiple for every ``--coarse-lrs``: each budget of each seed keeps its own best lr (the
+   recipes run at the first seed's 1x lr, untuned per seed: the baselines are favoured);
 2. the full model at every ``--budgets`` multiple of S, the coarse
    architecture alone at every ``--coarse-budgets`` multiple (its steps are cheaper), and every
    fixed recipe in ``--recipes`` (``--steps S``, the driver's V-cycle options of the recipe);
@@ -219,22 +219,28 @@ def study(a, runner: Runner) -> dict:
 
         # 1. learning rates (first seed, 1x)
         cmid = cbudgets[len(cbudgets) // 2]
-        # every budget of both sizes at every lr on the first seed: each budget of a frontier
-        # gets its own best lr (a frontier tuned at 1x only is under-tuned at the other
-        # budgets); the recipes run at the full model's 1x lr
-        tune = dict([base(x, b, seeds[0]) for x in lrs for b in budgets]
-                    + [alone(x, b, seeds[0]) for x in clrs for b in cbudgets])
-        got = runner.run(tune)
-        blr = {b: min(lrs, key=lambda x: _loss(got[base(x, b, seeds[0])[0]])) for b in budgets}
-        cblr = {b: min(clrs, key=lambda x: _loss(got[alone(x, b, seeds[0])[0]])) for b in cbudgets}
-        lr = blr.get(1.0, blr[budgets[len(budgets) // 2]])
-        clr = cblr[cmid]
+        # every budget of both sizes at every lr, seed by seed: each budget of each seed's
+        # frontiers gets its own best lr (a frontier tuned at 1x, or on one seed, is under-tuned
+        # elsewhere: a lr on the edge of divergence for one seed cost that seed's baselines
+        # 0.12-0.16 nats in the first study); the recipes run at the first seed's 1x lr
+        got: dict = {}
+
+        def tuned(s):
+            got.update(runner.run(dict([base(x, b, s) for x in lrs for b in budgets]
+                                       + [alone(x, b, s) for x in clrs for b in cbudgets])))
+            return ({b: min(lrs, key=lambda x: _loss(got[base(x, b, s)[0]])) for b in budgets},
+                    {b: min(clrs, key=lambda x: _loss(got[alone(x, b, s)[0]])) for b in cbudgets})
+
+        blrs = {seeds[0]: tuned(seeds[0])}
+        lr = blrs[seeds[0]][0].get(1.0, blrs[seeds[0]][0][budgets[len(budgets) // 2]])
+        clr = blrs[seeds[0]][1][cmid]
         # seed by seed, so that a study cut short has whole seeds:
         # 2. frontiers of both sizes and the fixed recipes
         # 3. recipes that read the full model's frontier (--grow-when slope)
         fixed = [r for r in recipes if "--grow-when" not in RECIPES.get(r, [])]
         fronts = {}
         for s in seeds:
+            blr, cblr = blrs[s] = blrs.get(s) or tuned(s)
             grid = dict([base(blr[b], b, s) for b in budgets] + [alone(cblr[b], b, s) for b in cbudgets]
                         + [recipe(r, lr, s) for r in fixed if r not in REUSE]
                         + [reuse(r, lr, s) for r in fixed if r in REUSE])
@@ -271,12 +277,14 @@ def study(a, runner: Runner) -> dict:
             "tpp": tpp, "steps": S, "lr": lr, "coarse_lr": clr, "seeds": seeds,
             "lr_tuning": {f"{x:g}": _loss(got[base(x, 1.0, seeds[0])[0]]) for x in lrs},
             "coarse_lr_tuning": {f"{x:g}": _loss(got[alone(x, cmid, seeds[0])[0]]) for x in clrs},
-            "budget_lrs": {f"{b:g}": blr[b] for b in budgets},
-            "coarse_budget_lrs": {f"{b:g}": cblr[b] for b in cbudgets},
-            "budget_lr_tuning": {f"{b:g}": {f"{x:g}": _loss(got[base(x, b, seeds[0])[0]]) for x in lrs}
-                                 for b in budgets},
-            "coarse_budget_lr_tuning": {f"{b:g}": {f"{x:g}": _loss(got[alone(x, b, seeds[0])[0]])
-                                                   for x in clrs} for b in cbudgets},
+            "budget_lrs": {str(s): {f"{b:g}": v[0][b] for b in budgets} for s, v in blrs.items()},
+            "coarse_budget_lrs": {str(s): {f"{b:g}": v[1][b] for b in cbudgets}
+                                  for s, v in blrs.items()},
+            "budget_lr_tuning": {str(s): {f"{b:g}": {f"{x:g}": _loss(got.get(base(x, b, s)[0]))
+                                                     for x in lrs} for b in budgets} for s in blrs},
+            "coarse_budget_lr_tuning": {str(s): {f"{b:g}": {f"{x:g}": _loss(got.get(alone(x, b, s)[0]))
+                                                            for x in clrs} for b in cbudgets}
+                                        for s in blrs},
             "frontiers": {str(s): {k: [None if b is None else {q: b[q] for q in
                                    ("steps", "flops", "loss", "tokens_per_param")} for b in v]
                                    for k, v in f.items()} for s, f in fronts.items()},
@@ -329,9 +337,10 @@ def report(data: dict) -> str:
         lines.append(f"{g['tpp']:g} tokens/param: S = {g['steps']} steps, lr {g['lr']:g} "
                      f"(tried {g['lr_tuning']}), coarse alone lr {g['coarse_lr']:g} "
                      f"(tried {g['coarse_lr_tuning']})")
-        if "budget_lrs" in g:
-            lines.append(f"  lr per budget (seed {g['seeds'][0]}): full {g['budget_lr_tuning']}, "
-                         f"coarse alone {g['coarse_budget_lr_tuning']}")
+        for s, tried in g.get("budget_lr_tuning", {}).items():
+            lines.append(f"  seed {s} lr per budget: full {g['budget_lrs'][s]} (tried {tried}), "
+                         f"coarse alone {g['coarse_budget_lrs'][s]} "
+                         f"(tried {g['coarse_budget_lr_tuning'][s]})")
         for s, f in g["frontiers"].items():
             for size, pts in f.items():
                 lines.append(f"  seed {s} {size:6s} " + ", ".join(
