@@ -38,14 +38,18 @@ def to_meta(module: torch.nn.Module) -> None:
     """``module``'s parameters and persistent buffers replaced in place by meta tensors of their
     shapes and dtypes (tied tensors stay tied); its other tensors (non-persistent buffers,
     constants) are kept."""
+    _replace(module, lambda name, t: t if t.is_meta else torch.empty_like(t, device="meta"))
+
+
+def _replace(module: torch.nn.Module, make) -> None:
+    """Every tensor ``t`` of ``module``'s state dict (first name ``name``) replaced in place by
+    ``make(name, t)``, a parameter where ``t`` is one; tied tensors stay tied."""
     done: dict[int, torch.Tensor] = {}
     for name, t in module.state_dict(keep_vars=True).items():
-        if t.is_meta:
-            continue
         if id(t) not in done:
-            meta = torch.empty_like(t, device="meta")
-            done[id(t)] = (torch.nn.Parameter(meta, t.requires_grad)
-                           if isinstance(t, torch.nn.Parameter) else meta)
+            new = make(name, t)
+            done[id(t)] = (torch.nn.Parameter(new, t.requires_grad)
+                           if isinstance(t, torch.nn.Parameter) and new is not t else new)
         owner, leaf = owner_of(module, name)
         new = done[id(t)]
         (owner._parameters if isinstance(new, torch.nn.Parameter) else owner._buffers)[leaf] = new
@@ -249,12 +253,8 @@ class ShardedLevels:
             full_state_dict=True, cpu_offload=True))
         if not self.rt.master:
             return None
-        whole = copy.deepcopy(level).to_empty(device="cpu")
-        whole.load_state_dict(full, strict=False)  # ties: one of the names may be absent
-        for name, b in level.named_buffers(remove_duplicate=False):
-            if not b.is_meta:
-                owner, leaf = owner_of(whole, name)
-                owner._buffers[leaf] = b.cpu()
+        whole = copy.deepcopy(level)
+        _replace(whole, lambda name, t: full[name])
         return whole
 
     def saved_optimizer(self, level: torch.nn.Module, path: Path):
