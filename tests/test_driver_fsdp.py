@@ -193,7 +193,8 @@ def test_two_process_checkpoint_at_a_stage_end_resumes_on_two_processes_exactly(
     assert json.loads((cut / "ckpt" / "latest.json").read_text())["dir"] == "vcycle-0000010"
     subprocess.run([*TORCHRUN, "--resume", str(cut), "--quiet"], env=env(), check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=300)
-    assert [r["loss"] for r in rows(cut, "train")] == [r["loss"] for r in rows(tmp / "two", "train")]
+    assert [r["loss"] for r in rows(cut, "train")] == \
+        [r["loss"] for r in rows(tmp / "two", "train")]
     assert summary(cut)["final_val_loss"] == summary(tmp / "two")["final_val_loss"]
 
 

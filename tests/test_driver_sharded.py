@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from vcyclefx.capture.frontend import as_level
 from vcyclefx.driver.config import TrainConfig
 from vcyclefx.driver.parallel import optimizer_state_by_name
 from vcyclefx.driver.sharded import ShardedLevels
@@ -59,10 +60,11 @@ def test_every_transition_replayed_per_tensor_equals_the_whole_level_path(group,
     model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32))
     example = (torch.randint(0, 64, (2, 16)),)
     kw = dict(levels=2, steps=[1, 2, 3], alpha=0.25, depth_init="identity")
-    ref, mine = VCycle(model, example, **kw), VCycle(model, example, **kw)
+    level = as_level(model, example)  # captured once; each cycle trains its own copy
+    ref, mine = VCycle(level, **kw), VCycle(level, **kw)
     cfg = TrainConfig(fsdp=True)
     rt = SimpleNamespace(cfg=cfg, device=torch.device("cpu"), world=1, rank=0, master=True)
-    levels = ShardedLevels(rt, mine, flops_of=lambda m: float(sum(p.numel() for p in m.parameters())))
+    levels = ShardedLevels(rt, mine, flops_of=lambda m: sum(p.numel() for p in m.parameters()))
     assert levels.fpt == {0: sum(p.numel() for p in ref.level_module(0).parameters()),
                           1: sum(p.numel() for p in ref.level_module(1).parameters())}
     assert all(t.is_meta for m in mine.held_modules().values()

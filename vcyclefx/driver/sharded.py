@@ -23,6 +23,7 @@ written (``materialize``); V-cycle checkpoints are written one gathered tensor a
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 from pathlib import Path
 
@@ -63,27 +64,21 @@ def _whole(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu()
 
 
-def _put(dst: torch.Tensor, value: torch.Tensor) -> None:
-    """The whole ``value`` into ``dst``: this rank's shard of it where ``dst`` is sharded."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    with torch.no_grad():
-        if isinstance(dst, DTensor):
-            value = value.to(device=dst.device, dtype=dst.dtype)
-            dst.copy_(distribute_tensor(value, dst.device_mesh, dst.placements,
-                                        src_data_rank=None))  # every rank computed it
-        else:
-            dst.copy_(value)
-
-
 def _like(dst: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """``value`` (whole) sharded as ``dst`` is (a new tensor)."""
+    """``value`` (whole, the same on every rank) sharded as ``dst`` is: this rank's shard of it,
+    a new tensor."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     if not isinstance(dst, DTensor):
         return value.to(dst.device)
     return distribute_tensor(value.to(dst.device), dst.device_mesh, dst.placements,
-                             src_data_rank=None)
+                             src_data_rank=None)  # every rank computed it: nothing is sent
+
+
+def _put(dst: torch.Tensor, value: torch.Tensor) -> None:
+    """The whole ``value`` into ``dst`` (this rank's shard of it where ``dst`` is sharded)."""
+    with torch.no_grad():
+        dst.copy_(_like(dst, value.to(dst.dtype)))
 
 
 def _resharded(module: torch.nn.Module) -> torch.nn.Module:
@@ -105,15 +100,16 @@ class ShardedLevels:
 
     def __init__(self, rt: Runtime, cycle, flops_of):
         self.rt, self.cycle = rt, cycle
-        self.held: dict[int, tuple[torch.nn.Module, torch.nn.Module]] = {}  # id(level) -> (level, shards)
+        # id(level) -> (level, its FSDP2 module); the level is held so that its id stays its own
+        self.held: dict[int, tuple[torch.nn.Module, torch.nn.Module]] = {}
         mods = cycle.held_modules()
-        self.fpt = {int(role[5:]): flops_of(m) for role, m in mods.items() if role.startswith("shape")}
+        self.fpt = {int(role[5:]): flops_of(m) for role, m in mods.items()
+                    if role.startswith("shape")}
         for role, m in mods.items():
             if not role.startswith("shape") and id(m) not in self.held:
                 self.held[id(m)] = (m, shard_copy(rt, m))
         for m in mods.values():
             to_meta(m)
-        self._recorder: Recorder | None = None
         cycle.transition_context = self._transition
         cycle.save_weights = self.save_weights
 
@@ -244,8 +240,6 @@ class ShardedLevels:
     def materialize(self, level: torch.nn.Module) -> torch.nn.Module | None:
         """On rank 0 a copy of ``level`` holding its whole weights (on the CPU), else None; a
         collective."""
-        import copy
-
         from torch.distributed.checkpoint.state_dict import (StateDictOptions,
                                                              get_model_state_dict)
 

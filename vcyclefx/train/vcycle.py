@@ -293,7 +293,8 @@ class VCycle:
         prev_level = self.schedule[self._next - 1].level if self._next > 0 else 0
         for index in range(self._next, len(self.schedule)):
             spec = self.schedule[index]  # read when reached: end_stage_early may change it
-            with (self.transition_context() if self.transition_context else contextlib.nullcontext()):
+            hook = self.transition_context
+            with hook() if hook is not None else contextlib.nullcontext():
                 self._transition(prev_level, spec.level)
             prev_level = spec.level
             yield Stage(spec.index, spec.level, self._model, spec.steps, spec.lr_scale, spec.phase,
