@@ -8,9 +8,11 @@ Each rank resets its peak RSS (``VmHWM``, via ``/proc/self/clear_refs``) after e
 step and reads it before the next: the window between the last step of a stage and the first of
 the next one holds the stage-end evaluation and checkpoint, the transition (weights and moments)
 and the next stage's set-up. The table gives, per mode and rank, the peak of each transition
-window, the peak during the steps of level 0, and the RSS when the run starts its first step.
+window, the peak during the steps of level 0, the peak of the start-up (before the first step:
+imports, data, level 0 built, captured and planned whole, then sharded) and the RSS when the
+first step starts.
 
-    python tools/bench_fsdp_transition.py [--data FILE] [--out DIR]
+    python tools/bench_fsdp_transition.py [--repeats N] [--data FILE] [--out DIR]
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -72,9 +75,14 @@ def summarise(records: list[dict]) -> dict:
     first = {}
     for r in records:
         first.setdefault(r["stage"], r)
-    return {"start": records[0]["rss_before_kib"],
+    return {"startup": records[0]["between_kib"], "start": records[0]["rss_before_kib"],
             "down": first[1]["between_kib"], "up": first[2]["between_kib"],
             "steps0": max(r["during_kib"] for r in records if r["stage"] in (0, 2))}
+
+
+COLUMNS = (("startup", "peak, start-up"), ("start", "RSS at step 1"),
+           ("down", "peak, coalesce"), ("up", "peak, de-coalesce"),
+           ("steps0", "peak, level-0 steps"))
 
 
 def main() -> None:
@@ -82,6 +90,8 @@ def main() -> None:
     p.add_argument("--data", default="", help="text file to train on (default: the Python "
                                               "sources of json, os and subprocess)")
     p.add_argument("--out", type=Path, default=None, help="folder for the runs (default: temp)")
+    p.add_argument("--repeats", type=int, default=1, help="runs of each mode, alternating; the "
+                                                          "table gives medians")
     p.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -94,23 +104,30 @@ def main() -> None:
                                              for m in (json, os, subprocess)))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    rows = []
-    for mode in MODES:
-        run = out / mode
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        "--nproc_per_node", "2", __file__, "--worker", mode, "--data", args.data,
-                        "--out", str(run)], env=env, check=True, stdout=subprocess.DEVNULL)
-        losses = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text()
-                                          .splitlines()) if r["event"] == "train"]
-        for rank in (0, 1):
-            s = summarise(json.loads((run / f"rss-rank{rank}.json").read_text()))
-            rows.append((mode, rank, s, losses))
-    print(f"losses equal at every step: {rows[0][3] == rows[-1][3]} ({len(rows[0][3])} steps)")
-    print(f"{'transitions':<11}  {'rank':>4}  {'RSS at step 1':>13}  {'peak, coalesce':>14}  "
-          f"{'peak, decoalesce':>16}  {'peak, level-0 steps':>19}   (MiB)")
-    for mode, rank, s, _ in rows:
-        print(f"{mode:<11}  {rank:>4}  {s['start'] / 1024:>13.0f}  {s['down'] / 1024:>14.0f}  "
-              f"{s['up'] / 1024:>16.0f}  {s['steps0'] / 1024:>19.0f}")
+    got: dict[tuple[str, int], list[dict]] = {}
+    losses: dict[str, list] = {}
+    for i in range(args.repeats):
+        for mode in MODES:
+            run = out / f"{mode}-{i}"
+            subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                            "--nproc_per_node", "2", __file__, "--worker", mode, "--data",
+                            args.data, "--out", str(run)], env=env, check=True,
+                           stdout=subprocess.DEVNULL)
+            records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+            losses.setdefault(mode, []).append([r["loss"] for r in records
+                                                if r["event"] == "train"])
+            for rank in (0, 1):
+                got.setdefault((mode, rank), []).append(
+                    summarise(json.loads((run / f"rss-rank{rank}.json").read_text())))
+    same = all(x == losses["whole"][0] for runs in losses.values() for x in runs)
+    print(f"losses equal at every step in every run: {same} ({len(losses['whole'][0])} steps, "
+          f"{args.repeats} run(s) of each mode)")
+    head = [f"{'transitions':<11}", f"{'rank':>4}", *(h for _, h in COLUMNS)]
+    print("  ".join(head) + "   (MiB, median)")
+    for (mode, rank), runs in got.items():
+        cells = [statistics.median(r[k] for r in runs) / 1024 for k, _ in COLUMNS]
+        print("  ".join([f"{mode:<11}", f"{rank:>4}",
+                         *(f"{c:>{len(h)}.0f}" for c, (_, h) in zip(cells, COLUMNS))]))
 
 
 if __name__ == "__main__":

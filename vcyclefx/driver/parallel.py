@@ -6,7 +6,9 @@ Optimizer state forms:
   index of a parameter in its groups): what a 1-process run saves and loads;
 - *by name*: ``{parameter name: {"step", "exp_avg", "exp_avg_sq"}}`` with whole (unsharded)
   tensors: what ``Stage.map_optimizer_state`` takes and returns, so a level transition is the
-  same computation on one process and under FSDP2 (gather, map, re-shard).
+  same computation on one process and under FSDP2 (gather, map, re-shard); under
+  ``--fsdp-transitions tensor`` the same form with DTensor shards, made one parameter at a time
+  by ``driver.sharded.ShardedLevels.carry``.
 """
 
 from __future__ import annotations
@@ -86,8 +88,11 @@ class Trainee:
       optimizer state stay sharded), with ``CPUOffloadPolicy`` under ``--cpu-offload``
       (parameters, gradients and optimizer state in CPU memory), then compiled; ``finish()``
       copies the full weights back into ``module``, which never leaves the device it was on
-      (the V-cycle keeps working on whole modules). A ``--fsdp`` run resumed on one process
-      trains unsharded (``sharded`` False) and keeps the sharded checkpoint format.
+      (baselines, and the V-cycle under ``--fsdp-transitions whole``). Given ``sharded`` (the
+      V-cycle under ``--fsdp-transitions tensor``, ``driver.sharded``), ``module`` is a level on
+      the meta device and ``sharded`` the FSDP2 module holding its weights: it is trained in
+      place and nothing is copied back. A ``--fsdp`` run resumed on one process trains
+      unsharded (``sharded`` False) and keeps the sharded checkpoint format.
     """
 
     def __init__(self, rt: Runtime, module: torch.nn.Module,
