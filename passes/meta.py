@@ -31,21 +31,13 @@ def fake_run(gm: GraphModule, mode, inputs: list, visit, run_op=None):
     env: dict[Node, object] = {}
     it = iter(inputs)
     result = None
-    # a level kept on the meta device (the driver's levels under --fsdp) stands for one on its
-    # inputs' device: its meta weights are faked there, as real ones would be
-    device = next((x.device for x in inputs if isinstance(x, torch.Tensor)), None)
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             env[node] = next(it)
             visit(node, env[node])
         elif node.op == "get_attr":
             obj = fetch_attr(gm, node.target)
-            if isinstance(obj, torch.Tensor) and obj.is_meta and device is not None:
-                with mode:
-                    env[node] = torch.empty_strided(obj.shape, obj.stride(), dtype=obj.dtype,
-                                                    device=device)
-                visit(node, env[node])
-            elif isinstance(obj, torch.Tensor):
+            if isinstance(obj, torch.Tensor):
                 env[node] = mode.from_tensor(obj, static_shapes=True)
                 visit(node, env[node])
             else:

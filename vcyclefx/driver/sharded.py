@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from passes.contract import shape_check
 from vcyclefx.driver.parallel import shard_copy
 from vcyclefx.driver.runtime import Runtime
 from vcyclefx.export.record import Recorder
@@ -137,7 +138,10 @@ class ShardedLevels:
                 if t not in leaves:
                     leaves[t] = f"{role}/{name}"
                     tensors[f"{role}/{name}"] = state[name]
-        with Recorder(leaves) as rec:
+        # the passes' fake re-execution check (VCYCLEFX_VERIFY) would fake these meta weights
+        # on the meta device against the training device's inputs; the whole-level path checks
+        # the same graph transforms
+        with shape_check(False), Recorder(leaves) as rec:
             yield
         new = self.cycle.held_modules()["current"]
         if id(new) in self.held:
@@ -196,7 +200,7 @@ class ShardedLevels:
             return {n: _whole(whole[n]) if n in whole else
                     torch.empty(shapes[n].shape, dtype=shapes[n].dtype) for n in sorted(names)}
 
-        with Recorder(leaves) as rec:
+        with shape_check(False), Recorder(leaves) as rec:  # as in _transition
             mapped = stage.map_optimizer_state(named)
         dst = dict(_resharded(self.sharded(stage.model)).named_parameters())
         return {name: {k: _like(dst[name], rec.value(v, load)) if isinstance(v, torch.Tensor)
