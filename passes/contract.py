@@ -48,6 +48,17 @@ def set_shape_check(on: bool | None) -> None:
     _shape_check = on
 
 
+@contextlib.contextmanager
+def shape_check(on: bool | None):
+    """:func:`set_shape_check` for the duration of a block, then back to what it was."""
+    global _shape_check
+    before, _shape_check = _shape_check, on
+    try:
+        yield
+    finally:
+        _shape_check = before
+
+
 def shape_check_enabled() -> bool:
     if _shape_check is not None:
         return _shape_check

@@ -6,7 +6,8 @@ One process accumulating 2 micro-batches and two processes with one each see the
 batch (micro-batch j of step s is the same data whichever process draws it), so their losses
 agree up to float summation order. The V-cycle here: 20 steps, stages of 1 (level 0), 9 (level 1,
 half width and depth) and 10 (level 0) steps; the moments are carried through the coalescing
-after step 1 and the de-coalescing after step 10.
+after step 1 and the de-coalescing after step 10, one parameter at a time (``--fsdp-transitions
+tensor``, the default; compared with ``whole``, every rank gathering the whole level).
 """
 
 from __future__ import annotations
@@ -178,6 +179,49 @@ def test_two_process_checkpoint_at_a_stage_end_resumes_on_one_process(runs):
     assert abs(summary(cut)["final_val_loss"] - summary(tmp / "two")["final_val_loss"]) < 1e-4
     assert abs(rows(cut, "train")[-1]["loss"] - rows(tmp / "two", "train")[-1]["loss"]) < 1e-4
     assert [r["optimizer"] for r in rows(cut, "stage")] == ["fresh", "carried", "carried"]
+
+
+@pytest.mark.slow
+def test_two_process_checkpoint_at_a_stage_end_resumes_on_two_processes_exactly(runs):
+    """As above, resumed on 2 processes: the per-tensor path carries the moments of the sharded
+    checkpoint (loaded into an optimizer over the coarse level's shards) through the
+    de-coalescing, and the run ends exactly where the uninterrupted one does."""
+    tmp, common = runs
+    cut = tmp / "cut-stage-end-two"
+    cmd = [*TORCHRUN, *common, "--fsdp", "--ckpt-every", "0", "-o", str(cut)]
+    assert kill_after_checkpoint(cmd, cut, min_step=10) == -signal.SIGKILL
+    assert json.loads((cut / "ckpt" / "latest.json").read_text())["dir"] == "vcycle-0000010"
+    subprocess.run([*TORCHRUN, "--resume", str(cut), "--quiet"], env=env(), check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=300)
+    assert [r["loss"] for r in rows(cut, "train")] == \
+        [r["loss"] for r in rows(tmp / "two", "train")]
+    assert summary(cut)["final_val_loss"] == summary(tmp / "two")["final_val_loss"]
+
+
+def test_per_tensor_transitions_give_the_whole_level_path_s_losses_at_every_step(runs):
+    """The 2-process run above maps each transition one parameter at a time (``--fsdp-transitions
+    tensor``, the default: levels on the meta device, one group gathered at a time); with
+    ``--fsdp-transitions whole`` every rank gathers the whole level and its moments. The same
+    ops run on the same values: every loss, validation loss, final weight and V-cycle
+    checkpoint tensor is equal bit for bit."""
+    from vcyclefx.store import load_tensors
+
+    tmp, common = runs
+    two, whole = tmp / "two", tmp / "whole"
+    subprocess.run([*TORCHRUN, *common, "--fsdp", "--carry-optimizer", "--fsdp-transitions",
+                    "whole", "-o", str(whole)], env=env(), check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=300)
+    assert [r["step"] for r in rows(two, "train")] == list(range(1, 21))
+    assert [r["loss"] for r in rows(two, "train")] == [r["loss"] for r in rows(whole, "train")]
+    assert [r["val_loss"] for r in rows(two, "eval")] == \
+        [r["val_loss"] for r in rows(whole, "eval")]
+    assert [r["optimizer"] for r in rows(two, "stage")] == ["fresh", "carried", "carried"]
+    files = sorted(p.relative_to(two) for p in two.rglob("*.safetensors"))
+    assert files == sorted(p.relative_to(whole) for p in whole.rglob("*.safetensors"))
+    assert len(files) == 5  # the result; the V-cycle's stages 0, 1 (and its kept level 0), 2
+    for f in files:
+        a, b = load_tensors(two / f), load_tensors(whole / f)
+        assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a), f
 
 
 def test_cpu_offload_on_cpu_fails_at_start_up_with_the_fix_and_writes_nothing(tmp_path):

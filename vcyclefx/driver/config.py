@@ -143,8 +143,8 @@ class TrainConfig:
                                             "coalesce, as the gradients move "
                                             "(Stage.map_optimizer_state), instead of a fresh "
                                             "optimizer per stage (the paper); default: on (under "
-                                            "--fsdp the sharded moments are gathered whole for "
-                                            "each transition and resharded)")
+                                            "--fsdp mapped one parameter at a time, see "
+                                            "--fsdp-transitions)")
     # --- runtime ---
     out: str = _f("", "output directory; empty = runs/<timestamp>", short="-o")
     resume: str = _f("", "resume the run in this directory from its latest checkpoint")
@@ -164,6 +164,12 @@ class TrainConfig:
                               "0 = only at stage ends")
     fsdp: bool = _f(False, "shard weights, gradients and optimizer state over the processes "
                            "(FSDP2 fully_shard) instead of DDP, for models that do not fit one GPU")
+    fsdp_transitions: str = _f("tensor", "how a V-cycle transition maps the sharded weights and "
+                                         "AdamW moments under --fsdp: tensor (one parameter's "
+                                         "group gathered at a time, the levels kept on the meta "
+                                         "device) or whole (every rank gathers the whole level; "
+                                         "the reference the first is tested against)",
+                               choices=("tensor", "whole"))
     cpu_offload: bool = _f(False, "with --fsdp on CUDA: keep the sharded parameters, gradients and "
                                   "optimizer state in CPU memory (FSDP2 CPUOffloadPolicy; the "
                                   "optimizer steps on the CPU), for levels whose shards do not "

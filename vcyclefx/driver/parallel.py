@@ -6,7 +6,9 @@ Optimizer state forms:
   index of a parameter in its groups): what a 1-process run saves and loads;
 - *by name*: ``{parameter name: {"step", "exp_avg", "exp_avg_sq"}}`` with whole (unsharded)
   tensors: what ``Stage.map_optimizer_state`` takes and returns, so a level transition is the
-  same computation on one process and under FSDP2 (gather, map, re-shard).
+  same computation on one process and under FSDP2 (gather, map, re-shard); under
+  ``--fsdp-transitions tensor`` the same form with DTensor shards, made one parameter at a time
+  by ``driver.sharded.ShardedLevels.carry``.
 """
 
 from __future__ import annotations
@@ -45,6 +47,35 @@ def optimizer_state_from_names(module: torch.nn.Module, named: dict[str, dict],
     return {"state": state, "param_groups": param_groups}
 
 
+def shard_copy(rt: Runtime, module: torch.nn.Module, empty: bool = False) -> torch.nn.Module:
+    """A copy of ``module`` sharded with FSDP2 ``fully_shard`` over the run's processes (see
+    :class:`Trainee`). ``empty``: ``module`` is on the meta device; the copy's shards are
+    allocated on the device uninitialised (its buffers too), for the caller to fill."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
+    mesh = init_device_mesh(rt.device.type, (rt.world,))
+    policy = CPUOffloadPolicy() if rt.cfg.cpu_offload else OffloadPolicy()
+    local = copy.deepcopy(module)
+    if not isinstance(local, torch.fx.GraphModule):
+        for sub in list(local.modules()):
+            if isinstance(sub, torch.nn.ModuleList):
+                for block in sub:
+                    fully_shard(block, mesh=mesh, offload_policy=policy)
+    fully_shard(local, mesh=mesh, offload_policy=policy)
+    if empty:
+        local.to_empty(device="cpu" if rt.cfg.cpu_offload else rt.device)
+    elif not rt.cfg.cpu_offload:  # offloaded shards stay in CPU memory
+        local.to(rt.device)
+    return local.train()
+
+
+def _is_sharded_state(named: dict[str, dict]) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(t, DTensor) for entry in named.values() for t in entry.values())
+
+
 class Trainee:
     """The module being trained in its parallel form.
 
@@ -57,11 +88,15 @@ class Trainee:
       optimizer state stay sharded), with ``CPUOffloadPolicy`` under ``--cpu-offload``
       (parameters, gradients and optimizer state in CPU memory), then compiled; ``finish()``
       copies the full weights back into ``module``, which never leaves the device it was on
-      (the V-cycle keeps working on whole modules). A ``--fsdp`` run resumed on one process
-      trains unsharded (``sharded`` False) and keeps the sharded checkpoint format.
+      (baselines, and the V-cycle under ``--fsdp-transitions whole``). Given ``sharded`` (the
+      V-cycle under ``--fsdp-transitions tensor``, ``driver.sharded``), ``module`` is a level on
+      the meta device and ``sharded`` the FSDP2 module holding its weights: it is trained in
+      place and nothing is copied back. A ``--fsdp`` run resumed on one process trains
+      unsharded (``sharded`` False) and keeps the sharded checkpoint format.
     """
 
-    def __init__(self, rt: Runtime, module: torch.nn.Module):
+    def __init__(self, rt: Runtime, module: torch.nn.Module,
+                 sharded: torch.nn.Module | None = None):
         self.rt, self.sharded = rt, rt.cfg.fsdp and rt.distributed
         if not self.sharded:
             self.raw = self.local = module.to(rt.device).train()
@@ -72,22 +107,12 @@ class Trainee:
                 model = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
             self.model = model
         else:
-            from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
-
             self.raw = module.train()
-            mesh = init_device_mesh(rt.device.type, (rt.world,))
-            policy = CPUOffloadPolicy() if rt.cfg.cpu_offload else OffloadPolicy()
-            self.local = copy.deepcopy(module)
-            if not isinstance(self.local, torch.fx.GraphModule):
-                for sub in list(self.local.modules()):
-                    if isinstance(sub, torch.nn.ModuleList):
-                        for block in sub:
-                            fully_shard(block, mesh=mesh, offload_policy=policy)
-            fully_shard(self.local, mesh=mesh, offload_policy=policy)
-            if not rt.cfg.cpu_offload:  # offloaded shards stay in CPU memory
-                self.local.to(rt.device)
+            # given: the level's sharded module (--fsdp-transitions tensor: ``module`` is a
+            # level on the meta device, its weights live only in ``sharded``)
+            self.local = sharded if sharded is not None else shard_copy(rt, module)
             self.model = torch.compile(self.local) if rt.compile else self.local
+        self.owned = sharded is None  # finish() copies the trained weights back into module
         self.raw_device = next(self.raw.parameters()).device
 
     def grad_sync(self, on: bool):
@@ -122,8 +147,8 @@ class Trainee:
     def load_by_name(self, opt, named: dict[str, dict]) -> None:
         """Load whole per-name state (``state_by_name``'s form, e.g. carried through a level
         transition) into ``opt``; under FSDP every rank keeps its own shard of it."""
-        if not self.sharded:
-            opt.load_state_dict(optimizer_state_from_names(self.raw, named,
+        if not self.sharded or _is_sharded_state(named):  # already this run's shards
+            opt.load_state_dict(optimizer_state_from_names(self.local, named,
                                                            opt.state_dict()["param_groups"]))
             return
         from torch.distributed.checkpoint.state_dict import (StateDictOptions,
@@ -170,7 +195,7 @@ class Trainee:
         set_state_dict(self.local, opt, model_state_dict=model_state, optim_state_dict=optim_state)
 
     def finish(self) -> None:
-        if self.sharded:
+        if self.sharded and self.owned:
             from torch.distributed.checkpoint.state_dict import (StateDictOptions,
                                                                  get_model_state_dict)
 

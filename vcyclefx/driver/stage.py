@@ -164,7 +164,8 @@ def _step(rt: Runtime, t: Trainee, opt, state: RunState, lr: float, window: _Win
 def run_stage(rt: Runtime, module: torch.nn.Module, steps: int, lr_scale: float, level: int,
               state: RunState, optim_state: dict | None = None, bar: ProgressBar | None = None,
               phase: str = "", carried: dict[str, dict] | None = None,
-              hand_on: bool = False, stop=None) -> tuple[RunState, dict | None]:
+              hand_on: bool = False, stop=None, sharded: torch.nn.Module | None = None,
+              fpt: float | None = None) -> tuple[RunState, dict | None]:
     """Train ``module`` (GPT or a level) for the remaining steps of the stage ``state`` is in.
 
     The optimizer starts fresh, or from ``optim_state`` (a checkpoint's: a state_dict, or the
@@ -177,10 +178,15 @@ def run_stage(rt: Runtime, module: torch.nn.Module, steps: int, lr_scale: float,
     sharded copy). Each step is followed by its log, eval and checkpoint events. ``stop``
     (``--grow-when slope``): called with the state after every evaluation; when it returns True
     the stage ends there (a ``grow`` record, then the stage-end log and checkpoint).
+    ``sharded`` (``--fsdp-transitions tensor``): ``module`` is a level on the meta device and
+    ``sharded`` the FSDP2 module holding its weights, trained in place (``module`` stays on the
+    meta device); ``fpt`` its training FLOPs per token; the optimizer itself is handed on
+    (``ShardedLevels.carry`` maps its moments).
     """
     cfg = rt.cfg
-    t = Trainee(rt, module)
-    fpt = lm_training_flops_per_token(t.raw, rt.train_batches.get(0, 0)[0][:1].to(t.raw_device))
+    t = Trainee(rt, module, sharded)
+    if fpt is None:
+        fpt = lm_training_flops_per_token(t.raw, rt.train_batches.get(0, 0)[0][:1].to(t.raw_device))
     opt = _optimizer(rt, t, lr_scale, optim_state, carried)
     if state.stage_step == 0:
         record(rt, state, level, "stage", steps=steps, lr_scale=lr_scale, phase=phase,
@@ -226,4 +232,6 @@ def run_stage(rt: Runtime, module: torch.nn.Module, steps: int, lr_scale: float,
             save_checkpoint(rt, t, opt, state)
         clock.restart()
     t.finish()
-    return state, (t.state_by_name(opt) if hand_on else None)
+    if not hand_on:
+        return state, None
+    return state, (opt if sharded is not None else t.state_by_name(opt))

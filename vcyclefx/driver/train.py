@@ -31,7 +31,9 @@ from vcyclefx.driver.regime import regime_note
 from vcyclefx.driver.saving import Frontier
 from vcyclefx.driver.schedule import (lr_at, parse_alone, schedule_order, schedule_steps,
                                      stage_lr)
-from vcyclefx.driver.stage import make_optimizer, record, run_stage
+from vcyclefx.driver.sharded import ShardedLevels
+from vcyclefx.driver.stage import (lm_training_flops_per_token, make_optimizer, record,
+                                   run_stage)
 from vcyclefx.driver.startup import _autocast_dtype, _device, cleanup, new_model, setup
 from vcyclefx.store import save_tensors
 from vcyclefx.train.flops import training_flops_per_token
@@ -158,27 +160,34 @@ def run_vcycle(rt: Runtime, made: Cycle, point: Point | None, bar: ProgressBar |
     if rt.master and point is None:
         _print(bar, str(cycle.schedule))
     state, optim_state = _restore(rt, None, cycle.level0, RunState("vcycle", wall=made.seconds))
+    levels = _sharded_levels(rt, cycle)
     stages = iter(cycle)
-    previous = None  # the optimizer state by name the last stage ended with, when carrying
+    previous = None  # what the last stage handed on (its optimizer state), when carrying
     while True:
         t0 = time.perf_counter()
         stage = next(stages, None)  # coalescing / de-coalescing happens here: it counts as training
         carried = None
         if stage is not None and point is None and previous is not None:
-            carried = stage.map_optimizer_state(previous)
+            carried = (levels.carry(stage, previous) if levels is not None
+                       else stage.map_optimizer_state(previous))
+        previous = None
+        if levels is not None and point is None:
+            levels.release()
         state.wall += time.perf_counter() - t0
         if stage is None:
             break
         if point is not None:
-            state, optim_state, carried = _resume_in(rt, point, stage, cycle, state)
+            state, optim_state, carried = _resume_in(rt, point, stage, cycle, state, levels)
             point = None
         else:
             state.stage, state.stage_step, optim_state = stage.index, 0, None
         last = stage.index == len(cycle.schedule) - 1
         stop = made.grow_stop(state) if stage.phase == "bottom" and not last else None
+        held = {} if levels is None else dict(sharded=levels.sharded(stage.model),
+                                               fpt=levels.fpt[stage.level])
         state, final_optim = run_stage(rt, stage.model, stage.steps, stage.lr_scale, stage.level,
                                        state, optim_state, bar, phase=stage.phase, carried=carried,
-                                       hand_on=carry and not last, stop=stop)
+                                       hand_on=carry and not last, stop=stop, **held)
         if state.stage_step < stage.steps:  # --grow-when slope ended it: the rest goes up
             cycle.end_stage_early(stage.index, state.stage_step)
             _print(bar, f"grew after {state.stage_step} of {stage.steps} steps at the coarse "
@@ -186,11 +195,26 @@ def run_vcycle(rt: Runtime, made: Cycle, point: Point | None, bar: ProgressBar |
         previous = final_optim
     if point is not None:  # every stage was complete: resumed after the very end
         state = point.state
-    _save_final(rt, cycle.result(), "vcycle")
+    _save_final(rt, cycle.result() if levels is None else levels.materialize(cycle.result()),
+                "vcycle")
     return state
 
 
-def _resume_in(rt: Runtime, point: Point, stage, cycle, state: RunState):
+def _sharded_levels(rt: Runtime, cycle) -> ShardedLevels | None:
+    """Under ``--fsdp`` on several processes with ``--fsdp-transitions tensor``: the cycle's
+    levels moved to the meta device, their weights sharded (``driver.sharded``)."""
+    if not (rt.cfg.fsdp and rt.distributed and rt.cfg.fsdp_transitions == "tensor"):
+        return None
+    ids = rt.train_batches.get(0, 0)[0][:1]
+
+    def flops_of(level):
+        return lm_training_flops_per_token(level, ids.to(next(level.parameters()).device))
+
+    return ShardedLevels(rt, cycle, flops_of)
+
+
+def _resume_in(rt: Runtime, point: Point, stage, cycle, state: RunState,
+               levels: ShardedLevels | None = None):
     """The first stage a resumed V-cycle runs, from the driver checkpoint ``point`` (see
     :func:`run_vcycle`): (state, optimizer state, carried optimizer state by name)."""
     at = point.state.stage
@@ -199,9 +223,14 @@ def _resume_in(rt: Runtime, point: Point, stage, cycle, state: RunState):
         return state, optim_state, None
     if stage.index == at + 1 and point.state.stage_step == cycle.schedule[at].steps:
         carried = None
-        if rt.cfg.carries_optimizer:  # the optimizer of the stage that ended, saved at its end
+        if rt.cfg.carries_optimizer and levels is not None:  # sharded, as the run saved it
+            carried = levels.carry(stage, levels.saved_optimizer(stage.transition[2],
+                                                                 point.dir / "dcp"))
+        elif rt.cfg.carries_optimizer:  # the optimizer of the stage that ended, saved at its end
             carried = stage.map_optimizer_state(
                 saved_optimizer_by_name(rt, point, stage.transition[2]))
+        if levels is not None:
+            levels.release()
         state = point.state
         restore_rng(rt, point)
         state.stage, state.stage_step = stage.index, 0

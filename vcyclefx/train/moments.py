@@ -94,7 +94,11 @@ def _width_sources(small_shapes, spaces) -> dict[str, tuple[torch.Tensor, torch.
     sizes = {k: p.numel() for k, p in _params(small_shapes).items()}
     out = {}
     for k, s in src.items():
-        counts = torch.bincount(s.flatten(), minlength=sizes[k])
+        # bincount as index_add_ (exact integer counts), which also runs on the meta device:
+        # a transition under FSDP records this on meta tensors and replays it per parameter
+        flat = s.flatten()
+        counts = torch.zeros(sizes[k], dtype=torch.long, device=s.device).index_add_(
+            0, flat, torch.ones_like(flat))
         out[k] = (s, d[k], counts[s].to(d[k].dtype))
     return out
 

@@ -19,6 +19,7 @@ stage index); ``VCycle(..., resume=DIR)`` continues after the last completed sta
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -230,6 +231,13 @@ class VCycle:
         self._last_transition = None
         self._done = False
         self._iterating = False
+        # hooks for a trainer that keeps the weights elsewhere (the driver under --fsdp keeps
+        # the levels on the meta device and their weights in sharded modules): a context each
+        # transition runs in (it records it), and ``save_weights(path, module)``, which writes a
+        # level's weights for a checkpoint; when set it is called on every process (a gather
+        # may need them all), with ``path`` None where this process writes nothing
+        self.transition_context = None
+        self.save_weights = None
         if resume is not None and _latest(Path(resume)) is not None:
             self._resume(Path(resume))
         else:
@@ -249,6 +257,15 @@ class VCycle:
                                     f"{k + 1}: {e}") from e
             self.mappings[k] = m
             self._shapes[k + 1] = cur
+
+    def held_modules(self) -> dict[str, torch.nn.Module]:
+        """Every module the cycle holds, by role: ``current`` (the level of the stage in
+        training, or next), ``kept<k>`` (level k's weights kept for the way up), ``shape<k>``
+        (level k's module from the planning pass). One module may have several roles."""
+        out = {"current": self._model}
+        out.update({f"kept{k}": m for k, m in self._kept.items()})
+        out.update({f"shape{k}": m for k, m in self._shapes.items()})
+        return out
 
     def level_module(self, level: int) -> torch.nn.Module:
         """A module with the shapes of ``level`` (weights from the planning pass)."""
@@ -276,12 +293,14 @@ class VCycle:
         prev_level = self.schedule[self._next - 1].level if self._next > 0 else 0
         for index in range(self._next, len(self.schedule)):
             spec = self.schedule[index]  # read when reached: end_stage_early may change it
-            self._transition(prev_level, spec.level)
+            hook = self.transition_context
+            with hook() if hook is not None else contextlib.nullcontext():
+                self._transition(prev_level, spec.level)
             prev_level = spec.level
             yield Stage(spec.index, spec.level, self._model, spec.steps, spec.lr_scale, spec.phase,
                         self._last_transition)
             self._next = spec.index + 1
-            if self.checkpoint_dir is not None:
+            if self.checkpoint_dir is not None or self.save_weights is not None:
                 self._checkpoint(spec.index)
         self._done = True
 
@@ -359,10 +378,16 @@ class VCycle:
 
     # -- checkpoints ------------------------------------------------------------------------------
     def _checkpoint(self, index: int) -> None:
+        save = self.save_weights or _save_weights
+        if self.checkpoint_dir is None:  # a process that writes nothing, where save_weights
+            save(None, self._model)      # needs every process
+            for m in self._kept.values():
+                save(None, m)
+            return
         with atomic_directory(self.checkpoint_dir / f"stage-{index:03d}") as tmp:
-            save_tensors(tmp / "model.safetensors", self._model.state_dict(keep_vars=True))
+            save(tmp / "model.safetensors", self._model)
             for k, m in self._kept.items():
-                save_tensors(tmp / f"kept-level{k}.safetensors", m.state_dict(keep_vars=True))
+                save(tmp / f"kept-level{k}.safetensors", m)
             for k, m in self.mappings.items():
                 m.save(tmp / f"mapping-level{k}.json")
             meta = {"format": CKPT_FORMAT, "completed_stage": index, "next_stage": index + 1,
@@ -394,6 +419,10 @@ class VCycle:
             self._kept[k] = _load_into(self._shapes[k], ckpt / f"kept-level{k}.safetensors")
         self._next = meta["next_stage"]
         self._done = self._next >= len(self.schedule)
+
+
+def _save_weights(path: Path, module: torch.nn.Module) -> None:
+    save_tensors(path, module.state_dict(keep_vars=True))
 
 
 def _load_into(shape_module, path: Path):
