@@ -46,7 +46,7 @@ from vcyclefx.driver.saving import envelope_against, saving_against  # noqa: E40
 
 # recipes: V-cycle options on top of the driver's defaults (``--steps S``, V-cycle 1.5 S)
 RECIPES: dict[str, list[str]] = {
-    "defaults": [],
+    "defaults": ["--fractions", "0.05,0.90,0.05"],  # the driver's defaults below 20 tokens/param
     "f.02/.08/.90": ["--fractions", "0.02,0.08,0.90"],
     "f.05/.20/.75": ["--fractions", "0.05,0.20,0.75"],
     "f.05/.45/.50": ["--fractions", "0.05,0.45,0.50"],
