@@ -181,10 +181,16 @@ class ShardWriter:
     ``{stem}.safetensors`` when one shard holds everything) with ``{stem}.safetensors.index.json``.
 
     ``layout``: ``[(name, dtype, shape)]`` in the order :meth:`write` will be called. ``metadata``
-    goes into every shard's header (and the index)."""
+    goes into every shard's header (and the index).
+
+    ``background=True``: the bytes of a tensor are written (and a full shard fsynced) by one
+    worker thread while the caller makes the next tensor; :meth:`write` first waits for the
+    previous tensor's write, so at most one written tensor is held beside the one being made,
+    and a write error is raised by the next :meth:`write` or by :meth:`finish`, naming the shard
+    and tensor that failed."""
 
     def __init__(self, directory, stem: str, layout: list[tuple], max_bytes: int,
-                 metadata: dict | None = None):
+                 metadata: dict | None = None, background: bool = False):
         self.directory = Path(directory)
         self.metadata = {k: str(v) for k, v in (metadata or {}).items()}
         shards: list[list[tuple]] = [[]]
@@ -203,6 +209,13 @@ class ShardWriter:
         self.index = None if count == 1 else f"{stem}.safetensors.index.json"
         self.where = {name: (i, j) for i, s in enumerate(shards) for j, (name, *_) in enumerate(s)}
         self._shard, self._pos, self._f = -1, 0, None
+        self._written = 0  # tensors accepted by write(), in layout order
+        self._pool = None
+        self._pending = None  # the background write in flight
+        if background:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="vcyclefx-shard-writer")
 
     def _open(self, i: int) -> None:
         entries, offset = {}, 0
@@ -226,23 +239,38 @@ class ShardWriter:
         if t.dtype != dtype or tuple(t.shape) != shape:
             raise CheckpointError(f"{path}: tensor {name} was laid out as {dtype} {list(shape)} "
                                   f"but is {t.dtype} {list(t.shape)} (a bug in vcyclefx)")
-        expected = (self._shard, self._pos) if self._f is not None else (self._shard + 1, 0)
-        if (i, j) != expected:
+        expected = sum(len(s) for s in self.shards[:i]) + j
+        if expected != self._written:
             raise CheckpointError(f"{path}: tensor {name} written out of order (a bug in vcyclefx)")
+        self._written += 1
+        data = t.detach().contiguous().cpu()
+        if self._pool is None:
+            self._put(i, name, data)
+            return
+        self._wait()
+        self._pending = self._pool.submit(self._put, i, name, data)
+
+    def _put(self, i: int, name: str, data: torch.Tensor) -> None:
+        path = self.directory / self.files[i]
         try:
             if self._shard != i:
                 self._open(i)
-            data = t.detach().contiguous().cpu()
             if data.numel():
                 self._f.write(data.view(torch.uint8).reshape(-1).numpy().data)
             self._pos += 1
             if self._pos == len(self.shards[i]):
                 self._close()
         except OSError as e:
-            self.abort()
+            self._abort_file()
             why = os.strerror(e.errno) if e.errno else str(e)
             raise CheckpointError(f"{path}: cannot write tensor {name} ({why}); free space on "
                                   "that disk or choose another -o") from e
+
+    def _wait(self) -> None:
+        """Wait for the background write in flight; raise its error."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
     def _close(self) -> None:
         f, self._f = self._f, None
@@ -250,13 +278,26 @@ class ShardWriter:
         os.fsync(f.fileno())
         f.close()
 
-    def abort(self) -> None:
+    def _abort_file(self) -> None:
         if self._f is not None:
             f, self._f = self._f, None
             f.close()
 
+    def abort(self) -> None:
+        """Stop: wait for a background write (its error is dropped: the caller is already
+        failing or done), close the open shard."""
+        try:
+            self._wait()
+        except Exception:  # noqa: BLE001 - raised already by write()/finish() or superseded
+            pass
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+            self._abort_file()
+
     def finish(self, aliases: dict[str, str] | None = None) -> None:
         """Write the index (sharded output); ``aliases``: tied names, kept in the index."""
+        self._wait()
         total = sum(n for s in self.shards for *_, n in s)
         if self._shard == -1 and self.shards == [[]]:  # nothing to write: an empty file
             self._open(0)

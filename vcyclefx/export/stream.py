@@ -239,7 +239,7 @@ def stream_weights(level, recorder, reader: ShardReader, max_shard_size, produce
 
         start = time.perf_counter()
         writer = ShardWriter(tmp, "weights", layout, parse_size(max_shard_size),
-                             {ALIASES_KEY: json.dumps(aliases)})
+                             {ALIASES_KEY: json.dumps(aliases)}, background=True)
         try:
             for name, *_ in tqdm(layout, desc="writing weights", unit="tensor", leave=False,
                                  disable=None):
@@ -251,6 +251,7 @@ def stream_weights(level, recorder, reader: ShardReader, max_shard_size, produce
                 else:
                     value = t
                 writer.write(name, value.detach())
+                del value  # the writer's thread holds it until written, no longer
             writer.finish(aliases)
         finally:
             writer.abort()
