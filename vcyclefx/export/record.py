@@ -189,6 +189,40 @@ class Recorder(TorchDispatchMode):
             del out
         return env[result]
 
+    def rowwise(self, t: torch.Tensor) -> bool:
+        """Whether row ``i`` of output ``t`` is computed from row ``i`` of each checkpoint tensor
+        it reads and nothing else: every op of its DAG is elementwise or slices / concatenates
+        along a dimension other than the first (a width map of an embedding, a depth mean). Such
+        an output can be replayed a block of rows at a time (:meth:`value_by_rows`), with the
+        same values: an elementwise op computes each element alone."""
+        for i in self._closure(t):
+            func, flat, spec, _, refs = self.ops[i]
+            rule = _ROWWISE.get(func)
+            if rule is None:
+                return False
+            if any(isinstance(x, torch.Tensor) and x.dim() > 0 for x in flat):
+                return False  # a constant tensor (an index) is not split with the rows
+            args, kwargs = pytree.tree_unflatten(list(flat), spec)
+            if rule is not True and not rule(args, kwargs):
+                return False
+        return True
+
+    def value_by_rows(self, t: torch.Tensor, read_rows, step: int) -> torch.Tensor:
+        """:meth:`value` of a :meth:`rowwise` output, ``step`` rows at a time:
+        ``read_rows(names, begin, end)`` gives those rows of the checkpoint tensors. Holds the
+        output and one block of its inputs, not the whole inputs."""
+        n = t.shape[0]
+        out = torch.empty(t.shape, dtype=t.dtype)
+        for begin in range(0, n, step):
+            end = min(n, begin + step)
+            part = self.value(t, lambda names, b=begin, e=end: read_rows(names, b, e))
+            if tuple(part.shape) != (end - begin, *t.shape[1:]):
+                raise CheckpointError(f"rows {begin}:{end} of a {list(t.shape)} tensor replayed "
+                                      f"as {list(part.shape)} (a bug in vcyclefx)")
+            out[begin:end].copy_(part)
+            del part
+        return out
+
     @staticmethod
     def _dies_here(x: _Ref, i: int, last: dict) -> bool:
         """``x`` is an intermediate (not a checkpoint tensor, which may be a read-only mapping)
@@ -197,6 +231,30 @@ class Recorder(TorchDispatchMode):
 
 
 _CLONE = torch.ops.aten.clone.default
+
+
+def _dim_not_first(pos: int, default: int = 0):
+    """An op whose dimension argument (at ``pos``, or ``dim=``) is a positive one other than
+    the first (a negative one is refused: the rank is not known here)."""
+    def rule(args, kwargs) -> bool:
+        dim = kwargs.get("dim", args[pos] if len(args) > pos else default)
+        return isinstance(dim, int) and dim > 0
+    return rule
+
+
+def _rowwise_table() -> dict:
+    aten = torch.ops.aten
+    table = {op: True for op in (
+        aten.detach.default, aten.clone.default, aten._to_copy.default, aten.lerp.Scalar,
+        aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.neg.default,
+        aten.add_.Tensor, aten.sub_.Tensor, aten.mul_.Tensor, aten.div_.Tensor,
+        aten.copy_.default, aten.zeros_like.default)}
+    table[aten.slice.Tensor] = _dim_not_first(1)
+    table[aten.cat.default] = _dim_not_first(1)
+    return table
+
+
+_ROWWISE = _rowwise_table()
 
 
 def _owns_memory(x) -> bool:

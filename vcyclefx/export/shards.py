@@ -112,6 +112,7 @@ class ShardReader:
         index = _index_of(d, stem)
         self.entries: dict[str, Entry] = {}
         self.metadata: dict = {}
+        self._starts: dict[Path, int] = {}  # shard -> where its data begins
         if index is not None:
             try:
                 spec = json.loads(index.read_text())
@@ -127,7 +128,7 @@ class ShardReader:
                 if not path.is_file():
                     raise CheckpointError(f"{path}: missing shard (the index {index.name} puts "
                                           f"tensor {names[0]} in it); copy it into {d}")
-                entries, meta, _ = read_header(path)
+                entries, meta, self._starts[path] = read_header(path)
                 for name in names:
                     if name not in entries:
                         raise CheckpointError(f"{index}: names tensor {name} in {file}, which does "
@@ -140,7 +141,7 @@ class ShardReader:
             if not path.is_file():
                 raise CheckpointError(f"{d}: no {stem}.safetensors and no "
                                       f"{stem}.safetensors.index.json")
-            self.entries, self.metadata, _ = read_header(path)
+            self.entries, self.metadata, self._starts[path] = read_header(path)
 
     def __contains__(self, name: str) -> bool:
         return name in self.entries
@@ -163,12 +164,33 @@ class ShardReader:
                 raise CheckpointError(f"{file}: cannot read tensor {ns[0]} ({e})") from e
         return out
 
+    def rows(self, names: list[str], begin: int, end: int) -> dict[str, torch.Tensor]:
+        """Rows ``begin:end`` (along the first dimension) of each tensor ``names``, read into new
+        memory (one ``readinto`` of their contiguous bytes, no mapping kept): a large tensor is
+        then read a block of rows at a time."""
+        out = {}
+        for n in names:
+            e = self.entries[n]
+            row = nbytes(e.dtype, e.shape[1:])
+            data = torch.empty((end - begin) * row, dtype=torch.uint8)
+            try:
+                with open(e.file, "rb", buffering=0) as f:
+                    f.seek(self._starts[e.file] + e.begin + begin * row)
+                    got = f.readinto(data.numpy()) if data.numel() else 0
+            except OSError as err:
+                raise CheckpointError(f"{e.file}: cannot read tensor {n} ({err})") from err
+            if got != data.numel():
+                raise CheckpointError(f"{e.file}: truncated: tensor {n} ends before its header "
+                                      "says; copy the shard again")
+            out[n] = data.view(e.dtype).view(end - begin, *e.shape[1:])
+        return out
+
 
 # ---------------------------------------------------------------------------------------------
 # writing
 
 
-def _nbytes(dtype: torch.dtype, shape) -> int:
+def nbytes(dtype: torch.dtype, shape) -> int:
     n = 1
     for s in shape:
         n *= int(s)
@@ -196,7 +218,7 @@ class ShardWriter:
         shards: list[list[tuple]] = [[]]
         size = 0
         for name, dtype, shape in layout:
-            n = _nbytes(dtype, shape)
+            n = nbytes(dtype, shape)
             if shards[-1] and size + n > max_bytes:
                 shards.append([])
                 size = 0
