@@ -12,7 +12,8 @@ memory:
 - :class:`ShardWriter` lays out the output shards before any value exists (every name, dtype and
   shape is known from the level captured on the meta device), writes each shard's header first
   and then each tensor's bytes as the tensor is made, so a shard is complete as soon as its last
-  tensor is written and nothing holds more than one tensor. The index is written at the end.
+  tensor is written and nothing holds more than one tensor (two with ``background=True``: one
+  being written by the worker thread, one being made). The index is written at the end.
 
 The byte format is safetensors' own (8-byte little-endian header length, JSON header, data);
 files are read back with ``safetensors.safe_open``.

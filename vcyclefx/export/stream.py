@@ -11,7 +11,10 @@ For a Hugging Face directory of safetensors (one file or shards with
    transform under a :class:`~vcyclefx.export.record.Recorder`;
 3. writes the level directory with the weights as sharded safetensors
    (:class:`~vcyclefx.export.shards.ShardWriter`), each output tensor replayed from the few
-   input tensors it needs, read memory-mapped (:class:`~vcyclefx.export.shards.ShardReader`).
+   input tensors it needs, read memory-mapped (:class:`~vcyclefx.export.shards.ShardReader`);
+   an output whose rows come from the same rows of its inputs (the width map of an embedding or
+   LM head, the largest tensors) is replayed a block of rows at a time, so no input is held
+   whole; a worker thread writes each tensor while the next one is made.
 
 Nothing holds the whole input or the whole output. Results are bit-identical to the in-memory
 path (the same ops run on the same values). The output directory is written atomically.
@@ -237,7 +240,7 @@ def stream_weights(level, recorder, reader: ShardReader, max_shard_size, produce
         import sys
         import time
 
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         writer = ShardWriter(tmp, "weights", layout, parse_size(max_shard_size),
                              {ALIASES_KEY: json.dumps(aliases)}, background=True)
         try:
@@ -257,7 +260,8 @@ def stream_weights(level, recorder, reader: ShardReader, max_shard_size, produce
             writer.abort()
         written = sum(_bytes(t) for n, t in state.items() if n not in aliases)
         print(f"vcyclefx: streamed {len(layout)} tensors ({load.bytes / 1e9:.3f} GB read, "
-              f"{written / 1e9:.3f} GB written) in {time.perf_counter() - start:.2f} s",
+              f"{written / 1e9:.3f} GB written) in {time.perf_counter() - start:.2f} s "
+              f"({time.process_time() - cpu:.2f} s of CPU)",
               file=sys.stderr, flush=True)
 
     return write
