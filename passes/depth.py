@@ -167,12 +167,16 @@ def _new_tensors(gm: GraphModule, cm: ChainMap, src: list[str], dst: list[str], 
 
 
 def _mean(ts: list[torch.Tensor]) -> torch.Tensor:
-    """The group's mean; bfloat16/float16 blocks are summed and divided in float32 and rounded
-    once (a checkpoint's dtype is kept, its arithmetic is not done in it)."""
-    x = torch.stack(ts)
-    if x.dtype in (torch.bfloat16, torch.float16):
-        return (x.float().sum(0) / len(ts)).to(x.dtype)
-    return x.sum(0) / len(ts)
+    """The group's mean, summed in member order into one accumulator and divided;
+    bfloat16/float16 blocks are summed and divided in float32 and rounded once (a checkpoint's
+    dtype is kept, its arithmetic is not done in it). No stacked copy of the members: the
+    streaming replay of a depth group holds its members and one float32 accumulator."""
+    low = ts[0].dtype in (torch.bfloat16, torch.float16)
+    acc = ts[0].to(torch.float32 if low else ts[0].dtype, copy=True)
+    for t in ts[1:]:
+        acc.add_(t)  # a low-precision member is widened exactly by the float32 add
+    acc.div_(len(ts))
+    return acc.to(ts[0].dtype) if low else acc
 
 
 def _like(t: torch.Tensor, old_name: str, params: dict) -> torch.Tensor:

@@ -162,3 +162,30 @@ def test_a_write_error_names_the_shard_and_tensor_and_leaves_no_output(tmp_path,
     monkeypatch.setattr(shards, "open", open_, raising=False)
     err = _run_bad(tmp_path, capsys, ckpt)
     assert "No space left on device" in err and "weights" in err and "cannot write tensor" in err
+
+
+def test_large_outputs_replayed_a_block_of_rows_at_a_time_equal_the_in_memory_path(tmp_path,
+                                                                                    monkeypatch):
+    from vcyclefx.export import stream
+    from vcyclefx.export.record import Recorder
+
+    model, _ = zoo.llama()
+    ckpt = _checkpoint(tmp_path, model, "llama")
+    blocks = []
+    by_rows = Recorder.value_by_rows
+
+    def counted(self, t, read_rows, step):
+        blocks.append((tuple(t.shape), step))
+        return by_rows(self, t, read_rows, step)
+
+    monkeypatch.setattr(Recorder, "value_by_rows", counted)
+    monkeypatch.setattr(stream, "ROW_BLOCK_BYTES", 1000)  # a few rows of each input at a time
+    out = tmp_path / "small"
+    assert main(["coalesce", "--stream", "always", str(ckpt), "--width", "0.5", "--depth", "0.5",
+                 "-o", str(out)]) == 0
+    # the embedding and the LM head (a width map of their columns: row i from row i); the
+    # blocks' matrices pair rows or reshape heads, so they are replayed whole
+    assert blocks == [((128, 32), 3), ((128, 32), 3)]
+    found = model_from_spec(str(ckpt))
+    want, _ = vf.coalesce(found.model, found.example, width=0.5, depth=0.5)
+    _same(_weights(out), want.state_dict())

@@ -160,6 +160,8 @@ def main() -> None:
                     help="coalesce and decoalesce a synthetic sharded bf16 Llama (2.4 GB, made "
                          "and deleted by the benchmark) against from_pretrained and cat")
     ap.add_argument("--shard", default="300MB", help="with --big: shard size of the checkpoint")
+    ap.add_argument("--layers", type=int, default=24, help="with --big: decoder layers of the "
+                    "checkpoint (24: 2.43 GB, 40: 3.87 GB)")
     ap.add_argument("--where", default=None, help="with --big: folder for the checkpoint")
     ap.add_argument("--make-big", metavar="DIR", help=argparse.SUPPRESS)
     ap.add_argument("--load-only", metavar="DIR", help=argparse.SUPPRESS)
@@ -181,9 +183,9 @@ def main() -> None:
         return
     modes = [  # (given, what it runs): the first one given runs
         (args.floor, lambda: floor_process(args.floor, args.imports)),
-        (args.make_big, lambda: make_big(args.make_big, args.shard)),
+        (args.make_big, lambda: make_big(args.make_big, args.shard, args.layers)),
         (args.load_only, lambda: load_only(args.load_only)),
-        (args.big, lambda: big_checkpoint(args.repeats, args.shard, args.where)),
+        (args.big, lambda: big_checkpoint(args.repeats, args.shard, args.where, args.layers)),
         (args.make_checkpoint, lambda: make_checkpoint(args.make_checkpoint)),
         (args.whole, lambda: whole_process(args.checkpoint, args.repeats, args.baseline)),
     ]
@@ -340,8 +342,9 @@ BIG = dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=16, num_k
            intermediate_size=5632, vocab_size=32000, max_position_embeddings=2048)
 
 
-def make_big(directory: str, shard: str) -> None:
-    """A random bf16 Llama (BIG: 1.2B parameters, 2.4 GB) saved in shards of ``shard``."""
+def make_big(directory: str, shard: str, layers: int = 24) -> None:
+    """A random bf16 Llama (BIG with ``layers`` decoder layers: 1.2B parameters and 2.4 GB at
+    24, 1.9B and 3.9 GB at 40) saved in shards of ``shard``."""
     import torch
     import transformers as T
 
@@ -349,7 +352,8 @@ def make_big(directory: str, shard: str) -> None:
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
-        model = T.LlamaForCausalLM(T.LlamaConfig(**BIG, use_cache=False, dtype="bfloat16"))
+        model = T.LlamaForCausalLM(T.LlamaConfig(**{**BIG, "num_hidden_layers": layers},
+                                                 use_cache=False, dtype="bfloat16"))
     finally:
         torch.set_default_dtype(old)
     model.config.architectures = ["LlamaForCausalLM"]
@@ -365,21 +369,25 @@ def load_only(src: str) -> None:
     os._exit(0)
 
 
-def big_checkpoint(repeats: int, shard: str, where: str) -> None:
+def big_checkpoint(repeats: int, shard: str, where: str, layers: int = 24) -> None:
     """coalesce 0.5/0.5 and decoalesce (back) of the synthetic checkpoint, ``from_pretrained``
-    alone and ``cat`` of its files, alternating; peak RSS of each child."""
+    alone, ``cat`` of its files (reading it once) and ``cp`` of them to a new folder (reading and
+    writing it once: the floor of decoalesce, which writes a checkpoint of that size),
+    alternating; peak RSS of each child."""
     import shutil
     import tempfile
 
     work = tempfile.mkdtemp(prefix="bench_big_", dir=where)
     try:
         ckpt = os.path.join(work, "llama")
-        subprocess.run([sys.executable, __file__, "--make-big", ckpt, "--shard", shard], check=True)
+        subprocess.run([sys.executable, __file__, "--make-big", ckpt, "--shard", shard,
+                        "--layers", str(layers)], check=True)
         files = sorted(os.path.join(ckpt, f) for f in os.listdir(ckpt) if f.endswith(".safetensors"))
         size = sum(os.path.getsize(f) for f in files)
         vcyclefx = [sys.executable, "-c", "from vcyclefx.cli import entry; entry()"]
         small = os.path.join(work, "small")
         cmds = {"cat": ["cat", *files],
+                "cp": ["cp", "-r", ckpt, os.path.join(work, "copy")],
                 "from_pretrained": [sys.executable, __file__, "--load-only", ckpt],
                 "coalesce": [*vcyclefx, "coalesce", ckpt, "--width", "0.5", "--depth", "0.5",
                              "-o", small, "--max-shard-size", shard, "--force",
@@ -387,13 +395,14 @@ def big_checkpoint(repeats: int, shard: str, where: str) -> None:
                 "decoalesce": [*vcyclefx, "decoalesce", small, "-o", os.path.join(work, "big"),
                                "--max-shard-size", shard, "--force", "--stream", "always"]}
         runs: dict[str, list[tuple[float, int]]] = {w: [] for w in cmds}
-        streaming: dict[str, list[float]] = {"coalesce": [], "decoalesce": []}
+        streaming: dict[str, list[tuple[float, float]]] = {"coalesce": [], "decoalesce": []}
         for r in range(repeats):
             for what, cmd in cmds.items():
                 _measure(runs, what, cmd, work, r, repeats)
                 if what in streaming:
                     streaming[what].append(_streamed_seconds())
             shutil.rmtree(os.path.join(work, "big"), ignore_errors=True)
+            shutil.rmtree(os.path.join(work, "copy"), ignore_errors=True)
         out_size = sum(os.path.getsize(os.path.join(small, f)) for f in os.listdir(small)
                        if f.startswith("weights"))
     finally:
@@ -406,10 +415,14 @@ def big_checkpoint(repeats: int, shard: str, where: str) -> None:
     for what in cmds:
         print(f"{what:<16} {med(what, 0):>6.2f} s {med(what, 1) / 2**30:>6.2f} GiB "
               f"{med(what, 1) / size:>10.2f}x {med(what, 0) / med('cat', 0):>10.2f}x")
+    print(f"CPU seconds (user + system): cat {med('cat', 2):.2f}, cp {med('cp', 2):.2f}")
     for what, xs in streaming.items():
         if all(x is not None for x in xs):
-            t = statistics.median(xs)
-            print(f"{what}: streaming the weights alone {t:.2f} s = {t / med('cat', 0):.2f}x cat")
+            t = statistics.median(x[0] for x in xs)
+            c = statistics.median(x[1] for x in xs)
+            print(f"{what}: streaming the weights alone {t:.2f} s = {t / med('cat', 0):.2f}x cat "
+                  f"= {t / med('cp', 0):.2f}x cp; its CPU {c:.2f} s = "
+                  f"{c / med('cat', 2):.2f}x cat's CPU = {c / med('cp', 2):.2f}x cp's")
 
 
 def split_child(src: str, out: str) -> dict:
@@ -461,16 +474,18 @@ def _median(runs: dict, what: str, i: int) -> float:
     return statistics.median(x[i] for x in runs[what])
 
 
-def _streamed_seconds() -> float | None:
-    """The time the last child spent streaming its weights (its "streamed ... in X s" line)."""
+def _streamed_seconds() -> tuple[float, float] | None:
+    """The wall and CPU seconds the last child spent streaming its weights (its "streamed ... in
+    X s (Y s of CPU)" line)."""
     import re
 
-    m = re.search(r"streamed .* in ([0-9.]+) s", _LAST_ERR[0])
-    return float(m.group(1)) if m else None
+    m = re.search(r"streamed .* in ([0-9.]+) s \(([0-9.]+) s of CPU\)", _LAST_ERR[0])
+    return (float(m.group(1)), float(m.group(2))) if m else None
 
 
-def _run_measured(cmd: list[str], cwd: str, env: dict | None = None) -> tuple[float, int]:
-    """Wall seconds and peak resident memory (bytes) of one child process."""
+def _run_measured(cmd: list[str], cwd: str, env: dict | None = None) -> tuple[float, int, float]:
+    """Wall seconds, peak resident memory (bytes) and CPU seconds (user + system) of one child
+    process."""
     start = time.perf_counter()
     # run from the temporary directory: `python -c` puts the working directory first on sys.path
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
@@ -482,7 +497,7 @@ def _run_measured(cmd: list[str], cwd: str, env: dict | None = None) -> tuple[fl
     _LAST_ERR[0] = err
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{err}")
-    return seconds, usage.ru_maxrss * 1024
+    return seconds, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime
 
 
 def whole_process(checkpoint: str | None, repeats: int, baseline: str | None = None) -> None:

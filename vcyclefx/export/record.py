@@ -87,9 +87,12 @@ class Recorder(TorchDispatchMode):
         if not any(_is_meta(x) for x in flat_in) and not any(_is_meta(x) for x in flat_out):
             return out
         deps: set[int] = set()
-        rargs, rkwargs = pytree.tree_map(lambda x: self._ref(x, deps), (args, kwargs))
+        flat, spec = pytree.tree_flatten((args, kwargs))
+        flat = [self._ref(x, deps) for x in flat]
         index = len(self.ops)
-        self.ops.append((func, rargs, rkwargs, frozenset(deps)))
+        # flattened once here: the replay fills the references in and unflattens, per op
+        self.ops.append((func, flat, spec, frozenset(deps),
+                         tuple(i for i, x in enumerate(flat) if isinstance(x, _Ref))))
         schema = getattr(func, "_schema", None)
         for a in written_args(schema) if schema is not None else []:
             t = kwargs.get(a.name, None)
@@ -137,26 +140,125 @@ class Recorder(TorchDispatchMode):
         ref = self.source(t)
         names = [ref.a] if ref.kind == "leaf" else []
         for i in self._closure(t):
-            for x in pytree.tree_leaves(self.ops[i][1:3]):
-                if isinstance(x, _Ref) and x.kind == "leaf" and x.a not in names:
+            flat, refs = self.ops[i][1], self.ops[i][4]
+            for x in (flat[j] for j in refs):
+                if x.kind == "leaf" and x.a not in names:
                     names.append(x.a)
         return names
 
     def value(self, t: torch.Tensor, load) -> torch.Tensor:
         """The real value of output ``t``: its ops replayed on the checkpoint tensors
-        ``load(names) -> {name: tensor}`` gives."""
+        ``load(names) -> {name: tensor}`` gives. Each intermediate (and each checkpoint tensor)
+        is dropped after its last read, so a group holds only what its remaining ops read; a
+        final ``clone`` of an intermediate that owns its memory is skipped (the same values,
+        one copy less of the largest tensors, the embeddings)."""
         ref = self.source(t)
         leaves = load(self.leaves_of(t))
-        env: dict[tuple[int, int], torch.Tensor] = {}
-
-        def real(x):
-            if not isinstance(x, _Ref):
-                return x
-            return leaves[x.a] if x.kind == "leaf" else env[(x.a, x.b)]
-
-        for i in self._closure(t):
-            func, args, kwargs, _ = self.ops[i]
-            out = func(*pytree.tree_map(real, args), **pytree.tree_map(real, kwargs))
+        order = self._closure(t)
+        last: dict = {}  # ("leaf", name) or (op, position) -> the last op that reads it
+        for i in order:
+            flat, refs = self.ops[i][1], self.ops[i][4]
+            for j in refs:
+                x = flat[j]
+                last[("leaf", x.a) if x.kind == "leaf" else (x.a, x.b)] = i
+        result = ("leaf", ref.a) if ref.kind == "leaf" else (ref.a, ref.b)
+        last.pop(result, None)  # the result is kept
+        env: dict = {("leaf", n): v for n, v in leaves.items()}
+        del leaves
+        for i in order:
+            func, flat, spec, _, refs = self.ops[i]
+            flat = list(flat)
+            for j in refs:
+                x = flat[j]
+                flat[j] = env[("leaf", x.a) if x.kind == "leaf" else (x.a, x.b)]
+            if func is _CLONE and (i, 0) == result and refs == (0,) and len(flat) == 1 and \
+                    self._dies_here(self.ops[i][1][0], i, last) and _owns_memory(flat[0]):
+                out = flat[0]
+            else:
+                args, kwargs = pytree.tree_unflatten(flat, spec)
+                out = func(*args, **kwargs)
+            del flat
+            for j in refs:
+                x = self.ops[i][1][j]
+                key = ("leaf", x.a) if x.kind == "leaf" else (x.a, x.b)
+                if last.get(key) == i:
+                    env.pop(key, None)
             for pos, o in enumerate(pytree.tree_leaves(out)):
-                env[(i, pos)] = o
-        return leaves[ref.a] if ref.kind == "leaf" else env[(ref.a, ref.b)]
+                if (i, pos) in last or (i, pos) == result:
+                    env[(i, pos)] = o
+            del out
+        return env[result]
+
+    def rowwise(self, t: torch.Tensor) -> bool:
+        """Whether row ``i`` of output ``t`` is computed from row ``i`` of each checkpoint tensor
+        it reads and nothing else: every op of its DAG is elementwise or slices / concatenates
+        along a dimension other than the first (a width map of an embedding, a depth mean). Such
+        an output can be replayed a block of rows at a time (:meth:`value_by_rows`), with the
+        same values: an elementwise op computes each element alone."""
+        for i in self._closure(t):
+            func, flat, spec, _, refs = self.ops[i]
+            rule = _ROWWISE.get(func)
+            if rule is None:
+                return False
+            if any(isinstance(x, torch.Tensor) and x.dim() > 0 for x in flat):
+                return False  # a constant tensor (an index) is not split with the rows
+            args, kwargs = pytree.tree_unflatten(list(flat), spec)
+            if rule is not True and not rule(args, kwargs):
+                return False
+        return True
+
+    def value_by_rows(self, t: torch.Tensor, read_rows, step: int) -> torch.Tensor:
+        """:meth:`value` of a :meth:`rowwise` output, ``step`` rows at a time:
+        ``read_rows(names, begin, end)`` gives those rows of the checkpoint tensors. Holds the
+        output and one block of its inputs, not the whole inputs."""
+        n = t.shape[0]
+        out = torch.empty(t.shape, dtype=t.dtype)
+        for begin in range(0, n, step):
+            end = min(n, begin + step)
+            part = self.value(t, lambda names, b=begin, e=end: read_rows(names, b, e))
+            if tuple(part.shape) != (end - begin, *t.shape[1:]):
+                raise CheckpointError(f"rows {begin}:{end} of a {list(t.shape)} tensor replayed "
+                                      f"as {list(part.shape)} (a bug in vcyclefx)")
+            out[begin:end].copy_(part)
+            del part
+        return out
+
+    @staticmethod
+    def _dies_here(x: _Ref, i: int, last: dict) -> bool:
+        """``x`` is an intermediate (not a checkpoint tensor, which may be a read-only mapping)
+        that no op after ``i`` reads."""
+        return x.kind == "out" and last.get((x.a, x.b)) == i
+
+
+_CLONE = torch.ops.aten.clone.default
+
+
+def _dim_not_first(pos: int, default: int = 0):
+    """An op whose dimension argument (at ``pos``, or ``dim=``) is a positive one other than
+    the first (a negative one is refused: the rank is not known here)."""
+    def rule(args, kwargs) -> bool:
+        dim = kwargs.get("dim", args[pos] if len(args) > pos else default)
+        return isinstance(dim, int) and dim > 0
+    return rule
+
+
+def _rowwise_table() -> dict:
+    aten = torch.ops.aten
+    table = {op: True for op in (
+        aten.detach.default, aten.clone.default, aten._to_copy.default, aten.lerp.Scalar,
+        aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.neg.default,
+        aten.add_.Tensor, aten.sub_.Tensor, aten.mul_.Tensor, aten.div_.Tensor,
+        aten.copy_.default, aten.zeros_like.default)}
+    table[aten.slice.Tensor] = _dim_not_first(1)
+    table[aten.cat.default] = _dim_not_first(1)
+    return table
+
+
+_ROWWISE = _rowwise_table()
+
+
+def _owns_memory(x) -> bool:
+    """A contiguous tensor that is all of its storage (a replayed intermediate, not a view of a
+    larger one): its clone would copy the same bytes."""
+    return isinstance(x, torch.Tensor) and x.is_contiguous() and \
+        x.untyped_storage().nbytes() == x.numel() * x.element_size() and x.storage_offset() == 0

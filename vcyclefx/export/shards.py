@@ -12,7 +12,8 @@ memory:
 - :class:`ShardWriter` lays out the output shards before any value exists (every name, dtype and
   shape is known from the level captured on the meta device), writes each shard's header first
   and then each tensor's bytes as the tensor is made, so a shard is complete as soon as its last
-  tensor is written and nothing holds more than one tensor. The index is written at the end.
+  tensor is written and nothing holds more than one tensor (two with ``background=True``: one
+  being written by the worker thread, one being made). The index is written at the end.
 
 The byte format is safetensors' own (8-byte little-endian header length, JSON header, data);
 files are read back with ``safetensors.safe_open``.
@@ -112,6 +113,7 @@ class ShardReader:
         index = _index_of(d, stem)
         self.entries: dict[str, Entry] = {}
         self.metadata: dict = {}
+        self._starts: dict[Path, int] = {}  # shard -> where its data begins
         if index is not None:
             try:
                 spec = json.loads(index.read_text())
@@ -127,7 +129,7 @@ class ShardReader:
                 if not path.is_file():
                     raise CheckpointError(f"{path}: missing shard (the index {index.name} puts "
                                           f"tensor {names[0]} in it); copy it into {d}")
-                entries, meta, _ = read_header(path)
+                entries, meta, self._starts[path] = read_header(path)
                 for name in names:
                     if name not in entries:
                         raise CheckpointError(f"{index}: names tensor {name} in {file}, which does "
@@ -140,7 +142,7 @@ class ShardReader:
             if not path.is_file():
                 raise CheckpointError(f"{d}: no {stem}.safetensors and no "
                                       f"{stem}.safetensors.index.json")
-            self.entries, self.metadata, _ = read_header(path)
+            self.entries, self.metadata, self._starts[path] = read_header(path)
 
     def __contains__(self, name: str) -> bool:
         return name in self.entries
@@ -163,12 +165,33 @@ class ShardReader:
                 raise CheckpointError(f"{file}: cannot read tensor {ns[0]} ({e})") from e
         return out
 
+    def rows(self, names: list[str], begin: int, end: int) -> dict[str, torch.Tensor]:
+        """Rows ``begin:end`` (along the first dimension) of each tensor ``names``, read into new
+        memory (one ``readinto`` of their contiguous bytes, no mapping kept): a large tensor is
+        then read a block of rows at a time."""
+        out = {}
+        for n in names:
+            e = self.entries[n]
+            row = nbytes(e.dtype, e.shape[1:])
+            data = torch.empty((end - begin) * row, dtype=torch.uint8)
+            try:
+                with open(e.file, "rb", buffering=0) as f:
+                    f.seek(self._starts[e.file] + e.begin + begin * row)
+                    got = f.readinto(data.numpy()) if data.numel() else 0
+            except OSError as err:
+                raise CheckpointError(f"{e.file}: cannot read tensor {n} ({err})") from err
+            if got != data.numel():
+                raise CheckpointError(f"{e.file}: truncated: tensor {n} ends before its header "
+                                      "says; copy the shard again")
+            out[n] = data.view(e.dtype).view(end - begin, *e.shape[1:])
+        return out
+
 
 # ---------------------------------------------------------------------------------------------
 # writing
 
 
-def _nbytes(dtype: torch.dtype, shape) -> int:
+def nbytes(dtype: torch.dtype, shape) -> int:
     n = 1
     for s in shape:
         n *= int(s)
@@ -181,16 +204,22 @@ class ShardWriter:
     ``{stem}.safetensors`` when one shard holds everything) with ``{stem}.safetensors.index.json``.
 
     ``layout``: ``[(name, dtype, shape)]`` in the order :meth:`write` will be called. ``metadata``
-    goes into every shard's header (and the index)."""
+    goes into every shard's header (and the index).
+
+    ``background=True``: the bytes of a tensor are written (and a full shard fsynced) by one
+    worker thread while the caller makes the next tensor; :meth:`write` first waits for the
+    previous tensor's write, so at most one written tensor is held beside the one being made,
+    and a write error is raised by the next :meth:`write` or by :meth:`finish`, naming the shard
+    and tensor that failed."""
 
     def __init__(self, directory, stem: str, layout: list[tuple], max_bytes: int,
-                 metadata: dict | None = None):
+                 metadata: dict | None = None, background: bool = False):
         self.directory = Path(directory)
         self.metadata = {k: str(v) for k, v in (metadata or {}).items()}
         shards: list[list[tuple]] = [[]]
         size = 0
         for name, dtype, shape in layout:
-            n = _nbytes(dtype, shape)
+            n = nbytes(dtype, shape)
             if shards[-1] and size + n > max_bytes:
                 shards.append([])
                 size = 0
@@ -203,6 +232,13 @@ class ShardWriter:
         self.index = None if count == 1 else f"{stem}.safetensors.index.json"
         self.where = {name: (i, j) for i, s in enumerate(shards) for j, (name, *_) in enumerate(s)}
         self._shard, self._pos, self._f = -1, 0, None
+        self._written = 0  # tensors accepted by write(), in layout order
+        self._pool = None
+        self._pending = None  # the background write in flight
+        if background:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="vcyclefx-shard-writer")
 
     def _open(self, i: int) -> None:
         entries, offset = {}, 0
@@ -226,23 +262,38 @@ class ShardWriter:
         if t.dtype != dtype or tuple(t.shape) != shape:
             raise CheckpointError(f"{path}: tensor {name} was laid out as {dtype} {list(shape)} "
                                   f"but is {t.dtype} {list(t.shape)} (a bug in vcyclefx)")
-        expected = (self._shard, self._pos) if self._f is not None else (self._shard + 1, 0)
-        if (i, j) != expected:
+        expected = sum(len(s) for s in self.shards[:i]) + j
+        if expected != self._written:
             raise CheckpointError(f"{path}: tensor {name} written out of order (a bug in vcyclefx)")
+        self._written += 1
+        data = t.detach().contiguous().cpu()
+        if self._pool is None:
+            self._put(i, name, data)
+            return
+        self._wait()
+        self._pending = self._pool.submit(self._put, i, name, data)
+
+    def _put(self, i: int, name: str, data: torch.Tensor) -> None:
+        path = self.directory / self.files[i]
         try:
             if self._shard != i:
                 self._open(i)
-            data = t.detach().contiguous().cpu()
             if data.numel():
                 self._f.write(data.view(torch.uint8).reshape(-1).numpy().data)
             self._pos += 1
             if self._pos == len(self.shards[i]):
                 self._close()
         except OSError as e:
-            self.abort()
+            self._abort_file()
             why = os.strerror(e.errno) if e.errno else str(e)
             raise CheckpointError(f"{path}: cannot write tensor {name} ({why}); free space on "
                                   "that disk or choose another -o") from e
+
+    def _wait(self) -> None:
+        """Wait for the background write in flight; raise its error."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
     def _close(self) -> None:
         f, self._f = self._f, None
@@ -250,13 +301,26 @@ class ShardWriter:
         os.fsync(f.fileno())
         f.close()
 
-    def abort(self) -> None:
+    def _abort_file(self) -> None:
         if self._f is not None:
             f, self._f = self._f, None
             f.close()
 
+    def abort(self) -> None:
+        """Stop: wait for a background write (its error is dropped: the caller is already
+        failing or done), close the open shard."""
+        try:
+            self._wait()
+        except Exception:  # noqa: BLE001 - raised already by write()/finish() or superseded
+            pass
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+            self._abort_file()
+
     def finish(self, aliases: dict[str, str] | None = None) -> None:
         """Write the index (sharded output); ``aliases``: tied names, kept in the index."""
+        self._wait()
         total = sum(n for s in self.shards for *_, n in s)
         if self._shard == -1 and self.shards == [[]]:  # nothing to write: an empty file
             self._open(0)

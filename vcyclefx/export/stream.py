@@ -11,7 +11,10 @@ For a Hugging Face directory of safetensors (one file or shards with
    transform under a :class:`~vcyclefx.export.record.Recorder`;
 3. writes the level directory with the weights as sharded safetensors
    (:class:`~vcyclefx.export.shards.ShardWriter`), each output tensor replayed from the few
-   input tensors it needs, read memory-mapped (:class:`~vcyclefx.export.shards.ShardReader`).
+   input tensors it needs, read memory-mapped (:class:`~vcyclefx.export.shards.ShardReader`);
+   an output whose rows come from the same rows of its inputs (the width map of an embedding or
+   LM head, the largest tensors) is replayed a block of rows at a time, so no input is held
+   whole; a worker thread writes each tensor while the next one is made.
 
 Nothing holds the whole input or the whole output. Results are bit-identical to the in-memory
 path (the same ops run on the same values). The output directory is written atomically.
@@ -29,7 +32,7 @@ from tqdm import tqdm
 
 from vcyclefx.errors import CheckpointError
 from vcyclefx.export.record import Recorder
-from vcyclefx.export.shards import ShardReader, ShardWriter, parse_size
+from vcyclefx.export.shards import ShardReader, ShardWriter, nbytes, parse_size
 from vcyclefx.fx.device import move_device_literals_
 from vcyclefx.level import owner_of
 
@@ -226,20 +229,20 @@ def stream_weights(level, recorder, reader: ShardReader, max_shard_size, produce
     aliases = aliases_of(state)
     layout = [(n, t.dtype, tuple(t.shape)) for n, t in state.items() if n not in aliases]
 
-    read = [0]
-
     def load(names):
         got = reader.get(names)
-        read[0] += sum(t.numel() * t.element_size() for t in got.values())
+        load.bytes += sum(_bytes(t) for t in got.values())
         return got
+
+    load.bytes = 0
 
     def write(tmp: Path) -> None:
         import sys
         import time
 
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         writer = ShardWriter(tmp, "weights", layout, parse_size(max_shard_size),
-                             {ALIASES_KEY: json.dumps(aliases)})
+                             {ALIASES_KEY: json.dumps(aliases)}, background=True)
         try:
             for name, *_ in tqdm(layout, desc="writing weights", unit="tensor", leave=False,
                                  disable=None):
@@ -247,16 +250,18 @@ def stream_weights(level, recorder, reader: ShardReader, max_shard_size, produce
                 if produce is not None:
                     value = produce(name, t)
                 elif t.is_meta:
-                    value = recorder.value(t, load)
+                    value = _replay(recorder, t, reader, load)
                 else:
                     value = t
                 writer.write(name, value.detach())
+                del value  # the writer's thread holds it until written, no longer
             writer.finish(aliases)
         finally:
             writer.abort()
         written = sum(_bytes(t) for n, t in state.items() if n not in aliases)
-        print(f"vcyclefx: streamed {len(layout)} tensors ({read[0] / 1e9:.3f} GB read, "
-              f"{written / 1e9:.3f} GB written) in {time.perf_counter() - start:.2f} s",
+        print(f"vcyclefx: streamed {len(layout)} tensors ({load.bytes / 1e9:.3f} GB read, "
+              f"{written / 1e9:.3f} GB written) in {time.perf_counter() - start:.2f} s "
+              f"({time.process_time() - cpu:.2f} s of CPU)",
               file=sys.stderr, flush=True)
 
     return write
@@ -264,6 +269,30 @@ def stream_weights(level, recorder, reader: ShardReader, max_shard_size, produce
 
 def _bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
+
+
+ROW_BLOCK_BYTES = 16 << 20  # a large row-wise output reads this much of its inputs at a time
+
+
+def _replay(recorder, t: torch.Tensor, reader: ShardReader, load) -> torch.Tensor:
+    """Output ``t`` replayed; one whose inputs exceed :data:`ROW_BLOCK_BYTES` and whose rows are
+    made from the same rows of its inputs (an embedding's width map) a block of rows at a time,
+    so that its inputs (the largest tensors of a language model) are never held whole."""
+    names = recorder.leaves_of(t)
+    entries = [reader.entries.get(n) for n in names]
+    if t.dim() == 0 or not names or any(e is None or len(e.shape) != t.dim() or
+                                        e.shape[0] != t.shape[0] for e in entries):
+        return recorder.value(t, load)
+    per_row = sum(nbytes(e.dtype, e.shape[1:]) for e in entries)
+    if per_row * t.shape[0] <= ROW_BLOCK_BYTES or not recorder.rowwise(t):
+        return recorder.value(t, load)
+
+    def rows(ns, begin, end):
+        got = reader.rows(ns, begin, end)
+        load.bytes += sum(_bytes(x) for x in got.values())
+        return got
+
+    return recorder.value_by_rows(t, rows, max(1, ROW_BLOCK_BYTES // max(per_row, 1)))
 
 
 def interpolated(a: Source, b: Source, alpha: float):
