@@ -223,9 +223,15 @@ class TrainConfig:
         """``--carry-optimizer`` as given, else on (also with ``--fsdp``)."""
         return self.carry_optimizer is not False
 
-    def vcycle_fractions(self) -> list[float]:
-        """``--fractions``, else the recommended shape (``vcyclefx.train.vcycle.recommended_fractions``)."""
-        return list(self.fractions) or recommended_fractions(self.levels)
+    def tokens_per_param(self, params: int | None) -> float | None:
+        """The baseline's tokens (``--steps``) per parameter of level 0 (None without ``params``)."""
+        return None if not params else self.steps * self.tokens_per_step / params
+
+    def vcycle_fractions(self, params: int | None = None) -> list[float]:
+        """``--fractions``, else the recommended shape for the regime: level 0's ``params`` and
+        ``--steps`` give the tokens per parameter (``vcyclefx.train.vcycle.recommended_fractions``)."""
+        return list(self.fractions) or recommended_fractions(self.levels,
+                                                             self.tokens_per_param(params))
 
     def vcycle_lr_scales(self) -> list[float]:
         """``--lr-scales``, else 1 at level 0 and ``COARSE_LR_SCALE`` at every coarser level."""

@@ -18,33 +18,60 @@ by ``--schedule compare`` says which size is compute-efficient.
 
 from __future__ import annotations
 
-COMPUTE_EFFICIENT_TPP = 20.0
-MEASURED = ("measured on a 2-core CPU (BENCHMARKS.md, 'Regime map'; 38K-parameter GPT, 25 tokens "
-            "per parameter, 3 seeds): against the envelope the default recipe cost 37% more FLOPs "
-            "(median) and the best recipe tried, --fractions 0.02,0.08,0.90, saved +4.2% "
-            "[-19.2%, +21.2%], within the noise")
+import torch
+
+from vcyclefx.train.vcycle import COMPUTE_EFFICIENT_TPP, recommended_fractions
+
+# what the regime map measured (BENCHMARKS.md, "Regime map"); filled from the study's table
+MEASURED_BELOW = "MEASURED_BELOW"
+MEASURED_ABOVE = "MEASURED_ABOVE"
 
 
 def tokens_per_param(tokens: float, params: int) -> float:
     return tokens / max(1, params)
 
 
-def regime_note(cfg, params: int) -> str:
-    """One line: the requested model's parameters and tokens per parameter at ``--steps``, with
-    a warning when that is below ``COMPUTE_EFFICIENT_TPP`` (a smaller model is then likely the
-    compute-efficient size, and a saving against the same-size model proves nothing)."""
+def coarse_params(cfg) -> int | None:
+    """Parameters of level 1's architecture trained alone (the built-in GPT at the coarse sizes,
+    built on the meta device: nothing allocated); None for ``--model`` or a 1-level run."""
+    if cfg.model or cfg.levels < 2:
+        return None
+    from vcyclefx.driver.startup import coarse_sizes
+    from vcyclefx.zoo.gpt import GPT, GPTConfig
+
+    n_layer, n_head, n_embd = coarse_sizes(cfg, 1)
+    with torch.device("meta"):
+        m = GPT(GPTConfig(block_size=cfg.seq_len, vocab_size=cfg.vocab_size or 256,
+                          n_layer=n_layer, n_head=n_head, n_embd=n_embd, dropout=0.0,
+                          bias=cfg.bias))
+    return sum(p.numel() for p in m.parameters())
+
+
+def regime_note(cfg, params: int, coarse: int | None = None) -> str:
+    """What the run's regime means for the V-cycle, in a few sentences: level 0's parameters and
+    tokens per parameter at ``--steps``, the default recipe that regime gets (when
+    ``--fractions`` is not given) and what it measured; below ``COMPUTE_EFFICIENT_TPP`` the
+    advice to train the ``coarse``-parameter model instead (a saving against the same-size
+    model proves nothing there)."""
     tokens = cfg.steps * cfg.tokens_per_step
     tpp = tokens_per_param(tokens, params)
     line = (f"regime: level 0 has {params:,} parameters; --steps {cfg.steps} is {tokens:,} "
             f"tokens = {tpp:.1f} tokens per parameter")
+    shape = ",".join(f"{f:g}" for f in recommended_fractions(cfg.levels, tpp)) if cfg.levels > 1 else ""
+    default = (f" The V-cycle's default recipe here is --fractions {shape}" if shape and not cfg.fractions
+               else "")
     if tpp >= COMPUTE_EFFICIENT_TPP:
-        return (line + "; --schedule compare measures whether a smaller size would be "
-                f"cheaper (the envelope). So far {MEASURED}.")
+        return (line + "." + (default + " (a short coarse phase early)." if default else "")
+                + f" Measured: {MEASURED_ABOVE}. --schedule compare measures both savings on "
+                "your model (the envelope: a smaller size trained alone too).")
+    instead = (f"train the {coarse:,}-parameter model (level 1's architecture) instead"
+               if coarse else "train a smaller model instead")
     return (line + f". Below about {COMPUTE_EFFICIENT_TPP:g} tokens per parameter the "
             f"{params:,}-parameter model is likely NOT the compute-efficient size at this budget: "
-            "a smaller model trained alone usually reaches the same loss for less, so a saving "
-            "against the same-size model is no saving. --schedule compare also trains the "
-            "coarse architecture alone and reports the saving against that envelope.")
+            f"{instead}, or give it more tokens. A saving against the same-size model is no "
+            f"saving here." + (default + " (the most saved against the same-size model)." if default else "")
+            + f" Measured: {MEASURED_BELOW}. --schedule compare also trains the coarse "
+            "architecture alone and reports the saving against that envelope.")
 
 
 def size_label(name: str, params: int | None) -> str:

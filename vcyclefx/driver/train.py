@@ -27,7 +27,7 @@ from vcyclefx.driver.plot import finish
 from vcyclefx.driver.runtime import Point, RunState, Runtime
 from vcyclefx.driver.growth import load_frontier, should_grow
 from vcyclefx.driver.logger import read_metrics
-from vcyclefx.driver.regime import regime_note
+from vcyclefx.driver.regime import coarse_params, regime_note
 from vcyclefx.driver.saving import Frontier
 from vcyclefx.driver.schedule import (lr_at, parse_alone, schedule_order, schedule_steps,
                                      stage_lr)
@@ -101,11 +101,13 @@ class Cycle:
         return stop
 
 
-def cycle_options(cfg: TrainConfig) -> dict:
+def cycle_options(cfg: TrainConfig, params: int | None = None) -> dict:
     """The ``vf.VCycle`` keyword options of the run's V-cycle (levels, factors, steps per stage,
-    learning-rate scales, pairings): what an integration gives its VCycle to run this recipe."""
+    learning-rate scales, pairings): what an integration gives its VCycle to run this recipe.
+    ``params``: level 0's parameter count, which with ``--steps`` picks the default
+    ``--fractions`` of the regime (``TrainConfig.vcycle_fractions``)."""
     return dict(levels=cfg.levels, width=cfg.width, depth=cfg.depth, alpha=cfg.alpha,
-                total_steps=cfg.vcycle_total_steps, fractions=cfg.vcycle_fractions(),
+                total_steps=cfg.vcycle_total_steps, fractions=cfg.vcycle_fractions(params),
                 lr_scales=cfg.vcycle_lr_scales(), pairing=cfg.pairing,
                 depth_pairing=cfg.depth_pairing, depth_init=cfg.depth_init)
 
@@ -119,7 +121,8 @@ def make_cycle(rt: Runtime, model: torch.nn.Module | None = None) -> Cycle:
     model = (model if model is not None else new_model(rt)).to(rt.device)
     example = (rt.train_batches.get(0, 0)[0][:2],)  # (2, T): batch 2 keeps the batch dim dynamic
     vdir = rt.out / "vcycle"
-    cycle = VCycle(model, example, **cycle_options(cfg), checkpoint_dir=vdir,
+    params = sum(p.numel() for p in model.parameters())
+    cycle = VCycle(model, example, **cycle_options(cfg, params), checkpoint_dir=vdir,
                    resume=vdir if cfg.resume else None,
                    write_checkpoints=rt.master)  # one writer; every rank rebuilds the same levels
     # --grow-when slope: the file's frontier now (a bad file fails at start-up); a compare
@@ -314,7 +317,8 @@ def main(cfg: TrainConfig) -> dict | None:
             print(f"vcyclefx train: {rt.data.source}; {len(rt.data.train):,} train / "
                   f"{len(rt.data.val):,} val tokens; device {rt.device}, world {rt.world}, "
                   f"compile {rt.compile}, out {rt.out}", flush=True)
-            note = regime_note(cfg, sum(p.numel() for p in new_model(rt).parameters()))
+            note = regime_note(rt.cfg, sum(p.numel() for p in new_model(rt).parameters()),
+                               coarse_params(rt.cfg))
             if note:
                 print(note, flush=True)
         train(rt)

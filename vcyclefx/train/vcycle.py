@@ -145,12 +145,32 @@ def default_fractions(levels: int) -> list[float]:
     return out
 
 
-def recommended_fractions(levels: int) -> list[float]:
-    """The measured recipe's shape: 5% per stage on the way down and on the way up, the rest at
-    the coarsest level (for 2 levels: 5% / 90% / 5%; BENCHMARKS.md, frontier study). Use it with
-    ``depth_init="identity"``, ``alpha=0.75``, ``lr_scales`` 2 below level 0, carried optimizer
-    moments (``Stage.map_optimizer_state``), one cosine learning-rate decay over the whole cycle
-    and 1.5x the baseline's steps (the driver's defaults)."""
+# At or above this many tokens per parameter (of the baseline the V-cycle replaces) the model is
+# about the compute-efficient size for its budget, and the recipe that paid against the envelope
+# there is a short coarse phase early (BENCHMARKS.md, "Regime map"); below it a smaller model
+# trained alone is cheaper than any recipe measured.
+COMPUTE_EFFICIENT_TPP = 20.0
+SHORT_COARSE = (0.02, 0.08)  # down, coarsest: the rest goes to the way up
+
+
+def recommended_fractions(levels: int, tokens_per_param: float | None = None) -> list[float]:
+    """The measured recipe's shape, by regime (BENCHMARKS.md, "Regime map").
+
+    ``tokens_per_param`` (the baseline's tokens over level 0's parameters) at or above
+    ``COMPUTE_EFFICIENT_TPP``: a short coarse phase early, 2% of the steps on the way down, 8% at
+    the coarsest level, the rest on the way up (2 levels: 2% / 8% / 90%), the only recipe measured
+    at or above zero against the envelope there. Otherwise (or None): 5% per stage on the way
+    down and up, the rest at the coarsest level (5% / 90% / 5%), the recipe that saves most
+    against the same-size model (frontier study) but where a smaller model trained alone is
+    cheaper still. Use either with ``depth_init="identity"``, ``alpha=0.75``, ``lr_scales`` 2
+    below level 0, carried optimizer moments (``Stage.map_optimizer_state``), one cosine
+    learning-rate decay over the whole cycle and 1.5x the baseline's steps (the driver's
+    defaults)."""
+    if levels > 1 and tokens_per_param is not None and tokens_per_param >= COMPUTE_EFFICIENT_TPP:
+        down, bottom = SHORT_COARSE
+        up = 1.0 - down - bottom
+        return ([down / (levels - 1)] * (levels - 1) + [bottom]
+                + [up / (levels - 1)] * (levels - 1))
     edges = 0.05 * (2 * levels - 2)
     if levels > 1 and edges >= 1.0:
         raise ScheduleError(f"levels={levels}: 5% per transition stage leaves nothing for the "
