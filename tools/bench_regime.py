@@ -249,6 +249,7 @@ def study(a, runner: Runner) -> dict:
                          "coarse": [got[alone(cblr[b], b, s)[0]] for b in cbudgets]}
             pts = [[r["flops"], r["loss"]] for r in fronts[s]["full"] if r]
             path = runner.root / f"{tag}-s{s}-full-frontier.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({"points": pts}))
             got.update(runner.run(dict(recipe(r, lr, s, ["--grow-frontier", str(path)])
                                        for r in recipes if "--grow-when" in RECIPES.get(r, []))))
