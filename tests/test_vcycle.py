@@ -219,7 +219,12 @@ def test_the_readme_recommended_recipe_runs_and_carries_every_parameters_moments
             opt.step()
 
     scope = dict(vf=vf, torch=torch, model=model, example_inputs=example_inputs, peak_lr=1e-3,
-                 baseline_steps=40, my_train_loop=my_train_loop)
+                 baseline_steps=40, my_train_loop=my_train_loop, tokens_per_param=60.0)
+    exec(compile(block, "README.md", "exec"), scope)  # at 60 tokens per parameter: 2/8/90
+    assert [(s.level, s.steps, s.lr_scale) for s in scope["cycle"].schedule.stages] == \
+        [(0, 1, 1.0), (1, 5, 2.0), (0, 54, 1.0)]
+    seen.clear()
+    scope = dict(scope, tokens_per_param=5.0)  # below 20: 5/90/5
     exec(compile(block, "README.md", "exec"), scope)
     cycle = scope["cycle"]
     assert [(s.level, s.steps, s.lr_scale) for s in cycle.schedule.stages] == \
