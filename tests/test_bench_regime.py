@@ -49,3 +49,30 @@ def test_a_plain_recipe_is_scored_at_its_end_on_the_full_frontier():
     run = _run([5.0, 50.0, 5.0], [3.0, 2.5, 2.2], end_loss=2.2)
     assert bench_regime.scored("f.02/.08/.90", run) == ("full", {"loss": 2.2, "flops": 60.0})
     assert bench_regime.scored("f.02/.08/.90", run, counted=False) == ("full", {"loss": 2.2, "flops": 60.0})
+
+
+def test_merge_puts_the_regimes_of_several_studies_in_one_table_and_plot(tmp_path, capsys):
+    import json
+
+    def study(tpp, saving):
+        seeds = {"1": {"loss": 2.0, "flops": 1.0, "tokens_per_param": 1.5 * tpp, "same_size": saving,
+                       "same_size_extrapolated": False, "envelope": saving - 0.1,
+                       "envelope_extrapolated": False, "envelope_size": "full", "grow_step": None}}
+        return {"params": 100, "tokens_per_step": 10, "regimes": [
+            {"tpp": tpp, "steps": tpp * 10, "lr": 0.01, "coarse_lr": 0.02, "seeds": [1],
+             "lr_tuning": {}, "coarse_lr_tuning": {}, "frontiers": {},
+             "recipes": [{"recipe": "defaults", "seeds": seeds}]}]}
+
+    files = []
+    for tpp, saving in ((60, 0.05), (25, 0.2)):
+        files.append(tmp_path / f"s{tpp}.json")
+        files[-1].write_text(json.dumps(study(tpp, saving)))
+    assert bench_regime.main(["--out", str(tmp_path / "map"), "--name", "all",
+                              "--merge", *map(str, files)]) == 0
+    merged = json.loads((tmp_path / "map" / "all.json").read_text())
+    assert [g["tpp"] for g in merged["regimes"]] == [25, 60]  # sorted by tokens per parameter
+    table = capsys.readouterr().out.splitlines()
+    assert [r.split()[:2] for r in table if r.startswith(("25 ", "60 ")) and "defaults" in r] == \
+        [["25", "defaults"], ["60", "defaults"]]
+    assert "+20.0%" in table[-2] and "+10.0%" in table[-2] and "-5.0%" in table[-1]
+    assert (tmp_path / "map" / "all.png").stat().st_size > 10_000

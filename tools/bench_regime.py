@@ -20,8 +20,9 @@ starts again from nothing). Each recipe run is scored against its own seed's fro
 **same-size** saving ``1 - C / C_full(L)`` and the **envelope** saving ``1 - C / C_env(L)``,
 C_env the cheapest of the full and the coarse architecture at loss L
 (``vcyclefx.driver.saving.Envelope``; ``~`` = extrapolated beyond every measured bracket). The
-table is printed last; ``regime.json`` and ``regime.png`` (both savings against tokens per
-parameter) go to ``--out``.
+table is printed last; ``NAME.json`` and ``NAME.png`` (both savings against tokens per
+parameter) go to ``--out`` (``--name``, default ``regime``); ``--merge A.json B.json ...`` makes
+one table and plot of studies run with different options per regime.
 
     python tools/bench_regime.py --out runs/regime --tpp 25 --seeds 1337 --jobs 2
 """
@@ -427,8 +428,20 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="threads per run")
     p.add_argument("--report-only", action="store_true",
                    help="start no run: the table and plot of the runs finished so far")
+    p.add_argument("--name", default="regime",
+                   help="the table and plot go to --out/NAME.json and NAME.png")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="start no run: one table and plot of the regimes of several studies' "
+                        "NAME.json files (regimes run with different options each)")
     p.add_argument("extra", nargs="*", help="options for every run (after --)")
     a = p.parse_args(argv)
+    if a.merge:
+        parts = [json.loads(Path(f).read_text()) for f in a.merge]
+        if len({d["params"] for d in parts}) != 1:
+            p.error("--merge: the studies were run on models of different sizes")
+        data = {**parts[0], "regimes": sorted((g for d in parts for g in d["regimes"]),
+                                              key=lambda g: g["tpp"])}
+        return _write(data, Path(a.out), a.name)
     unknown = [r for r in a.recipes.split(",") if r and r not in RECIPES and r not in REUSE]
     if unknown:
         p.error(f"unknown recipes {unknown}; known: {', '.join(RECIPES)}")
@@ -436,9 +449,13 @@ def main(argv=None) -> int:
               "--eval-every", "250", *a.extra]
     runner = Runner(Path(a.out), a.jobs, a.threads, common, dry=a.report_only)
     data = study(a, runner)
-    runner.root.mkdir(parents=True, exist_ok=True)
-    (runner.root / "regime.json").write_text(json.dumps(data, indent=1))
-    plot(data, runner.root / "regime.png")
+    return _write(data, runner.root, a.name)
+
+
+def _write(data: dict, out: Path, name: str) -> int:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(data, indent=1))
+    plot(data, out / f"{name}.png")
     print(report(data))
     return 0
 
