@@ -176,8 +176,7 @@ def resume_config(cfg: TrainConfig, out: Path) -> tuple[TrainConfig, Point | Non
     saved = TrainConfig.from_dict(json.loads(path.read_text()))
     diff = [k for k in TrainConfig.field_names()
             if k not in _RESUMABLE_CHANGES and getattr(saved, k) != getattr(cfg, k)
-            and not (k == "vocab_size" and cfg.vocab_size == 0)
-            and not (k == "width" and cfg.width is None)]  # auto: the run's resolved width
+            and not (k == "vocab_size" and cfg.vocab_size == 0)]
     if diff:
         raise ConfigError(f"--resume {out}: the run was made with different "
                           + ", ".join(f"{k}={getattr(saved, k)!r} (now {getattr(cfg, k)!r})"
