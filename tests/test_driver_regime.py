@@ -38,11 +38,6 @@ def test_the_driver_picks_the_regime_s_fractions_from_steps_and_parameters():
     assert above.vcycle_fractions() == [0.05, 0.9, 0.05]  # parameters unknown: the old default
     given = TrainConfig(**MODEL, steps=369, fractions=(0.1, 0.5, 0.4))
     assert given.vcycle_fractions(params) == [0.1, 0.5, 0.4]  # --fractions always wins
-    # --width auto: depth-only growth (1) at 20 tokens per parameter and above with 2 levels
-    assert (below.vcycle_width(params), above.vcycle_width(params)) == (0.5, 1.0)
-    assert above.vcycle_width() == 0.5  # parameters unknown
-    assert TrainConfig(**MODEL, steps=369, levels=3).vcycle_width(params) == 0.5
-    assert TrainConfig(**MODEL, steps=369, width=0.25).vcycle_width(params) == 0.25
 
 
 def test_the_note_names_the_smaller_model_to_train_below_the_threshold_and_the_recipe_above():
@@ -52,23 +47,10 @@ def test_the_note_names_the_smaller_model_to_train_below_the_threshold_and_the_r
     low = regime_note(cfg, 37_760, coarse)
     assert "5.4 tokens per parameter" in low and "NOT the compute-efficient size" in low
     assert "train the 9,456-parameter model (level 1's architecture) instead" in low
-    assert "--width 0.5 --fractions 0.05,0.9,0.05" in low
+    assert "--fractions 0.05,0.9,0.05" in low
     high = regime_note(TrainConfig(**MODEL, steps=1106), 37_760, coarse)
     assert "60.0 tokens per parameter" in high and "NOT" not in high
-    assert "--width 1 --fractions 0.02,0.08,0.9 (depth-only growth" in high
-    mine = regime_note(TrainConfig(**MODEL, steps=1106, width=0.5, fractions=(0.1, 0.5, 0.4)),
-                       37_760, coarse)
+    assert "--fractions 0.02,0.08,0.9" in high
+    mine = regime_note(TrainConfig(**MODEL, steps=1106, fractions=(0.1, 0.5, 0.4)), 37_760, coarse)
     assert "default recipe" not in mine  # the user's own --fractions: no default to announce
     assert coarse_params(TrainConfig(**MODEL, levels=1)) is None
-
-
-def test_level0_params_are_counted_on_the_meta_device_for_the_built_in_gpt_and_a_model_dir(tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from vcyclefx.driver.startup import level0_params
-
-    assert level0_params(TrainConfig(**MODEL)) == 37_760
-    GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=128, vocab_size=256).save_pretrained(tmp_path)
-    real = GPT2LMHeadModel(GPT2Config.from_pretrained(tmp_path))
-    cfg = TrainConfig(**{**MODEL, "model": str(tmp_path)})
-    assert level0_params(cfg) == sum(p.numel() for p in real.parameters())

@@ -39,7 +39,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
             kw["metavar"] = "X,Y,..."
             kw["help"] = f"{f.metadata['help']}".replace("%", "%%")
         else:
-            kw["type"] = _TYPES[f.type.split(" |")[0]]  # "float | None": a float, None = auto
+            kw["type"] = _TYPES[f.type]
             kw["metavar"] = f.name.upper()
             if "choices" in f.metadata:
                 kw["choices"] = f.metadata["choices"]

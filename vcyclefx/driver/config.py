@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from vcyclefx.errors import VCycleError
 from vcyclefx.plan.choices import DEPTH_INITS, DEPTH_PAIRINGS, WIDTH_PAIRINGS
-from vcyclefx.train.vcycle import recommended_fractions, recommended_width
+from vcyclefx.train.vcycle import recommended_fractions
 
 SCHEDULES = ("vcycle", "baseline", "compare")
 LR_SCHEDULES = ("global", "stage")
@@ -97,11 +97,7 @@ class TrainConfig:
                                            "envelope the V-cycle is also scored against; empty "
                                            "= none", parse="floats")
     levels: int = _f(2, "levels of the V-cycle (2 = one coalesced level below the model)")
-    width: float | None = _f(None, "width factor from one level to the next smaller one; auto: "
-                                   "by regime (level 0's tokens per parameter at --steps): 0.5 "
-                                   "below 20, and at 20 and above with 2 levels 1 (depth-only "
-                                   "growth, the recipe measured best there, BENCHMARKS.md "
-                                   "'Regime map')")
+    width: float = _f(0.5, "width factor from one level to the next smaller one")
     depth: float = _f(0.5, "depth factor from one level to the next smaller one")
     alpha: float = _f(0.75, "interpolation weight of the de-coalesced model (the paper: 0.25 for "
                             "GPT; 0.75 measured best with identity growth, BENCHMARKS.md); 1 "
@@ -231,14 +227,6 @@ class TrainConfig:
         """The baseline's tokens (``--steps``) per parameter of level 0 (None without ``params``)."""
         return None if not params else self.steps * self.tokens_per_step / params
 
-    def vcycle_width(self, params: int | None = None) -> float:
-        """``--width``, else by regime: 1 (depth-only growth) with 2 levels at or above
-        ``COMPUTE_EFFICIENT_TPP`` tokens per parameter of level 0's ``params``, else 0.5 (also
-        when ``params`` is unknown)."""
-        if self.width is not None:
-            return self.width
-        return recommended_width(self.levels, self.tokens_per_param(params))
-
     def vcycle_fractions(self, params: int | None = None) -> list[float]:
         """``--fractions``, else the recommended shape for the regime: level 0's ``params`` and
         ``--steps`` give the tokens per parameter (``vcyclefx.train.vcycle.recommended_fractions``)."""
@@ -314,7 +302,7 @@ def _check_ranges(c: TrainConfig) -> None:
     need(c.weight_decay >= 0 and c.grad_clip >= 0, "--weight-decay and --grad-clip must be >= 0")
     need(0 <= c.beta1 < 1 and 0 <= c.beta2 < 1, "--beta1/--beta2 must be in [0, 1)")
     need(c.levels >= 1, f"--levels must be at least 1 (1 = no coarse level), got {c.levels}")
-    need((c.width is None or 0 < c.width <= 1) and 0 < c.depth <= 1,
+    need(0 < c.width <= 1 and 0 < c.depth <= 1,
          f"--width/--depth are shrink factors in (0, 1], got width={c.width}, depth={c.depth}")
     need(0 <= c.alpha <= 1, f"--alpha must be in [0, 1], got {c.alpha}")
     need(c.peak_flops > 0, "--peak-flops must be positive")
@@ -393,7 +381,7 @@ def check_runtime(c: TrainConfig, device_type: str, world_size: int) -> None:
         warnings.warn("--compile on CPU uses inductor's C++ backend: the first steps of every "
                       "level spend tens of seconds compiling; use --no-compile for short runs",
                       stacklevel=2)
-    if c.alpha == 1.0 and c.vcycle_width() < 1.0 and c.schedule != "baseline":
+    if c.alpha == 1.0 and c.width < 1.0 and c.schedule != "baseline":
         warnings.warn("--alpha 1 with --width below 1: the de-coalesced model's duplicated width "
                       "units get identical gradients, so they stay identical for ever (a "
                       "half-width model in the full shape; BENCHMARKS.md); use --alpha below 1",

@@ -22,16 +22,9 @@ import torch
 
 from vcyclefx.train.vcycle import COMPUTE_EFFICIENT_TPP, recommended_fractions
 
-# what the regime map measured (BENCHMARKS.md, "Regime map": a 38K-parameter GPT on a 2-core CPU,
-# 3 seeds, every baseline budget's lr tuned per seed; median [min, max])
-MEASURED_BELOW = ("on a 38K-parameter GPT (BENCHMARKS.md, 'Regime map') the 5/90/5 recipe saved "
-                  "44.0% against the same-size model at 25 tokens per parameter but cost 37.0% "
-                  "[20.9%, 49.3%] more than the coarse architecture trained alone")
-MEASURED_ABOVE = ("on a 38K-parameter GPT (BENCHMARKS.md, 'Regime map', 3 seeds) growth in depth "
-                  "alone after a short coarse phase (--width 1 --fractions 0.02,0.08,0.90) saved "
-                  "+16.5% [-113.4%, +17.2%] of the FLOPs against the envelope at 25 tokens per "
-                  "parameter and +13.8% [-2.2%, +17.9%] at 60 (one seed in three lost); with the "
-                  "width halved too, +4.2% [-19.2%, +26.1%] and -1.6% [-8.9%, +3.1%]")
+# what the regime map measured (BENCHMARKS.md, "Regime map"); filled from the study's table
+MEASURED_BELOW = "MEASURED_BELOW"
+MEASURED_ABOVE = "MEASURED_ABOVE"
 
 
 def tokens_per_param(tokens: float, params: int) -> float:
@@ -65,17 +58,10 @@ def regime_note(cfg, params: int, coarse: int | None = None) -> str:
     line = (f"regime: level 0 has {params:,} parameters; --steps {cfg.steps} is {tokens:,} "
             f"tokens = {tpp:.1f} tokens per parameter")
     shape = ",".join(f"{f:g}" for f in recommended_fractions(cfg.levels, tpp)) if cfg.levels > 1 else ""
-    width = cfg.vcycle_width(params)
-    given = [x for x, mine in (("--width", cfg.width is not None), ("--fractions", bool(cfg.fractions)))
-             if mine]
-    default = ("" if not shape or len(given) == 2 else
-               " The V-cycle's default recipe here is "
-               + " ".join(x for x, mine in ((f"--width {width:g}", cfg.width is None),
-                                            (f"--fractions {shape}", not cfg.fractions)) if mine))
+    default = (f" The V-cycle's default recipe here is --fractions {shape}" if shape and not cfg.fractions
+               else "")
     if tpp >= COMPUTE_EFFICIENT_TPP:
-        what = (" (depth-only growth after a short coarse phase early)." if width == 1.0
-                else " (a short coarse phase early).")
-        return (line + "." + (default + what if default else "")
+        return (line + "." + (default + " (a short coarse phase early)." if default else "")
                 + f" Measured: {MEASURED_ABOVE}. --schedule compare measures both savings on "
                 "your model (the envelope: a smaller size trained alone too).")
     instead = (f"train the {coarse:,}-parameter model (level 1's architecture) instead"

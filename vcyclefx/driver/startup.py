@@ -97,8 +97,6 @@ def setup(cfg: TrainConfig) -> Runtime:
         raise ConfigError(f"--vocab-size {vocab} is too small for token id {data.max_token} in "
                           "the data: use --vocab-size 0 (from the data) or a larger one")
     check_model(cfg.model)
-    if cfg.width is None:  # auto: by the regime of level 0 (written to config.json resolved)
-        cfg = cfg.replace(width=cfg.vcycle_width(level0_params(cfg)))
     if cfg.log_to == "tensorboard":
         _check_tensorboard()
     train_batches = Batches(data.train, "train", cfg.batch_size, cfg.seq_len, cfg.seed, dev)
@@ -166,21 +164,8 @@ def new_model(rt: Runtime, level: int = 0) -> torch.nn.Module:
                          n_head=n_head, n_embd=n_embd, dropout=c.dropout, bias=c.bias))
 
 
-def level0_params(c: TrainConfig) -> int:
-    """Parameters of the run's level 0 (the built-in GPT or the ``--model`` architecture), built
-    on the meta device: nothing is allocated or initialised."""
-    with torch.device("meta"):
-        if c.model:
-            m = build_causal_lm(c.model, vocab_size=c.vocab_size, seq_len=c.seq_len, seed=c.seed)
-        else:
-            m = GPT(GPTConfig(block_size=c.seq_len, vocab_size=c.vocab_size, n_layer=c.n_layer,
-                              n_head=c.n_head, n_embd=c.n_embd, dropout=c.dropout, bias=c.bias))
-    return sum(p.numel() for p in m.parameters())
-
-
 def coarse_sizes(c, level: int) -> tuple[int, int, int]:
     """(n_layer, n_head, n_embd) of the built-in GPT's level ``level``: depth x ``--depth``,
     width and heads x ``--width`` per level (the head size is kept, as coalescing keeps it)."""
-    width = c.vcycle_width()  # setup() has resolved an auto --width with the run's parameters
-    return (max(1, round(c.n_layer * c.depth ** level)), max(1, round(c.n_head * width ** level)),
-            max(1, round(c.n_embd * width ** level)))
+    return (max(1, round(c.n_layer * c.depth ** level)), max(1, round(c.n_head * c.width ** level)),
+            max(1, round(c.n_embd * c.width ** level)))

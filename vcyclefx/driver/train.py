@@ -106,7 +106,7 @@ def cycle_options(cfg: TrainConfig, params: int | None = None) -> dict:
     learning-rate scales, pairings): what an integration gives its VCycle to run this recipe.
     ``params``: level 0's parameter count, which with ``--steps`` picks the default
     ``--fractions`` of the regime (``TrainConfig.vcycle_fractions``)."""
-    return dict(levels=cfg.levels, width=cfg.vcycle_width(params), depth=cfg.depth, alpha=cfg.alpha,
+    return dict(levels=cfg.levels, width=cfg.width, depth=cfg.depth, alpha=cfg.alpha,
                 total_steps=cfg.vcycle_total_steps, fractions=cfg.vcycle_fractions(params),
                 lr_scales=cfg.vcycle_lr_scales(), pairing=cfg.pairing,
                 depth_pairing=cfg.depth_pairing, depth_init=cfg.depth_init)
@@ -317,10 +317,7 @@ def main(cfg: TrainConfig) -> dict | None:
             print(f"vcyclefx train: {rt.data.source}; {len(rt.data.train):,} train / "
                   f"{len(rt.data.val):,} val tokens; device {rt.device}, world {rt.world}, "
                   f"compile {rt.compile}, out {rt.out}", flush=True)
-            # the note says which default the run got: the config as given (--width auto),
-            # with the vocabulary the data gave
-            note = regime_note(cfg.replace(vocab_size=rt.cfg.vocab_size),
-                               sum(p.numel() for p in new_model(rt).parameters()),
+            note = regime_note(rt.cfg, sum(p.numel() for p in new_model(rt).parameters()),
                                coarse_params(rt.cfg))
             if note:
                 print(note, flush=True)

@@ -153,15 +153,6 @@ COMPUTE_EFFICIENT_TPP = 20.0
 SHORT_COARSE = (0.02, 0.08)  # down, coarsest: the rest goes to the way up
 
 
-def recommended_width(levels: int, tokens_per_param: float | None = None) -> float:
-    """The width factor of the measured recipe by regime (BENCHMARKS.md, "Regime map"): 1, growth
-    in depth alone, with 2 levels at or above ``COMPUTE_EFFICIENT_TPP`` tokens per parameter (it
-    saved the most against the envelope there, with ``recommended_fractions``' short coarse
-    phase); else 0.5 (also when ``tokens_per_param`` is None)."""
-    above = tokens_per_param is not None and tokens_per_param >= COMPUTE_EFFICIENT_TPP
-    return 1.0 if levels == 2 and above else 0.5
-
-
 def recommended_fractions(levels: int, tokens_per_param: float | None = None) -> list[float]:
     """The measured recipe's shape, by regime (BENCHMARKS.md, "Regime map").
 
