@@ -50,7 +50,8 @@ def test_the_note_names_the_smaller_model_to_train_below_the_threshold_and_the_r
     assert "--fractions 0.05,0.9,0.05" in low
     high = regime_note(TrainConfig(**MODEL, steps=1106), 37_760, coarse)
     assert "60.0 tokens per parameter" in high and "NOT" not in high
-    assert "--fractions 0.02,0.08,0.9" in high
+    assert "--fractions 0.02,0.08,0.9 (a short coarse phase early)" in high
     mine = regime_note(TrainConfig(**MODEL, steps=1106, fractions=(0.1, 0.5, 0.4)), 37_760, coarse)
     assert "default recipe" not in mine  # the user's own --fractions: no default to announce
     assert coarse_params(TrainConfig(**MODEL, levels=1)) is None
+

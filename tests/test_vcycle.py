@@ -223,6 +223,7 @@ def test_the_readme_recommended_recipe_runs_and_carries_every_parameters_moments
     exec(compile(block, "README.md", "exec"), scope)  # at 60 tokens per parameter: 2/8/90
     assert [(s.level, s.steps, s.lr_scale) for s in scope["cycle"].schedule.stages] == \
         [(0, 1, 1.0), (1, 5, 2.0), (0, 54, 1.0)]
+    assert [shapes["transformer.wte.weight"][1] for _, _, shapes in seen] == [64, 32, 64]
     seen.clear()
     scope = dict(scope, tokens_per_param=5.0)  # below 20: 5/90/5
     exec(compile(block, "README.md", "exec"), scope)
@@ -230,6 +231,7 @@ def test_the_readme_recommended_recipe_runs_and_carries_every_parameters_moments
     assert [(s.level, s.steps, s.lr_scale) for s in cycle.schedule.stages] == \
         [(0, 3, 1.0), (1, 54, 2.0), (0, 3, 1.0)]
     assert [steps for steps, _, _ in seen] == [3, 54, 3]
+    assert [shapes["transformer.wte.weight"][1] for _, _, shapes in seen] == [64, 32, 64]
     assert seen[0][1] == {}  # a fresh optimizer at the start
     for _, started, shapes in seen[1:]:
         assert set(started) == set(shapes)  # every parameter's moments were carried
