@@ -19,7 +19,7 @@ from vcyclefx.train.optim_state import optimizer_state_by_name
 from vcyclefx.zoo.gpt import GPT, GPTConfig
 
 L = pytest.importorskip("lightning")
-from test_integrations_hf import CFG, T, VOCAB, batches, example  # noqa: E402
+from test_integrations_hf import CFG, T, VOCAB, assert_carried_exactly, batches, example  # noqa: E402
 
 from vcyclefx.integrations.lightning import fit_vcycle  # noqa: E402
 
@@ -81,13 +81,7 @@ def test_lightning_vcycle_matches_the_driver_recipe_carries_moments_and_ends_in_
                      **cycle_options(CFG))
     assert lit.net is net and isinstance(net, GPT)
 
-    for i in (1, 2):  # what each stage started from = the mapping of what the last one ended with
-        want = seen[i]["stage"].map_optimizer_state(seen[i - 1]["end"])
-        got = seen[i]["begin"]
-        assert set(got) == set(want) and got
-        for name in want:
-            for key in ("exp_avg", "exp_avg_sq"):
-                assert torch.equal(got[name][key], want[name][key]), (i, name, key)
+    assert_carried_exactly(seen)  # each stage began with the mapping of the last one's moments
 
     ours, records = train_vcycle_on(CFG, level0, batches(), tmp_path / "driver")
     driver = [r for r in records if r["event"] == "train"]
