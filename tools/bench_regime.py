@@ -445,7 +445,7 @@ def main(argv=None) -> int:
     unknown = [r for r in a.recipes.split(",") if r and r not in RECIPES and r not in REUSE]
     if unknown:
         p.error(f"unknown recipes {unknown}; known: {', '.join(RECIPES)}")
-    # --width 0.5: the recipes name their factors (the driver's default width follows the regime)
+    # --width 0.5: every recipe names its factors, whatever the driver's default becomes
     common = ["--seq-len", str(a.seq_len), "--batch-size", str(a.batch_size), "--ckpt-every", "0",
               "--eval-every", "250", "--width", "0.5", *a.extra]
     runner = Runner(Path(a.out), a.jobs, a.threads, common, dry=a.report_only)

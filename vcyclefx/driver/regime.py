@@ -33,23 +33,15 @@ MEASURED_ABOVE = ("on a 38K-parameter GPT (BENCHMARKS.md, 'Regime map', 3 seeds)
                   "recipe measured saved beyond it against every size trained alone")
 
 
-def tokens_per_param(tokens: float, params: int) -> float:
-    return tokens / max(1, params)
-
-
 def coarse_params(cfg) -> int | None:
     """Parameters of level 1's architecture trained alone (the built-in GPT at the coarse sizes,
     built on the meta device: nothing allocated); None for ``--model`` or a 1-level run."""
     if cfg.model or cfg.levels < 2:
         return None
-    from vcyclefx.driver.startup import coarse_sizes
-    from vcyclefx.zoo.gpt import GPT, GPTConfig
+    from vcyclefx.driver.startup import built_in_gpt
 
-    n_layer, n_head, n_embd = coarse_sizes(cfg, 1)
     with torch.device("meta"):
-        m = GPT(GPTConfig(block_size=cfg.seq_len, vocab_size=cfg.vocab_size or 256,
-                          n_layer=n_layer, n_head=n_head, n_embd=n_embd, dropout=0.0,
-                          bias=cfg.bias))
+        m = built_in_gpt(cfg.replace(vocab_size=cfg.vocab_size or 256), 1)
     return sum(p.numel() for p in m.parameters())
 
 
@@ -60,7 +52,7 @@ def regime_note(cfg, params: int, coarse: int | None = None) -> str:
     advice to train the ``coarse``-parameter model instead (a saving against the same-size
     model proves nothing there)."""
     tokens = cfg.steps * cfg.tokens_per_step
-    tpp = tokens_per_param(tokens, params)
+    tpp = cfg.tokens_per_param(params)
     line = (f"regime: level 0 has {params:,} parameters; --steps {cfg.steps} is {tokens:,} "
             f"tokens = {tpp:.1f} tokens per parameter")
     shape = ",".join(f"{f:g}" for f in recommended_fractions(cfg.levels, tpp)) if cfg.levels > 1 else ""

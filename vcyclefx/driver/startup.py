@@ -159,6 +159,12 @@ def new_model(rt: Runtime, level: int = 0) -> torch.nn.Module:
         if level:
             raise ConfigError("a coarse level of --model has no config to build it alone from")
         return build_causal_lm(c.model, vocab_size=c.vocab_size, seq_len=c.seq_len, seed=c.seed)
+    return built_in_gpt(c, level)
+
+
+def built_in_gpt(c: TrainConfig, level: int = 0) -> GPT:
+    """The built-in GPT at level ``level``'s sizes (``coarse_sizes``), initialised by torch's
+    current RNG (or on the meta device under ``torch.device("meta")``)."""
     n_layer, n_head, n_embd = coarse_sizes(c, level)
     return GPT(GPTConfig(block_size=c.seq_len, vocab_size=c.vocab_size, n_layer=n_layer,
                          n_head=n_head, n_embd=n_embd, dropout=c.dropout, bias=c.bias))
