@@ -21,10 +21,11 @@ from vcyclefx.plan.choices import DEPTH_INITS, DEPTH_PAIRINGS, WIDTH_PAIRINGS
 from vcyclefx.train.vcycle import recommended_fractions
 
 SCHEDULES = ("vcycle", "baseline", "compare")
-LR_SCHEDULES = ("global", "stage")
+LR_SCHEDULES = ("global", "stage", "wsd")
 DTYPES = ("auto", "float32", "bfloat16")
 LOG_TO = ("jsonl", "tensorboard")
 GROW_WHEN = ("fractions", "slope")
+LR_AT_GROWTH = ("schedule", "same-loss")
 COARSE_LR_SCALE = 2.0  # lr factor of the coarse levels when --lr-scales is not given (tuned)
 
 
@@ -75,6 +76,18 @@ class TrainConfig:
                                     "stage: every V-cycle stage its own warm-up + cosine over its "
                                     "steps, as the authors' separate run per stage",
                           choices=LR_SCHEDULES)
+    decay_fraction: float = _f(0.2, "--lr-schedule wsd (warm-up, stable, decay: one schedule over "
+                                    "all the V-cycle's steps like global): the share of the "
+                                    "steps at the end that decay linearly to --min-lr; the lr "
+                                    "is --lr before that")
+    lr_at_growth: str = _f("schedule", "the learning rate of the last stage, after the V-cycle "
+                                       "grows back to the full model: schedule (where the "
+                                       "run's schedule is) or same-loss (staged training: "
+                                       "continue as a from-scratch full model that has reached "
+                                       "the grown model's validation loss, read off the full "
+                                       "model's frontier, with the stage's steps left: needs "
+                                       "the frontier, --schedule compare or --grow-frontier)",
+                           choices=LR_AT_GROWTH)
     stage_warmup: int = _f(0, "warm-up steps at the start of every later V-cycle stage (0 as the "
                               "paper: the optimizer is reset but not warmed up)")
     weight_decay: float = _f(0.01, "AdamW weight decay on matrices, as the paper")
@@ -121,7 +134,8 @@ class TrainConfig:
                                      "may take, and the steps left go to the way up; needs the "
                                      "frontier: --schedule compare or --grow-frontier)",
                          choices=GROW_WHEN)
-    grow_frontier: str = _f("", "the full model's frontier for --grow-when slope: a JSON "
+    grow_frontier: str = _f("", "the full model's frontier for --grow-when slope and "
+                                "--lr-at-growth same-loss: a JSON "
                                 "{\"points\": [[flops, loss], ...]} or a compare run's summary.json; "
                                 "empty = this run's own baselines (--schedule compare)")
     grow_window: int = _f(4, "evaluations the coarse level's slope is fitted over "
@@ -334,6 +348,13 @@ def _check_ranges(c: TrainConfig) -> None:
          "multiples of --steps, e.g. 1,2,4 (or empty for none)")
     need(c.grow_when in GROW_WHEN, f"--grow-when {c.grow_when!r}: choose one of {', '.join(GROW_WHEN)}")
     need(c.grow_window >= 2, f"--grow-window must be at least 2 evaluations, got {c.grow_window}")
+    need(0.0 < c.decay_fraction <= 1.0, f"--decay-fraction must be in (0, 1], got {c.decay_fraction}")
+    need(c.lr_at_growth in LR_AT_GROWTH,
+         f"--lr-at-growth {c.lr_at_growth!r}: choose one of {', '.join(LR_AT_GROWTH)}")
+    if c.lr_at_growth == "same-loss" and c.schedule != "baseline":
+        need(bool(c.grow_frontier) or (c.schedule == "compare" and len(c.frontier_budgets) >= 2),
+             "--lr-at-growth same-loss reads the full model's frontier: run --schedule compare "
+             "(with 2 or more --frontier-budgets) or give --grow-frontier FILE")
     if c.grow_when == "slope" and c.schedule != "baseline":
         need(bool(c.grow_frontier) or (c.schedule == "compare" and len(c.frontier_budgets) >= 2),
              "--grow-when slope compares the coarse level's slope with the full model's "

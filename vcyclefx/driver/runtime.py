@@ -27,6 +27,7 @@ class RunState:
     flops: float = 0.0
     wall: float = 0.0  # seconds spent training (not evaluating or checkpointing)
     val_loss: float | None = None  # latest validation loss
+    lr_from: int = 0  # --lr-at-growth same-loss: the stage's lr continues a full run this far in
 
 
 @dataclass

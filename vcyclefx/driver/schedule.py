@@ -13,14 +13,28 @@ all its stages::
                     = min_lr + (lr - min_lr) * (1 + cos(pi * (s - w) / (n - w))) / 2
     ramp(k) = min(1, (k+1)/(stage_warmup+1)) for stages after the first, else 1
 
-so baseline and V-cycle share one envelope and a coarse stage runs at ``lr_scale`` times it.
-With ``--lr-schedule stage`` (the default) every stage restarts, as if each were its own run
+so baseline and V-cycle share one envelope and a coarse stage runs at ``lr_scale`` times it
+(``global`` is the default). ``--lr-schedule wsd`` is the same with warm-up, stable, decay in
+place of the cosine (``--decay-fraction`` f of the steps at the end)::
+
+    wsd(s; n, w) = lr * (s+1)/(w+1)                                     while s < w
+                 = lr                                                   while s < n - d
+                 = min_lr + (lr - min_lr) * (n - s) / d                 after, d = max(1, round(f n))
+
+With ``--lr-schedule stage`` every stage restarts, as if each were its own run
 (the authors' recipe runs each stage as a separate job with a fresh optimizer):
 ``lr = lr_scale * cosine(k; stage steps, warmup if first stage else stage_warmup)`` at stage
 step ``k``. A baseline is one stage, so both give it the same schedule. Measured final
 validation losses of the V-cycle (800 steps, stdlib corpus): 2 x 64 GPT 2.266 (stage) vs 2.304
 (global), baseline 2.179; tiny preset 2.103 (stage) vs 2.083 (global), baseline 1.905 - no
-clear winner at this scale; "stage" is the default because it is the authors' recipe.
+clear winner at this scale (later studies chose ``global``, BENCHMARKS.md).
+
+``--lr-at-growth same-loss`` (staged training's rule, Shen et al., ICML 2022) replaces the
+learning rate of the V-cycle's last stage, the full model grown back: at its start the grown
+model's validation loss L is read off the full model's frontier, C_full(L) FLOPs, i.e.
+``n = C_full(L) / (FLOPs of one full-model step)`` steps of a from-scratch full model; the stage's
+R steps then follow ``shape(n + k; n + R, warmup)`` at stage step k (``RunState.lr_from`` = n), as
+if the grown model were that model, trained on for R more steps and fully decayed.
 """
 
 from __future__ import annotations
@@ -83,6 +97,26 @@ def cosine_lr(step: int, steps: int, warmup: int, lr: float, min_lr: float) -> f
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 
+def wsd_lr(step: int, steps: int, warmup: int, lr: float, min_lr: float,
+           decay_fraction: float) -> float:
+    """``wsd(step; steps, warmup)`` of the module docstring: warm-up, ``lr``, then a linear decay
+    to ``min_lr`` over the last ``decay_fraction`` of ``steps``."""
+    if step < warmup:
+        return lr * (step + 1) / (warmup + 1)
+    decay = max(1, round(decay_fraction * steps))
+    if step < steps - decay:
+        return lr
+    return min_lr + (lr - min_lr) * max(0.0, steps - step) / decay
+
+
+def shape_lr(cfg: TrainConfig, step: int, steps: int, warmup: int) -> float:
+    """The run's lr shape at ``step`` of ``steps``: wsd under ``--lr-schedule wsd``, else the
+    cosine."""
+    if cfg.lr_schedule == "wsd":
+        return wsd_lr(step, steps, warmup, cfg.lr, cfg.min_lr, cfg.decay_fraction)
+    return cosine_lr(step, steps, warmup, cfg.lr, cfg.min_lr)
+
+
 def global_lr(step: int, stage_step: int, first_stage: bool, *, steps: int, warmup: int,
               stage_warmup: int, lr: float, min_lr: float) -> float:
     """``--lr-schedule global`` without the stage's lr scale: ``ramp(stage_step) * cosine(step;
@@ -96,15 +130,24 @@ def lr_at(cfg: TrainConfig, step: int, steps: int | None = None, warmup: int | N
     """``cosine(step; steps, warmup)`` of the module docstring (default: the baseline's steps)."""
     steps = cfg.steps if steps is None else steps
     warmup = cfg.warmup if warmup is None else warmup
-    return cosine_lr(step, steps, warmup, cfg.lr, cfg.min_lr)
+    return shape_lr(cfg, step, steps, warmup)
 
 
 def stage_lr(cfg: TrainConfig, state: RunState, steps: int, lr_scale: float) -> float:
     """The learning rate of the next step of the stage ``state`` is in (module docstring)."""
     first = state.stage == 0
+    if state.lr_from:  # --lr-at-growth same-loss: the grown model as a full model lr_from steps in
+        return lr_scale * lr_at(cfg, state.lr_from + state.stage_step, state.lr_from + steps)
     if cfg.lr_schedule == "stage":
         warmup = cfg.warmup if first else cfg.stage_warmup
         return lr_scale * lr_at(cfg, state.stage_step, steps, warmup)
-    return lr_scale * global_lr(state.step, state.stage_step, first,
-                                steps=schedule_steps(cfg, state.schedule), warmup=cfg.warmup,
-                                stage_warmup=cfg.stage_warmup, lr=cfg.lr, min_lr=cfg.min_lr)
+    ramp = 1.0 if first else min(1.0, (state.stage_step + 1) / (cfg.stage_warmup + 1))
+    return lr_scale * ramp * lr_at(cfg, state.step, schedule_steps(cfg, state.schedule))
+
+
+def steps_at_loss(frontier, loss: float, flops_per_step: float) -> int:
+    """``--lr-at-growth same-loss``: the steps a from-scratch full model needs to reach ``loss``
+    (its frontier's FLOPs at that loss, extrapolated outside the bracket, over one step's
+    FLOPs); at least 1."""
+    need = frontier.cost_at(loss, extrapolate=True)
+    return max(1, round(need.value / flops_per_step))

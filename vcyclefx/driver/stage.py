@@ -165,7 +165,7 @@ def run_stage(rt: Runtime, module: torch.nn.Module, steps: int, lr_scale: float,
               state: RunState, optim_state: dict | None = None, bar: ProgressBar | None = None,
               phase: str = "", carried: dict[str, dict] | None = None,
               hand_on: bool = False, stop=None, sharded: torch.nn.Module | None = None,
-              fpt: float | None = None) -> tuple[RunState, dict | None]:
+              fpt: float | None = None, grown=None) -> tuple[RunState, dict | None]:
     """Train ``module`` (GPT or a level) for the remaining steps of the stage ``state`` is in.
 
     The optimizer starts fresh, or from ``optim_state`` (a checkpoint's: a state_dict, or the
@@ -181,7 +181,10 @@ def run_stage(rt: Runtime, module: torch.nn.Module, steps: int, lr_scale: float,
     ``sharded`` (``--fsdp-transitions tensor``): ``module`` is a level on the meta device and
     ``sharded`` the FSDP2 module holding its weights, trained in place (``module`` stays on the
     meta device); ``fpt`` its training FLOPs per token; the optimizer itself is handed on
-    (``ShardedLevels.carry`` maps its moments).
+    (``ShardedLevels.carry`` maps its moments). ``grown`` (``--lr-at-growth same-loss``, the
+    last stage): called as ``grown(val_loss, flops_per_step)`` at the stage's start, it gives
+    ``state.lr_from``, the steps a from-scratch full model needs to reach that loss
+    (``driver.schedule``); recorded as a ``lr_at_growth`` event.
     """
     cfg = rt.cfg
     t = Trainee(rt, module, sharded)
@@ -194,6 +197,10 @@ def run_stage(rt: Runtime, module: torch.nn.Module, steps: int, lr_scale: float,
                params=sum(p.numel() for p in t.raw.parameters()))
         state.val_loss = evaluate(rt, t.local)
         record(rt, state, level, "eval", val_loss=state.val_loss)
+        if grown is not None:
+            state.lr_from = grown(state.val_loss, fpt * cfg.tokens_per_step)
+            record(rt, state, level, "lr_at_growth", lr_from=state.lr_from,
+                   lr=stage_lr(cfg, state, steps, lr_scale))
     window, clock = _Window(rt, state), _Clock(rt.device)
     while state.stage_step < steps:
         lr = stage_lr(cfg, state, steps, lr_scale)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -30,7 +31,7 @@ from vcyclefx.driver.logger import read_metrics
 from vcyclefx.driver.regime import coarse_params, regime_note
 from vcyclefx.driver.saving import Frontier
 from vcyclefx.driver.schedule import (lr_at, parse_alone, schedule_order, schedule_steps,
-                                     stage_lr)
+                                     stage_lr, steps_at_loss)
 from vcyclefx.driver.sharded import ShardedLevels
 from vcyclefx.driver.stage import (lm_training_flops_per_token, make_optimizer, record,
                                    run_stage)
@@ -84,13 +85,14 @@ class Cycle:
 
     cycle: object
     seconds: float
-    frontier: object = None  # the full model's Frontier, for --grow-when slope
+    frontier: object = None  # the full model's Frontier (--grow-when slope, --lr-at-growth same-loss)
     window: int = 4
+    slope: bool = False  # --grow-when slope
 
     def grow_stop(self, start: RunState):
         """The ``stop`` of the bottom stage under ``--grow-when slope`` (``driver.growth``):
         True once its evaluations' slope per FLOP is shallower than the full frontier's."""
-        if self.frontier is None:
+        if not self.slope or self.frontier is None:
             return None
         points: list[tuple[float, float]] = []
 
@@ -127,8 +129,10 @@ def make_cycle(rt: Runtime, model: torch.nn.Module | None = None) -> Cycle:
                    write_checkpoints=rt.master)  # one writer; every rank rebuilds the same levels
     # --grow-when slope: the file's frontier now (a bad file fails at start-up); a compare
     # run's own when its baselines are done (train)
-    frontier = load_frontier(cfg.grow_frontier) if cfg.grow_when == "slope" and cfg.grow_frontier else None
-    return Cycle(cycle, time.perf_counter() - t0, frontier, cfg.grow_window)
+    reads = cfg.grow_when == "slope" or cfg.lr_at_growth == "same-loss"
+    frontier = load_frontier(cfg.grow_frontier) if reads and cfg.grow_frontier else None
+    return Cycle(cycle, time.perf_counter() - t0, frontier, cfg.grow_window,
+                 cfg.grow_when == "slope")
 
 
 def _own_frontier(rt: Runtime):
@@ -137,7 +141,7 @@ def _own_frontier(rt: Runtime):
             if r["event"] == "end" and r["schedule"].startswith("baseline")]
     front = Frontier.from_points([(r["flops"], r["val_loss"]) for r in ends])
     if len(front.points) < 2:
-        raise ConfigError(f"--grow-when slope: the baselines of {rt.out} give "
+        raise ConfigError(f"--grow-when slope / --lr-at-growth same-loss: the baselines of {rt.out} give "
                           f"{len(front.points)} usable frontier point(s) (each costlier one must "
                           "end lower); add --frontier-budgets or give --grow-frontier FILE")
     return front
@@ -183,14 +187,17 @@ def run_vcycle(rt: Runtime, made: Cycle, point: Point | None, bar: ProgressBar |
             state, optim_state, carried = _resume_in(rt, point, stage, cycle, state, levels)
             point = None
         else:
-            state.stage, state.stage_step, optim_state = stage.index, 0, None
+            state.stage, state.stage_step, state.lr_from, optim_state = stage.index, 0, 0, None
         last = stage.index == len(cycle.schedule) - 1
         stop = made.grow_stop(state) if stage.phase == "bottom" and not last else None
+        grown = None
+        if rt.cfg.lr_at_growth == "same-loss" and last and stage.index > 0 and stage.level == 0:
+            grown = partial(steps_at_loss, made.frontier)
         held = {} if levels is None else dict(sharded=levels.sharded(stage.model),
                                                fpt=levels.fpt[stage.level])
         state, final_optim = run_stage(rt, stage.model, stage.steps, stage.lr_scale, stage.level,
                                        state, optim_state, bar, phase=stage.phase, carried=carried,
-                                       hand_on=carry and not last, stop=stop, **held)
+                                       hand_on=carry and not last, stop=stop, grown=grown, **held)
         if state.stage_step < stage.steps:  # --grow-when slope ended it: the rest goes up
             cycle.end_stage_early(stage.index, state.stage_step)
             _print(bar, f"grew after {state.stage_step} of {stage.steps} steps at the coarse "
@@ -276,7 +283,8 @@ def train(rt: Runtime) -> None:
             if name.startswith("baseline") or parse_alone(name):
                 state = run_baseline(rt, here, bar, name)
             else:
-                if cfg.grow_when == "slope" and made.frontier is None:
+                if ((cfg.grow_when == "slope" or cfg.lr_at_growth == "same-loss")
+                        and made.frontier is None):
                     made.frontier = _own_frontier(rt)
                 state = run_vcycle(rt, made, here, bar)
         finally:
