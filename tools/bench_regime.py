@@ -14,6 +14,12 @@ thread each (``OMP_NUM_THREADS=--threads``):
    fixed recipe in ``--recipes`` (``--steps S``, the driver's V-cycle options of the recipe);
 3. recipes that read the full model's frontier (``--grow-when slope``), from step 2's baselines.
 
+``--sizes`` adds more architectures trained alone (``1x32x2``: 1 layer, width 32, 2 heads; at
+``--coarse-budgets`` with ``--coarse-lrs``, each budget's lr tuned per seed) to every envelope:
+a depth-only or three-level recipe's coarse architectures are sizes a user could train too.
+``--recipes`` also takes ``full-wsd``, the full model alone at the V-cycle's 1.5 S steps with
+``--lr-schedule wsd`` (does the schedule alone move the frontier?).
+
 Every finished run leaves ``<name>.json`` (its final loss, FLOPs, tokens, parameters); a run
 with one is never run again, so a killed study resumes where it stopped (a run killed midway
 starts again from nothing). Each recipe run is scored against its own seed's frontiers: the
@@ -61,7 +67,25 @@ RECIPES: dict[str, list[str]] = {
     "width-only": ["--depth", "1", "--fractions", "0.02,0.08,0.90"],
     "depth-only": ["--width", "1", "--fractions", "0.02,0.08,0.90"],
     "rewarm": ["--fractions", "0.02,0.08,0.90", "--stage-warmup", "25"],
+    # the learning rate at growth: staged training's same-loss rule (reads the full frontier),
+    # on the short coarse phase and on a long one (where the rule moves the lr most); and a
+    # warm-up-stable-decay schedule over the V-cycle in place of the cosine
+    "same-loss": ["--fractions", "0.02,0.08,0.90", "--lr-at-growth", "same-loss"],
+    "same-loss-f.05/.45/.50": ["--fractions", "0.05,0.45,0.50", "--lr-at-growth", "same-loss"],
+    "wsd": ["--fractions", "0.02,0.08,0.90", "--lr-schedule", "wsd"],
+    # stacking with strided depth pairing (blocks i and i + n/2; needs 4 or more layers)
+    "strided": ["--fractions", "0.02,0.08,0.90", "--depth-pairing", "strided"],
+    # three levels, depth only (growth in two steps of x2 in depth: 1/4 depth -> 1/2 -> full)
+    "3-levels-depth": ["--levels", "3", "--width", "1",
+                       "--fractions", "0.01,0.01,0.04,0.04,0.90"],
+    # three levels, depth then width (1/2 depth -> 1/2 width and depth -> ... ; 2 x parameters
+    # per step at most): the same factors at each level
+    "3-levels": ["--levels", "3", "--fractions", "0.01,0.01,0.04,0.04,0.90"],
 }
+
+# single-model runs beside the recipes, at the V-cycle's 1.5 S steps: the full model with the
+# wsd schedule (does the schedule alone move the frontier?)
+BASELINE_RECIPES: dict[str, list[str]] = {"full-wsd": ["--lr-schedule", "wsd"]}
 
 # the two reuse cases (issue 26, item 2), each a V-cycle whose stages have their own warm-up and
 # full cosine (``--lr-schedule stage``), so that the model handed over is a trained, decayed one:
@@ -85,6 +109,28 @@ def coarse_options(a) -> list[str]:
     """The coarse level's architecture (width and depth halved, heads with the width)."""
     return ["--n-layer", str(max(1, a.n_layer // 2)), "--n-head", str(max(1, a.n_head // 2)),
             "--n-embd", str(a.n_embd // 2)]
+
+
+def parse_size(text: str) -> tuple[str, list[str]]:
+    """``--sizes`` entry ``LxE`` or ``LxExH`` (layers, width, heads; heads default 1 per 16 of
+    width, at least 1): its key and the driver's model options."""
+    try:
+        parts = [int(x) for x in text.lower().split("x")]
+        n_layer, n_embd = parts[0], parts[1]
+        n_head = parts[2] if len(parts) > 2 else max(1, n_embd // 16)
+        if len(parts) > 3 or min(parts) < 1 or n_embd % n_head:
+            raise ValueError
+    except (ValueError, IndexError):
+        raise SystemExit(f"--sizes {text!r}: give LAYERSxWIDTH or LAYERSxWIDTHxHEADS, e.g. 1x32x2 "
+                         "(the width a multiple of the heads)") from None
+    return f"{n_layer}x{n_embd}", ["--n-layer", str(n_layer), "--n-head", str(n_head),
+                                   "--n-embd", str(n_embd)]
+
+
+def reads_frontier(name: str) -> bool:
+    """Whether the recipe reads its seed's full frontier (``--grow-frontier``)."""
+    opts = RECIPES.get(name, [])
+    return "--grow-when" in opts or "--lr-at-growth" in opts
 
 
 def full_params(a) -> int:
@@ -187,6 +233,7 @@ def study(a, runner: Runner) -> dict:
     cbudgets = [float(x) for x in a.coarse_budgets.split(",")]
     recipes = [r for r in a.recipes.split(",") if r]
     full, coarse = model_options(a), coarse_options(a)
+    sizes = [parse_size(x) for x in a.sizes.split(",") if x]
     out: dict = {"params": params, "tokens_per_step": tps, "regimes": []}
     for tpp in [float(x) for x in a.tpp.split(",")]:
         S = max(1, round(tpp * params / tps))
@@ -202,7 +249,16 @@ def study(a, runner: Runner) -> dict:
                     [*coarse, "--schedule", "baseline", "--seed", str(s), *rates(lr),
                      "--steps", str(max(1, round(b * S)))])
 
+        def sized(key, opts, lr, b, s):
+            return (f"{tag}-s{s}-{key}-lr{lr:g}-x{b:g}",
+                    [*opts, "--schedule", "baseline", "--seed", str(s), *rates(lr),
+                     "--steps", str(max(1, round(b * S)))])
+
         def recipe(name, lr, s, extra=()):
+            if name in BASELINE_RECIPES:
+                return (f"{tag}-s{s}-{name}",
+                        [*full, "--schedule", "baseline", "--seed", str(s), *rates(lr),
+                         "--steps", str(round(1.5 * S)), *BASELINE_RECIPES[name]])
             return (f"{tag}-s{s}-{name.replace('/', '_')}",
                     [*full, "--schedule", "vcycle", "--seed", str(s), *rates(lr),
                      "--steps", str(S), "--eval-every", str(a.vcycle_eval_every),
@@ -228,9 +284,16 @@ def study(a, runner: Runner) -> dict:
 
         def tuned(s):
             got.update(runner.run(dict([base(x, b, s) for x in lrs for b in budgets]
-                                       + [alone(x, b, s) for x in clrs for b in cbudgets])))
+                                       + [alone(x, b, s) for x in clrs for b in cbudgets]
+                                       + [sized(k, o, x, b, s) for k, o in sizes for x in clrs
+                                          for b in cbudgets])))
             return ({b: min(lrs, key=lambda x: _loss(got[base(x, b, s)[0]])) for b in budgets},
                     {b: min(clrs, key=lambda x: _loss(got[alone(x, b, s)[0]])) for b in cbudgets})
+
+        def sized_front(s):
+            """Every --sizes architecture's frontier of seed s, each budget at its best lr."""
+            return {k: [min((got[sized(k, o, x, b, s)[0]] for x in clrs), key=_loss)
+                        for b in cbudgets] for k, o in sizes}
 
         blrs = {seeds[0]: tuned(seeds[0])}
         lr = blrs[seeds[0]][0].get(1.0, blrs[seeds[0]][0][budgets[len(budgets) // 2]])
@@ -238,7 +301,7 @@ def study(a, runner: Runner) -> dict:
         # seed by seed, so that a study cut short has whole seeds:
         # 2. frontiers of both sizes and the fixed recipes
         # 3. recipes that read the full model's frontier (--grow-when slope)
-        fixed = [r for r in recipes if "--grow-when" not in RECIPES.get(r, [])]
+        fixed = [r for r in recipes if not reads_frontier(r)]
         fronts = {}
         for s in seeds:
             blr, cblr = blrs[s] = blrs.get(s) or tuned(s)
@@ -247,20 +310,21 @@ def study(a, runner: Runner) -> dict:
                         + [reuse(r, lr, s) for r in fixed if r in REUSE])
             got.update(runner.run(grid))
             fronts[s] = {"full": [got[base(blr[b], b, s)[0]] for b in budgets],
-                         "coarse": [got[alone(cblr[b], b, s)[0]] for b in cbudgets]}
+                         "coarse": [got[alone(cblr[b], b, s)[0]] for b in cbudgets],
+                         **sized_front(s)}
             pts = [[r["flops"], r["loss"]] for r in fronts[s]["full"] if r]
             path = runner.root / f"{tag}-s{s}-full-frontier.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({"points": pts}))
             got.update(runner.run(dict(recipe(r, lr, s, ["--grow-frontier", str(path)])
-                                       for r in recipes if "--grow-when" in RECIPES.get(r, []))))
+                                       for r in recipes if reads_frontier(r))))
         rows = []
         for r in recipes:
             for counted in ((True, False) if r in REUSE else (True,)):
                 per = {}
                 for s in seeds:
                     run = got.get((reuse if r in REUSE else recipe)(r, lr, s)[0])
-                    if run is None or not all(fronts[s]["full"]) or not all(fronts[s]["coarse"]):
+                    if run is None or not all(all(v) for v in fronts[s].values()):
                         continue
                     own, point = scored(r, run, counted)
                     same = saving_against([dict(steps=b["steps"], flops=b["flops"], loss=b["loss"])
@@ -422,7 +486,11 @@ def main(argv=None) -> int:
     p.add_argument("--budgets", default="0.67,1,1.5", help="full-model budgets, x S")
     p.add_argument("--coarse-budgets", default="1,3", help="coarse-alone budgets, x S")
     p.add_argument("--recipes", default="defaults,f.02/.08/.90,f.05/.20/.75,slope",
-                   help=f"comma-separated, of {', '.join([*RECIPES, *REUSE])}")
+                   help=f"comma-separated, of {', '.join([*RECIPES, *REUSE, *BASELINE_RECIPES])}")
+    p.add_argument("--sizes", default="",
+                   help="more architectures trained alone for the envelope, comma-separated "
+                        "LxE or LxExH (e.g. 1x32x2: the coarse architecture of --width 1), at "
+                        "--coarse-budgets with --coarse-lrs, each budget's lr tuned")
     p.add_argument("--vcycle-eval-every", type=int, default=50)
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="threads per run")
@@ -442,7 +510,8 @@ def main(argv=None) -> int:
         data = {**parts[0], "regimes": sorted((g for d in parts for g in d["regimes"]),
                                               key=lambda g: g["tpp"])}
         return _write(data, Path(a.out), a.name)
-    unknown = [r for r in a.recipes.split(",") if r and r not in RECIPES and r not in REUSE]
+    unknown = [r for r in a.recipes.split(",")
+               if r and r not in RECIPES and r not in REUSE and r not in BASELINE_RECIPES]
     if unknown:
         p.error(f"unknown recipes {unknown}; known: {', '.join(RECIPES)}")
     # --width 0.5: every recipe names its factors, whatever the driver's default becomes

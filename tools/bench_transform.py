@@ -9,6 +9,9 @@ measured step minus the resident set just before it (Linux ``/proc/self/clear_re
     python tools/bench_transform.py --whole --repeats 3  # `vcyclefx coalesce` against the reference
     python tools/bench_transform.py --big --repeats 3    # streaming a 2.4 GB sharded bf16 Llama
 
+``--big`` also runs a compute floor (``add-floor``): every tensor of the checkpoint memory-mapped
+and one bf16 ``add`` of its halves, the least arithmetic that reads every element once.
+
 ``--whole`` also runs a floor process: the imports, ``from_pretrained`` and the one symbolic export
 that any coalesce built on torch.export needs, and nothing else (no coalesce can beat its row), and
 an imports-only process (torch and transformers' GPT-2 class).
@@ -165,6 +168,7 @@ def main() -> None:
     ap.add_argument("--where", default=None, help="with --big: folder for the checkpoint")
     ap.add_argument("--make-big", metavar="DIR", help=argparse.SUPPRESS)
     ap.add_argument("--load-only", metavar="DIR", help=argparse.SUPPRESS)
+    ap.add_argument("--add-floor", metavar="DIR", help=argparse.SUPPRESS)
     ap.add_argument("--child", choices=["sparse", "dense"], help=argparse.SUPPRESS)
     ap.add_argument("--reference", nargs=2, metavar=("SRC", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("--split", nargs=2, metavar=("SRC", "OUT"), help=argparse.SUPPRESS)
@@ -185,6 +189,7 @@ def main() -> None:
         (args.floor, lambda: floor_process(args.floor, args.imports)),
         (args.make_big, lambda: make_big(args.make_big, args.shard, args.layers)),
         (args.load_only, lambda: load_only(args.load_only)),
+        (args.add_floor, lambda: add_floor(args.add_floor)),
         (args.big, lambda: big_checkpoint(args.repeats, args.shard, args.where, args.layers)),
         (args.make_checkpoint, lambda: make_checkpoint(args.make_checkpoint)),
         (args.whole, lambda: whole_process(args.checkpoint, args.repeats, args.baseline)),
@@ -369,6 +374,27 @@ def load_only(src: str) -> None:
     os._exit(0)
 
 
+def add_floor(src: str) -> None:
+    """The compute floor of streaming ``src``: every tensor memory-mapped (``safe_open``) and
+    one bf16 ``add`` of its two halves, so every element is read once and half as many written
+    (less than any coalesce does: no depth mean, no float32, nothing saved); prints its wall
+    and CPU seconds."""
+    import glob
+
+    import torch
+    from safetensors import safe_open
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    for f in sorted(glob.glob(os.path.join(src, "*.safetensors"))):
+        with safe_open(f, "pt") as st:
+            for k in st.keys():
+                x = st.get_tensor(k).view(-1)
+                h = x.numel() // 2
+                torch.add(x[:h], x[h:2 * h])
+    print(f"streamed (compute floor) in {time.perf_counter() - t0:.2f} s "
+          f"({time.process_time() - c0:.2f} s of CPU)", file=sys.stderr)
+
+
 def big_checkpoint(repeats: int, shard: str, where: str, layers: int = 24) -> None:
     """coalesce 0.5/0.5 and decoalesce (back) of the synthetic checkpoint, ``from_pretrained``
     alone, ``cat`` of its files (reading it once) and ``cp`` of them to a new folder (reading and
@@ -388,6 +414,7 @@ def big_checkpoint(repeats: int, shard: str, where: str, layers: int = 24) -> No
         small = os.path.join(work, "small")
         cmds = {"cat": ["cat", *files],
                 "cp": ["cp", "-r", ckpt, os.path.join(work, "copy")],
+                "add-floor": [sys.executable, __file__, "--add-floor", ckpt],
                 "from_pretrained": [sys.executable, __file__, "--load-only", ckpt],
                 "coalesce": [*vcyclefx, "coalesce", ckpt, "--width", "0.5", "--depth", "0.5",
                              "-o", small, "--max-shard-size", shard, "--force",
@@ -395,7 +422,8 @@ def big_checkpoint(repeats: int, shard: str, where: str, layers: int = 24) -> No
                 "decoalesce": [*vcyclefx, "decoalesce", small, "-o", os.path.join(work, "big"),
                                "--max-shard-size", shard, "--force", "--stream", "always"]}
         runs: dict[str, list[tuple[float, int]]] = {w: [] for w in cmds}
-        streaming: dict[str, list[tuple[float, float]]] = {"coalesce": [], "decoalesce": []}
+        streaming: dict[str, list[tuple[float, float]]] = {"add-floor": [], "coalesce": [],
+                                                           "decoalesce": []}
         for r in range(repeats):
             for what, cmd in cmds.items():
                 _measure(runs, what, cmd, work, r, repeats)
