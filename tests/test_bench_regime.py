@@ -76,3 +76,17 @@ def test_merge_puts_the_regimes_of_several_studies_in_one_table_and_plot(tmp_pat
         [["25", "defaults"], ["60", "defaults"]]
     assert "+20.0%" in table[-2] and "+10.0%" in table[-2] and "-5.0%" in table[-1]
     assert (tmp_path / "map" / "all.png").stat().st_size > 10_000
+
+
+def test_sizes_parse_to_the_driver_s_model_options_and_bad_ones_say_the_form():
+    assert bench_regime.parse_size("1x32x2") == ("1x32", ["--n-layer", "1", "--n-head", "2",
+                                                          "--n-embd", "32"])
+    assert bench_regime.parse_size("2x64")[1][3] == "4"  # one head per 16 of width
+    for bad in ("1x30x4", "2", "0x32", "1x32x2x2", "axb"):
+        with pytest.raises(SystemExit, match="LAYERSxWIDTH"):
+            bench_regime.parse_size(bad)
+
+
+def test_the_recipes_that_read_the_full_frontier_are_the_slope_and_same_loss_ones():
+    readers = {r for r in bench_regime.RECIPES if bench_regime.reads_frontier(r)}
+    assert readers == {"slope", "slope-cap20", "same-loss", "same-loss-f.05/.45/.50"}
