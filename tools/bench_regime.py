@@ -81,6 +81,11 @@ RECIPES: dict[str, list[str]] = {
     # three levels, depth then width (1/2 depth -> 1/2 width and depth -> ... ; 2 x parameters
     # per step at most): the same factors at each level
     "3-levels": ["--levels", "3", "--fractions", "0.01,0.01,0.04,0.04,0.90"],
+    # the interpolation weight of the de-coalesced model (default 0.75) and the moments carried
+    # through the transitions (default) against a fresh optimizer per stage
+    "alpha.5": ["--fractions", "0.02,0.08,0.90", "--alpha", "0.5"],
+    "alpha.9": ["--fractions", "0.02,0.08,0.90", "--alpha", "0.9"],
+    "fresh-moments": ["--fractions", "0.02,0.08,0.90", "--no-carry-optimizer"],
 }
 
 # single-model runs beside the recipes, at the V-cycle's 1.5 S steps: the full model with the
