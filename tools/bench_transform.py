@@ -414,6 +414,10 @@ def big_checkpoint(repeats: int, shard: str, where: str, layers: int = 24) -> No
         small = os.path.join(work, "small")
         cmds = {"cat": ["cat", *files],
                 "cp": ["cp", "-r", ckpt, os.path.join(work, "copy")],
+                # the floor of a durable write: the copy flushed to disk, as every vcyclefx
+                # output is before it is renamed into place (vcyclefx.store)
+                "cp+sync": ["sh", "-c", f"cp -r {ckpt} {os.path.join(work, 'copy2')} && "
+                                        f"sync {os.path.join(work, 'copy2')}/*"],
                 "add-floor": [sys.executable, __file__, "--add-floor", ckpt],
                 "from_pretrained": [sys.executable, __file__, "--load-only", ckpt],
                 "coalesce": [*vcyclefx, "coalesce", ckpt, "--width", "0.5", "--depth", "0.5",
@@ -431,6 +435,7 @@ def big_checkpoint(repeats: int, shard: str, where: str, layers: int = 24) -> No
                     streaming[what].append(_streamed_seconds())
             shutil.rmtree(os.path.join(work, "big"), ignore_errors=True)
             shutil.rmtree(os.path.join(work, "copy"), ignore_errors=True)
+            shutil.rmtree(os.path.join(work, "copy2"), ignore_errors=True)
         out_size = sum(os.path.getsize(os.path.join(small, f)) for f in os.listdir(small)
                        if f.startswith("weights"))
     finally:
@@ -444,6 +449,7 @@ def big_checkpoint(repeats: int, shard: str, where: str, layers: int = 24) -> No
         print(f"{what:<16} {med(what, 0):>6.2f} s {med(what, 1) / 2**30:>6.2f} GiB "
               f"{med(what, 1) / size:>10.2f}x {med(what, 0) / med('cat', 0):>10.2f}x")
     print(f"CPU seconds (user + system): cat {med('cat', 2):.2f}, cp {med('cp', 2):.2f}")
+    print(f"decoalesce / (cp + sync): {med('decoalesce', 0) / med('cp+sync', 0):.2f}x")
     for what, xs in streaming.items():
         if all(x is not None for x in xs):
             t = statistics.median(x[0] for x in xs)
