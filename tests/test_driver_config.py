@@ -98,3 +98,23 @@ def test_alpha_one_with_a_narrower_level_warns_that_duplicated_units_stay_identi
         warnings.simplefilter("error")
         check_runtime(TrainConfig(alpha=0.75), "cpu", 1)
         check_runtime(TrainConfig(alpha=1.0, width=1.0), "cpu", 1)  # depth only: no duplicates
+
+
+def test_alone_sizes_parse_to_gpt_sizes_and_bad_ones_name_the_form():
+    from vcyclefx.driver.schedule import alone_name, parse_alone, schedule_order
+
+    cfg = TrainConfig(schedule="compare", alone_sizes="1x32x2, 2x16x1", coarse_budgets=(1.0, 2.0))
+    assert cfg.alone_size_list() == [("1x32x2", (1, 2, 32)), ("2x16x1", (2, 1, 16))]
+    order = schedule_order(cfg)
+    assert order[-5:] == ["alone-1x32x2-x1", "alone-1x32x2-x2", "alone-2x16x1-x1",
+                          "alone-2x16x1-x2", "vcycle"]
+    assert parse_alone(alone_name("1x32x2", 2.0)) == ("1x32x2", 2.0)
+    assert parse_alone(alone_name(1, 0.5)) == (1, 0.5)
+    assert cfg.alone_lr_scale("1x32x2") == cfg.vcycle_lr_scales()[1]
+    for bad in ("1x30x4", "1x32", "0x32x2", "axb"):
+        with pytest.raises(ConfigError, match="LAYERSxWIDTHxHEADS"):
+            TrainConfig(alone_sizes=bad)
+    with pytest.raises(ConfigError, match="given twice"):
+        TrainConfig(alone_sizes="1x32x2,1X32x2")
+    with pytest.raises(ConfigError, match="--model"):
+        TrainConfig(alone_sizes="1x32x2", model="gpt2-config.json")

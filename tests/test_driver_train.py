@@ -211,7 +211,7 @@ def test_compare_writes_the_effective_saving_against_the_0_75x_1x_and_1_5x_basel
     from vcyclefx.driver.saving import Frontier
 
     cfg = tiny(tmp_path, schedule="compare", steps=40, eval_every=20, log_every=10,
-               coarse_budgets=(1, 2))
+               coarse_budgets=(1, 2), alone_sizes="1x16x2")
     summary = main(cfg)
     eff = json.loads((Path(cfg.out) / "summary.json").read_text())["effective_saving"]
     assert eff == summary["effective_saving"]
@@ -254,12 +254,24 @@ def test_compare_writes_the_effective_saving_against_the_0_75x_1x_and_1_5x_basel
     assert all(a["params"] == coarse_params for a in alone)
     assert vc["stages"][1]["params"] > coarse_params
     assert vc["params"] == bs[0]["params"] and vc["tokens_per_param"] == vc["tokens"] / vc["params"]
+    # --alone-sizes 1x16x2: one more size of the envelope (1 block, 2 heads, 16 wide), at the
+    # same budgets and the coarse lr scale
+    extra = [summary["schedules"][n] for n in ("alone-1x16x2-x1", "alone-1x16x2-x2")]
+    assert [a["steps"] for a in extra] == [40, 80]
+    extra_params = sum(p.numel() for p in GPT(GPTConfig(
+        block_size=32, vocab_size=256, n_layer=1, n_head=2, n_embd=16)).parameters())
+    assert all(a["params"] == extra_params for a in extra)
+    lrs = [r["lr"] for r in rows(Path(cfg.out))
+           if r["event"] == "train" and r["schedule"] == "alone-1x16x2-x1"]
+    assert max(lrs) == pytest.approx(2 * cfg.lr, rel=0.05)  # the coarse lr scale, near the peak
     env = eff["envelope"]
-    assert set(env["sizes"]) == {"level0", "level1"} and env["params"]["level1"] == coarse_params
+    assert set(env["sizes"]) == {"level0", "level1", "1x16x2"}
+    assert env["params"]["level1"] == coarse_params and env["params"]["1x16x2"] == extra_params
     hull = Envelope({"level0": flops, "level1": Frontier.from_points(
-        [(a["total_flops"], a["final_val_loss"]) for a in alone])})
+        [(a["total_flops"], a["final_val_loss"]) for a in alone]), "1x16x2":
+        Frontier.from_points([(a["total_flops"], a["final_val_loss"]) for a in extra])})
     need = hull.cost_at(vc["final_val_loss"], extrapolate=True)
     assert env["flops"] == pytest.approx(1 - vc["total_flops"] / need.value)
     assert env["flops"] <= eff["flops"] + 1e-12 or need.extrapolated  # the hull is never dearer
-    assert env["size_at_loss"] in ("level0", "level1")
+    assert env["size_at_loss"] in ("level0", "level1", "1x16x2")
     assert "saving against the envelope" in text and "tokens/param" in text

@@ -109,6 +109,11 @@ class TrainConfig:
                                            "steps cost less); with the baselines they make the "
                                            "envelope the V-cycle is also scored against; empty "
                                            "= none", parse="floats")
+    alone_sizes: str = _f("", "more sizes of the built-in GPT trained ALONE in --schedule "
+                              "compare, for the envelope: LAYERSxWIDTHxHEADS, comma-separated "
+                              "(e.g. 1x32x2: for a 2 x 32 model, the coarse architecture of "
+                              "--width 1, a size a user could train instead), each at "
+                              "--coarse-budgets and --lr x the coarse lr scale; empty = none")
     levels: int = _f(2, "levels of the V-cycle (2 = one coalesced level below the model)")
     width: float = _f(0.5, "width factor from one level to the next smaller one")
     depth: float = _f(0.5, "depth factor from one level to the next smaller one")
@@ -247,9 +252,34 @@ class TrainConfig:
         return list(self.fractions) or recommended_fractions(self.levels,
                                                              self.tokens_per_param(params))
 
+    def alone_size_list(self) -> list[tuple[str, tuple[int, int, int]]]:
+        """``--alone-sizes`` as ``[("1x32x2", (n_layer, n_head, n_embd))]`` (checked)."""
+        return [parse_size(x) for x in self.alone_sizes.split(",") if x.strip()]
+
+    def alone_lr_scale(self, key: int | str) -> float:
+        """The lr scale of an architecture trained alone: level k's (``alone-L<k>``), or the
+        coarse scale for an ``--alone-sizes`` one."""
+        scales = self.vcycle_lr_scales()
+        if isinstance(key, int):
+            return scales[key]
+        return scales[1] if len(scales) > 1 else COARSE_LR_SCALE
+
     def vcycle_lr_scales(self) -> list[float]:
         """``--lr-scales``, else 1 at level 0 and ``COARSE_LR_SCALE`` at every coarser level."""
         return list(self.lr_scales) or [1.0] + [COARSE_LR_SCALE] * (self.levels - 1)
+
+
+def parse_size(text: str) -> tuple[str, tuple[int, int, int]]:
+    """An ``--alone-sizes`` entry ``LAYERSxWIDTHxHEADS`` -> (its key, (n_layer, n_head,
+    n_embd)); a ``ConfigError`` that shows the form otherwise."""
+    try:
+        n_layer, n_embd, n_head = (int(x) for x in text.strip().lower().split("x"))
+        if min(n_layer, n_embd, n_head) < 1 or n_embd % n_head:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"--alone-sizes {text.strip()!r}: give LAYERSxWIDTHxHEADS with the width "
+                          "a multiple of the heads, e.g. 1x32x2") from None
+    return f"{n_layer}x{n_embd}x{n_head}", (n_layer, n_head, n_embd)
 
 
 def parse_floats(value, name: str = "value") -> tuple[float, ...]:
@@ -346,6 +376,11 @@ def _check_ranges(c: TrainConfig) -> None:
     need(all(b > 0 for b in c.coarse_budgets) and len(set(c.coarse_budgets)) == len(c.coarse_budgets),
          f"--coarse-budgets {','.join(map(str, c.coarse_budgets))} must be distinct positive "
          "multiples of --steps, e.g. 1,2,4 (or empty for none)")
+    sizes = c.alone_size_list()
+    need(not (sizes and c.model), "--alone-sizes builds the built-in GPT at other sizes; it does "
+                                  "not apply to --model")
+    need(len({k for k, _ in sizes}) == len(sizes), f"--alone-sizes {c.alone_sizes}: a size is "
+                                                   "given twice")
     need(c.grow_when in GROW_WHEN, f"--grow-when {c.grow_when!r}: choose one of {', '.join(GROW_WHEN)}")
     need(c.grow_window >= 2, f"--grow-window must be at least 2 evaluations, got {c.grow_window}")
     need(0.0 < c.decay_fraction <= 1.0, f"--decay-fraction must be in (0, 1], got {c.decay_fraction}")

@@ -29,7 +29,7 @@ from pathlib import Path
 from vcyclefx.driver.logger import read_metrics
 from vcyclefx.driver.regime import size_label
 from vcyclefx.driver.saving import describe, envelope_against, saving_against, steady_wall
-from vcyclefx.driver.schedule import parse_alone
+from vcyclefx.driver.schedule import parse_alone, size_key
 from vcyclefx.store import atomic_path, atomic_write_json
 
 REACH = "to reach the 1x baseline's final loss (one budget, not the frontier)"
@@ -126,14 +126,15 @@ def _envelope(out: dict, frontier: dict, v: dict) -> dict:
     for name, sch in s.items():
         alone = parse_alone(name)
         if alone:
-            sizes.setdefault(f"level{alone[0]}", []).append(
+            sizes.setdefault(size_key(alone[0]), []).append(
                 dict(flops=sch["total_flops"], loss=sch["final_val_loss"]))
-            params[f"level{alone[0]}"] = sch["params"]
+            params[size_key(alone[0])] = sch["params"]
     env = envelope_against(sizes, dict(flops=v["total_flops"], loss=v["final_val_loss"]))
     env["params"] = params
     env["measure"] = ("effective saving against the envelope: 1 - C / C_env(L), C_env(L) the "
                       "cheapest, in training FLOPs, of the full model's baselines and each "
-                      "coarser level's architecture trained alone (each frontier piecewise "
+                      "coarser level's architecture (and --alone-sizes size) trained alone "
+                      "(each frontier piecewise "
                       "linear in log FLOPs; a size counts only inside its measured bracket "
                       "unless none holds L, then extrapolated)")
     return env
@@ -264,14 +265,15 @@ def plot(records: list[dict], path: Path, target: float | None = None) -> None:
         for ax, key in zip(axes, ("flops", "wall")):
             ax.plot([r[key] for r in ends], [r["val_loss"] for r in ends], "s--", color="black",
                     lw=1, ms=5, label="baseline frontier")
-    levels = sorted({parse_alone(r["schedule"])[0] for r in records
-                     if r["event"] == "end" and parse_alone(r["schedule"])})
-    for level in levels:  # each coarser level's architecture trained alone: its frontier
+    keys = sorted({parse_alone(r["schedule"])[0] for r in records
+                   if r["event"] == "end" and parse_alone(r["schedule"])}, key=str)
+    for k in keys:  # each architecture trained alone: its frontier
         alone = sorted((r for r in records if r["event"] == "end" and parse_alone(r["schedule"])
-                        and parse_alone(r["schedule"])[0] == level), key=lambda r: r["flops"])
+                        and parse_alone(r["schedule"])[0] == k), key=lambda r: r["flops"])
         for ax, key in zip(axes, ("flops", "wall")):
-            ax.plot([r[key] for r in alone], [r["val_loss"] for r in alone], "^:", color="gray",
-                    lw=1, ms=5, label=f"level {level} alone")
+            ax.plot([r[key] for r in alone], [r["val_loss"] for r in alone], "^:",
+                    color="gray" if isinstance(k, int) else "tab:brown", lw=1, ms=5,
+                    label=f"{size_label(size_key(k), None)}")
     for ax, xlabel in zip(axes, ("training FLOPs", "wall seconds (training)")):
         if target is not None:
             ax.axhline(target, color="gray", lw=0.8, ls="--", label="baseline final")

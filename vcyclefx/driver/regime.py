@@ -73,6 +73,13 @@ def regime_note(cfg, params: int, coarse: int | None = None) -> str:
 
 
 def size_label(name: str, params: int | None) -> str:
-    """``level 1 alone (28,672 params)`` and the like, for tables and verdicts."""
-    what = "the full model" if name == "level0" else f"level {name[len('level'):]} alone"
+    """``level 1 alone (28,672 params)``, ``the 1 x 32 GPT (2 heads) alone`` (an
+    ``--alone-sizes`` size) and the like, for tables and verdicts."""
+    if name == "level0":
+        what = "the full model"
+    elif name.startswith("level"):
+        what = f"level {name[len('level'):]} alone"
+    else:
+        n_layer, n_embd, n_head = name.split("x")
+        what = f"the {n_layer} x {n_embd} GPT ({n_head} head{'s' * (n_head != '1')}) alone"
     return what + ("" if params is None else f" ({params:,} params)")

@@ -3,7 +3,8 @@
 A run trains ``--schedule``: ``baseline``, ``vcycle``, or ``compare`` = every frontier baseline
 (``baseline`` at 1x ``--steps`` first, then ``baseline-x1.5`` and the like), each coarser level's
 architecture alone (``alone-L1-x2`` = level 1's sizes, 2x ``--steps``, its own warm-up and
-cosine at ``--lr`` x that level's lr scale) and the V-cycle.
+cosine at ``--lr`` x that level's lr scale; ``alone-1x32x2-x2`` = an ``--alone-sizes``
+architecture) and the V-cycle.
 
 Learning rate with ``--lr-schedule global`` at optimizer step ``s`` of a schedule, counted over
 all its stages::
@@ -51,18 +52,24 @@ def baseline_name(budget: float) -> str:
     return "baseline" if budget == 1.0 else f"baseline-x{budget:g}"
 
 
-def alone_name(level: int, budget: float) -> str:
-    """The schedule name of level ``level``'s architecture trained alone at ``budget`` x
-    ``--steps``: ``alone-L1-x2`` and the like."""
-    return f"alone-L{level}-x{budget:g}"
+def alone_name(key: int | str, budget: float) -> str:
+    """The schedule name of an architecture trained alone at ``budget`` x ``--steps``: level
+    ``key``'s (``alone-L1-x2``) or an ``--alone-sizes`` one (``alone-1x32x2-x2``)."""
+    return f"alone-{f'L{key}' if isinstance(key, int) else key}-x{budget:g}"
 
 
-def parse_alone(schedule: str) -> tuple[int, float] | None:
-    """(level, budget) of an ``alone-L<k>-x<F>`` schedule name, else None."""
-    if not schedule.startswith("alone-L"):
+def parse_alone(schedule: str) -> tuple[int | str, float] | None:
+    """(key, budget) of an ``alone-...-x<F>`` schedule name (key: the level, an int, or the
+    ``--alone-sizes`` entry, ``"1x32x2"``), else None."""
+    if not schedule.startswith("alone-"):
         return None
-    level, budget = schedule[len("alone-L"):].split("-x")
-    return int(level), float(budget)
+    key, budget = schedule[len("alone-"):].rsplit("-x", 1)
+    return (int(key[1:]) if key.startswith("L") else key), float(budget)
+
+
+def size_key(key: int | str) -> str:
+    """The envelope's name of an architecture trained alone: ``level1`` or ``1x32x2``."""
+    return f"level{key}" if isinstance(key, int) else key
 
 
 def schedule_steps(cfg: TrainConfig, schedule: str) -> int:
@@ -84,8 +91,8 @@ def schedule_order(cfg: TrainConfig) -> list[str]:
     if cfg.schedule != "compare":
         return [cfg.schedule]
     budgets = sorted(cfg.frontier_budgets, key=lambda b: (b != 1.0, b))
-    alone = [] if cfg.model else [alone_name(k, b) for k in range(1, cfg.levels)
-                                  for b in sorted(cfg.coarse_budgets)]
+    keys = [*range(1, cfg.levels), *(k for k, _ in cfg.alone_size_list())]
+    alone = [] if cfg.model else [alone_name(k, b) for k in keys for b in sorted(cfg.coarse_budgets)]
     return [baseline_name(b) for b in budgets] + alone + ["vcycle"]
 
 

@@ -149,10 +149,11 @@ def cleanup(rt: Runtime | None) -> None:
         dist.destroy_process_group()
 
 
-def new_model(rt: Runtime, level: int = 0) -> torch.nn.Module:
+def new_model(rt: Runtime, level: int | str = 0) -> torch.nn.Module:
     """Level 0 with the run's initial weights (the same for every schedule of a run): the
     built-in GPT, or the ``--model`` architecture (``driver.models``). ``level`` k > 0: the
-    built-in GPT at level k's sizes (``coarse_sizes``), freshly initialised, to train alone."""
+    built-in GPT at level k's sizes (``coarse_sizes``), freshly initialised, to train alone; an
+    ``--alone-sizes`` key (``"1x32x2"``): the built-in GPT at those sizes."""
     c = rt.cfg
     torch.manual_seed(c.seed)
     if c.model:
@@ -162,10 +163,12 @@ def new_model(rt: Runtime, level: int = 0) -> torch.nn.Module:
     return built_in_gpt(c, level)
 
 
-def built_in_gpt(c: TrainConfig, level: int = 0) -> GPT:
-    """The built-in GPT at level ``level``'s sizes (``coarse_sizes``), initialised by torch's
-    current RNG (or on the meta device under ``torch.device("meta")``)."""
-    n_layer, n_head, n_embd = coarse_sizes(c, level)
+def built_in_gpt(c: TrainConfig, level: int | str = 0) -> GPT:
+    """The built-in GPT at level ``level``'s sizes (``coarse_sizes``; an ``--alone-sizes`` key:
+    those sizes), initialised by torch's current RNG (or on the meta device under
+    ``torch.device("meta")``)."""
+    n_layer, n_head, n_embd = (coarse_sizes(c, level) if isinstance(level, int)
+                               else dict(c.alone_size_list())[level])
     return GPT(GPTConfig(block_size=c.seq_len, vocab_size=c.vocab_size, n_layer=n_layer,
                          n_head=n_head, n_embd=n_embd, dropout=c.dropout, bias=c.bias))
 

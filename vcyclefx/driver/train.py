@@ -67,11 +67,12 @@ def run_baseline(rt: Runtime, point: Point | None, bar: ProgressBar | None,
                  name: str = "baseline") -> RunState:
     """The plain model for the steps of the baseline ``name`` (its own warm-up and cosine); for
     ``alone-L<k>-x<F>`` level k's architecture alone, freshly initialised, at ``--lr`` times
-    that level's lr scale (the rate its V-cycle stages train at)."""
+    that level's lr scale (the rate its V-cycle stages train at); for ``alone-1x32x2-x<F>`` that
+    ``--alone-sizes`` architecture at the coarse lr scale."""
     alone = parse_alone(name)
-    level = alone[0] if alone else 0
-    model = new_model(rt, level)
-    scale = rt.cfg.vcycle_lr_scales()[level] if alone else 1.0
+    key = alone[0] if alone else 0
+    model = new_model(rt, key)
+    scale = rt.cfg.alone_lr_scale(key) if alone else 1.0
     state, optim_state = _restore(rt, point, model, RunState(name))
     state, _ = run_stage(rt, model, schedule_steps(rt.cfg, name), scale, 0, state, optim_state, bar)
     _save_final(rt, model, name)
