@@ -99,7 +99,9 @@ def test_the_readme_first_command_finishes_within_15_minutes_and_prints_both_sav
     assert base["final_val_loss"] < 2.2 and vc["final_val_loss"] < 2.2  # from 5.5 at step 0
     eff = summary["effective_saving"]  # both measures, against this run's own frontiers
     assert set(eff["budgets"]) == {"baseline-x0.75", "baseline", "baseline-x1.5"}
-    assert eff["envelope"]["flops"] is not None and len(eff["envelope"]["sizes"]) == 2
+    # the envelope: the full model, level 1 (1 x 16) and --alone-sizes 1x32x2 alone
+    assert eff["envelope"]["flops"] is not None and set(eff["envelope"]["sizes"]) == {
+        "level0", "level1", "1x32x2"}
     stages = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r["steps"] for r in stages if r["event"] == "stage" and r["schedule"] == "vcycle"]
     assert abs(steps[1] / sum(steps) - 0.08) < 0.01  # the regime's default: a short coarse phase
