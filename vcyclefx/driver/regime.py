@@ -28,9 +28,13 @@ MEASURED_BELOW = ("on a 38K-parameter GPT (BENCHMARKS.md, 'Regime map') the 5/90
                   "44.0% against the same-size model at 25 tokens per parameter but cost 37.0% "
                   "[20.9%, 49.3%] more than the coarse architecture trained alone")
 MEASURED_ABOVE = ("on a 38K-parameter GPT (BENCHMARKS.md, 'Regime map', 3 seeds) this recipe "
-                  "saved +4.2% [-19.2%, +26.1%] of the FLOPs against the envelope at 25 tokens "
-                  "per parameter and -1.6% [-8.9%, +3.1%] at 60: within the seed noise, and no "
-                  "recipe measured saved beyond it against every size trained alone")
+                  "cost 64.5% [60.4%, 85.5%] more FLOPs than the envelope of the sizes trained "
+                  "alone (the full model, its coarse architecture and the 1 x 32 GPT, the "
+                  "cheapest there) at 25 tokens per parameter and 31.2% [28.4%, 37.3%] at 60; "
+                  "the least costly recipe measured, depth-only growth (--width 1), cost 38.1% "
+                  "and 2.6% [-11.8%, +4.0%]: no recipe paid against every size beyond the seed "
+                  "noise. Training one model from scratch, train the right size instead; the "
+                  "V-cycle's transforms pay for reusing a trained model (BENCHMARKS.md)")
 
 
 def coarse_params(cfg) -> int | None:
@@ -61,7 +65,8 @@ def regime_note(cfg, params: int, coarse: int | None = None) -> str:
     if tpp >= COMPUTE_EFFICIENT_TPP:
         return (line + "." + (default + " (a short coarse phase early)." if default else "")
                 + f" Measured: {MEASURED_ABOVE}. --schedule compare measures both savings on "
-                "your model (the envelope: a smaller size trained alone too).")
+                "your model (the envelope: its coarse architecture trained alone too, and "
+                "every --alone-sizes size).")
     instead = (f"train the {coarse:,}-parameter model (level 1's architecture) instead"
                if coarse else "train a smaller model instead")
     return (line + f". Below about {COMPUTE_EFFICIENT_TPP:g} tokens per parameter the "
