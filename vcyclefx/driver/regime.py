@@ -32,9 +32,11 @@ MEASURED_ABOVE = ("on a 38K-parameter GPT (BENCHMARKS.md, 'Regime map', 3 seeds)
                   "alone (the full model, its coarse architecture and the 1 x 32 GPT, the "
                   "cheapest there) at 25 tokens per parameter and 31.2% [28.4%, 37.3%] at 60; "
                   "the least costly recipe measured, depth-only growth (--width 1), cost 38.1% "
-                  "and 2.6% [-11.8%, +4.0%]: no recipe paid against every size beyond the seed "
-                  "noise. Training one model from scratch, train the right size instead; the "
-                  "V-cycle's transforms pay for reusing a trained model (BENCHMARKS.md)")
+                  "and 2.6% [-11.8%, +4.0%]; at 150, against the full model (the envelope of the "
+                  "sizes measured there), 2/8/90 cost 12.5% [8.3%, 21.2%] and depth-only saved "
+                  "5.3% [-2.1%, +9.0%]: no recipe paid against every size beyond the seed noise. "
+                  "Training one model from scratch, train the right size instead; the V-cycle's "
+                  "transforms pay for reusing a trained model (BENCHMARKS.md)")
 
 
 def coarse_params(cfg) -> int | None:
