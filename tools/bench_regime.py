@@ -447,9 +447,11 @@ def plot(data: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
     names = sorted({r["recipe"] for g in data["regimes"] for r in g["recipes"]})
-    for name in names:
+    colors = plt.get_cmap("tab20").colors
+    for i, name in enumerate(names):
+        style = dict(color=colors[i % len(colors)], marker="osD^v<>"[i % 7])
         for ax, key in zip(axes, ("same_size", "envelope")):
             xs, ys, lo, hi = [], [], [], []
             for g in data["regimes"]:
@@ -461,17 +463,18 @@ def plot(data: dict, path: Path) -> None:
                         lo.append(100 * (sp[0] - sp[1]))
                         hi.append(100 * (sp[2] - sp[0]))
             if xs:
-                ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o-", capsize=3, label=name)
+                ax.errorbar(xs, ys, yerr=[lo, hi], fmt="-", capsize=3, label=name, **style)
     for ax, title in zip(axes, ("against the same-size frontier", "against the envelope")):
         ax.axhline(0, color="black", lw=0.8)
         ax.set_xscale("log")
         ax.set_xlabel("tokens per parameter of the full model (1x baseline)")
         ax.set_title(f"effective FLOPs saving {title}")
+        ax.set_ylim(-150, 100)  # below -150%: off the plot (the tables hold every value)
         ax.grid(alpha=0.3, which="both")
-    axes[0].set_ylabel("saving, % (median, range over seeds)")
+    axes[0].set_ylabel("saving, % (median, range over seeds; clipped at -150)")
     if axes[0].get_legend_handles_labels()[0]:
-        axes[0].legend(fontsize=8)
-    fig.tight_layout()
+        fig.legend(*axes[0].get_legend_handles_labels(), fontsize=7, ncol=6, loc="lower center")
+        fig.subplots_adjust(bottom=0.3)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
