@@ -210,6 +210,10 @@ def _out_args(p) -> None:
                         "by tensor instead of loading it (auto, the default: when its weights "
                         "exceed a quarter of this machine's memory). Streaming skips the "
                         "self-check, which needs the weights in memory")
+    p.add_argument("--whole-capture", action="store_true",
+                   help="when streaming a Hugging Face directory, trace every block (by default, "
+                        "where the blocks are identical, two periods of them are traced and "
+                        "repeated: the same graph in a fraction of the time)")
     p.add_argument("--force", action="store_true", help="replace DIR if it exists")
     p.add_argument("--format", choices=["level", "hf", "module"], default="level",
                    help="level: the level directory (graph, weights, mapping); hf: also the "

@@ -8,7 +8,8 @@ For a Hugging Face directory of safetensors (one file or shards with
    and small) in the checkpoint's dtype, and checks every tensor's dtype and shape against the
    shards' headers before any value is read;
 2. captures and plans there (``torch.export`` traces with fake tensors anyway) and runs the
-   transform under a :class:`~vcyclefx.export.record.Recorder`;
+   transform under a :class:`~vcyclefx.export.record.Recorder`; where the blocks are identical,
+   only two periods of them are traced and repeated (:mod:`vcyclefx.capture.repeat`);
 3. writes the level directory with the weights as sharded safetensors
    (:class:`~vcyclefx.export.shards.ShardWriter`), each output tensor replayed from the few
    input tensors it needs, read memory-mapped (:class:`~vcyclefx.export.shards.ShardReader`);
@@ -176,11 +177,17 @@ def materialize_extras(level, recorder: Recorder, load) -> None:
             _put(mod, leaf, made[id(t)])
 
 
-def hf_source(directory, spec: str, batch: int, seq: int, recipe_of_model) -> Source:
-    """A Hugging Face checkpoint directory as a meta-device level (see the module docstring)."""
+def hf_source(directory, spec: str, batch: int, seq: int, recipe_of_model,
+              repeat: bool = True) -> Source:
+    """A Hugging Face checkpoint directory as a meta-device level (see the module docstring).
+
+    ``repeat``: where the model's blocks are identical, capture two periods of them and repeat
+    them (:mod:`vcyclefx.capture.repeat`; the same graph in a fraction of the time); False
+    traces every block."""
     import transformers
 
     from vcyclefx.capture.frontend import capture
+    from vcyclefx.capture.repeat import repeated_capture
     from vcyclefx.capture.specs import hf_example, hf_class
 
     d = Path(directory)
@@ -188,15 +195,25 @@ def hf_source(directory, spec: str, batch: int, seq: int, recipe_of_model) -> So
     reader = ShardReader(d, "model")
     dtype = _checkpoint_dtype(cfg, reader)
     transformers.logging.set_verbosity_error()
-    with _params_on_meta(dtype):
-        model = cls(cfg)
-    model.eval()
+
+    def build(config):
+        with _params_on_meta(dtype):
+            m = cls(config)
+        return m.eval()
+
+    model = build(cfg)
     # checked against the shards before the capture: a checkpoint that does not fit its config
     # fails in seconds; the level takes these very tensors (copy_weights=False)
     leaves = _bind(model, reader, f"{cls.__name__} of {d / 'config.json'}",
                    dtype_of=lambda t: dtype)
-    level = capture(model, hf_example(model, spec, batch, seq), copy_weights=False,
-                    recipe=recipe_of_model(model))
+    recipe = recipe_of_model(model)
+
+    def capture_one(m):
+        return capture(m, hf_example(m, spec, batch, seq), copy_weights=False, recipe=recipe)
+
+    level = repeated_capture(model, build, capture_one) if repeat else None
+    if level is None:
+        level = capture_one(model)
     return Source(level, reader, leaves, directory=d)
 
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from vcyclefx.errors import LevelError
+from vcyclefx.capture.repeat import REPEATED
 from vcyclefx.export.stream import (Source, hf_source, interpolated, level_source, stream_weights,
                                     streamable)
 
@@ -51,7 +52,16 @@ def source_of(spec: str, args) -> Source:
 
     if (Path(spec) / "level.json").is_file():
         return level_source(spec)
-    return hf_source(spec, spec, args.batch or 2, args.seq or 16, recipe_of)
+    import time
+
+    from vcyclefx.level import level_info
+
+    start = time.perf_counter()
+    src = hf_source(spec, spec, args.batch or 2, args.seq or 16, recipe_of,
+                    repeat=not getattr(args, "whole_capture", False))
+    how = next((n for n in level_info(src.level).notes if REPEATED in n), "every block traced")
+    _progress(f"captured {spec} on the meta device in {time.perf_counter() - start:.1f} s ({how})")
+    return src
 
 
 def _after(args, card: dict):

@@ -1,0 +1,205 @@
+"""Capture by repetition: trace two periods of a model's blocks and repeat them.
+
+``torch.export`` traces every block of a model, and on a meta-device model that trace is the
+whole cost of a capture: about 0.3 s per GPT-2 block on a 2-core machine, so 4 s for GPT-2 base
+and most of a minute for an 80-block checkpoint, where the streamed weights take seconds. When
+the blocks of a Hugging Face model are identical (same classes, same settings, same tensor
+shapes: one period ``p`` of layer kinds repeated, ``p`` = 1 for most models, 2 for Gemma-2's
+sliding/global pattern), a model of the same config with ``2p`` blocks is captured instead and
+grown to the full count by the depth pass (each new block a copy of the graph of the block at
+its position in the period, the same construction ``decoalesce --depth`` uses). The result is
+then checked against the full model: the same tensor names, shapes and dtypes, and it takes the
+full model's (bound) tensors. Where anything differs (blocks that are not identical, a config
+whose other fields depend on the layer count, a class that reads the layer count in a block's
+``forward``), the model is captured whole, as before.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import logging
+import re
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# attributes that number a block (differ from block to block by construction)
+_INDEX_NAMES = {"layer_idx", "layer_id", "layer_index", "layer_number", "block_idx", "idx",
+                "block_id", "layer_num"}
+_COUNT_FIELDS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+_SIMPLE = (int, float, str, bool, type(None))
+MAX_PERIOD = 4
+REPEATED = "and repeated them"  # in the level's note when it was captured by repetition
+
+
+def _simple(v) -> bool:
+    if isinstance(v, (tuple, list)):
+        return all(_simple(x) for x in v)
+    return isinstance(v, _SIMPLE) or isinstance(v, torch.dtype)
+
+
+def block_signature(block: torch.nn.Module) -> tuple:
+    """What makes two blocks compute the same function of their own tensors: each submodule's
+    class and plain settings (the block's number left out), each tensor's name, shape, dtype."""
+    out = []
+    for name, mod in block.named_modules():
+        settings = tuple(sorted((k, repr(v)) for k, v in vars(mod).items()
+                                if not k.startswith("_") and k not in _INDEX_NAMES and _simple(v)))
+        out.append((name, type(mod).__qualname__, settings))
+    for name, t in block.state_dict(keep_vars=True).items():
+        out.append((name, tuple(t.shape), t.dtype))
+    for name, t in block.named_buffers():  # non-persistent ones too
+        out.append(("buffer", name, tuple(t.shape), t.dtype))
+    return tuple(out)
+
+
+def _period(sigs: list) -> int | None:
+    n = len(sigs)
+    for p in range(1, MAX_PERIOD + 1):
+        if n % p == 0 and all(sigs[i] == sigs[i % p] for i in range(n)):
+            return p
+    return None
+
+
+def block_list(model: torch.nn.Module, n: int) -> str | None:
+    """The path of the one ModuleList of ``n`` blocks of one class, or None."""
+    found = [name for name, m in model.named_modules()
+             if isinstance(m, torch.nn.ModuleList) and len(m) == n and
+             len({type(b) for b in m}) == 1]
+    return found[0] if len(found) == 1 else None
+
+
+def _reads_count(block: torch.nn.Module) -> bool:
+    """Whether a module class inside ``block`` names a layer-count field in its ``forward``."""
+    pat = re.compile(r"\b(" + "|".join(_COUNT_FIELDS) + r")\b")
+    for cls in {type(m) for m in block.modules()}:
+        try:
+            src = inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            return True  # cannot tell
+        if pat.search(src):
+            return True
+    return False
+
+
+def _count_field(cfg) -> str | None:
+    for f in _COUNT_FIELDS:
+        if isinstance(getattr(cfg, f, None), int):
+            return f
+    return None
+
+
+def template_config(cfg, n: int, k: int, p: int):
+    """``cfg`` with ``k`` blocks: the count field set, each per-block list (``layer_types``)
+    cut to its first ``k`` entries (it must repeat with period ``p``); None if another field
+    of the config seems to depend on the block count."""
+    field = _count_field(cfg)
+    if field is None:
+        return None
+    small = copy.deepcopy(cfg)
+    setattr(small, field, k)
+    for key, v in vars(cfg).items():
+        if isinstance(v, (list, tuple)) and len(v) == n and key != field:
+            if any(v[i] != v[i % p] for i in range(n)):
+                return None
+            setattr(small, key, type(v)(v[:k]))
+    if getattr(small, field) != k:  # an attribute map that did not take
+        return None
+    return small
+
+
+def repeated_capture(model: torch.nn.Module, build, capture_one, min_blocks: int = 4):
+    """The level of ``model`` captured from a model of ``2p`` blocks, or None where that cannot
+    be shown to be the same graph (the caller then captures ``model`` whole).
+
+    ``build(cfg)`` makes the smaller model on the meta device; ``capture_one(m)`` captures one.
+    The level's tensors are ``model``'s own (its parameters and persistent buffers)."""
+    from passes.depth import DepthPass, DepthPlan
+    from vcyclefx.api import _plan_depth
+    from vcyclefx.level import KEY, level_info, owner_of
+    from vcyclefx.plan.choices import DECOALESCE
+
+    cfg = getattr(model, "config", None)
+    field = _count_field(cfg) if cfg is not None else None
+    n = getattr(cfg, field) if field else None
+    if not n or n < min_blocks:
+        return None
+    path = block_list(model, n)
+    if path is None:
+        return None
+    blocks = list(model.get_submodule(path))
+    sigs = [block_signature(b) for b in blocks]
+    p = _period(sigs)
+    if p is None or n // p < 3 or _reads_count(blocks[0]):
+        return None
+    k = 2 * p
+    small_cfg = template_config(cfg, n, k, p)
+    if small_cfg is None:
+        return None
+    try:
+        small = build(small_cfg)
+        small_blocks = list(small.get_submodule(path))
+    except Exception as e:  # noqa: BLE001 - a config that refuses k blocks: capture whole
+        log.info("repeated capture: %s with %d blocks failed (%s); capturing whole", type(model).__name__, k, e)
+        return None
+    if len(small_blocks) != k or [block_signature(b) for b in small_blocks] != sigs[:k]:
+        return None
+    full_state = model.state_dict(keep_vars=True)
+    outside = {name: (tuple(t.shape), t.dtype) for name, t in full_state.items()
+               if not name.startswith(path + ".")}
+    small_outside = {name: (tuple(t.shape), t.dtype) for name, t in small.state_dict(keep_vars=True).items()
+                     if not name.startswith(path + ".")}
+    if outside != small_outside:
+        return None
+    level = capture_one(small)
+    try:
+        chains = _plan_depth(level, n / k, "adjacent", coalesce=False, depth_init="copy")
+    except Exception as e:  # noqa: BLE001 - no chain found in the small model: capture whole
+        log.info("repeated capture: no chain to grow in %s (%s); capturing whole", type(model).__name__, e)
+        return None
+    if len(chains) != 1 or chains[0].container != path or len(chains[0].large_blocks) != n:
+        return None
+    grown = DepthPass()(level, DepthPlan(DECOALESCE, tuple(chains))).module
+    state = grown.state_dict(keep_vars=True)
+    if {k_: (tuple(t.shape), t.dtype) for k_, t in state.items()} != \
+            {k_: (tuple(t.shape), t.dtype) for k_, t in full_state.items()}:
+        return None
+    for name in state:  # the full model's own tensors (ties as the model has them)
+        owner, leaf = owner_of(grown, name)
+        t = full_state[name]
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = t if isinstance(t, torch.nn.Parameter) else \
+                torch.nn.Parameter(t, requires_grad=False)
+        else:
+            owner._buffers[leaf] = t
+    grown = _in_model_order(grown, list(full_state))
+    info = level_info(grown)
+    note = (f"captured {k} of the {n} blocks of {path} (identical, period {p}) {REPEATED}; "
+            "--whole-capture traces every block")
+    grown.meta[KEY] = dataclasses.replace(info, notes=(*info.notes, note))
+    log.info(note)
+    return grown
+
+
+def _in_model_order(level, names: list[str]):
+    """``level`` with its tensor reads first in the graph, in the order of ``names`` (the
+    model's state_dict), and its tensors registered in that order, as a whole capture has
+    them: its state_dict (and so the shards of a level directory) lists them alike."""
+    from vcyclefx.level import build_level, level_info
+
+    order = {name: i for i, name in enumerate(names)}
+    graph = level.graph
+    reads = sorted((n for n in graph.nodes if n.op == "get_attr"),
+                   key=lambda n: order.get(n.target, len(order)))
+    for n in reversed(reads):
+        first = next(iter(graph.nodes))
+        if first is not n:
+            first.prepend(n)
+    graph.lint()
+    return build_level(level, graph, level_info(level), own=False)
+
+
+__all__ = ["REPEATED", "repeated_capture", "block_signature", "block_list", "template_config"]
