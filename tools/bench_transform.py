@@ -166,6 +166,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=24, help="with --big: decoder layers of the "
                     "checkpoint (24: 2.43 GB, 40: 3.87 GB)")
     ap.add_argument("--where", default=None, help="with --big: folder for the checkpoint")
+    ap.add_argument("--cold", action="store_true", help="with --big: drop each command's input "
+                    "from the page cache before it runs (a checkpoint larger than memory is "
+                    "always read from the disk)")
     ap.add_argument("--make-big", metavar="DIR", help=argparse.SUPPRESS)
     ap.add_argument("--load-only", metavar="DIR", help=argparse.SUPPRESS)
     ap.add_argument("--add-floor", metavar="DIR", help=argparse.SUPPRESS)
@@ -190,7 +193,7 @@ def main() -> None:
         (args.make_big, lambda: make_big(args.make_big, args.shard, args.layers)),
         (args.load_only, lambda: load_only(args.load_only)),
         (args.add_floor, lambda: add_floor(args.add_floor)),
-        (args.big, lambda: big_checkpoint(args.repeats, args.shard, args.where, args.layers)),
+        (args.big, lambda: big_checkpoint(args.repeats, args.shard, args.where, args.layers, args.cold)),
         (args.make_checkpoint, lambda: make_checkpoint(args.make_checkpoint)),
         (args.whole, lambda: whole_process(args.checkpoint, args.repeats, args.baseline)),
     ]
@@ -395,11 +398,25 @@ def add_floor(src: str) -> None:
           f"({time.process_time() - c0:.2f} s of CPU)", file=sys.stderr)
 
 
-def big_checkpoint(repeats: int, shard: str, where: str, layers: int = 24) -> None:
+def evict(folder: str) -> None:
+    """Drop ``folder``'s safetensors files from the page cache (``posix_fadvise`` DONTNEED: their
+    next read comes from the disk), as a checkpoint larger than memory always is."""
+    for f in os.listdir(folder):
+        if f.endswith(".safetensors"):
+            fd = os.open(os.path.join(folder, f), os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def big_checkpoint(repeats: int, shard: str, where: str, layers: int = 24,
+                   cold: bool = False) -> None:
     """coalesce 0.5/0.5 and decoalesce (back) of the synthetic checkpoint, ``from_pretrained``
     alone, ``cat`` of its files (reading it once) and ``cp`` of them to a new folder (reading and
     writing it once: the floor of decoalesce, which writes a checkpoint of that size),
-    alternating; peak RSS of each child."""
+    alternating; peak RSS of each child. ``cold``: every command's input is dropped from the
+    page cache before it runs (read from the disk, as a checkpoint larger than memory is)."""
     import shutil
     import tempfile
 
@@ -430,6 +447,8 @@ def big_checkpoint(repeats: int, shard: str, where: str, layers: int = 24) -> No
                                                            "decoalesce": []}
         for r in range(repeats):
             for what, cmd in cmds.items():
+                if cold:
+                    evict(small if what == "decoalesce" else ckpt)
                 _measure(runs, what, cmd, work, r, repeats)
                 if what in streaming:
                     streaming[what].append(_streamed_seconds())
@@ -443,7 +462,8 @@ def big_checkpoint(repeats: int, shard: str, where: str, layers: int = 24) -> No
 
     med = functools.partial(_median, runs)
     print(f"\nsynthetic bf16 Llama, {len(files)} shards of <= {shard}, {size / 1e9:.2f} GB "
-          f"(coalesced level: {out_size / 1e9:.2f} GB), medians of {repeats} alternating runs")
+          f"(coalesced level: {out_size / 1e9:.2f} GB), medians of {repeats} alternating runs, "
+          f"{'cold: inputs dropped from the page cache before each run' if cold else 'warm: inputs in the page cache'}")
     print(f"{'':<16} {'time':>8} {'peak RSS':>10} {'RSS / ckpt':>11} {'time / cat':>11}")
     for what in cmds:
         print(f"{what:<16} {med(what, 0):>6.2f} s {med(what, 1) / 2**30:>6.2f} GiB "

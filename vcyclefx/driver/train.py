@@ -332,6 +332,11 @@ def main(cfg: TrainConfig) -> dict | None:
                 print(note, flush=True)
         train(rt)
         rt.logger.close()
+        if torch.distributed.is_initialized():
+            # every rank's collectives (FSDP2's last reduce-scatters) done before any rank tears
+            # its process group down: a rank that destroyed it with gloo work in flight was seen
+            # to abort at exit ("terminate called without an active exception")
+            torch.distributed.barrier()
         return finish(rt.out, rt.cfg) if rt.master else None
     finally:
         cleanup(rt)
