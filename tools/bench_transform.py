@@ -440,11 +440,15 @@ def big_checkpoint(repeats: int, shard: str, where: str, layers: int = 24,
                 "coalesce": [*vcyclefx, "coalesce", ckpt, "--width", "0.5", "--depth", "0.5",
                              "-o", small, "--max-shard-size", shard, "--force",
                              "--stream", "always"],
+                # the same, every block traced (no capture by repetition): before/after
+                "coalesce-whole": [*vcyclefx, "coalesce", ckpt, "--width", "0.5", "--depth",
+                                   "0.5", "-o", small + "-whole", "--max-shard-size", shard,
+                                   "--force", "--stream", "always", "--whole-capture"],
                 "decoalesce": [*vcyclefx, "decoalesce", small, "-o", os.path.join(work, "big"),
                                "--max-shard-size", shard, "--force", "--stream", "always"]}
         runs: dict[str, list[tuple[float, int]]] = {w: [] for w in cmds}
         streaming: dict[str, list[tuple[float, float]]] = {"add-floor": [], "coalesce": [],
-                                                           "decoalesce": []}
+                                                           "coalesce-whole": [], "decoalesce": []}
         for r in range(repeats):
             for what, cmd in cmds.items():
                 if cold:
@@ -569,7 +573,8 @@ def whole_process(checkpoint: str | None, repeats: int, baseline: str | None = N
             subprocess.run([sys.executable, __file__, "--make-checkpoint", checkpoint], check=True)
         vcyclefx = [sys.executable, "-c", "from vcyclefx.cli import entry; entry()"]
         here = [sys.executable, __file__]
-        whats = ("vcyclefx", "reference", "floor", "imports") + (("baseline",) if baseline else ())
+        whats = ("vcyclefx", "whole-capture", "reference", "floor", "imports") + \
+            (("baseline",) if baseline else ())
         runs: dict[str, list[tuple[float, int]]] = {w: [] for w in whats}
         splits = []
         for r in range(repeats):  # alternating, so all see the same machine load
@@ -579,7 +584,9 @@ def whole_process(checkpoint: str | None, repeats: int, baseline: str | None = N
                        "floor": [*here, "--floor", checkpoint],
                        "imports": [*here, "--floor", checkpoint, "--imports"]}.get(
                     what, [*vcyclefx, "coalesce", checkpoint, "--width", "0.5", "--depth", "0.5",
-                           "-o", out] + (["--stream", "always"] if what == "vcyclefx" else []))
+                           "-o", out] + {"vcyclefx": ["--stream", "always"],
+                                         "whole-capture": ["--stream", "always",
+                                                           "--whole-capture"]}.get(what, []))
                 env = {**os.environ, "PYTHONPATH": os.path.abspath(baseline)} if what == "baseline" else None
                 _measure(runs, what, cmd, work, r, repeats, env)
                 shutil.rmtree(out, ignore_errors=True)
@@ -595,7 +602,9 @@ def whole_process(checkpoint: str | None, repeats: int, baseline: str | None = N
     print(f"\n`vcyclefx coalesce` of GPT-2 base (124M, model.safetensors) to width 0.5 / depth 0.5, "
           f"whole process, medians of {repeats} alternating runs")
     print(f"{'':<40} {'time':>8} {'peak RSS':>10}")
-    labels = [("vcyclefx", "vcyclefx coalesce"), ("reference", "reference procedure (re-impl.)"),
+    labels = [("vcyclefx", "vcyclefx coalesce"),
+              ("whole-capture", "vcyclefx coalesce --whole-capture"),
+              ("reference", "reference procedure (re-impl.)"),
               ("floor", "floor: imports, load, one export"),
               ("imports", "imports only: torch, transformers")]
     if baseline:

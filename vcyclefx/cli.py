@@ -63,9 +63,10 @@ def _cmd_coalesce(args) -> int:
         return stream_cmd.coalesce(args)
     found = model_from_spec(args.model, batch=args.batch, seq=args.seq)
     _progress(f"coalescing {args.model} (width={args.width}, depth={args.depth})")
-    small, mapping = api.coalesce(found.model, found.example, width=args.width, depth=args.depth,
+    model, capture_kwargs = _model_or_level(found, args)
+    small, mapping = api.coalesce(model, found.example, width=args.width, depth=args.depth,
                                   pairing=args.pairing, depth_pairing=args.depth_pairing,
-                                  check=args.check, **_capture_kwargs(found))
+                                  check=args.check, **capture_kwargs)
     made = {"made_by": "coalesce", "from": args.model, "width": args.width, "depth": args.depth,
             "pairing": args.pairing, "depth_pairing": args.depth_pairing}
     also = _writer(small, args, made, lambda: _nearest(api.coalesce, found, args))
@@ -92,7 +93,7 @@ def _cmd_decoalesce(args) -> int:
         example, extra = None, {}
     else:
         found = model_from_spec(args.model, batch=args.batch, seq=args.seq)
-        level, example, extra = found.model, found.example, _capture_kwargs(found)
+        (level, extra), example = _model_or_level(found, args), found.example
         mapping = None
     if args.width is None and args.depth is None:
         if mapping is None:
@@ -138,6 +139,24 @@ MODEL_HELP = ("package.module:factory returning (model, example_inputs), timm:NA
               "torchvision:NAME (random weights; keyword overrides after '?', joined by '&', "
               "e.g. timm:convnext_atto?num_classes=10), a Hugging Face model directory, a .pt2 "
               "file saved with torch.export, or a level directory")
+
+
+def _model_or_level(found, args) -> tuple:
+    """(what to transform, capture options): a Hugging Face model with identical blocks captured
+    by repetition (vcyclefx.capture.repeat) unless ``--whole-capture``; else the model itself,
+    captured whole by the transform."""
+    from vcyclefx.capture.recipe import HF
+    from vcyclefx.capture.repeat import REPEATED, captured_by_repetition
+    from vcyclefx.level import is_level
+
+    if is_level(found.model) or getattr(args, "whole_capture", False) or \
+            found.recipe is None or found.recipe.kind != HF:
+        return found.model, _capture_kwargs(found)
+    level = captured_by_repetition(found.model, found.example, found.recipe)
+    if level is None:
+        return found.model, _capture_kwargs(found)
+    _progress(next(n for n in level.info.notes if REPEATED in n))
+    return level, {}
 
 
 def _capture_kwargs(found) -> dict:
@@ -211,9 +230,9 @@ def _out_args(p) -> None:
                         "exceed a quarter of this machine's memory). Streaming skips the "
                         "self-check, which needs the weights in memory")
     p.add_argument("--whole-capture", action="store_true",
-                   help="when streaming a Hugging Face directory, trace every block (by default, "
-                        "where the blocks are identical, two periods of them are traced and "
-                        "repeated: the same graph in a fraction of the time)")
+                   help="for a Hugging Face directory, trace every block (by default, where "
+                        "the blocks are identical, two periods of them are traced and repeated: "
+                        "the same graph in a fraction of the time)")
     p.add_argument("--force", action="store_true", help="replace DIR if it exists")
     p.add_argument("--format", choices=["level", "hf", "module"], default="level",
                    help="level: the level directory (graph, weights, mapping); hf: also the "

@@ -202,4 +202,42 @@ def _in_model_order(level, names: list[str]):
     return build_level(level, graph, level_info(level), own=False)
 
 
-__all__ = ["REPEATED", "repeated_capture", "block_signature", "block_list", "template_config"]
+def captured_by_repetition(model: torch.nn.Module, example, recipe=None):
+    """A loaded Hugging Face ``model`` captured by repetition with ``example`` inputs (the level
+    takes the model's own tensors, for a model the caller discards), or None (capture it whole).
+
+    The smaller model is built on the meta device, then given uninitialised parameters on the
+    model's device: traced with meta parameters, some ops would get other strides (the meta
+    kernel of scaled_dot_product_attention) and the graph would differ from a trace of the
+    model itself (a ``contiguous`` more or less). Its untouched memory is never resident."""
+    from vcyclefx.capture.frontend import capture
+    from vcyclefx.export.stream import _params_on_meta
+
+    if not hasattr(model, "config"):
+        return None
+    first = next(iter(model.parameters()), None)
+    if first is None:
+        return None
+    dtype = first.dtype if first.is_floating_point() else torch.float32
+    cls = type(model)
+
+    def build(cfg):
+        with _params_on_meta(dtype):
+            m = cls(cfg)
+        if first.device.type != "meta":
+            made: dict[int, torch.nn.Parameter] = {}  # tied parameters stay tied
+            for mod in m.modules():
+                for name, p in list(mod._parameters.items()):
+                    if p is not None and p.is_meta:
+                        if id(p) not in made:
+                            made[id(p)] = torch.nn.Parameter(
+                                torch.empty(p.shape, dtype=p.dtype, device=first.device),
+                                requires_grad=p.requires_grad)
+                        mod._parameters[name] = made[id(p)]
+        return m.train(model.training)
+
+    return repeated_capture(model, build, lambda m: capture(m, example, copy_weights=False,
+                                                           recipe=recipe))
+
+
+__all__ = ["REPEATED", "captured_by_repetition", "repeated_capture", "block_signature", "block_list", "template_config"]
