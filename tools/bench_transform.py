@@ -169,6 +169,9 @@ def main() -> None:
     ap.add_argument("--cold", action="store_true", help="with --big: drop each command's input "
                     "from the page cache before it runs (a checkpoint larger than memory is "
                     "always read from the disk)")
+    ap.add_argument("--streaming-ab", metavar="TREE", help="time the streaming phase of "
+                    "coalesce on the synthetic Llama (--checkpoint, or one made here), this "
+                    "checkout against TREE (another checkout), cold and warm")
     ap.add_argument("--make-big", metavar="DIR", help=argparse.SUPPRESS)
     ap.add_argument("--load-only", metavar="DIR", help=argparse.SUPPRESS)
     ap.add_argument("--add-floor", metavar="DIR", help=argparse.SUPPRESS)
@@ -196,6 +199,8 @@ def main() -> None:
         (args.big, lambda: big_checkpoint(args.repeats, args.shard, args.where, args.layers, args.cold)),
         (args.make_checkpoint, lambda: make_checkpoint(args.make_checkpoint)),
         (args.whole, lambda: whole_process(args.checkpoint, args.repeats, args.baseline)),
+        (args.streaming_ab, lambda: streaming_ab(args.checkpoint, args.streaming_ab, args.repeats,
+                                                 args.shard, args.where)),
     ]
     for given, run in modes:
         if given:
@@ -481,6 +486,55 @@ def big_checkpoint(repeats: int, shard: str, where: str, layers: int = 24,
             print(f"{what}: streaming the weights alone {t:.2f} s = {t / med('cat', 0):.2f}x cat "
                   f"= {t / med('cp', 0):.2f}x cp; its CPU {c:.2f} s = "
                   f"{c / med('cat', 2):.2f}x cat's CPU = {c / med('cp', 2):.2f}x cp's")
+
+
+def streaming_ab(checkpoint: str | None, baseline: str, repeats: int, shard: str,
+                 where: str | None) -> None:
+    """The streaming phase of ``coalesce --width 0.5 --depth 0.5 --stream always`` of the
+    synthetic Llama (``checkpoint``, or one made and deleted here), this checkout against
+    ``baseline`` (another checkout), alternating, each with its input cold (dropped from the page
+    cache) and warm (``cat`` first)."""
+    import shutil
+    import tempfile
+
+    work = tempfile.mkdtemp(prefix="bench_ab_", dir=where)
+    try:
+        if checkpoint is None:
+            checkpoint = os.path.join(work, "llama")
+            subprocess.run([sys.executable, __file__, "--make-big", checkpoint, "--shard", shard],
+                           check=True)
+        files = sorted(os.path.join(checkpoint, f) for f in os.listdir(checkpoint)
+                       if f.endswith(".safetensors"))
+        trees = {"this": os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                 "baseline": os.path.abspath(baseline)}
+        got = {(m, t): [] for m in ("cold", "warm") for t in trees}
+        for r in range(repeats):
+            for mode in ("cold", "warm"):
+                for tree, path in trees.items():
+                    out = os.path.join(work, "out")
+                    shutil.rmtree(out, ignore_errors=True)
+                    if mode == "cold":
+                        evict(checkpoint)
+                    else:
+                        subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)
+                    _run_measured([sys.executable, "-c", "from vcyclefx.cli import entry; entry()",
+                                   "coalesce", checkpoint, "--width", "0.5", "--depth", "0.5",
+                                   "-o", out, "--max-shard-size", shard, "--stream", "always"],
+                                  work, {**os.environ, "PYTHONPATH": path})
+                    got[mode, tree].append(_streamed_seconds())
+                    print(f"run {r + 1}/{repeats} {mode} {tree}: {got[mode, tree][-1][0]:.2f} s",
+                          file=sys.stderr)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"\nstreaming phase of coalesce 0.5/0.5 of the synthetic Llama, medians of {repeats} "
+          f"alternating runs (baseline: {baseline})")
+    print(f"{'':<10} {'this':>18} {'baseline':>18} {'this / baseline':>16}")
+    for mode in ("cold", "warm"):
+        a = [x[0] for x in got[mode, "this"]]
+        b = [x[0] for x in got[mode, "baseline"]]
+        print(f"{mode:<10} {statistics.median(a):>6.2f} s [{min(a):.2f}-{max(a):.2f}] "
+              f"{statistics.median(b):>6.2f} s [{min(b):.2f}-{max(b):.2f}] "
+              f"{statistics.median(a) / statistics.median(b):>15.2f}x")
 
 
 def split_child(src: str, out: str) -> dict:

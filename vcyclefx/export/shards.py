@@ -165,6 +165,28 @@ class ShardReader:
                 raise CheckpointError(f"{file}: cannot read tensor {ns[0]} ({e})") from e
         return out
 
+    def prefetch(self, names: list[str]) -> None:
+        """Ask the kernel to start reading the bytes of tensors ``names`` now (``posix_fadvise``
+        WILLNEED; nothing where the platform lacks it), so that a later :meth:`get` finds them
+        in the page cache: the disk reads the next output's inputs while this one is made."""
+        advise = getattr(os, "posix_fadvise", None)
+        if advise is None:
+            return
+        for n in names:
+            e = self.entries.get(n)
+            if e is None or e.end == e.begin:
+                continue
+            try:
+                fd = os.open(e.file, os.O_RDONLY)
+            except OSError:
+                continue  # get() names the file if it really cannot be read
+            try:
+                advise(fd, self._starts[e.file] + e.begin, e.end - e.begin, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+
     def rows(self, names: list[str], begin: int, end: int) -> dict[str, torch.Tensor]:
         """Rows ``begin:end`` (along the first dimension) of each tensor ``names``, read into new
         memory (one ``readinto`` of their contiguous bytes, no mapping kept): a large tensor is

@@ -261,9 +261,16 @@ def stream_weights(level, recorder, reader: ShardReader, max_shard_size, produce
         writer = ShardWriter(tmp, "weights", layout, parse_size(max_shard_size),
                              {ALIASES_KEY: json.dumps(aliases)}, background=True)
         try:
-            for name, *_ in tqdm(layout, desc="writing weights", unit="tensor", leave=False,
-                                 disable=None):
+            def prefetch(k: int) -> None:
+                if produce is None and k < len(layout) and state[layout[k][0]].is_meta:
+                    reader.prefetch(recorder.leaves_of(state[layout[k][0]]))
+
+            for k in range(1, PREFETCH):
+                prefetch(k)
+            for k, (name, *_) in enumerate(tqdm(layout, desc="writing weights", unit="tensor",
+                                                leave=False, disable=None)):
                 t = state[name]
+                prefetch(k + PREFETCH)  # the disk reads later outputs' inputs while this is made
                 if produce is not None:
                     value = produce(name, t)
                 elif t.is_meta:
@@ -288,6 +295,7 @@ def _bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+PREFETCH = 4  # outputs ahead whose inputs the disk is asked to read (ShardReader.prefetch)
 ROW_BLOCK_BYTES = 16 << 20  # a large row-wise output reads this much of its inputs at a time
 
 
