@@ -189,3 +189,32 @@ def test_large_outputs_replayed_a_block_of_rows_at_a_time_equal_the_in_memory_pa
     found = model_from_spec(str(ckpt))
     want, _ = vf.coalesce(found.model, found.example, width=0.5, depth=0.5)
     _same(_weights(out), want.state_dict())
+
+
+def test_reading_ahead_from_the_disk_writes_the_same_level(tmp_path, monkeypatch):
+    """Where the checkpoint is not in the page cache, the inputs of the next outputs are asked
+    for ahead (posix_fadvise WILLNEED); forced on here, the level is the same tensor for tensor,
+    and every output's inputs were asked for before it was made."""
+    from vcyclefx.export import stream
+    from vcyclefx.export.shards import ShardReader
+
+    model, _ = zoo.llama()
+    ckpt = _checkpoint(tmp_path, model, "llama")
+    for f in ckpt.glob("*.safetensors"):
+        f.read_bytes()  # in the page cache now
+    reader = ShardReader(ckpt, "model")
+    assert reader.cached_fraction() == 1.0  # mincore sees what was just read
+    asked, got = [], []
+    monkeypatch.setattr(stream, "CACHED", 2.0)  # read ahead even from the page cache
+    monkeypatch.setattr(ShardReader, "prefetch", lambda self, names: asked.extend(names))
+    get = ShardReader.get
+    monkeypatch.setattr(ShardReader, "get", lambda self, names: (got.extend(names),
+                                                                 get(self, names))[1])
+    out = tmp_path / "small"
+    assert main(["coalesce", "--stream", "always", str(ckpt), "--width", "0.5", "--depth", "0.5",
+                 "-o", str(out)]) == 0
+    # each input read for an output after the first four was asked for ahead of it
+    assert asked and set(got) - set(asked) <= set(got[:8])
+    found = model_from_spec(str(ckpt))
+    want, _ = vf.coalesce(found.model, found.example, width=0.5, depth=0.5)
+    _same(_weights(out), want.state_dict())

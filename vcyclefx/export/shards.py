@@ -102,6 +102,42 @@ def _index_of(directory: Path, stem: str) -> Path | None:
     return p if p.is_file() else None
 
 
+def _cached_pages(path: Path) -> tuple[int, int] | None:
+    """(pages, pages in the page cache) of file ``path``, from ``mincore`` on a mapping of it;
+    None where libc cannot be called."""
+    import ctypes
+    import mmap
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_int, ctypes.c_long]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        size = os.path.getsize(path)
+        if size == 0:
+            return 0, 0
+        fd = os.open(path, os.O_RDONLY)
+    except (OSError, AttributeError, TypeError):
+        return None
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr is None or addr == ctypes.c_void_p(-1).value:
+            return None
+        try:
+            n = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+            vec = (ctypes.c_ubyte * n)()
+            if libc.mincore(addr, size, vec) != 0:
+                return None
+            flags = bytes(vec)
+            return n, n - flags.count(0)
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+
+
 class ShardReader:
     """The tensors of one checkpoint (``stem``: ``model`` for Hugging Face, ``weights`` for a
     level directory), by name, read one at a time."""
@@ -164,6 +200,17 @@ class ShardReader:
             except Exception as e:  # noqa: BLE001 - safetensors' own errors name no tensor
                 raise CheckpointError(f"{file}: cannot read tensor {ns[0]} ({e})") from e
         return out
+
+    def cached_fraction(self) -> float | None:
+        """The fraction of the shards' pages in the page cache (``mincore``), None where it
+        cannot be told (not POSIX, no libc)."""
+        pages = cached = 0
+        for path in self._starts:
+            got = _cached_pages(path)
+            if got is None:
+                return None
+            pages, cached = pages + got[0], cached + got[1]
+        return cached / pages if pages else 1.0
 
     def prefetch(self, names: list[str]) -> None:
         """Ask the kernel to start reading the bytes of tensors ``names`` now (``posix_fadvise``
