@@ -192,9 +192,9 @@ def test_large_outputs_replayed_a_block_of_rows_at_a_time_equal_the_in_memory_pa
 
 
 def test_reading_ahead_from_the_disk_writes_the_same_level(tmp_path, monkeypatch):
-    """Where the checkpoint is not in the page cache, the inputs of the next outputs are asked
-    for ahead (posix_fadvise WILLNEED); forced on here, the level is the same tensor for tensor,
-    and every output's inputs were asked for before it was made."""
+    """Where the checkpoint is not in the page cache, a thread reads the next outputs' inputs
+    from the disk ahead of the stream (ShardReader.read_ahead); forced on here, the level is the
+    same tensor for tensor, and the thread read every byte of every input once."""
     from vcyclefx.export import stream
     from vcyclefx.export.shards import ShardReader
 
@@ -204,17 +204,52 @@ def test_reading_ahead_from_the_disk_writes_the_same_level(tmp_path, monkeypatch
         f.read_bytes()  # in the page cache now
     reader = ShardReader(ckpt, "model")
     assert reader.cached_fraction() == 1.0  # mincore sees what was just read
-    asked, got = [], []
+    made, got = [], []
     monkeypatch.setattr(stream, "CACHED", 2.0)  # read ahead even from the page cache
-    monkeypatch.setattr(ShardReader, "prefetch", lambda self, names: asked.extend(names))
+    read_ahead = ShardReader.read_ahead
+    monkeypatch.setattr(ShardReader, "read_ahead", lambda self, steps, ahead: (
+        made.append(read_ahead(self, steps, ahead)), made[-1])[1])
     get = ShardReader.get
     monkeypatch.setattr(ShardReader, "get", lambda self, names: (got.extend(names),
                                                                  get(self, names))[1])
     out = tmp_path / "small"
     assert main(["coalesce", "--stream", "always", str(ckpt), "--width", "0.5", "--depth", "0.5",
                  "-o", str(out)]) == 0
-    # each input read for an output after the first four was asked for ahead of it
-    assert asked and set(got) - set(asked) <= set(got[:8])
+    assert len(made) == 1 and made[0].waiting  # closed: the thread has ended
+    entries = reader.entries
+    assert made[0].read == sum(entries[n].end - entries[n].begin for n in set(got) if n in entries)
     found = model_from_spec(str(ckpt))
     want, _ = vf.coalesce(found.model, found.example, width=0.5, depth=0.5)
     _same(_weights(out), want.state_dict())
+
+
+def _until(test, seconds=10.0):
+    import time
+
+    end = time.monotonic() + seconds
+    while not test() and time.monotonic() < end:
+        time.sleep(0.005)
+    return test()
+
+
+def test_reading_ahead_stays_within_its_bound_of_the_stream(tmp_path):
+    """With no bytes allowed ahead, the thread reads the first output's inputs and waits; each
+    step of the stream lets it read exactly the next output's inputs, each tensor once."""
+    from vcyclefx.export.shards import ShardReader
+
+    model, _ = zoo.llama()
+    reader = ShardReader(_checkpoint(tmp_path, model, "llama"), "model")
+    names = list(reader.entries)
+    size = {n: reader.entries[n].end - reader.entries[n].begin for n in names}
+    steps = [names[0:2], names[1:3], [names[3]]]  # names[1] read once
+    ahead = reader.read_ahead(steps, 0)
+    try:
+        assert _until(lambda: ahead.waiting)
+        assert ahead.read == size[names[0]] + size[names[1]]
+        ahead.at(1)
+        assert _until(lambda: ahead.read == sum(size[n] for n in names[:3]) and ahead.waiting)
+        ahead.at(2)
+        assert _until(lambda: ahead.read == sum(size[n] for n in names[:4]))
+    finally:
+        ahead.close()
+    assert ahead.read == sum(size[n] for n in names[:4])

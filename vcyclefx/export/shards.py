@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -212,27 +213,10 @@ class ShardReader:
             pages, cached = pages + got[0], cached + got[1]
         return cached / pages if pages else 1.0
 
-    def prefetch(self, names: list[str]) -> None:
-        """Ask the kernel to start reading the bytes of tensors ``names`` now (``posix_fadvise``
-        WILLNEED; nothing where the platform lacks it), so that a later :meth:`get` finds them
-        in the page cache: the disk reads the next output's inputs while this one is made."""
-        advise = getattr(os, "posix_fadvise", None)
-        if advise is None:
-            return
-        for n in names:
-            e = self.entries.get(n)
-            if e is None or e.end == e.begin:
-                continue
-            try:
-                fd = os.open(e.file, os.O_RDONLY)
-            except OSError:
-                continue  # get() names the file if it really cannot be read
-            try:
-                advise(fd, self._starts[e.file] + e.begin, e.end - e.begin, os.POSIX_FADV_WILLNEED)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
+    def read_ahead(self, steps: list[list[str]], ahead: int) -> "ReadAhead":
+        """A :class:`ReadAhead` over this checkpoint: ``steps[k]`` are the tensors the ``k``-th
+        output reads."""
+        return ReadAhead(self, steps, ahead)
 
     def rows(self, names: list[str], begin: int, end: int) -> dict[str, torch.Tensor]:
         """Rows ``begin:end`` (along the first dimension) of each tensor ``names``, read into new
@@ -254,6 +238,87 @@ class ShardReader:
                                       "says; copy the shard again")
             out[n] = data.view(e.dtype).view(end - begin, *e.shape[1:])
         return out
+
+
+class ReadAhead:
+    """A thread that reads from the disk, in the order a stream asks for them, the bytes of the
+    tensors its next outputs need, at most ``ahead`` bytes beyond the output being made, so that
+    they are in the page cache when :meth:`ShardReader.get` maps them: the disk works while the
+    CPU makes the outputs before (a blocking read releases the GIL). The bytes land in a scratch
+    buffer and are dropped; ``ahead`` bounds what this adds to the page cache, so a checkpoint
+    larger than memory evicts nothing the stream still needs. A failed read ends the thread
+    quietly: the stream's own read of that tensor names the file.
+
+    Call :meth:`at` as each output ``k`` is started, :meth:`close` at the end."""
+
+    CHUNK = 4 << 20
+
+    def __init__(self, reader: ShardReader, steps: list[list[str]], ahead: int):
+        self.read = 0  # bytes read so far
+        self.waiting = False  # the thread is waiting for the stream to move on
+        self._ranges: list[list[tuple[Path, int, int]]] = []  # per output: (file, offset, length)
+        self._ends: list[int] = []  # bytes through each output's inputs
+        seen, total = set(), 0
+        for names in steps:
+            ranges = []
+            for n in names:
+                e = reader.entries.get(n)
+                if n in seen or e is None or e.end == e.begin:
+                    continue
+                seen.add(n)
+                ranges.append((e.file, reader._starts[e.file] + e.begin, e.end - e.begin))
+                total += e.end - e.begin
+            self._ranges.append(ranges)
+            self._ends.append(total)
+        self._ahead = ahead
+        self._limit = (self._ends[0] if self._ends else 0) + ahead
+        self._stop = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="vcyclefx-read-ahead", daemon=True)
+        self._thread.start()
+
+    def at(self, k: int) -> None:
+        """The stream starts making output ``k``: read up to ``ahead`` bytes past its inputs."""
+        with self._cond:
+            self._limit = self._ends[min(k, len(self._ends) - 1)] + self._ahead
+            self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        self._thread.join()
+
+    def _run(self) -> None:
+        buf = bytearray(self.CHUNK)
+        fds: dict[Path, int] = {}
+        try:
+            for ranges in self._ranges:
+                for path, offset, length in ranges:
+                    pos = 0
+                    while pos < length:
+                        n = min(self.CHUNK, length - pos)
+                        with self._cond:
+                            while not self._stop and self.read + n > self._limit:
+                                self.waiting = True
+                                self._cond.wait()
+                            self.waiting = False
+                            if self._stop:
+                                return
+                        if path not in fds:
+                            fds[path] = os.open(path, os.O_RDONLY)
+                        got = os.preadv(fds[path], [memoryview(buf)[:n]], offset + pos)
+                        if got <= 0:
+                            return
+                        pos += got
+                        self.read += got
+        except OSError:
+            return
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+            with self._cond:
+                self.waiting = True
 
 
 # ---------------------------------------------------------------------------------------------

@@ -260,22 +260,19 @@ def stream_weights(level, recorder, reader: ShardReader, max_shard_size, produce
         start, cpu = time.perf_counter(), time.process_time()
         writer = ShardWriter(tmp, "weights", layout, parse_size(max_shard_size),
                              {ALIASES_KEY: json.dumps(aliases)}, background=True)
+        ahead = None
         try:
             # read ahead only from the disk: asking for pages already cached costs CPU in the
             # page faults that follow (measured: +20% on a checkpoint in the page cache)
             cached = reader.cached_fraction() if produce is None else 1.0
-            ahead = cached is None or cached < CACHED
-
-            def prefetch(k: int) -> None:
-                if ahead and k < len(layout) and state[layout[k][0]].is_meta:
-                    reader.prefetch(recorder.leaves_of(state[layout[k][0]]))
-
-            for k in range(1, PREFETCH):
-                prefetch(k)
+            if cached is None or cached < CACHED:
+                ahead = reader.read_ahead([recorder.leaves_of(state[n]) if state[n].is_meta
+                                           else [] for n, *_ in layout], READ_AHEAD_BYTES)
             for k, (name, *_) in enumerate(tqdm(layout, desc="writing weights", unit="tensor",
                                                 leave=False, disable=None)):
                 t = state[name]
-                prefetch(k + PREFETCH)  # the disk reads later outputs' inputs while this is made
+                if ahead is not None:
+                    ahead.at(k)  # the disk reads later outputs' inputs while this is made
                 if produce is not None:
                     value = produce(name, t)
                 elif t.is_meta:
@@ -286,6 +283,8 @@ def stream_weights(level, recorder, reader: ShardReader, max_shard_size, produce
                 del value  # the writer's thread holds it until written, no longer
             writer.finish(aliases)
         finally:
+            if ahead is not None:
+                ahead.close()
             writer.abort()
         written = sum(_bytes(t) for n, t in state.items() if n not in aliases)
         print(f"vcyclefx: streamed {len(layout)} tensors ({load.bytes / 1e9:.3f} GB read, "
@@ -300,7 +299,7 @@ def _bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-PREFETCH = 4  # outputs ahead whose inputs the disk is asked to read (ShardReader.prefetch)
+READ_AHEAD_BYTES = 256 << 20  # how far ahead of the stream the disk reads (ShardReader.read_ahead)
 CACHED = 0.9  # ... unless this much of the checkpoint is in the page cache already
 ROW_BLOCK_BYTES = 16 << 20  # a large row-wise output reads this much of its inputs at a time
 
