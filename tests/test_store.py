@@ -68,6 +68,36 @@ def test_an_atomic_directory_replaces_an_old_one_only_when_complete(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["level"]
 
 
+def test_a_file_that_cannot_be_flushed_fails_the_directory_and_names_the_file(tmp_path,
+                                                                              monkeypatch):
+    """fsync's EIO/ENOSPC on a file is an error naming it (its bytes may not be on the disk) and
+    no directory appears; a folder the filesystem cannot flush (EINVAL) is passed over."""
+    import errno
+    import os
+
+    from vcyclefx.errors import VCycleError
+
+    fsync = os.fsync
+
+    def failing(fd):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if os.path.isdir(path):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        if path.endswith("weights.bin"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing)
+    target = tmp_path / "level"
+    with pytest.raises(VCycleError, match=r"weights\.bin: cannot flush to disk \(No space left"):
+        with atomic_directory(target) as tmp:
+            (tmp / "weights.bin").write_bytes(b"x" * 10)
+    assert list(tmp_path.iterdir()) == []
+    with atomic_directory(target) as tmp:  # folders that cannot be flushed: written all the same
+        (tmp / "level.json").write_text("{}")
+    assert (target / "level.json").read_text() == "{}"
+
+
 def _tied_state():
     emb = torch.nn.Embedding(1000, 100)
     head = torch.nn.Linear(100, 1000, bias=False)

@@ -434,7 +434,14 @@ def big_checkpoint(repeats: int, shard: str, where: str, layers: int = 24,
         size = sum(os.path.getsize(f) for f in files)
         vcyclefx = [sys.executable, "-c", "from vcyclefx.cli import entry; entry()"]
         small = os.path.join(work, "small")
+        coalesce = [*vcyclefx, "coalesce", ckpt, "--width", "0.5", "--depth", "0.5", "-o", small,
+                    "--max-shard-size", shard, "--force", "--stream", "always"]
+        # coalesce between two reads of the same files: the disk's speed drifts from minute to
+        # minute (cold reads come from the host's cache), so each round's streaming phase is
+        # also compared with the two `cat`s beside it
         cmds = {"cat": ["cat", *files],
+                "coalesce": coalesce,
+                "cat-after": ["cat", *files],
                 "cp": ["cp", "-r", ckpt, os.path.join(work, "copy")],
                 # the floor of a durable write: the copy flushed to disk, as every vcyclefx
                 # output is before it is renamed into place (vcyclefx.store)
@@ -442,9 +449,6 @@ def big_checkpoint(repeats: int, shard: str, where: str, layers: int = 24,
                                         f"sync {os.path.join(work, 'copy2')}/*"],
                 "add-floor": [sys.executable, __file__, "--add-floor", ckpt],
                 "from_pretrained": [sys.executable, __file__, "--load-only", ckpt],
-                "coalesce": [*vcyclefx, "coalesce", ckpt, "--width", "0.5", "--depth", "0.5",
-                             "-o", small, "--max-shard-size", shard, "--force",
-                             "--stream", "always"],
                 # the same, every block traced (no capture by repetition): before/after
                 "coalesce-whole": [*vcyclefx, "coalesce", ckpt, "--width", "0.5", "--depth",
                                    "0.5", "-o", small + "-whole", "--max-shard-size", shard,
@@ -479,6 +483,10 @@ def big_checkpoint(repeats: int, shard: str, where: str, layers: int = 24,
               f"{med(what, 1) / size:>10.2f}x {med(what, 0) / med('cat', 0):>10.2f}x")
     print(f"CPU seconds (user + system): cat {med('cat', 2):.2f}, cp {med('cp', 2):.2f}")
     print(f"decoalesce / (cp + sync): {med('decoalesce', 0) / med('cp+sync', 0):.2f}x")
+    paired = [streaming["coalesce"][r][0] / ((runs["cat"][r][0] + runs["cat-after"][r][0]) / 2)
+              for r in range(repeats)]
+    print(f"coalesce's streaming phase / the mean of the two `cat`s beside it, per round: median "
+          f"{statistics.median(paired):.2f}x [{min(paired):.2f}-{max(paired):.2f}]")
     for what, xs in streaming.items():
         if all(x is not None for x in xs):
             t = statistics.median(x[0] for x in xs)

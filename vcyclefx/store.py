@@ -15,6 +15,7 @@ every name back, the aliases as the same tensor (shared storage), as they were s
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -32,13 +33,31 @@ ALIASES_KEY = "aliases"  # the metadata entry of a safetensors file that holds t
 # atomic files and directories
 
 
+# fsync's answers for "this filesystem cannot flush that" (folders on some filesystems): nothing
+# to do; any other failure (EIO, ENOSPC, EDQUOT) means the bytes may not be on the disk
+_CANNOT_FLUSH = (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES, errno.EPERM, errno.EISDIR)
+
+
 def _fsync(path: Path) -> None:
-    with contextlib.suppress(OSError):  # a filesystem without fsync on folders: nothing to do
+    """Flush ``path`` to disk; a failure to flush a file's bytes raises a VCycleError naming it
+    (a folder a filesystem cannot flush is passed over)."""
+    from vcyclefx.errors import VCycleError
+
+    try:
         fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    except OSError:
+        if path.is_dir():
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in _CANNOT_FLUSH:
+            why = os.strerror(e.errno) if e.errno else str(e)
+            raise VCycleError(f"{path}: cannot flush to disk ({why}); free space on that disk "
+                              "or write somewhere else") from e
+    finally:
+        os.close(fd)
 
 
 def fsync_tree(path) -> None:
