@@ -167,3 +167,20 @@ def test_the_command_writes_what_a_whole_capture_writes(tmp_path, capsys, stream
     assert torch.equal(a.eval()(x).logits, b.eval()(x).logits)
     # the level directory says how it was captured
     assert REPEATED in json.dumps(json.loads((outs["repeated"] / "level.json").read_text()))
+
+
+def test_inspect_by_repetition_reports_what_a_whole_capture_reports(tmp_path, capsys):
+    """`vcyclefx inspect` captures as coalesce does: the same spaces, chains, ties, node and
+    parameter counts as with --whole-capture; only the capture note differs."""
+    ckpt = _checkpoint(tmp_path, _model("llama", 4), "llama")
+    reports = {}
+    for how, extra in (("repeated", []), ("whole", ["--whole-capture"])):
+        assert main(["inspect", str(ckpt), "--json", *extra]) == 0
+        reports[how] = json.loads(capsys.readouterr().out)
+    notes = {how: r.pop("notes") for how, r in reports.items()}
+    for r in reports.values():
+        r.pop("analysis_seconds")
+    assert reports["repeated"] == reports["whole"]
+    assert reports["whole"]["chains"][0]["blocks"] == 4
+    assert any(REPEATED in n for n in notes["repeated"])
+    assert not any(REPEATED in n for n in notes["whole"])

@@ -19,8 +19,11 @@ def _cmd_inspect(args) -> int:
     from vcyclefx.capture.specs import model_from_spec
 
     found = model_from_spec(args.model, batch=args.batch, seq=args.seq)
-    kwargs = {"frontend": args.frontend} if args.frontend else {}
-    report = inspect(found.model, found.example, **kwargs)
+    if args.frontend == "fx":
+        model, kwargs = found.model, {"frontend": "fx"}
+    else:  # the export capture coalesce makes: by repetition where the blocks are identical
+        model, kwargs = _model_or_level(found, args)
+    report = inspect(model, found.example, **kwargs)
     print(report.to_json() if args.json else report)
     return 0
 
@@ -261,6 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--frontend", choices=["export", "fx"], default=None,
                      help="capture front-end (default: torch.export with symbolic batch/sequence "
                           "sizes, the capture coalesce uses)")
+    ins.add_argument("--whole-capture", action="store_true",
+                     help="for a Hugging Face model, trace every block (by default, where the "
+                          "blocks are identical, two periods of them are traced and repeated, as "
+                          "coalesce does: the same graph, so the same report)")
     ins.set_defaults(func=_cmd_inspect)
 
     co = sub.add_parser("coalesce", help="make a smaller level and write it as a level directory")
