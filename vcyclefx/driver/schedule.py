@@ -129,8 +129,14 @@ def global_lr(step: int, stage_step: int, first_stage: bool, *, steps: int, warm
     """``--lr-schedule global`` without the stage's lr scale: ``ramp(stage_step) * cosine(step;
     steps, warmup)`` (module docstring). The integrations (``vcyclefx.integrations``) run their
     stages with this function, so a Trainer's or Lightning's stages follow the driver's envelope."""
-    ramp = 1.0 if first_stage else min(1.0, (stage_step + 1) / (stage_warmup + 1))
-    return ramp * cosine_lr(step, steps, warmup, lr, min_lr)
+    return stage_ramp(stage_step, first_stage, stage_warmup) * cosine_lr(step, steps, warmup, lr,
+                                                                         min_lr)
+
+
+def stage_ramp(stage_step: int, first_stage: bool, stage_warmup: int) -> float:
+    """``--lr-schedule global``'s re-warm-up of every stage after the first:
+    ``min(1, (stage_step + 1) / (stage_warmup + 1))``; 1 in the first stage."""
+    return 1.0 if first_stage else min(1.0, (stage_step + 1) / (stage_warmup + 1))
 
 
 def lr_at(cfg: TrainConfig, step: int, steps: int | None = None, warmup: int | None = None) -> float:
@@ -148,7 +154,7 @@ def stage_lr(cfg: TrainConfig, state: RunState, steps: int, lr_scale: float) -> 
     if cfg.lr_schedule == "stage":
         warmup = cfg.warmup if first else cfg.stage_warmup
         return lr_scale * lr_at(cfg, state.stage_step, steps, warmup)
-    ramp = 1.0 if first else min(1.0, (state.stage_step + 1) / (cfg.stage_warmup + 1))
+    ramp = stage_ramp(state.stage_step, first, cfg.stage_warmup)
     return lr_scale * ramp * lr_at(cfg, state.step, schedule_steps(cfg, state.schedule))
 
 
