@@ -547,7 +547,10 @@ def streaming_ab(checkpoint: str | None, baseline: str, repeats: int, shard: str
 
 def split_child(src: str, out: str) -> dict:
     """`vcyclefx coalesce SRC --width 0.5 --depth 0.5 -o OUT` (the streaming path), step by
-    step, in one process."""
+    step, in one process, without the cycle collector as the command runs."""
+    import gc
+
+    gc.disable()
     t0 = time.perf_counter()
     steps = {}
 
