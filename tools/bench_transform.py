@@ -624,8 +624,8 @@ def _run_measured(cmd: list[str], cwd: str, env: dict | None = None) -> tuple[fl
 
 
 def whole_process(checkpoint: str | None, repeats: int, baseline: str | None = None) -> None:
-    """``baseline``: another checkout of vcyclefx (an earlier commit), run in the same
-    alternation for a before/after row."""
+    """``baseline``: another checkout of vcyclefx (an earlier commit with ``--stream``), run in
+    the same alternation for a before/after row of the streamed command."""
     import shutil
     import tempfile
 
@@ -650,6 +650,7 @@ def whole_process(checkpoint: str | None, repeats: int, baseline: str | None = N
                        "imports": [*here, "--floor", checkpoint, "--imports"]}.get(
                     what, [*vcyclefx, "coalesce", checkpoint, "--width", "0.5", "--depth", "0.5",
                            "-o", out] + {"vcyclefx": ["--stream", "always"],
+                                         "baseline": ["--stream", "always"],
                                          "whole-capture": ["--stream", "always",
                                                            "--whole-capture"]}.get(what, []))
                 env = {**os.environ, "PYTHONPATH": os.path.abspath(baseline)} if what == "baseline" else None
