@@ -342,10 +342,10 @@ def _without_cycle_collector() -> None:
     the passes allocate container objects without pause (FX nodes, symbolic sizes, fake
     tensors), on a heap of hundreds of thousands that torch and transformers leave, and the
     collector keeps walking them. Measured on GPT-2 base (BENCHMARKS.md): a fifth to a third of
-    a command's time. Memory
-    freed by reference counting (every tensor a command drops) is freed as before; only what
-    cycles hold (the capture's Python objects, not weights) stays until the process exits:
-    +0.01 GiB of peak on GPT-2 base, +0.1 GiB on a 24-layer Llama, whatever its weights weigh."""
+    a command's time. Memory freed by reference counting (every tensor a command drops) is freed
+    as before; only what cycles hold (the capture's Python objects, not weights) stays until the
+    process exits: +0.01-0.05 GiB of peak on GPT-2 base, +0.1 GiB on a 24-layer Llama, whatever
+    its weights weigh."""
     import gc
 
     gc.disable()

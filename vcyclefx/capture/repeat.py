@@ -16,6 +16,7 @@ whose other fields depend on the layer count, a class that reads the layer count
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import inspect
@@ -202,6 +203,28 @@ def _in_model_order(level, names: list[str]):
     return build_level(level, graph, level_info(level), own=False)
 
 
+@contextlib.contextmanager
+def params_on_meta(dtype: torch.dtype):
+    """Modules made inside put their parameters on the meta device (buffers stay real: a class
+    computes its non-persistent ones in ``__init__``), with ``dtype`` as the default dtype, as
+    ``from_pretrained`` builds a checkpoint of that dtype. Both are undone on exit."""
+    register = torch.nn.Module.register_parameter
+    old_dtype = torch.get_default_dtype()
+
+    def on_meta(module, name, param):
+        if param is not None and not param.is_meta:
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        torch.set_default_dtype(dtype)
+        yield
+    finally:
+        torch.set_default_dtype(old_dtype)
+        torch.nn.Module.register_parameter = register
+
+
 def captured_by_repetition(model: torch.nn.Module, example, recipe=None):
     """A loaded Hugging Face ``model`` captured by repetition with ``example`` inputs (the level
     takes the model's own tensors, for a model the caller discards), or None (capture it whole).
@@ -211,7 +234,6 @@ def captured_by_repetition(model: torch.nn.Module, example, recipe=None):
     kernel of scaled_dot_product_attention) and the graph would differ from a trace of the
     model itself (a ``contiguous`` more or less). Its untouched memory is never resident."""
     from vcyclefx.capture.frontend import capture
-    from vcyclefx.export.stream import _params_on_meta
 
     if not hasattr(model, "config"):
         return None
@@ -222,7 +244,7 @@ def captured_by_repetition(model: torch.nn.Module, example, recipe=None):
     cls = type(model)
 
     def build(cfg):
-        with _params_on_meta(dtype):
+        with params_on_meta(dtype):
             m = cls(cfg)
         if first.device.type != "meta":
             made: dict[int, torch.nn.Parameter] = {}  # tied parameters stay tied

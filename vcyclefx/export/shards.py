@@ -290,6 +290,10 @@ class ReadAhead:
         self._thread.join()
 
     def _run(self) -> None:
+        if not hasattr(os, "preadv"):  # not on this platform: the stream reads as it goes
+            with self._cond:
+                self.waiting = True
+            return
         buf = bytearray(self.CHUNK)
         fds: dict[Path, int] = {}
         try:

@@ -23,7 +23,6 @@ path (the same ops run on the same values). The output directory is written atom
 
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,28 +59,6 @@ class Source:
     leaves: dict  # meta tensor -> the checkpoint name it is read from
     mapping: object = None  # a level directory's mapping.json
     directory: Path | None = None
-
-
-@contextlib.contextmanager
-def _params_on_meta(dtype: torch.dtype):
-    """Modules made inside put their parameters on the meta device (buffers stay real: a class
-    computes its non-persistent ones in ``__init__``), with ``dtype`` as the default dtype, as
-    ``from_pretrained`` builds a checkpoint of that dtype. Both are undone on exit."""
-    register = torch.nn.Module.register_parameter
-    old_dtype = torch.get_default_dtype()
-
-    def on_meta(module, name, param):
-        if param is not None and not param.is_meta:
-            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
-
-    torch.nn.Module.register_parameter = on_meta
-    try:
-        torch.set_default_dtype(dtype)
-        yield
-    finally:
-        torch.set_default_dtype(old_dtype)
-        torch.nn.Module.register_parameter = register
 
 
 def _checkpoint_dtype(cfg, reader: ShardReader) -> torch.dtype:
@@ -187,7 +164,7 @@ def hf_source(directory, spec: str, batch: int, seq: int, recipe_of_model,
     import transformers
 
     from vcyclefx.capture.frontend import capture
-    from vcyclefx.capture.repeat import repeated_capture
+    from vcyclefx.capture.repeat import params_on_meta, repeated_capture
     from vcyclefx.capture.specs import hf_example, hf_class
 
     d = Path(directory)
@@ -197,7 +174,7 @@ def hf_source(directory, spec: str, batch: int, seq: int, recipe_of_model,
     transformers.logging.set_verbosity_error()
 
     def build(config):
-        with _params_on_meta(dtype):
+        with params_on_meta(dtype):
             m = cls(config)
         return m.eval()
 
