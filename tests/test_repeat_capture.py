@@ -184,3 +184,25 @@ def test_inspect_by_repetition_reports_what_a_whole_capture_reports(tmp_path, ca
     assert reports["whole"]["chains"][0]["blocks"] == 4
     assert any(REPEATED in n for n in notes["repeated"])
     assert not any(REPEATED in n for n in notes["whole"])
+
+
+def test_in_memory_the_blocks_are_grown_on_the_meta_device(monkeypatch):
+    """A loaded model captured by repetition: the depth pass grows a level whose tensors are all
+    meta (no copy of every block: a second model's memory), and the level then holds the
+    model's own tensors, ties kept."""
+    from passes.depth import DepthPass
+
+    model = _model("gpt2", 4)
+    grown_from = []
+    call = DepthPass.__call__
+    monkeypatch.setattr(DepthPass, "__call__", lambda self, level, plan: (
+        grown_from.append([t.device.type for t in level.state_dict().values()]),
+        call(self, level, plan))[1])
+    ids = torch.randint(0, 96, (2, 7))
+    level = captured_by_repetition(model, (ids,), recipe_of(model))
+    assert level is not None and len(grown_from) == 1
+    assert grown_from[0] and set(grown_from[0]) == {"meta"}
+    mine = {n: t.data_ptr() for n, t in model.state_dict().items()}
+    assert {n: t.data_ptr() for n, t in level.state_dict().items()} == mine
+    assert level.lm_head.weight is level.transformer.wte.weight
+    assert torch.equal(_logits(level(ids)), _logits(model(ids)))

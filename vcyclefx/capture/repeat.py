@@ -25,6 +25,8 @@ import re
 
 import torch
 
+from vcyclefx.fx.device import move_device_literals_
+
 log = logging.getLogger(__name__)
 
 # attributes that number a block (differ from block to block by construction)
@@ -118,6 +120,7 @@ def repeated_capture(model: torch.nn.Module, build, capture_one, min_blocks: int
 
     ``build(cfg)`` makes the smaller model on the meta device; ``capture_one(m)`` captures one.
     The level's tensors are ``model``'s own (its parameters and persistent buffers)."""
+    from passes.contract import shape_check, verify
     from passes.depth import DepthPass, DepthPlan
     from vcyclefx.api import _plan_depth
     from vcyclefx.level import KEY, level_info, owner_of
@@ -156,6 +159,7 @@ def repeated_capture(model: torch.nn.Module, build, capture_one, min_blocks: int
     if outside != small_outside:
         return None
     level = capture_one(small)
+    device = _state_on_meta(level)  # grown below: copies of meta tensors take no memory
     try:
         chains = _plan_depth(level, n / k, "adjacent", coalesce=False, depth_init="copy")
     except Exception as e:  # noqa: BLE001 - no chain found in the small model: capture whole
@@ -163,7 +167,8 @@ def repeated_capture(model: torch.nn.Module, build, capture_one, min_blocks: int
         return None
     if len(chains) != 1 or chains[0].container != path or len(chains[0].large_blocks) != n:
         return None
-    grown = DepthPass()(level, DepthPlan(DECOALESCE, tuple(chains))).module
+    with shape_check(False):  # its tensors are meta, its non-state ones not: checked below
+        grown = DepthPass()(level, DepthPlan(DECOALESCE, tuple(chains))).module
     state = grown.state_dict(keep_vars=True)
     if {k_: (tuple(t.shape), t.dtype) for k_, t in state.items()} != \
             {k_: (tuple(t.shape), t.dtype) for k_, t in full_state.items()}:
@@ -176,6 +181,9 @@ def repeated_capture(model: torch.nn.Module, build, capture_one, min_blocks: int
                 torch.nn.Parameter(t, requires_grad=False)
         else:
             owner._buffers[leaf] = t
+    if device is not None:  # the graph's device literals back with the tensors
+        move_device_literals_(grown, device)
+    verify(grown, what="capture by repetition")
     grown = _in_model_order(grown, list(full_state))
     info = level_info(grown)
     note = (f"captured {k} of the {n} blocks of {path} (identical, period {p}) {REPEATED}; "
@@ -183,6 +191,35 @@ def repeated_capture(model: torch.nn.Module, build, capture_one, min_blocks: int
     grown.meta[KEY] = dataclasses.replace(info, notes=(*info.notes, note))
     log.info(note)
     return grown
+
+
+def _state_on_meta(level) -> torch.device | None:
+    """``level``'s parameters and persistent buffers replaced by meta tensors of their shapes and
+    dtypes (ties kept), and its graph's device literals with them: the depth growth then copies
+    no memory (in memory, a grown copy of every block would be a second model), and the full
+    model's own tensors replace them after. Returns the device they were on (None: on meta
+    already)."""
+    from vcyclefx.level import owner_of
+
+    state = level.state_dict(keep_vars=True)
+    device = next((t.device for t in state.values() if not t.is_meta), None)
+    if device is None:
+        return None
+    done: dict[int, torch.Tensor] = {}
+    for name, t in state.items():
+        if t.is_meta:
+            continue
+        if id(t) not in done:
+            meta = torch.empty_like(t, device="meta")
+            done[id(t)] = torch.nn.Parameter(meta, t.requires_grad) \
+                if isinstance(t, torch.nn.Parameter) else meta
+        owner, leaf = owner_of(level, name)
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = done[id(t)]
+        else:
+            owner._buffers[leaf] = done[id(t)]
+    move_device_literals_(level, torch.device("meta"))
+    return device
 
 
 def _in_model_order(level, names: list[str]):
