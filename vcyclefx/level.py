@@ -112,6 +112,17 @@ def owner_of(module: nn.Module, target: str) -> tuple[nn.Module, str]:
     return (fetch_attr(module, path) if path else module), leaf
 
 
+def put_state(module: nn.Module, name: str, t: torch.Tensor) -> None:
+    """Put ``t`` in state-dict entry ``name`` of ``module``, in place: a parameter's slot takes a
+    Parameter (a plain ``t`` wrapped, not trainable), a buffer's slot takes ``t``."""
+    owner, leaf = owner_of(module, name)
+    if leaf in owner._parameters:
+        owner._parameters[leaf] = t if isinstance(t, nn.Parameter) else \
+            nn.Parameter(t, requires_grad=False)
+    else:
+        owner._buffers[leaf] = t
+
+
 def nonpersistent_buffers(gm: nn.Module) -> set[str]:
     names = set()
     for mod_name, mod in gm.named_modules():

@@ -123,7 +123,7 @@ def repeated_capture(model: torch.nn.Module, build, capture_one, min_blocks: int
     from passes.contract import shape_check, verify
     from passes.depth import DepthPass, DepthPlan
     from vcyclefx.api import _plan_depth
-    from vcyclefx.level import KEY, level_info, owner_of
+    from vcyclefx.level import KEY, level_info, put_state
     from vcyclefx.plan.choices import DECOALESCE
 
     cfg = getattr(model, "config", None)
@@ -174,13 +174,7 @@ def repeated_capture(model: torch.nn.Module, build, capture_one, min_blocks: int
             {k_: (tuple(t.shape), t.dtype) for k_, t in full_state.items()}:
         return None
     for name in state:  # the full model's own tensors (ties as the model has them)
-        owner, leaf = owner_of(grown, name)
-        t = full_state[name]
-        if leaf in owner._parameters:
-            owner._parameters[leaf] = t if isinstance(t, torch.nn.Parameter) else \
-                torch.nn.Parameter(t, requires_grad=False)
-        else:
-            owner._buffers[leaf] = t
+        put_state(grown, name, full_state[name])
     if device is not None:  # the graph's device literals back with the tensors
         move_device_literals_(grown, device)
     verify(grown, what="capture by repetition")
@@ -199,7 +193,7 @@ def _state_on_meta(level) -> torch.device | None:
     no memory (in memory, a grown copy of every block would be a second model), and the full
     model's own tensors replace them after. Returns the device they were on (None: on meta
     already)."""
-    from vcyclefx.level import owner_of
+    from vcyclefx.level import put_state
 
     state = level.state_dict(keep_vars=True)
     device = next((t.device for t in state.values() if not t.is_meta), None)
@@ -213,11 +207,7 @@ def _state_on_meta(level) -> torch.device | None:
             meta = torch.empty_like(t, device="meta")
             done[id(t)] = torch.nn.Parameter(meta, t.requires_grad) \
                 if isinstance(t, torch.nn.Parameter) else meta
-        owner, leaf = owner_of(level, name)
-        if leaf in owner._parameters:
-            owner._parameters[leaf] = done[id(t)]
-        else:
-            owner._buffers[leaf] = done[id(t)]
+        put_state(level, name, done[id(t)])
     move_device_literals_(level, torch.device("meta"))
     return device
 

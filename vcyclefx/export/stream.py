@@ -34,7 +34,7 @@ from vcyclefx.errors import CheckpointError
 from vcyclefx.export.record import Recorder
 from vcyclefx.export.shards import ShardReader, ShardWriter, nbytes, parse_size
 from vcyclefx.fx.device import move_device_literals_
-from vcyclefx.level import owner_of
+from vcyclefx.level import put_state
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
@@ -99,11 +99,7 @@ def _bind(level, reader: ShardReader, where: str, dtype_of=None) -> dict:
             new = torch.nn.Parameter(meta, t.requires_grad) if isinstance(t, torch.nn.Parameter) else meta
             done[id(t)] = new
             leaves[new] = held
-        owner, leaf = owner_of(level, name)
-        if isinstance(new, torch.nn.Parameter):
-            owner._parameters[leaf] = new
-        else:
-            owner._buffers[leaf] = new
+        put_state(level, name, new)
     return leaves
 
 
