@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -204,3 +205,92 @@ def test_keyword_example_inputs_capture_an_encoder_decoder_without_a_wrapper():
         pass
     fresh, _, _ = _bart()
     fresh.load_state_dict(cycle.result().state_dict(), strict=True)
+
+
+def test_a_level_directory_holds_its_weights_once_and_loads_them_from_the_safetensors(tmp_path):
+    from vcyclefx.export.leveldir import level_to_bytes, load_level, save_level
+
+    example, small, mapping = _levels()
+    save_level(small, tmp_path / "s", mapping)
+    pt2, weights = tmp_path / "s" / "level.pt2", tmp_path / "s" / "weights.safetensors"
+    assert _weight_bytes(pt2) == 0  # the graph, not a second copy of the weights
+    ep = torch.export.load(pt2)
+    assert ep.state_dict and all(t.is_meta for t in ep.state_dict.values())
+    back, _ = load_level(tmp_path / "s")
+    assert not any(t.is_meta for t in back.state_dict().values())
+    assert back.lm_head.weight is back.transformer.wte.weight
+    x = other_inputs(example)
+    assert torch.equal(_out(back.eval(), x), _out(small, x))
+    assert _weight_bytes(io.BytesIO(level_to_bytes(small)["pt2"])) == 0  # pickled: once too
+
+
+def _weight_bytes(archive) -> int:
+    with zipfile.ZipFile(archive) as z:
+        return sum(i.file_size for i in z.infolist() if "/data/weights/weight_" in i.filename)
+
+
+def test_loading_a_hugging_face_level_does_not_import_its_modeling_code(tmp_path):
+    from vcyclefx.export.leveldir import save_level
+
+    example, small, mapping = _levels()
+    save_level(small, tmp_path / "s", mapping)
+    torch.save(_out(small, example), tmp_path / "want.pt")
+    code = ("import sys, torch\nfrom vcyclefx.export.leveldir import load_level\n"
+            f"level, _ = load_level({str(tmp_path / 's')!r})\n"
+            f"x = torch.load({str(tmp_path / 'want.pt')!r})\n"
+            "from vcyclefx.level import level_info\n"
+            "with torch.no_grad():\n    y = level.eval()(*level_info(level).example_inputs).logits\n"
+            "print(torch.equal(x, y), 'transformers.models.gpt2.modeling_gpt2' in sys.modules,"
+            " 'transformers.modeling_outputs' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+    assert res.returncode == 0, res.stderr
+    # the same logits; the output type's module imported, not GPT-2's modeling code
+    assert res.stdout.split() == ["True", "False", "True"]
+
+
+_OP_MODULE = '''
+import torch
+
+@torch.library.custom_op("vcx_test::double", mutates_args=())
+def double(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+@double.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(8, 16)
+        self.b = torch.nn.Linear(16, 8)
+    def forward(self, x):
+        return self.b(double(torch.relu(self.a(x))))
+'''
+
+
+def test_a_level_whose_graph_needs_an_op_its_model_module_registers_loads_in_a_fresh_process(tmp_path):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "vcx_custom_ops.py").write_text(_OP_MODULE)
+    out = tmp_path / "s"
+    make = ("import torch, vcyclefx as vf, vcx_custom_ops as m\n"
+            "from vcyclefx.export.leveldir import save_level\n"
+            "torch.manual_seed(0)\nlevel = vf.capture(m.Net(), (torch.randn(2, 8),))\n"
+            f"save_level(level, {str(out)!r})\n"
+            f"torch.save(level(*level.info.example_inputs).detach(), {str(tmp_path / 'want.pt')!r})")
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{pkg}"}
+    subprocess.run([sys.executable, "-c", make], check=True, env=env, timeout=300)
+    # the fresh process does not import the module: loading fails without its op, imports the
+    # module of the level's source class and loads
+    load = ("import sys, torch\nfrom vcyclefx.export.leveldir import load_level\n"
+            f"level, _ = load_level({str(out)!r})\n"
+            "from vcyclefx.level import level_info\n"
+            "y = level(*level_info(level).example_inputs).detach()\n"
+            f"print(torch.allclose(y, torch.load({str(tmp_path / 'want.pt')!r}), rtol=0, atol=1e-6), "
+            "'vcx_custom_ops' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, env=env,
+                         cwd=tmp_path, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["True", "True"]

@@ -23,7 +23,9 @@ import datetime as _dt
 import importlib
 import io
 import json
+import logging
 import re
+import sys
 import warnings
 import zipfile
 from pathlib import Path
@@ -71,8 +73,7 @@ def save_level(level, directory, mapping: Mapping | None = None, *, overwrite: b
     if info is None:
         raise LevelError("save_level expects a level made by vcyclefx (vf.coalesce/decoalesce/capture)")
     with atomic_directory(directory) as tmp:
-        ep = program_of(level)  # the graph as it is: no second export
-        torch.export.save(ep, tmp / "level.pt2")
+        torch.export.save(_graph_program(level), tmp / "level.pt2")
         state = level.state_dict(keep_vars=True)
         if weights is None:
             save_tensors(tmp / "weights.safetensors", state)
@@ -86,6 +87,20 @@ def save_level(level, directory, mapping: Mapping | None = None, *, overwrite: b
         if also is not None:
             also(tmp)
     return directory
+
+
+def _graph_program(level):
+    """The level as an ExportedProgram (:func:`program_of`: the graph as it is, no second
+    export) whose parameters and persistent buffers are meta tensors: the weights are written
+    once, to the safetensors beside it, and loading takes them from there. Non-persistent
+    buffers and constants (small, and in no weights file) stay real."""
+    ep = program_of(level)
+    state = ep.state_dict
+    for name, t in list(state.items()):
+        meta = t.detach().to("meta")
+        state[name] = torch.nn.Parameter(meta, t.requires_grad) \
+            if isinstance(t, torch.nn.Parameter) else meta
+    return ep
 
 
 def _summary(level, info: LevelInfo, state: dict, extra: dict | None) -> dict:
@@ -114,7 +129,7 @@ def level_to_bytes(level) -> dict:
     weights and example inputs as safetensors, and the level.json summary."""
     info = level_info(level)
     buf = io.BytesIO()
-    torch.export.save(program_of(level), buf)
+    torch.export.save(_graph_program(level), buf)
     state = level.state_dict(keep_vars=True)
     return {"pt2": buf.getvalue(), "weights": tensors_to_bytes(state),
             "inputs": tensors_to_bytes(_inputs_state(info)),
@@ -124,8 +139,8 @@ def level_to_bytes(level) -> dict:
 def level_from_bytes(data: dict):
     """The level :func:`level_to_bytes` stored."""
     meta = data["summary"]
-    _import_source(meta.get("source_class"))
-    ep = torch.export.load(io.BytesIO(data["pt2"]))
+    ep = _load_or_import_source(lambda: torch.export.load(io.BytesIO(data["pt2"])),
+                                meta.get("source_class"), "pickled level")
     old = meta.get("aliases")  # pickled before the alias map moved into the weights
     return _assemble(ep, tensors_from_bytes(data["weights"], old),
                      tensors_from_bytes(data["inputs"]), meta, "pickled level")
@@ -149,10 +164,11 @@ def tie(gm, alias: str, canon: str) -> None:
 _TREESPEC_TYPE = re.compile(r'\\"type\\": \\"([A-Za-z_]\w*(?:\.\w+)+)\\"')
 
 
-def _register_output_types(path, what: str) -> None:
+def _register_output_types(path, what: str, source_class: str | None = None) -> None:
     """Import the modules of the pytree node types a ``.pt2`` archive's treespecs name (e.g. a
     Hugging Face ``ModelOutput``), so that ``torch.export.load`` can rebuild its inputs and
-    outputs; a clear error if a module is not installed."""
+    outputs; a clear error if a module is not installed. A type that its own module does not
+    register may be registered by the module of the user's class (``source_class``)."""
     import torch.utils._pytree as pytree
 
     try:
@@ -171,33 +187,58 @@ def _register_output_types(path, what: str) -> None:
                 f"imported ({e}); install the package that defines it (the one the model came "
                 "from) and try again") from e
         if name not in pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE:
+            _import_source(source_class)
+        if name not in pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE:
             raise LevelError(
                 f"{what}: its outputs are of type {name}, which importing {module!r} does not "
                 "register with torch.utils._pytree; register it (register_pytree_node with "
                 f"serialized_type_name={name!r}) before loading")
 
 
-def load_pt2(path, what: str | None = None):
-    """``torch.export.load`` of ``path`` with the pytree types its treespecs name imported."""
+def load_pt2(path, what: str | None = None, source_class: str | None = None):
+    """``torch.export.load`` of ``path`` with the pytree types its treespecs name imported.
+
+    The module of the user's class (``source_class``) is imported only where the graph does not
+    load without it (a custom op or a type it registers): for a Hugging Face model that module
+    is the whole of transformers' modeling code, 2-3 s of imports, and the ModelOutput types the
+    graph names come from ``transformers.modeling_outputs`` alone."""
     what = what or str(path)
-    _register_output_types(path, what)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return torch.export.load(path)
-    except Exception as e:  # noqa: BLE001
-        raise LevelError(f"{what}: cannot load the graph ({brief(e)})") from e
+    _register_output_types(path, what, source_class)
+    return _load_or_import_source(lambda: torch.export.load(path), source_class, what)
 
 
-def _import_source(source_class: str | None) -> None:
-    """Import the module of the user's class so its output types (e.g. Hugging Face
-    ModelOutput) are registered with pytree before the graph is deserialised."""
+def _load_or_import_source(load, source_class: str | None, what: str):
+    """``load()``; where it fails, import the module of the user's class and try once more
+    (torch's own warning of the first failure silenced: the second try reports)."""
+    for last in (False, True):
+        quiet = logging.getLogger("torch.export")
+        level = quiet.level
+        if not last:
+            quiet.setLevel(logging.CRITICAL)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return load()
+        except Exception as e:  # noqa: BLE001
+            if last or not _import_source(source_class):
+                raise LevelError(f"{what}: cannot load the graph ({brief(e)})") from e
+        finally:
+            quiet.setLevel(level)
+
+
+def _import_source(source_class: str | None) -> bool:
+    """Import the module of the user's class (for what it registers: its output types, custom
+    ops); True if that imported it now."""
     if not source_class or "." not in source_class:
-        return
+        return False
+    module = source_class.rsplit(".", 1)[0]
+    if module in sys.modules:
+        return False
     try:
-        importlib.import_module(source_class.rsplit(".", 1)[0])
+        importlib.import_module(module)
     except ImportError:
-        pass  # deserialisation will report what is missing
+        return False  # deserialisation reports what is missing
+    return True
 
 
 def _assemble(ep, weights: dict, inputs: dict, meta: dict, where: str):
@@ -250,7 +291,6 @@ def _summary_of(d: Path) -> dict:
     for name in ("level.pt2", weights, "inputs.safetensors"):
         if not (d / name).is_file():
             raise LevelError(f"{d}: missing {name}; the level directory is incomplete")
-    _import_source(meta.get("source_class"))
     return meta
 
 
@@ -275,7 +315,7 @@ def load_level(directory) -> tuple[torch.fx.GraphModule, Mapping | None]:
     """Load a level directory: (level GraphModule, its mapping or None)."""
     d = Path(directory)
     meta = _summary_of(d)
-    ep = load_pt2(d / "level.pt2")
+    ep = load_pt2(d / "level.pt2", source_class=meta.get("source_class"))
     try:
         weights = _weights_of(d, meta)
         inputs = load_tensors(d / "inputs.safetensors")
@@ -292,7 +332,7 @@ def graph_of_level(directory) -> tuple[torch.fx.GraphModule, Mapping | None]:
     ``vcyclefx.export.stream`` to bind to the weights' shards."""
     d = Path(directory)
     meta = _summary_of(d)
-    gm = load_pt2(d / "level.pt2").module()
+    gm = load_pt2(d / "level.pt2", source_class=meta.get("source_class")).module()
     level = _level_of(gm, load_tensors(d / "inputs.safetensors"), meta)
     mapping = Mapping.load(d / "mapping.json") if (d / "mapping.json").is_file() else None
     return level, mapping
