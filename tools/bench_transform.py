@@ -8,6 +8,7 @@ measured step minus the resident set just before it (Linux ``/proc/self/clear_re
     python tools/bench_transform.py --repeats 3          # the width pass against dense matrices
     python tools/bench_transform.py --whole --repeats 3  # `vcyclefx coalesce` against the reference
     python tools/bench_transform.py --big --repeats 3    # streaming a 2.4 GB sharded bf16 Llama
+    python tools/bench_transform.py --level-io --baseline TREE   # level directories in memory
 
 ``--big`` also runs a compute floor (``add-floor``): every tensor of the checkpoint memory-mapped
 and one bf16 ``add`` of its halves, the least arithmetic that reads every element once.
@@ -172,6 +173,12 @@ def main() -> None:
     ap.add_argument("--streaming-ab", metavar="TREE", help="time the streaming phase of "
                     "coalesce on the synthetic Llama (--checkpoint, or one made here), this "
                     "checkout against TREE (another checkout), cold and warm")
+    ap.add_argument("--level-io", action="store_true",
+                    help="in memory (the default for a checkpoint this small): `vcyclefx "
+                         "coalesce` of a GPT-2 base checkpoint (--checkpoint), `decoalesce` of "
+                         "its level and `load_level` of it, each a whole process, against "
+                         "--baseline TREE in the same alternation; and the level directories' sizes")
+    ap.add_argument("--load-level", metavar="DIR", help=argparse.SUPPRESS)
     ap.add_argument("--make-big", metavar="DIR", help=argparse.SUPPRESS)
     ap.add_argument("--load-only", metavar="DIR", help=argparse.SUPPRESS)
     ap.add_argument("--add-floor", metavar="DIR", help=argparse.SUPPRESS)
@@ -199,6 +206,8 @@ def main() -> None:
         (args.big, lambda: big_checkpoint(args.repeats, args.shard, args.where, args.layers, args.cold)),
         (args.make_checkpoint, lambda: make_checkpoint(args.make_checkpoint)),
         (args.whole, lambda: whole_process(args.checkpoint, args.repeats, args.baseline)),
+        (args.load_level, lambda: load_level_child(args.load_level)),
+        (args.level_io, lambda: level_io(args.checkpoint, args.repeats, args.baseline)),
         (args.streaming_ab, lambda: streaming_ab(args.checkpoint, args.streaming_ab, args.repeats,
                                                  args.shard, args.where)),
     ]
@@ -683,6 +692,61 @@ def whole_process(checkpoint: str | None, repeats: int, baseline: str | None = N
     print(f"\nin one process, step by step (median of {repeats}):")
     for name in splits[0]:
         print(f"  {name:<48} {statistics.median(s[name] for s in splits):6.2f} s")
+
+
+def load_level_child(directory: str) -> None:
+    """A process that imports vcyclefx and loads a level directory (``--load-level``)."""
+    from vcyclefx.export.leveldir import load_level
+
+    level, _ = load_level(directory)
+    assert not any(t.is_meta for t in level.state_dict().values())
+
+
+def level_io(checkpoint: str | None, repeats: int, baseline: str | None) -> None:
+    """Writing and reading level directories in memory: `vcyclefx coalesce` of GPT-2 base
+    (``--stream auto``: in memory and self-checked at this size), `decoalesce` of that level and
+    ``load_level`` of it, each a whole process, this checkout and ``baseline`` alternating; each
+    tree reads the level it wrote."""
+    import shutil
+    import tempfile
+
+    work = tempfile.mkdtemp(prefix="bench_level_io_")
+    try:
+        if checkpoint is None:
+            checkpoint = os.path.join(work, "gpt2")
+        if not os.path.exists(os.path.join(checkpoint, "config.json")):
+            os.makedirs(checkpoint, exist_ok=True)
+            subprocess.run([sys.executable, __file__, "--make-checkpoint", checkpoint], check=True)
+        trees = {"this checkout": None, **({f"at {baseline}": baseline} if baseline else {})}
+        vcyclefx = [sys.executable, "-c", "from vcyclefx.cli import entry; entry()"]
+        runs: dict = {(s, t): [] for s in ("coalesce", "decoalesce", "load_level") for t in trees}
+        sizes: dict = {}
+        for r in range(repeats):
+            for tree, path in trees.items():
+                env = {**os.environ, "PYTHONPATH": os.path.abspath(path)} if path else None
+                small, big = os.path.join(work, f"small{r}"), os.path.join(work, f"big{r}")
+                steps = {"coalesce": [*vcyclefx, "coalesce", checkpoint, "--width", "0.5",
+                                      "--depth", "0.5", "-o", small],
+                         "decoalesce": [*vcyclefx, "decoalesce", small, "-o", big],
+                         "load_level": [sys.executable, __file__, "--load-level", big]}
+                for step, cmd in steps.items():
+                    _measure(runs, (step, tree), cmd, work, r, repeats, env)
+                for name, d in (("small", small), ("big", big)):
+                    sizes[name, tree] = {f: os.path.getsize(os.path.join(d, f)) for f in os.listdir(d)}
+                shutil.rmtree(small), shutil.rmtree(big)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    med = functools.partial(_median, runs)
+    print(f"\nlevel directories in memory (GPT-2 base, width 0.5 / depth 0.5 and back), whole "
+          f"processes, medians of {repeats} alternating runs")
+    print(f"{'':<36} {'time':>8} {'peak RSS':>10} {'level.pt2':>11} {'weights':>11}")
+    for step, size_of in (("coalesce", "small"), ("decoalesce", "big"), ("load_level", None)):
+        for tree in trees:
+            size = sizes.get((size_of, tree), {})
+            pt2 = f"{size['level.pt2'] / 1e6:9.1f} MB" if size else ""
+            w = f"{size['weights.safetensors'] / 1e6:9.1f} MB" if size else ""
+            print(f"{step + ' (' + tree + ')':<36} {med((step, tree), 0):>6.2f} s "
+                  f"{med((step, tree), 1) / 2**30:>6.2f} GiB {pt2:>11} {w:>11}")
 
 
 if __name__ == "__main__":
