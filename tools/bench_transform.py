@@ -14,8 +14,10 @@ measured step minus the resident set just before it (Linux ``/proc/self/clear_re
 and one bf16 ``add`` of its halves, the least arithmetic that reads every element once.
 
 ``--whole`` also runs a floor process: the imports, ``from_pretrained`` and the one symbolic export
-that any coalesce built on torch.export needs, and nothing else (no coalesce can beat its row), and
-an imports-only process (torch and transformers' GPT-2 class).
+that any coalesce built on torch.export needs, and nothing else (no coalesce can beat its row), an
+imports-only process (torch and transformers' GPT-2 class), and the floor of a capture cache
+(``cache-floor``): the imports and loading a saved two-block capture of the model, what a
+coalesce that skipped the capture would still pay before mapping a weight.
 """
 
 from __future__ import annotations
@@ -188,6 +190,8 @@ def main() -> None:
     ap.add_argument("--make-checkpoint", metavar="DIR", help=argparse.SUPPRESS)
     ap.add_argument("--floor", metavar="SRC", help=argparse.SUPPRESS)
     ap.add_argument("--imports", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--make-template", nargs=2, metavar=("SRC", "OUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--cache-floor", metavar="TEMPLATE", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(args.child)))
@@ -200,6 +204,8 @@ def main() -> None:
         return
     modes = [  # (given, what it runs): the first one given runs
         (args.floor, lambda: floor_process(args.floor, args.imports)),
+        (args.make_template, lambda: make_template(*args.make_template)),
+        (args.cache_floor, lambda: cache_floor(args.cache_floor)),
         (args.make_big, lambda: make_big(args.make_big, args.shard, args.layers)),
         (args.load_only, lambda: load_only(args.load_only)),
         (args.add_floor, lambda: add_floor(args.add_floor)),
@@ -341,6 +347,34 @@ def floor_process(src: str, imports_only: bool = False) -> None:
     model = T.GPT2LMHeadModel.from_pretrained(src, local_files_only=True, use_cache=False).eval()
     ids = torch.randint(0, model.config.vocab_size, (2, 16))
     export_program(model, (ids,), ({0: Dim.AUTO, 1: Dim.AUTO},))
+    sys.stdout.flush()
+    os._exit(0)
+
+
+def make_template(src: str, out: str) -> None:
+    """What a capture cache would hold for ``src``: the two-block model that capture by
+    repetition traces, captured and written as a level directory (``--make-template``)."""
+    import torch
+    import transformers as T
+
+    import vcyclefx as vf
+    from vcyclefx.export.leveldir import save_level
+
+    T.logging.set_verbosity_error()
+    config = T.AutoConfig.from_pretrained(src, use_cache=False)
+    config.n_layer = 2
+    model = T.GPT2LMHeadModel(config).eval()
+    save_level(vf.capture(model, (torch.randint(0, config.vocab_size, (2, 16)),)), out)
+
+
+def cache_floor(template: str) -> None:
+    """What a coalesce that read its capture from a cache would pay before growing it, mapping a
+    weight or writing: import torch and vcyclefx, load the two-block level's graph (the output
+    types' module of transformers and ``torch.export.load``), then leave without teardown."""
+    import vcyclefx.cli  # noqa: F401 - the command line's own imports
+    from vcyclefx.export.leveldir import graph_of_level
+
+    graph_of_level(template)
     sys.stdout.flush()
     os._exit(0)
 
@@ -647,7 +681,9 @@ def whole_process(checkpoint: str | None, repeats: int, baseline: str | None = N
             subprocess.run([sys.executable, __file__, "--make-checkpoint", checkpoint], check=True)
         vcyclefx = [sys.executable, "-c", "from vcyclefx.cli import entry; entry()"]
         here = [sys.executable, __file__]
-        whats = ("vcyclefx", "whole-capture", "reference", "floor", "imports") + \
+        template = os.path.join(work, "template")
+        subprocess.run([*here, "--make-template", checkpoint, template], check=True)
+        whats = ("vcyclefx", "whole-capture", "reference", "floor", "cache-floor", "imports") + \
             (("baseline",) if baseline else ())
         runs: dict[str, list[tuple[float, int]]] = {w: [] for w in whats}
         splits = []
@@ -656,6 +692,7 @@ def whole_process(checkpoint: str | None, repeats: int, baseline: str | None = N
                 out = os.path.join(work, f"{what}{r}")
                 cmd = {"reference": [*here, "--reference", checkpoint, out],
                        "floor": [*here, "--floor", checkpoint],
+                       "cache-floor": [*here, "--cache-floor", template],
                        "imports": [*here, "--floor", checkpoint, "--imports"]}.get(
                     what, [*vcyclefx, "coalesce", checkpoint, "--width", "0.5", "--depth", "0.5",
                            "-o", out] + {"vcyclefx": ["--stream", "always"],
@@ -681,6 +718,7 @@ def whole_process(checkpoint: str | None, repeats: int, baseline: str | None = N
               ("whole-capture", "vcyclefx coalesce --whole-capture"),
               ("reference", "reference procedure (re-impl.)"),
               ("floor", "floor: imports, load, one export"),
+              ("cache-floor", "cache floor: imports, a cached capture"),
               ("imports", "imports only: torch, transformers")]
     if baseline:
         labels.append(("baseline", f"vcyclefx coalesce at {baseline}"))
