@@ -210,11 +210,11 @@ def load_pt2(path, what: str | None = None, source_class: str | None = None):
 def _load_or_import_source(load, source_class: str | None, what: str):
     """``load()``; where it fails, import the module of the user's class and try once more
     (torch's own warning of the first failure silenced: the second try reports)."""
+    torch_export = logging.getLogger("torch.export")
     for last in (False, True):
-        quiet = logging.getLogger("torch.export")
-        level = quiet.level
+        previous = torch_export.level
         if not last:
-            quiet.setLevel(logging.CRITICAL)
+            torch_export.setLevel(logging.CRITICAL)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -223,7 +223,7 @@ def _load_or_import_source(load, source_class: str | None, what: str):
             if last or not _import_source(source_class):
                 raise LevelError(f"{what}: cannot load the graph ({brief(e)})") from e
         finally:
-            quiet.setLevel(level)
+            torch_export.setLevel(previous)
 
 
 def _import_source(source_class: str | None) -> bool:
