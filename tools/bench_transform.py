@@ -666,6 +666,16 @@ def _run_measured(cmd: list[str], cwd: str, env: dict | None = None) -> tuple[fl
     return seconds, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime
 
 
+def _gpt2_checkpoint(checkpoint: str | None, work: str) -> str:
+    """``checkpoint``, made there (GPT-2 base, random weights) unless it exists; by default in
+    the run's temporary folder ``work``."""
+    checkpoint = checkpoint or os.path.join(work, "gpt2")
+    if not os.path.exists(os.path.join(checkpoint, "config.json")):  # made once, then reused
+        os.makedirs(checkpoint, exist_ok=True)
+        subprocess.run([sys.executable, __file__, "--make-checkpoint", checkpoint], check=True)
+    return checkpoint
+
+
 def whole_process(checkpoint: str | None, repeats: int, baseline: str | None = None) -> None:
     """``baseline``: another checkout of vcyclefx (an earlier commit with ``--stream``), run in
     the same alternation for a before/after row of the streamed command."""
@@ -674,11 +684,7 @@ def whole_process(checkpoint: str | None, repeats: int, baseline: str | None = N
 
     work = tempfile.mkdtemp(prefix="bench_transform_")
     try:
-        if checkpoint is None:
-            checkpoint = os.path.join(work, "gpt2")
-        if not os.path.exists(os.path.join(checkpoint, "config.json")):  # made once, then reused
-            os.makedirs(checkpoint, exist_ok=True)
-            subprocess.run([sys.executable, __file__, "--make-checkpoint", checkpoint], check=True)
+        checkpoint = _gpt2_checkpoint(checkpoint, work)
         vcyclefx = [sys.executable, "-c", "from vcyclefx.cli import entry; entry()"]
         here = [sys.executable, __file__]
         template = os.path.join(work, "template")
@@ -750,11 +756,7 @@ def level_io(checkpoint: str | None, repeats: int, baseline: str | None) -> None
 
     work = tempfile.mkdtemp(prefix="bench_level_io_")
     try:
-        if checkpoint is None:
-            checkpoint = os.path.join(work, "gpt2")
-        if not os.path.exists(os.path.join(checkpoint, "config.json")):
-            os.makedirs(checkpoint, exist_ok=True)
-            subprocess.run([sys.executable, __file__, "--make-checkpoint", checkpoint], check=True)
+        checkpoint = _gpt2_checkpoint(checkpoint, work)
         trees = {"this checkout": None, **({f"at {baseline}": baseline} if baseline else {})}
         vcyclefx = [sys.executable, "-c", "from vcyclefx.cli import entry; entry()"]
         runs: dict = {(s, t): [] for s in ("coalesce", "decoalesce", "load_level") for t in trees}
