@@ -294,3 +294,37 @@ def test_a_level_whose_graph_needs_an_op_its_model_module_registers_loads_in_a_f
                          cwd=tmp_path, timeout=300)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["True", "True"]
+
+
+def _graph_signature(ep) -> list:
+    return [(n.op, str(n.target), n.name, str(n.args),
+             str(getattr(n.meta.get("val"), "shape", None)),
+             str(n.meta["val"].stride()) if isinstance(n.meta.get("val"), torch.Tensor) else "")
+            for n in ep.graph.nodes]
+
+
+def test_quick_load_gives_the_graph_torch_export_load_gives_with_fewer_sympy_parses(tmp_path, monkeypatch):
+    import sympy
+    import typing
+
+    from torch._export.serde import serialize as serde
+
+    from vcyclefx.export.leveldir import quick_load, save_level
+
+    _, small, mapping = _levels()
+    save_level(small, tmp_path / "s", mapping)
+    calls = []
+    real = sympy.sympify
+    monkeypatch.setattr(sympy, "sympify", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    plain = torch.export.load(tmp_path / "s" / "level.pt2")
+    n_plain = len(calls)
+    calls.clear()
+    with quick_load():
+        quick = torch.export.load(tmp_path / "s" / "level.pt2")
+    assert serde.typing is typing and serde.sympy is sympy  # put back
+    assert _graph_signature(quick) == _graph_signature(plain)
+    assert str(quick.range_constraints) == str(plain.range_constraints)
+    assert str(quick.graph_signature) == str(plain.graph_signature)
+    # the deserialiser's sizes parsed once per distinct string, not once per occurrence (what
+    # remains is sympy's and the shape environment's own calls)
+    assert n_plain > 100 and len(calls) < n_plain / 2

@@ -19,6 +19,7 @@ metadata list it in ``level.json`` (``"aliases"``); they load the same.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import importlib
 import io
@@ -216,7 +217,7 @@ def _load_or_import_source(load, source_class: str | None, what: str):
         if not last:
             torch_export.setLevel(logging.CRITICAL)
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), quick_load():
                 warnings.simplefilter("ignore")
                 return load()
         except Exception as e:  # noqa: BLE001
@@ -224,6 +225,59 @@ def _load_or_import_source(load, source_class: str | None, what: str):
                 raise LevelError(f"{what}: cannot load the graph ({brief(e)})") from e
         finally:
             torch_export.setLevel(previous)
+
+
+class _Module:
+    """A module with some functions replaced (what :func:`quick_load` puts in its place)."""
+
+    def __init__(self, module, **functions):
+        self._module = module
+        vars(self).update(functions)
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+
+@contextlib.contextmanager
+def quick_load():
+    """``torch.export.load`` in half the time, loading the same graph: its deserialiser
+    (``torch._export.serde.serialize``) calls ``typing.get_type_hints`` for every schema object
+    it builds (tens of thousands; 26 classes) and parses every symbolic size with sympy (thousands
+    of strings; 42 distinct in a 12-layer Llama level). Both are pure, so within this context the
+    deserialiser's ``typing.get_type_hints`` and ``sympy.sympify`` of a string are memoised (per
+    class; per string and the names and objects it may refer to). Torch internals, guarded: where
+    a torch version lacks them, loading is just slower. Restored on exit."""
+    try:
+        from torch._export.serde import serialize as serde
+    except ImportError:
+        serde = None
+    if serde is None or not hasattr(serde, "typing") or not hasattr(serde, "sympy"):
+        yield
+        return
+    real_typing, real_sympy = serde.typing, serde.sympy
+    hints: dict = {}
+    parsed: dict = {}
+
+    def get_type_hints(obj, globalns=None, localns=None, include_extras=False):
+        key = (obj, id(globalns), id(localns), include_extras)
+        if key not in hints:
+            hints[key] = real_typing.get_type_hints(obj, globalns, localns, include_extras)
+        return hints[key]
+
+    def sympify(a, locals=None, *args, **kwargs):  # noqa: A002 - sympy's own keyword
+        if not isinstance(a, str) or args or kwargs:
+            return real_sympy.sympify(a, locals, *args, **kwargs)
+        key = (a, frozenset((locals or {}).items()))
+        if key not in parsed:
+            parsed[key] = real_sympy.sympify(a, locals=locals)
+        return parsed[key]
+
+    serde.typing = _Module(real_typing, get_type_hints=get_type_hints)
+    serde.sympy = _Module(real_sympy, sympify=sympify)
+    try:
+        yield
+    finally:
+        serde.typing, serde.sympy = real_typing, real_sympy
 
 
 def _import_source(source_class: str | None) -> bool:
