@@ -320,7 +320,10 @@ def test_quick_load_gives_the_graph_torch_export_load_gives_with_fewer_sympy_par
     n_plain = len(calls)
     calls.clear()
     with quick_load():
-        quick = torch.export.load(tmp_path / "s" / "level.pt2")
+        active = serde.typing
+        with quick_load():  # nested: the outer one's memo stays in effect
+            quick = torch.export.load(tmp_path / "s" / "level.pt2")
+        assert serde.typing is active and active is not typing
     assert serde.typing is typing and serde.sympy is sympy  # put back
     assert _graph_signature(quick) == _graph_signature(plain)
     assert str(quick.range_constraints) == str(plain.range_constraints)

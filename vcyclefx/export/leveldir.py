@@ -251,7 +251,8 @@ def quick_load():
         from torch._export.serde import serialize as serde
     except ImportError:
         serde = None
-    if serde is None or not hasattr(serde, "typing") or not hasattr(serde, "sympy"):
+    if serde is None or not hasattr(serde, "typing") or not hasattr(serde, "sympy") or \
+            isinstance(serde.typing, _Module):  # or already in effect (nested, another thread)
         yield
         return
     real_typing, real_sympy = serde.typing, serde.sympy
