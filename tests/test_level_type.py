@@ -331,3 +331,28 @@ def test_quick_load_gives_the_graph_torch_export_load_gives_with_fewer_sympy_par
     # the deserialiser's sizes parsed once per distinct string, not once per occurrence (what
     # remains is sympy's and the shape environment's own calls)
     assert n_plain > 100 and len(calls) < n_plain / 2
+
+
+def test_a_level_directory_written_with_the_weights_in_its_graph_still_loads_and_streams(tmp_path):
+    """Level directories written before the weights were kept out of ``level.pt2``."""
+    from safetensors.torch import load_file
+
+    from vcyclefx.export.leveldir import load_level, save_level
+    from vcyclefx.export.program import program_of
+
+    example, small, mapping = _levels()
+    new, old = tmp_path / "new", tmp_path / "old"
+    save_level(small, new, mapping)
+    save_level(small, old, mapping)
+    torch.export.save(program_of(small), old / "level.pt2")  # the earlier form: weights inside
+    assert _weight_bytes(old / "level.pt2") > 0
+    back, _ = load_level(old)
+    x = other_inputs(example)
+    assert torch.equal(_out(back.eval(), x), _out(small, x))
+    outs = {}
+    for d in (new, old):
+        outs[d] = tmp_path / f"big-{d.name}"
+        res = _cli("decoalesce", str(d), "-o", str(outs[d]), "--stream", "always")
+        assert res.returncode == 0, res.stderr
+    a, b = load_file(outs[new] / "weights.safetensors"), load_file(outs[old] / "weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
