@@ -266,9 +266,12 @@ def quick_load():
         return hints[key]
 
     def sympify(a, locals=None, *args, **kwargs):  # noqa: A002 - sympy's own keyword
-        if not isinstance(a, str) or args or kwargs:
+        try:
+            key = (a, frozenset((locals or {}).items())) if isinstance(a, str) else None
+        except TypeError:  # a value that cannot be a key: parse as torch would
+            key = None
+        if key is None or args or kwargs:
             return real_sympy.sympify(a, locals, *args, **kwargs)
-        key = (a, frozenset((locals or {}).items()))
         if key not in parsed:
             parsed[key] = real_sympy.sympify(a, locals=locals)
         return parsed[key]
