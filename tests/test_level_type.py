@@ -101,6 +101,18 @@ def test_coalesce_of_a_pt2_saved_from_a_hugging_face_model_works_in_a_fresh_proc
     assert _out(small.eval(), example).shape == (2, 16, 128)
 
 
+def _net(output: str) -> str:
+    """The source of a two-layer ``Net`` whose forward returns ``output`` (written into the
+    modules below, which the tests import in fresh processes)."""
+    return ("class Net(torch.nn.Module):\n"
+            "    def __init__(self):\n"
+            "        super().__init__()\n"
+            "        self.a = torch.nn.Linear(8, 16)\n"
+            "        self.b = torch.nn.Linear(16, 8)\n"
+            "    def forward(self, x):\n"
+            f"        return {output}\n")
+
+
 _OUTPUT_MODULE = '''
 import dataclasses, torch
 import torch.utils._pytree as pytree
@@ -111,14 +123,7 @@ class Out:
 
 pytree.register_dataclass(Out, serialized_type_name="vcx_custom_outputs.Out")
 
-class Net(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a = torch.nn.Linear(8, 16)
-        self.b = torch.nn.Linear(16, 8)
-    def forward(self, x):
-        return Out(self.b(torch.relu(self.a(x))))
-'''
+''' + _net("Out(self.b(torch.relu(self.a(x))))")
 
 
 def test_a_pt2_whose_output_type_module_is_not_installed_gets_a_clear_error(tmp_path):
@@ -260,14 +265,7 @@ def double(x: torch.Tensor) -> torch.Tensor:
 def _(x):
     return torch.empty_like(x)
 
-class Net(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a = torch.nn.Linear(8, 16)
-        self.b = torch.nn.Linear(16, 8)
-    def forward(self, x):
-        return self.b(double(torch.relu(self.a(x))))
-'''
+''' + _net("self.b(double(torch.relu(self.a(x))))")
 
 
 def test_a_level_whose_graph_needs_an_op_its_model_module_registers_loads_in_a_fresh_process(tmp_path):
