@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -11,6 +14,12 @@ import torch
 # every pass's check also compares the shapes it wrote with a fake re-execution of its graph
 # (passes/contract.py); set before vcyclefx is imported, inherited by the commands tests run
 os.environ.setdefault("VCYCLEFX_VERIFY", "1")
+# the capture cache (vcyclefx/capture/cache.py) of this session's commands: a fresh folder,
+# removed at exit, never the user's own ~/.cache
+_CACHE = tempfile.mkdtemp(prefix="vcyclefx-test-cache-")
+os.environ["VCYCLEFX_CACHE_DIR"] = _CACHE
+os.environ.pop("VCYCLEFX_CACHE", None)
+atexit.register(shutil.rmtree, _CACHE, True)
 
 import vcyclefx as vf
 from vcyclefx import zoo

@@ -13,11 +13,12 @@ measured step minus the resident set just before it (Linux ``/proc/self/clear_re
 ``--big`` also runs a compute floor (``add-floor``): every tensor of the checkpoint memory-mapped
 and one bf16 ``add`` of its halves, the least arithmetic that reads every element once.
 
-``--whole`` also runs a floor process: the imports, ``from_pretrained`` and the one symbolic export
-that any coalesce built on torch.export needs, and nothing else (no coalesce can beat its row), an
-imports-only process (torch and transformers' GPT-2 class), and the floor of a capture cache
-(``cache-floor``): the imports and loading a saved two-block capture of the model, what a
-coalesce that skipped the capture would still pay before mapping a weight.
+``--whole`` runs `vcyclefx coalesce` with an empty capture cache (a first run: it captures and
+writes the cache entry), with the capture cached (every later run on a checkpoint of that config),
+and with the cache off; also a floor process: the imports, ``from_pretrained`` and the one
+symbolic export that a coalesce built on torch.export needs when it captures, and nothing else,
+and an imports-only process (torch and transformers' GPT-2 class). Every other mode runs with
+the capture cache off (``VCYCLEFX_CACHE=off``) unless a row says otherwise.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def _reset_peak() -> None:
         f.write("5")
 
 
-def _measure(fn):
+def _measure_step(fn):
     import gc
 
     gc.collect()
@@ -135,16 +136,16 @@ def child(what: str) -> dict:
 
     model, example = gpt2_base_real()
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    level, capture_s, _ = _measure(lambda: vf.capture(model, example))
-    analysis, analysis_s, _ = _measure(lambda: analyze(level, chains=False))
+    level, capture_s, _ = _measure_step(lambda: vf.capture(model, example))
+    analysis, analysis_s, _ = _measure_step(lambda: analyze(level, chains=False))
     plan = WidthPlan(COALESCE, tuple(plan_width(analysis, 0.5, coalesce=True).spaces))
     res = {"param_bytes": param_bytes, "capture_s": capture_s, "analysis_s": analysis_s}
     if what == "sparse":
-        result, s, peak = _measure(lambda: width_pass(level, analysis, plan))
+        result, s, peak = _measure_step(lambda: width_pass(level, analysis, plan))
         res.update(seconds=s, peak_bytes=peak,
                    params_after=sum(p.numel() for p in result.module.parameters()))
     else:
-        result, s, peak = _measure(lambda: dense_width(analysis, plan))
+        result, s, peak = _measure_step(lambda: dense_width(analysis, plan))
         sparse = width_pass(level, analysis, plan).module
         sp = dict(sparse.named_parameters(remove_duplicate=False))
         err = max(float((result[k] - sp[k]).abs().max()) for k in result)
@@ -190,9 +191,8 @@ def main() -> None:
     ap.add_argument("--make-checkpoint", metavar="DIR", help=argparse.SUPPRESS)
     ap.add_argument("--floor", metavar="SRC", help=argparse.SUPPRESS)
     ap.add_argument("--imports", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--make-template", nargs=2, metavar=("SRC", "OUT"), help=argparse.SUPPRESS)
-    ap.add_argument("--cache-floor", metavar="TEMPLATE", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    os.environ["VCYCLEFX_CACHE"] = "off"  # every child, but the rows that say otherwise
     if args.child:
         print(json.dumps(child(args.child)))
         return
@@ -204,8 +204,6 @@ def main() -> None:
         return
     modes = [  # (given, what it runs): the first one given runs
         (args.floor, lambda: floor_process(args.floor, args.imports)),
-        (args.make_template, lambda: make_template(*args.make_template)),
-        (args.cache_floor, lambda: cache_floor(args.cache_floor)),
         (args.make_big, lambda: make_big(args.make_big, args.shard, args.layers)),
         (args.load_only, lambda: load_only(args.load_only)),
         (args.add_floor, lambda: add_floor(args.add_floor)),
@@ -351,34 +349,6 @@ def floor_process(src: str, imports_only: bool = False) -> None:
     os._exit(0)
 
 
-def make_template(src: str, out: str) -> None:
-    """What a capture cache would hold for ``src``: the two-block model that capture by
-    repetition traces, captured and written as a level directory (``--make-template``)."""
-    import torch
-    import transformers as T
-
-    import vcyclefx as vf
-    from vcyclefx.export.leveldir import save_level
-
-    T.logging.set_verbosity_error()
-    config = T.AutoConfig.from_pretrained(src, use_cache=False)
-    config.n_layer = 2
-    model = T.GPT2LMHeadModel(config).eval()
-    save_level(vf.capture(model, (torch.randint(0, config.vocab_size, (2, 16)),)), out)
-
-
-def cache_floor(template: str) -> None:
-    """What a coalesce that read its capture from a cache would pay before growing it, mapping a
-    weight or writing: import torch and vcyclefx, load the two-block level's graph (the output
-    types' module of transformers and ``torch.export.load``), then leave without teardown."""
-    import vcyclefx.cli  # noqa: F401 - the command line's own imports
-    from vcyclefx.export.leveldir import graph_of_level
-
-    graph_of_level(template)
-    sys.stdout.flush()
-    os._exit(0)
-
-
 def make_checkpoint(directory: str) -> None:
     """GPT-2 base (124M) with random weights as config.json + model.safetensors
     (``save_pretrained``), the form the streaming command line reads."""
@@ -496,16 +466,25 @@ def big_checkpoint(repeats: int, shard: str, where: str, layers: int = 24,
                 "coalesce-whole": [*vcyclefx, "coalesce", ckpt, "--width", "0.5", "--depth",
                                    "0.5", "-o", small + "-whole", "--max-shard-size", shard,
                                    "--force", "--stream", "always", "--whole-capture"],
+                # the capture read from the capture cache (filled once, before the timed runs)
+                "coalesce-cached": [*vcyclefx, "coalesce", ckpt, "--width", "0.5", "--depth",
+                                    "0.5", "-o", small + "-cached", "--max-shard-size", shard,
+                                    "--force", "--stream", "always"],
                 "decoalesce": [*vcyclefx, "decoalesce", small, "-o", os.path.join(work, "big"),
                                "--max-shard-size", shard, "--force", "--stream", "always"]}
+        warm = _cached(os.path.join(work, "warm-cache"))
+        subprocess.run(cmds["coalesce-cached"], check=True, env=warm, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
         runs: dict[str, list[tuple[float, int]]] = {w: [] for w in cmds}
-        streaming: dict[str, list[tuple[float, float]]] = {"add-floor": [], "coalesce": [],
-                                                           "coalesce-whole": [], "decoalesce": []}
+        streaming: dict[str, list[tuple[float, float]]] = {
+            "add-floor": [], "coalesce": [], "coalesce-whole": [], "coalesce-cached": [],
+            "decoalesce": []}
         for r in range(repeats):
             for what, cmd in cmds.items():
                 if cold:
                     evict(small if what == "decoalesce" else ckpt)
-                _measure(runs, what, cmd, work, r, repeats)
+                _measure(runs, what, cmd, work, r, repeats,
+                         warm if what == "coalesce-cached" else None)
                 if what in streaming:
                     streaming[what].append(_streamed_seconds())
             shutil.rmtree(os.path.join(work, "big"), ignore_errors=True)
@@ -676,6 +655,12 @@ def _gpt2_checkpoint(checkpoint: str | None, work: str) -> str:
     return checkpoint
 
 
+def _cached(folder: str) -> dict:
+    """The environment of a child that uses the capture cache in ``folder``."""
+    env = {k: v for k, v in os.environ.items() if k != "VCYCLEFX_CACHE"}
+    return {**env, "VCYCLEFX_CACHE_DIR": folder}
+
+
 def whole_process(checkpoint: str | None, repeats: int, baseline: str | None = None) -> None:
     """``baseline``: another checkout of vcyclefx (an earlier commit with ``--stream``), run in
     the same alternation for a before/after row of the streamed command."""
@@ -687,10 +672,13 @@ def whole_process(checkpoint: str | None, repeats: int, baseline: str | None = N
         checkpoint = _gpt2_checkpoint(checkpoint, work)
         vcyclefx = [sys.executable, "-c", "from vcyclefx.cli import entry; entry()"]
         here = [sys.executable, __file__]
-        template = os.path.join(work, "template")
-        subprocess.run([*here, "--make-template", checkpoint, template], check=True)
-        whats = ("vcyclefx", "whole-capture", "reference", "floor", "cache-floor", "imports") + \
-            (("baseline",) if baseline else ())
+        coalesce = [*vcyclefx, "coalesce", checkpoint, "--width", "0.5", "--depth", "0.5",
+                    "--stream", "always"]
+        warm = os.path.join(work, "warm-cache")  # filled once, before the timed runs
+        subprocess.run([*coalesce, "-o", os.path.join(work, "fill")], check=True,
+                       env=_cached(warm), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        whats = ("first run", "cached", "cache off", "whole-capture", "reference", "floor",
+                 "imports") + (("baseline",) if baseline else ())
         runs: dict[str, list[tuple[float, int]]] = {w: [] for w in whats}
         splits = []
         for r in range(repeats):  # alternating, so all see the same machine load
@@ -698,14 +686,13 @@ def whole_process(checkpoint: str | None, repeats: int, baseline: str | None = N
                 out = os.path.join(work, f"{what}{r}")
                 cmd = {"reference": [*here, "--reference", checkpoint, out],
                        "floor": [*here, "--floor", checkpoint],
-                       "cache-floor": [*here, "--cache-floor", template],
                        "imports": [*here, "--floor", checkpoint, "--imports"]}.get(
-                    what, [*vcyclefx, "coalesce", checkpoint, "--width", "0.5", "--depth", "0.5",
-                           "-o", out] + {"vcyclefx": ["--stream", "always"],
-                                         "baseline": ["--stream", "always"],
-                                         "whole-capture": ["--stream", "always",
-                                                           "--whole-capture"]}.get(what, []))
-                env = {**os.environ, "PYTHONPATH": os.path.abspath(baseline)} if what == "baseline" else None
+                    what, [*coalesce, "-o", out] +
+                    (["--whole-capture"] if what == "whole-capture" else []))
+                env = {"baseline": {**os.environ, "PYTHONPATH": os.path.abspath(baseline or "")},
+                       # a fresh, empty cache each round: capture, then write the entry
+                       "first run": _cached(os.path.join(work, f"cache{r}")),
+                       "cached": _cached(warm)}.get(what)
                 _measure(runs, what, cmd, work, r, repeats, env)
                 shutil.rmtree(out, ignore_errors=True)
             out = os.path.join(work, f"split{r}")
@@ -719,21 +706,22 @@ def whole_process(checkpoint: str | None, repeats: int, baseline: str | None = N
     med = functools.partial(_median, runs)
     print(f"\n`vcyclefx coalesce` of GPT-2 base (124M, model.safetensors) to width 0.5 / depth 0.5, "
           f"whole process, medians of {repeats} alternating runs")
-    print(f"{'':<40} {'time':>8} {'peak RSS':>10}")
-    labels = [("vcyclefx", "vcyclefx coalesce"),
-              ("whole-capture", "vcyclefx coalesce --whole-capture"),
+    print(f"{'':<44} {'time':>8} {'peak RSS':>10}")
+    labels = [("first run", "vcyclefx coalesce, first run (empty cache)"),
+              ("cached", "vcyclefx coalesce, capture cached"),
+              ("cache off", "vcyclefx coalesce, VCYCLEFX_CACHE=off"),
+              ("whole-capture", "vcyclefx coalesce --whole-capture, off"),
               ("reference", "reference procedure (re-impl.)"),
               ("floor", "floor: imports, load, one export"),
-              ("cache-floor", "cache floor: imports, a cached capture"),
               ("imports", "imports only: torch, transformers")]
     if baseline:
         labels.append(("baseline", f"vcyclefx coalesce at {baseline}"))
     for what, label in labels:
-        print(f"{label:<40} {med(what, 0):>6.2f} s {med(what, 1) / 2**30:>6.2f} GiB")
+        print(f"{label:<44} {med(what, 0):>6.2f} s {med(what, 1) / 2**30:>6.2f} GiB")
     for what in (w for w in whats if w != "reference"):
-        print(f"{'ratio ' + what + ' / reference':<40} {med(what, 0) / med('reference', 0):>7.2f}x "
+        print(f"{'ratio ' + what + ' / reference':<44} {med(what, 0) / med('reference', 0):>7.2f}x "
               f"{med(what, 1) / med('reference', 1):>9.2f}x")
-    print(f"\nin one process, step by step (median of {repeats}):")
+    print(f"\nin one process, step by step, capture cache off (median of {repeats}):")
     for name in splits[0]:
         print(f"  {name:<48} {statistics.median(s[name] for s in splits):6.2f} s")
 

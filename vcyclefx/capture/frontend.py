@@ -195,6 +195,18 @@ def _symbolic_trace(model, concrete_args):
         ) from e
 
 
+def _drop_unused_ops(graph) -> int:
+    """Remove the pure op calls whose results nothing reads, last first (so the ops feeding
+    only them go too); tensor reads stay (the level keeps every tensor of the model). Returns
+    how many were removed."""
+    dropped = 0
+    for node in reversed(list(graph.nodes)):
+        if node.op == "call_function" and not node.users and not node.is_impure():
+            graph.erase_node(node)
+            dropped += 1
+    return dropped
+
+
 def _dynamic_dims(gm) -> tuple:
     dims = []
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -275,6 +287,11 @@ def capture(
     if kwargs:
         _flat_inputs(gm, len(args) + len(kwargs))
     unshare_size_arithmetic(gm)
+    # ops whose results nothing reads (export keeps a few, e.g. a mask's unused unsqueeze): a
+    # level saved and loaded back has them removed (ExportedProgram.module()), so remove them
+    # here, and a level is the same graph before and after a round trip through level.pt2
+    if _drop_unused_ops(gm.graph):
+        gm.recompile()
     dynamic_dims = _dynamic_dims(gm)
     if dynamic and not any(n.startswith("captured with static shapes") for n in notes):
         notes += _specialised_notes((*args, *kwargs.values()), names, dynamic_dims)

@@ -114,17 +114,36 @@ def template_config(cfg, n: int, k: int, p: int):
     return small
 
 
-def repeated_capture(model: torch.nn.Module, build, capture_one, min_blocks: int = 4):
+@dataclasses.dataclass(frozen=True)
+class Growth:
+    """How a captured model of ``k`` blocks grows to the full model's ``n``: the block list at
+    ``path`` repeats with period ``p``; ``names``: the full model's state names in its order.
+    What the capture cache (:mod:`vcyclefx.capture.cache`) keeps beside the ``k``-block level."""
+    path: str
+    n: int
+    k: int
+    p: int
+    names: tuple[str, ...]
+
+    def to_json(self) -> dict:
+        return {**dataclasses.asdict(self), "names": list(self.names)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Growth":
+        return cls(d["path"], int(d["n"]), int(d["k"]), int(d["p"]), tuple(d["names"]))
+
+
+def repeated_capture(model: torch.nn.Module, build, capture_one, min_blocks: int = 4,
+                     captured=None):
     """The level of ``model`` captured from a model of ``2p`` blocks, or None where that cannot
     be shown to be the same graph (the caller then captures ``model`` whole).
 
     ``build(cfg)`` makes the smaller model on the meta device; ``capture_one(m)`` captures one.
-    The level's tensors are ``model``'s own (its parameters and persistent buffers)."""
-    from passes.contract import shape_check, verify
-    from passes.depth import DepthPass, DepthPlan
-    from vcyclefx.api import _plan_depth
-    from vcyclefx.level import KEY, level_info, put_state
-    from vcyclefx.plan.choices import DECOALESCE
+    The level's tensors are ``model``'s own (its parameters and persistent buffers).
+    ``captured(level, growth)``, where given, is told the ``2p``-block level (before it grows)
+    and its :class:`Growth` once the grown level has passed every check."""
+    from passes.contract import verify
+    from vcyclefx.level import put_state
 
     cfg = getattr(model, "config", None)
     field = _count_field(cfg) if cfg is not None else None
@@ -158,17 +177,12 @@ def repeated_capture(model: torch.nn.Module, build, capture_one, min_blocks: int
                      if not name.startswith(path + ".")}
     if outside != small_outside:
         return None
-    level = capture_one(small)
-    device = _state_on_meta(level)  # grown below: copies of meta tensors take no memory
-    try:
-        chains = _plan_depth(level, n / k, "adjacent", coalesce=False, depth_init="copy")
-    except Exception as e:  # noqa: BLE001 - no chain found in the small model: capture whole
-        log.info("repeated capture: no chain to grow in %s (%s); capturing whole", type(model).__name__, e)
+    with _fake_tensor_cache_off():
+        level = capture_one(small)
+    growth = Growth(path, n, k, p, tuple(full_state))
+    grown, device = grow(level, growth)
+    if grown is None:
         return None
-    if len(chains) != 1 or chains[0].container != path or len(chains[0].large_blocks) != n:
-        return None
-    with shape_check(False):  # its tensors are meta, its non-state ones not: checked below
-        grown = DepthPass()(level, DepthPlan(DECOALESCE, tuple(chains))).module
     state = grown.state_dict(keep_vars=True)
     if {k_: (tuple(t.shape), t.dtype) for k_, t in state.items()} != \
             {k_: (tuple(t.shape), t.dtype) for k_, t in full_state.items()}:
@@ -178,10 +192,63 @@ def repeated_capture(model: torch.nn.Module, build, capture_one, min_blocks: int
     if device is not None:  # the graph's device literals back with the tensors
         move_device_literals_(grown, device)
     verify(grown, what="capture by repetition")
-    grown = _in_model_order(grown, list(full_state))
+    if captured is not None:
+        captured(level, growth)
+    return in_model_order(grown, growth)
+
+
+@contextlib.contextmanager
+def _fake_tensor_cache_off():
+    """torch.export's fake-tensor cache off for the trace of ``2p`` blocks: few of its ops
+    repeat, and rebuilding a cached output with symbolic sizes costs more than computing it
+    (GPT-2's two blocks: 1.0 s -> 0.73 s per export; a trace of every block is faster with
+    the cache, so only this one goes without). The graph is the same. Where a torch version
+    lacks the setting, nothing changes."""
+    try:
+        import torch._dynamo.config as dynamo_config
+    except ImportError:
+        dynamo_config = None
+    if not hasattr(dynamo_config, "fake_tensor_cache_enabled"):
+        yield
+        return
+    with dynamo_config.patch(fake_tensor_cache_enabled=False):
+        yield
+
+
+def grow(level, growth: Growth):
+    """(``level`` of ``growth.k`` blocks grown to ``growth.n`` by the depth pass, each new block
+    a copy of the graph of the block at its place in the period, or None where the depth pass
+    finds no such chain; the device its tensors were on, None for meta). The grown level's
+    tensors are meta tensors of their shapes (nothing copied): the caller binds the model's."""
+    from passes.contract import shape_check
+    from passes.depth import DepthPass, DepthPlan
+    from vcyclefx.api import _plan_depth
+    from vcyclefx.plan.choices import DECOALESCE
+
+    device = _state_on_meta(level)  # grown below: copies of meta tensors take no memory
+    try:
+        chains = _plan_depth(level, growth.n / growth.k, "adjacent", coalesce=False,
+                             depth_init="copy")
+    except Exception as e:  # noqa: BLE001 - no chain found in the small model: capture whole
+        log.info("repeated capture: no chain to grow (%s); capturing whole", e)
+        return None, device
+    if len(chains) != 1 or chains[0].container != growth.path or \
+            len(chains[0].large_blocks) != growth.n:
+        return None, device
+    with shape_check(False):  # its tensors are meta, its non-state ones not: checked by callers
+        grown = DepthPass()(level, DepthPlan(DECOALESCE, tuple(chains))).module
+    return grown, device
+
+
+def in_model_order(grown, growth: Growth):
+    """The grown level with its tensors in the full model's order and a note that says how it
+    was captured."""
+    from vcyclefx.level import KEY, level_info
+
+    grown = _in_model_order(grown, list(growth.names))
     info = level_info(grown)
-    note = (f"captured {k} of the {n} blocks of {path} (identical, period {p}) {REPEATED}; "
-            "--whole-capture traces every block")
+    note = (f"captured {growth.k} of the {growth.n} blocks of {growth.path} (identical, period "
+            f"{growth.p}) {REPEATED}; --whole-capture traces every block")
     grown.meta[KEY] = dataclasses.replace(info, notes=(*info.notes, note))
     log.info(note)
     return grown
@@ -289,4 +356,4 @@ def captured_by_repetition(model: torch.nn.Module, example, recipe=None):
                                                            recipe=recipe))
 
 
-__all__ = ["REPEATED", "captured_by_repetition", "repeated_capture", "block_signature", "block_list", "template_config"]
+__all__ = ["REPEATED", "Growth", "captured_by_repetition", "grow", "in_model_order", "repeated_capture", "block_signature", "block_list", "template_config"]

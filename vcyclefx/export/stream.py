@@ -59,6 +59,7 @@ class Source:
     leaves: dict  # meta tensor -> the checkpoint name it is read from
     mapping: object = None  # a level directory's mapping.json
     directory: Path | None = None
+    cached: bool = False  # the capture came from the capture cache
 
 
 def _checkpoint_dtype(cfg, reader: ShardReader) -> torch.dtype:
@@ -156,16 +157,62 @@ def hf_source(directory, spec: str, batch: int, seq: int, recipe_of_model,
 
     ``repeat``: where the model's blocks are identical, capture two periods of them and repeat
     them (:mod:`vcyclefx.capture.repeat`; the same graph in a fraction of the time); False
-    traces every block."""
+    traces every block. A capture made before of a checkpoint with the same config, tensor
+    headers and options is loaded from the capture cache (:mod:`vcyclefx.capture.cache`)."""
+    from vcyclefx.capture import cache
+
+    d = Path(directory)
+    reader = ShardReader(d, "model")
+    key = cache.key_of(d, reader, {"batch": batch, "seq": seq, "repeat": bool(repeat)})
+    entry = cache.load(key)
+    if entry is not None:
+        level = _cached_level(entry, d)
+        if level is not None:
+            leaves = _bind(level, reader, f"the cached capture of {d / 'config.json'}",
+                           dtype_of=lambda t: entry.dtype)
+            return Source(level, reader, leaves, directory=d, cached=True)
+    level, leaves, pending, growth = _captured(d, spec, reader, batch, seq, recipe_of_model,
+                                               repeat, key is not None and cache.root() is not None)
+    cache.store(key, pending, growth, source=d.resolve())
+    return Source(level, reader, leaves, directory=d)
+
+
+def _cached_level(entry, d: Path):
+    """The level of a cache entry, grown where it was captured by repetition (None: the depth
+    pass no longer grows it; the model is then captured again). Its recipe names ``d`` as the
+    config's source, as a capture of ``d`` does (the entry may come from another folder)."""
+    import dataclasses
+
+    from passes.contract import verify
+    from vcyclefx.capture.repeat import grow, in_model_order
+    from vcyclefx.level import KEY, level_info
+
+    info = level_info(entry.level)
+    if info.recipe is not None and "_name_or_path" in info.recipe.args:
+        recipe = dataclasses.replace(info.recipe, args={**info.recipe.args, "_name_or_path": str(d)})
+        entry.level.meta[KEY] = dataclasses.replace(info, recipe=recipe)
+    if entry.growth is None:
+        return entry.level
+    grown, _ = grow(entry.level, entry.growth)
+    if grown is None:
+        return None
+    verify(grown, what="the cached capture grown by repetition")
+    return in_model_order(grown, entry.growth)
+
+
+def _captured(d: Path, spec: str, reader: ShardReader, batch: int, seq: int, recipe_of_model,
+              repeat: bool, keep: bool):
+    """(the level, its tensors bound to the checkpoint's ({meta tensor: name}), what the cache
+    would keep of it or None, its Growth or None): the model built on the meta device and captured, by repetition where
+    ``repeat`` and its blocks allow. ``keep``: serialise the captured level for the cache."""
     import transformers
 
+    from vcyclefx.capture import cache
     from vcyclefx.capture.frontend import capture
     from vcyclefx.capture.repeat import params_on_meta, repeated_capture
     from vcyclefx.capture.specs import hf_example, hf_class
 
-    d = Path(directory)
     cfg, cls = hf_class(d, spec)
-    reader = ShardReader(d, "model")
     dtype = _checkpoint_dtype(cfg, reader)
     transformers.logging.set_verbosity_error()
 
@@ -180,14 +227,20 @@ def hf_source(directory, spec: str, batch: int, seq: int, recipe_of_model,
     leaves = _bind(model, reader, f"{cls.__name__} of {d / 'config.json'}",
                    dtype_of=lambda t: dtype)
     recipe = recipe_of_model(model)
+    kept: list = []
 
     def capture_one(m):
-        return capture(m, hf_example(m, spec, batch, seq), copy_weights=False, recipe=recipe)
+        level = capture(m, hf_example(m, spec, batch, seq), copy_weights=False, recipe=recipe)
+        if keep:  # serialised before the growth and the binding change anything
+            kept[:] = [cache.Pending(level, dtype)]
+        return level
 
-    level = repeated_capture(model, build, capture_one) if repeat else None
+    growths: list = []
+    level = repeated_capture(model, build, capture_one,
+                             captured=lambda _, g: growths.append(g)) if repeat else None
     if level is None:
         level = capture_one(model)
-    return Source(level, reader, leaves, directory=d)
+    return level, leaves, (kept[0] if kept else None), (growths[0] if growths else None)
 
 
 def level_source(directory) -> Source:

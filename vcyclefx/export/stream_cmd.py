@@ -60,7 +60,14 @@ def source_of(spec: str, args) -> Source:
     src = hf_source(spec, spec, args.batch or 2, args.seq or 16, recipe_of,
                     repeat=not getattr(args, "whole_capture", False))
     how = next((n for n in level_info(src.level).notes if REPEATED in n), "every block traced")
-    _progress(f"captured {spec} on the meta device in {time.perf_counter() - start:.1f} s ({how})")
+    took = time.perf_counter() - start
+    if src.cached:
+        from vcyclefx.capture.cache import root
+
+        _progress(f"loaded the capture of {spec} from the capture cache {root()} in {took:.1f} s "
+                  f"({how}; VCYCLEFX_CACHE=off captures anew)")
+    else:
+        _progress(f"captured {spec} on the meta device in {took:.1f} s ({how})")
     return src
 
 
