@@ -165,15 +165,23 @@ def test_the_key_follows_what_the_graph_depends_on(tmp_path, monkeypatch):
     assert key(tmp_path / "b") != base
 
 
-def test_a_damaged_entry_is_captured_again_and_replaced(tmp_path, capsys, cache_dir):
+@pytest.mark.parametrize("damage", ["truncated graph", "grows to blocks the checkpoint lacks"])
+def test_a_damaged_entry_is_captured_again_and_replaced(tmp_path, capsys, cache_dir, damage):
     ckpt = _checkpoint(tmp_path / "llama", _llama())
     args = ["coalesce", str(ckpt), "--width", "0.5", "--depth", "0.5", "--stream", "always"]
     _run(capsys, *args, "-o", str(tmp_path / "first"))
     (entry,) = _entries(cache_dir)
-    pt2 = entry / "level.pt2"
-    pt2.write_bytes(pt2.read_bytes()[: pt2.stat().st_size // 2])  # truncated
+    if damage == "truncated graph":
+        pt2 = entry / "level.pt2"
+        pt2.write_bytes(pt2.read_bytes()[: pt2.stat().st_size // 2])
+        why = "cannot be read"
+    else:
+        meta = json.loads((entry / "entry.json").read_text())
+        meta["growth"]["n"] = 6  # the checkpoint has 4 layers
+        (entry / "entry.json").write_text(json.dumps(meta))
+        why = "no shard holds tensor model.layers.4"
     err = _run(capsys, *args, "-o", str(tmp_path / "second"))
-    assert "cannot be read" in err and str(entry) in err and HIT not in err
+    assert why in err and str(entry) in err and HIT not in err, err
     _same_level(tmp_path / "first", tmp_path / "second")
     assert HIT in _run(capsys, *args, "-o", str(tmp_path / "third"))  # written anew
     _same_level(tmp_path / "first", tmp_path / "third")

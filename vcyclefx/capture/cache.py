@@ -141,13 +141,19 @@ def load(key: str | None) -> Entry | None:
     try:
         entry = _read(d)
     except Exception as e:  # noqa: BLE001 - any damage: capture anew
-        _progress(f"the capture cache entry {d} cannot be read ({type(e).__name__}: {e}); "
-                  "capturing the model again")
-        shutil.rmtree(d, ignore_errors=True)
+        discard(key, f"{type(e).__name__}: {e}")
         return None
     with contextlib.suppress(OSError):
         os.utime(d)  # most recently used
     return entry
+
+
+def discard(key: str, why: str) -> None:
+    """Remove the entry of ``key`` (it cannot be read or does not fit its checkpoint), saying
+    so: the caller captures the model again, and that capture replaces it."""
+    d = root() / key
+    _progress(f"the capture cache entry {d} cannot be read ({why}); capturing the model again")
+    shutil.rmtree(d, ignore_errors=True)
 
 
 def _read(d: Path) -> Entry:
@@ -244,4 +250,4 @@ def _evict(base: Path) -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
-__all__ = ["Entry", "Pending", "key_of", "load", "root", "store", "MAX_ENTRIES"]
+__all__ = ["Entry", "Pending", "discard", "key_of", "load", "root", "store", "MAX_ENTRIES"]

@@ -167,9 +167,13 @@ def hf_source(directory, spec: str, batch: int, seq: int, recipe_of_model,
     entry = cache.load(key)
     if entry is not None:
         level = _cached_level(entry, d)
-        if level is not None:
+        try:
             leaves = _bind(level, reader, f"the cached capture of {d / 'config.json'}",
-                           dtype_of=lambda t: entry.dtype)
+                           dtype_of=lambda t: entry.dtype) if level is not None else None
+        except CheckpointError as e:  # the key holds every header: the entry is wrong
+            cache.discard(key, str(e))
+            leaves = None
+        if leaves is not None:
             return Source(level, reader, leaves, directory=d, cached=True)
     level, leaves, pending, growth = _captured(d, spec, reader, batch, seq, recipe_of_model,
                                                repeat, key is not None and cache.root() is not None)
