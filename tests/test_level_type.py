@@ -357,3 +357,37 @@ def test_a_level_directory_written_with_the_weights_in_its_graph_still_loads_and
         assert res.returncode == 0, res.stderr
     a, b = load_file(outs[new] / "weights.safetensors"), load_file(outs[old] / "weights.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_quick_save_writes_the_program_torch_export_save_writes_without_its_discarded_check(monkeypatch):
+    """torch.export.save checks that a canonical form of the serialised program exists and
+    discards it; save_program skips that check and writes the same program."""
+    import io
+    import zipfile
+
+    from torch._export.serde import serialize as serde
+
+    from vcyclefx.export.leveldir import _graph_program, quick_save, save_program
+
+    _, small, _ = _levels()
+    checked = []
+    real = serde.canonicalize
+    monkeypatch.setattr(serde, "canonicalize", lambda *a, **k: checked.append(1) or real(*a, **k))
+
+    def program_json(level, save) -> bytes:
+        buf = io.BytesIO()
+        save(level, buf)
+        z = zipfile.ZipFile(io.BytesIO(buf.getvalue()))
+        return z.read(next(n for n in z.namelist() if n.endswith("models/model.json")))
+
+    plain = program_json(small, lambda lv, f: torch.export.save(_graph_program(lv), f))
+    assert len(checked) == 1
+    with quick_save():
+        skip = serde.canonicalize
+        with quick_save():  # nested: the outer one stays in effect
+            assert serde.canonicalize is skip
+        assert serde.canonicalize is skip
+    assert serde.canonicalize.__name__ == "<lambda>"  # put back: the (patched) original
+    quick = program_json(small, save_program)
+    assert len(checked) == 1  # not called again
+    assert quick == plain

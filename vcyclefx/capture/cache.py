@@ -186,13 +186,13 @@ class Pending:
     def __init__(self, level, dtype: torch.dtype):
         import io
 
-        from vcyclefx.export.leveldir import _graph_program
+        from vcyclefx.export.leveldir import save_program
         from vcyclefx.level import level_info
         from vcyclefx.store import aliases_of, tensors_to_bytes
 
         info = level_info(level)
         buf = io.BytesIO()
-        torch.export.save(_graph_program(level), buf)
+        save_program(level, buf)
         self.pt2 = buf.getvalue()
         self.inputs = tensors_to_bytes({f"input.{i}": x.contiguous()
                                         for i, x in enumerate(info.example_inputs)})

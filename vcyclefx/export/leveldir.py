@@ -74,7 +74,7 @@ def save_level(level, directory, mapping: Mapping | None = None, *, overwrite: b
     if info is None:
         raise LevelError("save_level expects a level made by vcyclefx (vf.coalesce/decoalesce/capture)")
     with atomic_directory(directory) as tmp:
-        torch.export.save(_graph_program(level), tmp / "level.pt2")
+        save_program(level, tmp / "level.pt2")
         state = level.state_dict(keep_vars=True)
         if weights is None:
             save_tensors(tmp / "weights.safetensors", state)
@@ -88,6 +88,42 @@ def save_level(level, directory, mapping: Mapping | None = None, *, overwrite: b
         if also is not None:
             also(tmp)
     return directory
+
+
+def save_program(level, f) -> None:
+    """``torch.export.save`` of the level's graph as a program (:func:`_graph_program`) to the
+    path or file ``f``, under :func:`quick_save` and :func:`~vcyclefx.capture.frontend.quick_fx`
+    (the GraphModules built on the way compile their code only if it is run)."""
+    from vcyclefx.capture.frontend import quick_fx
+
+    with quick_fx(), quick_save():
+        torch.export.save(_graph_program(level), f)
+
+
+@contextlib.contextmanager
+def quick_save():
+    """``torch.export.save`` without the check it makes that a canonical form of the serialised
+    program exists: torch serialises, then computes that form on a deep copy of the result
+    and throws it away (60% of saving a GPT-2 level); the file is the same. A torch internal,
+    guarded: where a torch version lacks it, saving is just slower. Restored on exit."""
+    try:
+        from torch._export.serde import serialize as serde
+    except ImportError:
+        serde = None
+    real = getattr(serde, "canonicalize", None)
+    if real is None or getattr(real, "_vcyclefx_skip", False):  # or in effect already
+        yield
+        return
+
+    def skip(*args, **kwargs):
+        return None
+
+    skip._vcyclefx_skip = True
+    serde.canonicalize = skip
+    try:
+        yield
+    finally:
+        serde.canonicalize = real
 
 
 def _graph_program(level):
@@ -130,7 +166,7 @@ def level_to_bytes(level) -> dict:
     weights and example inputs as safetensors, and the level.json summary."""
     info = level_info(level)
     buf = io.BytesIO()
-    torch.export.save(_graph_program(level), buf)
+    save_program(level, buf)
     state = level.state_dict(keep_vars=True)
     return {"pt2": buf.getvalue(), "weights": tensors_to_bytes(state),
             "inputs": tensors_to_bytes(_inputs_state(info)),
