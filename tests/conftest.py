@@ -14,12 +14,11 @@ import torch
 # every pass's check also compares the shapes it wrote with a fake re-execution of its graph
 # (passes/contract.py); set before vcyclefx is imported, inherited by the commands tests run
 os.environ.setdefault("VCYCLEFX_VERIFY", "1")
-# the capture cache (vcyclefx/capture/cache.py) of this session's commands: a fresh folder,
+# the capture cache (vcyclefx/capture/cache.py) of this process's commands: a fresh folder,
 # removed at exit, never the user's own ~/.cache
-_CACHE = tempfile.mkdtemp(prefix="vcyclefx-test-cache-")
-os.environ["VCYCLEFX_CACHE_DIR"] = _CACHE
-os.environ.pop("VCYCLEFX_CACHE", None)
-atexit.register(shutil.rmtree, _CACHE, True)
+_CAPTURES = tempfile.mkdtemp(prefix="vcyclefx-test-captures-")
+os.environ["VCYCLEFX_CAPTURE_CACHE"] = _CAPTURES
+atexit.register(shutil.rmtree, _CAPTURES, True)
 
 import vcyclefx as vf
 from vcyclefx import zoo

@@ -47,10 +47,9 @@ def _checkpoint(path, model, dtype=torch.bfloat16, shard="40KB"):
 
 @pytest.fixture
 def cache_dir(tmp_path, monkeypatch):
-    d = tmp_path / "cache"
-    monkeypatch.setenv("VCYCLEFX_CACHE_DIR", str(d))
-    monkeypatch.delenv("VCYCLEFX_CACHE", raising=False)
-    return d / "captures"
+    d = tmp_path / "captures"
+    monkeypatch.setenv(cache.ENV, str(d))
+    return d
 
 
 def _entries(root) -> list:
@@ -103,7 +102,7 @@ def test_a_cached_capture_writes_what_a_fresh_capture_writes(tmp_path, capsys, m
     assert HIT not in err and len(_entries(cache_dir)) == 1
     err = _run(capsys, "coalesce", str(b), "-o", str(tmp_path / "b2"), *args)
     assert HIT in err and len(_entries(cache_dir)) == 1
-    monkeypatch.setenv("VCYCLEFX_CACHE", "off")
+    monkeypatch.setenv(cache.ENV, "off")
     err = _run(capsys, "coalesce", str(b), "-o", str(tmp_path / "b1"), *args)
     assert HIT not in err
     _same_level(tmp_path / "b1", tmp_path / "b2")
@@ -116,7 +115,7 @@ def test_a_cached_capture_writes_what_a_fresh_capture_writes(tmp_path, capsys, m
     # growing a checkpoint reads the same entry and writes what a fresh capture writes
     grow = ["--width", "2", "--stream", "always"]
     assert HIT not in _run(capsys, "decoalesce", str(b), "-o", str(tmp_path / "g1"), *grow)
-    monkeypatch.delenv("VCYCLEFX_CACHE")
+    monkeypatch.setenv(cache.ENV, str(cache_dir))
     assert HIT in _run(capsys, "decoalesce", str(b), "-o", str(tmp_path / "g2"), *grow)
     _same_level(tmp_path / "g1", tmp_path / "g2")
 
@@ -190,17 +189,22 @@ def test_a_damaged_entry_is_captured_again_and_replaced(tmp_path, capsys, cache_
 def test_an_unwritable_cache_is_reported_and_the_command_succeeds(tmp_path, capsys, monkeypatch):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    monkeypatch.setenv("VCYCLEFX_CACHE_DIR", str(blocker / "cache"))  # under a file: no folder
+    monkeypatch.setenv(cache.ENV, str(blocker / "captures"))  # under a file: no folder
     ckpt = _checkpoint(tmp_path / "llama", _llama())
     args = ["coalesce", str(ckpt), "--width", "0.5", "--depth", "0.5", "--stream", "always"]
     err = _run(capsys, *args, "-o", str(tmp_path / "out"))
-    assert "cannot be written" in err and "VCYCLEFX_CACHE=off" in err
+    assert "cannot be written" in err and f"{cache.ENV}=off" in err
     assert (tmp_path / "out" / "level.pt2").is_file()
     for off in ("off", "0", "No"):
-        monkeypatch.setenv("VCYCLEFX_CACHE", off)
+        monkeypatch.setenv(cache.ENV, off)
         assert cache.root() is None
-    monkeypatch.setenv("VCYCLEFX_CACHE", "on")
-    assert cache.root() == blocker / "cache" / "captures"
+    # unset: the captures folder of vcyclefx's cache, beside the driver's corpora
+    monkeypatch.delenv(cache.ENV)
+    monkeypatch.setenv("VCYCLEFX_CACHE", str(tmp_path / "vc"))
+    assert cache.root() == tmp_path / "vc" / "captures"
+    from vcyclefx.driver.data import default_cache_dir
+
+    assert default_cache_dir() == tmp_path / "vc"
 
 
 def test_the_most_recently_used_entries_are_kept(tmp_path, monkeypatch, cache_dir):

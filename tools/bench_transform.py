@@ -18,7 +18,7 @@ writes the cache entry), with the capture cached (every later run on a checkpoin
 and with the cache off; also a floor process: the imports, ``from_pretrained`` and the one
 symbolic export that a coalesce built on torch.export needs when it captures, and nothing else,
 and an imports-only process (torch and transformers' GPT-2 class). Every other mode runs with
-the capture cache off (``VCYCLEFX_CACHE=off``) unless a row says otherwise.
+the capture cache off (``VCYCLEFX_CAPTURE_CACHE=off``) unless a row says otherwise.
 """
 
 from __future__ import annotations
@@ -192,7 +192,7 @@ def main() -> None:
     ap.add_argument("--floor", metavar="SRC", help=argparse.SUPPRESS)
     ap.add_argument("--imports", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    os.environ["VCYCLEFX_CACHE"] = "off"  # every child, but the rows that say otherwise
+    os.environ["VCYCLEFX_CAPTURE_CACHE"] = "off"  # every child, but the rows that say otherwise
     if args.child:
         print(json.dumps(child(args.child)))
         return
@@ -657,8 +657,7 @@ def _gpt2_checkpoint(checkpoint: str | None, work: str) -> str:
 
 def _cached(folder: str) -> dict:
     """The environment of a child that uses the capture cache in ``folder``."""
-    env = {k: v for k, v in os.environ.items() if k != "VCYCLEFX_CACHE"}
-    return {**env, "VCYCLEFX_CACHE_DIR": folder}
+    return {**os.environ, "VCYCLEFX_CAPTURE_CACHE": folder}
 
 
 def whole_process(checkpoint: str | None, repeats: int, baseline: str | None = None) -> None:
@@ -709,7 +708,7 @@ def whole_process(checkpoint: str | None, repeats: int, baseline: str | None = N
     print(f"{'':<44} {'time':>8} {'peak RSS':>10}")
     labels = [("first run", "vcyclefx coalesce, first run (empty cache)"),
               ("cached", "vcyclefx coalesce, capture cached"),
-              ("cache off", "vcyclefx coalesce, VCYCLEFX_CACHE=off"),
+              ("cache off", "vcyclefx coalesce, capture cache off"),
               ("whole-capture", "vcyclefx coalesce --whole-capture, off"),
               ("reference", "reference procedure (re-impl.)"),
               ("floor", "floor: imports, load, one export"),

@@ -1,4 +1,5 @@
-"""Writing files safely, in one place: atomic files and directories, and safetensors with aliases.
+"""Writing files safely, in one place: atomic files and directories, and safetensors with aliases
+(and where vcyclefx's cache folder is).
 
 Atomic writes: a file or directory is built under a temporary name beside its target, flushed
 to disk (``fsync``), then renamed onto the target, so a reader sees the old version or the new
@@ -27,6 +28,13 @@ if TYPE_CHECKING:
     import torch
 
 ALIASES_KEY = "aliases"  # the metadata entry of a safetensors file that holds the alias map
+
+
+def cache_root() -> Path:
+    """vcyclefx's cache folder: ``$VCYCLEFX_CACHE``, default ``~/.cache/vcyclefx`` (the driver's
+    tokenised corpora, the capture cache's ``captures``)."""
+    env = os.environ.get("VCYCLEFX_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "vcyclefx"
 
 
 # ---------------------------------------------------------------------------------------------

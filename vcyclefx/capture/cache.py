@@ -16,10 +16,12 @@ vcyclefx's and the passes' source files). A ``config.json`` with ``auto_map`` (c
 checkpoint's folder, which can change under the same config) and an editable install of
 transformers (its code can change under the same version) are never cached.
 
-Where: ``$VCYCLEFX_CACHE_DIR`` (default ``$XDG_CACHE_HOME/vcyclefx``, else ``~/.cache/vcyclefx``),
-folder ``captures``; ``VCYCLEFX_CACHE=off`` turns the cache off. An entry that cannot be read is
-removed and the model captured again; a cache that cannot be written is reported and the command
-goes on. The most recently used :data:`MAX_ENTRIES` entries are kept.
+Where: ``$VCYCLEFX_CAPTURE_CACHE`` where it names a folder; ``off`` (or ``0``, ``no``,
+``false``) turns the cache off; unset, the folder ``captures`` of vcyclefx's cache
+(``$VCYCLEFX_CACHE``, default ``~/.cache/vcyclefx``, where the driver keeps its tokenised
+corpora). An entry that cannot be read is removed and the model captured again; a cache that
+cannot be written is reported and the command goes on. The most recently used
+:data:`MAX_ENTRIES` entries are kept.
 """
 
 from __future__ import annotations
@@ -50,16 +52,17 @@ def _progress(msg: str) -> None:
     print(f"vcyclefx: {msg}", file=sys.stderr, flush=True)
 
 
+ENV = "VCYCLEFX_CAPTURE_CACHE"
+
+
 def root() -> Path | None:
-    """The cache's folder, or None where ``VCYCLEFX_CACHE`` turns it off."""
-    if os.environ.get("VCYCLEFX_CACHE", "").strip().lower() in _OFF:
+    """The cache's folder, or None where ``VCYCLEFX_CAPTURE_CACHE`` turns it off."""
+    from vcyclefx.store import cache_root
+
+    value = os.environ.get(ENV, "").strip()
+    if value.lower() in _OFF:
         return None
-    base = os.environ.get("VCYCLEFX_CACHE_DIR")
-    if not base:
-        xdg = os.environ.get("XDG_CACHE_HOME")
-        base = os.path.join(xdg, "vcyclefx") if xdg else os.path.join(
-            os.path.expanduser("~"), ".cache", "vcyclefx")
-    return Path(base) / "captures"
+    return Path(value) if value else cache_root() / "captures"
 
 
 _SOURCES: list[str] = []  # the digest of vcyclefx's sources, once per process
@@ -228,8 +231,8 @@ def store(key: str | None, pending: Pending | None, growth=None, source: str = "
         _evict(base)
     except OSError as e:
         _progress(f"the capture cache {base} cannot be written ({e}); the next command will "
-                  "capture this model again (VCYCLEFX_CACHE_DIR moves the cache, "
-                  "VCYCLEFX_CACHE=off turns it off)")
+                  f"capture this model again ({ENV}=FOLDER moves the cache, {ENV}=off turns "
+                  "it off)")
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -250,4 +253,4 @@ def _evict(base: Path) -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
-__all__ = ["Entry", "Pending", "discard", "key_of", "load", "root", "store", "MAX_ENTRIES"]
+__all__ = ["ENV", "Entry", "Pending", "discard", "key_of", "load", "root", "store", "MAX_ENTRIES"]

@@ -55,8 +55,9 @@ class TokenData:
 
 
 def default_cache_dir() -> Path:
-    env = os.environ.get("VCYCLEFX_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "vcyclefx"
+    from vcyclefx.store import cache_root
+
+    return cache_root()
 
 
 def stdlib_files() -> tuple[Path, list[Path]]:

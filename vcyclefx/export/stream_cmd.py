@@ -65,7 +65,7 @@ def source_of(spec: str, args) -> Source:
         from vcyclefx.capture.cache import root
 
         _progress(f"loaded the capture of {spec} from the capture cache {root()} in {took:.1f} s "
-                  f"({how}; VCYCLEFX_CACHE=off captures anew)")
+                  f"({how}; VCYCLEFX_CAPTURE_CACHE=off captures anew)")
     else:
         _progress(f"captured {spec} on the meta device in {took:.1f} s ({how})")
     return src
