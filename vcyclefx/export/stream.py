@@ -166,12 +166,12 @@ def hf_source(directory, spec: str, batch: int, seq: int, recipe_of_model,
     key = cache.key_of(d, reader, {"batch": batch, "seq": seq, "repeat": bool(repeat)})
     entry = cache.load(key)
     if entry is not None:
-        level = _cached_level(entry, d)
         try:
+            level = _cached_level(entry, d)
             leaves = _bind(level, reader, f"the cached capture of {d / 'config.json'}",
                            dtype_of=lambda t: entry.dtype) if level is not None else None
-        except CheckpointError as e:  # the key holds every header: the entry is wrong
-            cache.discard(key, str(e))
+        except Exception as e:  # noqa: BLE001 - the key holds every header: the entry is wrong
+            cache.discard(key, f"{type(e).__name__}: {e}")
             leaves = None
         if leaves is not None:
             return Source(level, reader, leaves, directory=d, cached=True)
@@ -207,8 +207,9 @@ def _cached_level(entry, d: Path):
 def _captured(d: Path, spec: str, reader: ShardReader, batch: int, seq: int, recipe_of_model,
               repeat: bool, keep: bool):
     """(the level, its tensors bound to the checkpoint's ({meta tensor: name}), what the cache
-    would keep of it or None, its Growth or None): the model built on the meta device and captured, by repetition where
-    ``repeat`` and its blocks allow. ``keep``: serialise the captured level for the cache."""
+    would keep of it or None, its Growth or None): the model built on the meta device and
+    captured, by repetition where ``repeat`` and its blocks allow. ``keep``: serialise the
+    captured level for the cache."""
     import transformers
 
     from vcyclefx.capture import cache
