@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
 import os
 import shutil
 import sys
@@ -40,8 +39,7 @@ from pathlib import Path
 
 import torch
 
-log = logging.getLogger(__name__)
-
+ENV = "VCYCLEFX_CAPTURE_CACHE"  # a folder, or off
 FORMAT = 1  # of an entry; part of the key
 MAX_ENTRIES = 64
 _OFF = {"0", "off", "no", "false"}
@@ -50,9 +48,6 @@ _LEVEL, _INPUTS, _ENTRY = "level.pt2", "inputs.safetensors", "entry.json"
 
 def _progress(msg: str) -> None:
     print(f"vcyclefx: {msg}", file=sys.stderr, flush=True)
-
-
-ENV = "VCYCLEFX_CAPTURE_CACHE"
 
 
 def root() -> Path | None:
