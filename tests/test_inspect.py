@@ -65,3 +65,48 @@ def test_inspect_program_prints_the_whole_report_and_exits_zero():
     model, x = zoo.bert()
     shown = re.sub(r'"analysis_seconds": [0-9.e-]+', "", out.stdout)
     assert _comparable(json.loads(out.stdout)) == _comparable(vf.inspect(model, x)), shown[:200]
+
+
+def test_inspect_of_a_checkpoint_without_its_weights_reports_what_a_loaded_one_does(tmp_path, capsys, monkeypatch):
+    """`inspect --stream always` (the default for a checkpoint larger than a quarter of memory)
+    captures on the meta device as the streamed coalesce does, reading no weight: the same
+    spaces, chains, ties, parameter count and notes as inspecting the loaded model (the node
+    count may differ by the meta kernels' strides: a `contiguous` per attention); a second run
+    reads the capture cache; a level directory gives the same report either way."""
+    import transformers
+
+    from vcyclefx.cli import main
+    from vcyclefx.export.shards import ShardReader
+
+    monkeypatch.setenv("VCYCLEFX_CAPTURE_CACHE", str(tmp_path / "captures"))
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        num_hidden_layers=4, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=96, use_cache=False)).to(torch.bfloat16)
+    model.config.architectures = ["LlamaForCausalLM"]
+    model.save_pretrained(tmp_path / "llama", max_shard_size="40KB")
+
+    def report(*args) -> dict:
+        assert main(["inspect", *args, "--json"]) == 0
+        out = capsys.readouterr()
+        d = json.loads(out.out)
+        d.pop("analysis_seconds")
+        return d, out.err
+
+    loaded, _ = report(str(tmp_path / "llama"), "--stream", "never")
+    reads = []
+    real_get = ShardReader.get
+    monkeypatch.setattr(ShardReader, "get", lambda self, names: reads.append(names) or real_get(self, names))
+    streamed, err = report(str(tmp_path / "llama"), "--stream", "always")
+    assert reads == [] and "on the meta device" in err
+    assert loaded.pop("nodes") - streamed.pop("nodes") in range(-8, 9)
+    assert streamed == loaded and streamed["chains"][0]["blocks"] == 4
+    again, err = report(str(tmp_path / "llama"), "--stream", "always")
+    again.pop("nodes")
+    assert again == streamed and "from the capture cache" in err
+    # a level directory: its graph either way (level.pt2), its weights read only in memory
+    assert main(["coalesce", str(tmp_path / "llama"), "-o", str(tmp_path / "small")]) == 0
+    capsys.readouterr()
+    assert report(str(tmp_path / "small"), "--stream", "always")[0] == \
+        report(str(tmp_path / "small"), "--stream", "never")[0]
+    assert reads == []

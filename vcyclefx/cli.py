@@ -17,7 +17,17 @@ from vcyclefx.plan.choices import DEPTH_INITS, DEPTH_PAIRINGS, GROW_PAIRINGS, WI
 def _cmd_inspect(args) -> int:
     from vcyclefx.analysis.report import inspect
     from vcyclefx.capture.specs import model_from_spec
+    from vcyclefx.export import stream_cmd
 
+    if args.frontend != "fx" and stream_cmd.wanted(args, args.model):
+        # no weight is read: the graph captured on the meta device (or loaded from the capture
+        # cache), as the streamed coalesce captures it
+        from vcyclefx.level import level_info
+
+        src = stream_cmd.source_of(args.model, args)
+        report = inspect(src.level, level_info(src.level).example_inputs)
+        print(report.to_json() if args.json else report)
+        return 0
     found = model_from_spec(args.model, batch=args.batch, seq=args.seq)
     if args.frontend == "fx":
         model, kwargs = found.model, {"frontend": "fx"}
@@ -272,6 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="for a Hugging Face model, trace every block (by default, where the "
                           "blocks are identical, two periods of them are traced and repeated, as "
                           "coalesce does: the same graph, so the same report)")
+    ins.add_argument("--stream", choices=["auto", "always", "never"], default="auto",
+                     help="read a Hugging Face safetensors directory or a level directory "
+                          "without loading its weights: the model is captured on the meta device, "
+                          "as a streamed coalesce captures it (auto, the default: when the "
+                          "weights exceed a quarter of this machine's memory)")
     ins.set_defaults(func=_cmd_inspect)
 
     co = sub.add_parser("coalesce", help="make a smaller level and write it as a level directory")
