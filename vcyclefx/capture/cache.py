@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 ENV = "VCYCLEFX_CAPTURE_CACHE"  # a folder, or off
-FORMAT = 1  # of an entry; part of the key
+FORMAT = 2  # of an entry; part of the key
 MAX_ENTRIES = 64
 _OFF = {"0", "off", "no", "false"}
 _LEVEL, _INPUTS, _ENTRY = "level.pt2", "inputs.safetensors", "entry.json"
@@ -156,22 +156,15 @@ def discard(key: str, why: str) -> None:
 
 def _read(d: Path) -> Entry:
     from vcyclefx.capture.repeat import Growth
-    from vcyclefx.export.leveldir import load_pt2, tie
-    from vcyclefx.level import LevelInfo, make_level
-    from vcyclefx.capture.recipe import Recipe
+    from vcyclefx.export.leveldir import info_of, load_pt2, tie
+    from vcyclefx.level import make_level
     from vcyclefx.store import load_tensors
 
     meta = json.loads((d / _ENTRY).read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"entry format {meta.get('format')!r}, expected {FORMAT}")
+    if meta.get("entry_format") != FORMAT:
+        raise ValueError(f"entry format {meta.get('entry_format')!r}, expected {FORMAT}")
     gm = load_pt2(d / _LEVEL, source_class=meta["source_class"]).module()
-    inputs = load_tensors(d / _INPUTS)
-    info = LevelInfo(example_inputs=tuple(inputs[f"input.{i}"] for i in range(len(inputs))),
-                     frontend=meta["frontend"], source_class=meta["source_class"],
-                     dynamic_dims=tuple(tuple(x) for x in meta["dynamic_dims"]),
-                     notes=tuple(meta["notes"]), recipe=Recipe.from_json(meta["recipe"]),
-                     input_names=tuple(meta["input_names"]))
-    level = make_level(gm, info, training=meta["training"])
+    level = make_level(gm, info_of(load_tensors(d / _INPUTS), meta), training=meta["training"])
     for alias, name in meta["aliases"].items():
         tie(level, alias, name)
     growth = Growth.from_json(meta["growth"]) if meta["growth"] is not None else None
@@ -184,24 +177,20 @@ class Pending:
     def __init__(self, level, dtype: torch.dtype):
         import io
 
-        from vcyclefx.export.leveldir import save_program
+        from vcyclefx.export.leveldir import _inputs_state, _summary, save_program
         from vcyclefx.level import level_info
         from vcyclefx.store import aliases_of, tensors_to_bytes
 
         info = level_info(level)
+        state = level.state_dict(keep_vars=True)
         buf = io.BytesIO()
         save_program(level, buf)
         self.pt2 = buf.getvalue()
-        self.inputs = tensors_to_bytes({f"input.{i}": x.contiguous()
-                                        for i, x in enumerate(info.example_inputs)})
-        self.meta = {
-            "format": FORMAT, "source_class": info.source_class, "frontend": info.frontend,
-            "dynamic_dims": [list(x) for x in info.dynamic_dims], "notes": list(info.notes),
-            "recipe": info.recipe.to_json() if info.recipe is not None else None,
-            "input_names": list(info.input_names), "training": bool(level.training),
-            "aliases": aliases_of(level.state_dict(keep_vars=True)),
-            "dtype": str(dtype).removeprefix("torch."), "growth": None,
-        }
+        self.inputs = tensors_to_bytes(_inputs_state(info))
+        # the level summary a level directory has (what info_of reads back), and the entry's own
+        self.meta = {**_summary(level, info, state, None), "entry_format": FORMAT,
+                     "aliases": aliases_of(state), "dtype": str(dtype).removeprefix("torch."),
+                     "growth": None}
 
 
 def store(key: str | None, pending: Pending | None, growth=None, source: str = "") -> None:

@@ -354,15 +354,20 @@ def _assemble(ep, weights: dict, inputs: dict, meta: dict, where: str):
     return _level_of(gm, inputs, meta)
 
 
-def _level_of(gm, inputs: dict, meta: dict):
+def info_of(inputs: dict, meta: dict) -> LevelInfo:
+    """The LevelInfo a level summary (``level.json``, :func:`_summary`) and its example inputs
+    (``inputs.safetensors``) describe."""
     example = tuple(inputs[f"input.{i}"] for i in range(len(inputs)))
-    info = LevelInfo(example_inputs=example, frontend=meta.get("frontend", "export"),
+    return LevelInfo(example_inputs=example, frontend=meta.get("frontend", "export"),
                      source_class=meta.get("source_class"),
                      dynamic_dims=tuple(tuple(x) for x in meta.get("dynamic_dims", [])),
                      notes=tuple(meta.get("notes", [])),
                      recipe=Recipe.from_json(meta.get("recipe")),
                      input_names=tuple(meta.get("input_names", ())))
-    level = make_level(gm, info, training=meta.get("training", False))
+
+
+def _level_of(gm, inputs: dict, meta: dict):
+    level = make_level(gm, info_of(inputs, meta), training=meta.get("training", False))
     device = module_device(level)
     if device is not None:  # a streamed level was saved with meta tensors: literals follow
         move_device_literals_(level, device)
