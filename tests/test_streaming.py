@@ -253,3 +253,82 @@ def test_reading_ahead_stays_within_its_bound_of_the_stream(tmp_path):
     finally:
         ahead.close()
     assert ahead.read == sum(size[n] for n in names[:4])
+
+
+def test_auto_streams_a_sharded_checkpoint_and_transforms_a_small_single_file_in_memory(
+        tmp_path, capsys):
+    """`--stream auto` (the default) streams a sharded checkpoint of any size, as DESIGN.md
+    says; the self-check it skips is named only where the in-memory path would have run it
+    (float32 weights). A small single-file checkpoint is loaded and self-checked."""
+    model, _ = zoo.llama()
+    runs = {"bf16, sharded": _checkpoint(tmp_path, model, "bf16", torch.bfloat16),
+            "f32, sharded": _checkpoint(tmp_path, model, "f32"),
+            "f32, one file": _checkpoint(tmp_path, model, "one", shard="1GB")}
+    assert not (runs["f32, one file"] / "model.safetensors.index.json").exists()
+    said = {}
+    for what, ckpt in runs.items():
+        capsys.readouterr()
+        assert main(["coalesce", str(ckpt), "-o", str(tmp_path / f"out {what}")]) == 0
+        said[what] = capsys.readouterr().err
+    streamed = {w for w, err in said.items() if "streaming its weights" in err}
+    skipped = {w for w, err in said.items() if "self-check is skipped" in err}
+    assert streamed == {"bf16, sharded", "f32, sharded"}
+    assert skipped == {"f32, sharded"}
+    # a sharded level directory streams back up by default too
+    out = tmp_path / "out bf16, sharded"
+    assert main(["coalesce", str(runs["bf16, sharded"]), "-o", str(tmp_path / "level"),
+                 "--max-shard-size", "8KB"]) == 0
+    assert (tmp_path / "level" / "weights.safetensors.index.json").is_file()
+    capsys.readouterr()
+    assert main(["decoalesce", str(tmp_path / "level"), "-o", str(tmp_path / "back")]) == 0
+    assert "streaming its weights" in capsys.readouterr().err
+    _same(_weights(tmp_path / "level"), _weights(out))
+
+
+_CONVERTED = {  # checkpoints that transformers renames or converts as it loads them
+    "gpt_neox": ("GPTNeoXForCausalLM", "GPTNeoXConfig", dict(
+        hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
+        vocab_size=256, max_position_embeddings=64), "embed_out.weight"),
+    "mixtral": ("MixtralForCausalLM", "MixtralConfig", dict(
+        hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128, vocab_size=256, max_position_embeddings=64, num_local_experts=4,
+        num_experts_per_tok=2, use_cache=False), "model.layers.0.block_sparse_moe.experts.3.w1.weight"),
+}
+
+
+@pytest.mark.parametrize("family", sorted(_CONVERTED))
+def test_a_checkpoint_transformers_converts_as_it_loads_streams_what_from_pretrained_loads(
+        tmp_path, family):
+    """A checkpoint under names other than the model's (GPT-NeoX's `embed_out` is the model's
+    `lm_head`) or in another form (Mixtral's experts one tensor each, fused into
+    `experts.gate_up_proj` / `down_proj` by transformers' conversion mapping) streams: each of
+    the model's tensors is read or made from the checkpoint's as from_pretrained makes it, and
+    the streamed level equals the in-memory one tensor for tensor."""
+    import transformers
+
+    from vcyclefx.export import hfkeys
+    from vcyclefx.export.shards import ShardReader
+
+    cls, cfg, kwargs, legacy = _CONVERTED[family]
+    torch.manual_seed(0)
+    model = getattr(transformers, cls)(getattr(transformers, cfg)(**kwargs))
+    ckpt = _checkpoint(tmp_path, model, family, torch.bfloat16, shard="40KB")
+    reader = ShardReader(ckpt)
+    assert legacy in reader.entries  # the checkpoint holds the names transformers converts
+    loaded = getattr(transformers, cls).from_pretrained(ckpt)
+    state = loaded.state_dict()
+    with torch.device("meta"):
+        meta = getattr(transformers, cls)(loaded.config).to(torch.bfloat16)
+    assert hfkeys.plan(meta, reader)
+    made = reader.get([n for n in state if reader.name_of(n) is not None and n in reader.derived])
+    assert made or family == "gpt_neox"
+    for name, t in state.items():
+        held = reader.name_of(name)
+        assert held is not None, name
+        value = made[held] if held in made else reader.get([held])[held]
+        assert value.dtype == t.dtype and torch.equal(value, t), name
+    outs = {}
+    for mode in ("always", "never"):
+        assert main(["coalesce", str(ckpt), "-o", str(tmp_path / mode), "--stream", mode]) == 0
+        outs[mode] = _weights(tmp_path / mode)
+    _same(outs["always"], outs["never"])

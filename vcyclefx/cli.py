@@ -243,9 +243,9 @@ def _out_args(p) -> None:
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="level directory to write")
     p.add_argument("--stream", choices=["auto", "always", "never"], default="auto",
                    help="stream a Hugging Face safetensors directory or a level directory tensor "
-                        "by tensor instead of loading it (auto, the default: when its weights "
-                        "exceed a quarter of this machine's memory). Streaming skips the "
-                        "self-check, which needs the weights in memory")
+                        "by tensor instead of loading it (auto, the default: when it is sharded "
+                        "or its weights exceed a quarter of this machine's memory). Streaming "
+                        "skips the self-check, which needs the weights in memory")
     p.add_argument("--whole-capture", action="store_true",
                    help="for a Hugging Face directory, trace every block (by default, where "
                         "the blocks are identical, two periods of them are traced and repeated: "
@@ -285,8 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--stream", choices=["auto", "always", "never"], default="auto",
                      help="read a Hugging Face safetensors directory or a level directory "
                           "without loading its weights: the model is captured on the meta device, "
-                          "as a streamed coalesce captures it (auto, the default: when the "
-                          "weights exceed a quarter of this machine's memory)")
+                          "as a streamed coalesce captures it (auto, the default: when it is "
+                          "sharded or its weights exceed a quarter of this machine's memory)")
     ins.set_defaults(func=_cmd_inspect)
 
     co = sub.add_parser("coalesce", help="make a smaller level and write it as a level directory")

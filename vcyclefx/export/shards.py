@@ -147,6 +147,10 @@ class ShardReader:
         d = Path(directory)
         self.directory = d
         self.held: dict[str, torch.Tensor] = {}  # small tensors kept in memory ("@" names)
+        # the model's names its checkpoint holds under another name, or makes from several of
+        # its tensors (vcyclefx.export.hfkeys: transformers' conversion mapping)
+        self.renamed: dict[str, str] = {}
+        self.derived: dict = {}
         index = _index_of(d, stem)
         self.entries: dict[str, Entry] = {}
         self.metadata: dict = {}
@@ -182,16 +186,33 @@ class ShardReader:
             self.entries, self.metadata, self._starts[path] = read_header(path)
 
     def __contains__(self, name: str) -> bool:
-        return name in self.entries
+        return name in self.entries or name in self.derived
+
+    def name_of(self, name: str) -> str | None:
+        """The name this reader reads a model tensor ``name`` under (its checkpoint name where it
+        was renamed), None where it cannot make it."""
+        name = self.renamed.get(name, name)
+        return name if name in self.entries or name in self.derived else None
+
+    def header(self, name: str) -> Entry:
+        """Where tensor ``name`` lies; a tensor made from others (``derived``) lies nowhere
+        (``file`` None) but has its dtype and shape."""
+        if name in self.derived:
+            d = self.derived[name]
+            return Entry(None, d.dtype, d.shape, 0, 0)
+        return self.entries[name]
 
     def get(self, names: list[str]) -> dict[str, torch.Tensor]:
         """The tensors ``names``, each shard opened (memory-mapped) once for the call."""
         from safetensors import safe_open
 
         out = {n: self.held[n] for n in names if n in self.held}
+        for n in names:
+            if n in self.derived:
+                out[n] = self.derived[n].make(self.get)
         by_file: dict[Path, list[str]] = {}
         for n in names:
-            if n not in self.held:
+            if n not in self.held and n not in self.derived:
                 by_file.setdefault(self.entries[n].file, []).append(n)
         for file, ns in by_file.items():
             try:

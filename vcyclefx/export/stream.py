@@ -85,15 +85,16 @@ def _bind(level, reader: ShardReader, where: str, dtype_of=None) -> dict:
         if id(t) in done:
             new = done[id(t)]
         else:
-            held = next((n for n in names_of[id(t)] if n in reader), None)
+            held = next((reader.name_of(n) for n in names_of[id(t)] if reader.name_of(n)), None)
             if held is None:
                 raise CheckpointError(f"{reader.directory}: no shard holds tensor {name} "
                                       f"({list(t.shape)} {t.dtype}), which {where} needs")
-            e = reader.entries[held]
+            e = reader.header(held)
             want = dtype_of(t) if dtype_of else t.dtype
             if e.shape != tuple(t.shape) or (t.dtype.is_floating_point and e.dtype != want):
                 raise CheckpointError(
-                    f"{e.file}: tensor {held} is {e.dtype} {list(e.shape)} but {where} has it "
+                    f"{e.file or reader.directory}: tensor {held} is {e.dtype} {list(e.shape)} "
+                    f"but {where} has it "
                     f"as {want} {list(t.shape)}; the shard and config.json are from different "
                     "checkpoints")
             meta = torch.empty(e.shape, dtype=e.dtype, device="meta")
@@ -216,6 +217,7 @@ def _captured(d: Path, spec: str, reader: ShardReader, batch: int, seq: int, rec
     from vcyclefx.capture.frontend import capture
     from vcyclefx.capture.repeat import params_on_meta, repeated_capture
     from vcyclefx.capture.specs import hf_example, hf_class
+    from vcyclefx.export import hfkeys
 
     cfg, cls = hf_class(d, spec)
     dtype = _checkpoint_dtype(cfg, reader)
@@ -227,6 +229,11 @@ def _captured(d: Path, spec: str, reader: ShardReader, batch: int, seq: int, rec
         return m.eval()
 
     model = build(cfg)
+    # the model's names that transformers' conversion mapping makes from the checkpoint's
+    # (renamed keys, fused experts): such a capture is not cached, since a cached capture is
+    # bound to the checkpoint without the model that the conversions need
+    if hfkeys.plan(model, reader):
+        keep = False
     # checked against the shards before the capture: a checkpoint that does not fit its config
     # fails in seconds; the level takes these very tensors (copy_weights=False)
     leaves = _bind(model, reader, f"{cls.__name__} of {d / 'config.json'}",

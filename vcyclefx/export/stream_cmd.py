@@ -19,19 +19,47 @@ def _progress(msg: str) -> None:
 
 def wanted(args, *dirs) -> bool:
     """Whether the command streams: every input is a streamable directory, the plan does not
-    read weight values, and ``--stream`` says so (``auto``: the weights exceed a quarter of the
-    machine's memory, where loading them whole is what streaming avoids; smaller checkpoints are
-    transformed in memory, with the self-check)."""
+    read weight values, and ``--stream`` says so (``auto``: an input is sharded, as released
+    checkpoints of several GB are, or the weights exceed a quarter of the machine's memory, where
+    loading them whole is what streaming avoids; a smaller single-file checkpoint is transformed
+    in memory, with the self-check)."""
     mode = getattr(args, "stream", "auto")
     if mode == "never" or not all(streamable(d) for d in dirs) or \
             getattr(args, "pairing", None) == "similarity":
         return False
-    if mode == "auto" and sum(_weight_bytes(d) for d in dirs) <= _memory_bytes() // 4:
+    if mode == "auto" and not any(sharded(d) for d in dirs) and \
+            sum(_weight_bytes(d) for d in dirs) <= _memory_bytes() // 4:
         return False
-    if getattr(args, "check", False):
+    if getattr(args, "check", False) and any(_holds_float32(d) for d in dirs):
+        # the self-check runs on float32 levels only: a bf16 checkpoint is not checked in
+        # memory either, so nothing is skipped there
         _progress("streaming: the self-check is skipped (it needs the weights in memory; "
                   "--stream never transforms in memory and checks)")
     return True
+
+
+def sharded(directory) -> bool:
+    """A Hugging Face directory or a level directory whose weights are sharded (an index)."""
+    d = Path(directory)
+    return any((d / f"{stem}.safetensors.index.json").is_file() for stem in ("model", "weights"))
+
+
+def _holds_float32(directory) -> bool:
+    """The checkpoint's floating-point tensors are float32, the levels the self-check runs on
+    (from the shards' headers; True where they cannot be read: the command's own read then names
+    the file)."""
+    import torch
+
+    from vcyclefx.errors import CheckpointError
+    from vcyclefx.export.shards import ShardReader
+
+    d = Path(directory)
+    try:
+        reader = ShardReader(d, "weights" if (d / "level.json").is_file() else "model")
+    except CheckpointError:
+        return True
+    floats = [e.dtype for e in reader.entries.values() if e.dtype.is_floating_point]
+    return bool(floats) and all(dtype == torch.float32 for dtype in floats)
 
 
 def _weight_bytes(directory) -> int:
