@@ -332,3 +332,33 @@ def test_a_checkpoint_transformers_converts_as_it_loads_streams_what_from_pretra
         assert main(["coalesce", str(ckpt), "-o", str(tmp_path / mode), "--stream", mode]) == 0
         outs[mode] = _weights(tmp_path / mode)
     _same(outs["always"], outs["never"])
+
+
+def test_auto_transforms_in_memory_a_checkpoint_whose_model_cannot_be_captured_on_meta(
+        tmp_path, capsys, monkeypatch):
+    """`--stream auto` on a sharded checkpoint that fits in memory, whose model fails to capture
+    on the meta device (a class that moves a real buffer in its forward): the command says so
+    and transforms it in memory, writing what `--stream never` writes; `--stream always` stops
+    with the capture error and writes nothing."""
+    from vcyclefx.errors import CaptureError
+    from vcyclefx.export import stream_cmd
+
+    model, _ = zoo.llama()
+    ckpt = _checkpoint(tmp_path, model, "llama")
+
+    def fails(*args, **kwargs):
+        raise CaptureError("front-end 'export' failed: Tensor on device cpu is not on the "
+                           "expected device meta!\nFix: ...")
+
+    monkeypatch.setattr(stream_cmd, "hf_source", fails)
+    capsys.readouterr()
+    assert main(["coalesce", str(ckpt), "-o", str(tmp_path / "auto")]) == 0
+    err = capsys.readouterr().err
+    assert "could not be captured on the meta device" in err and "expected device meta" in err
+    assert main(["coalesce", str(ckpt), "-o", str(tmp_path / "never"), "--stream", "never"]) == 0
+    _same(_weights(tmp_path / "auto"), _weights(tmp_path / "never"))
+    assert main(["coalesce", str(ckpt), "-o", str(tmp_path / "always"), "--stream", "always"]) == 2
+    assert "expected device meta" in capsys.readouterr().err
+    assert not (tmp_path / "always").exists()
+    assert main(["inspect", str(ckpt)]) == 0  # inspect falls back the same way
+    assert "could not be captured on the meta device" in capsys.readouterr().err

@@ -24,10 +24,14 @@ def _cmd_inspect(args) -> int:
         # cache), as the streamed coalesce captures it
         from vcyclefx.level import level_info
 
-        src = stream_cmd.source_of(args.model, args)
-        report = inspect(src.level, level_info(src.level).example_inputs)
-        print(report.to_json() if args.json else report)
-        return 0
+        try:
+            src = stream_cmd.source_of(args.model, args)
+        except stream_cmd.InMemory:
+            src = None
+        if src is not None:
+            report = inspect(src.level, level_info(src.level).example_inputs)
+            print(report.to_json() if args.json else report)
+            return 0
     found = model_from_spec(args.model, batch=args.batch, seq=args.seq)
     if args.frontend == "fx":
         model, kwargs = found.model, {"frontend": "fx"}
@@ -77,7 +81,10 @@ def _cmd_coalesce(args) -> int:
 
     _check_output(args)
     if stream_cmd.wanted(args, args.model):
-        return stream_cmd.coalesce(args)
+        try:
+            return stream_cmd.coalesce(args)
+        except stream_cmd.InMemory:
+            pass
     found = model_from_spec(args.model, batch=args.batch, seq=args.seq)
     _progress(f"coalescing {args.model} (width={args.width}, depth={args.depth})")
     model, capture_kwargs = _model_or_level(found, args)
@@ -104,7 +111,10 @@ def _cmd_decoalesce(args) -> int:
 
     _check_output(args)
     if stream_cmd.wanted(args, args.model):
-        return stream_cmd.decoalesce(args)
+        try:
+            return stream_cmd.decoalesce(args)
+        except stream_cmd.InMemory:
+            pass
     if Path(args.model).is_dir() and (Path(args.model) / "level.json").is_file():
         level, mapping = load_level(args.model)
         example, extra = None, {}

@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from vcyclefx.errors import LevelError
+from vcyclefx.errors import CaptureError, LevelError
 from vcyclefx.capture.repeat import REPEATED
 from vcyclefx.export.stream import (Source, hf_source, interpolated, level_source, stream_weights,
                                     streamable)
@@ -75,6 +75,11 @@ def _memory_bytes() -> int:
         return 1 << 62
 
 
+class InMemory(Exception):
+    """Under ``--stream auto``: a checkpoint that fits in memory whose model cannot be captured
+    on the meta device; the command transforms it in memory instead (nothing was written)."""
+
+
 def source_of(spec: str, args) -> Source:
     from vcyclefx.capture.recipe import recipe_of
 
@@ -85,8 +90,17 @@ def source_of(spec: str, args) -> Source:
     from vcyclefx.level import level_info
 
     start = time.perf_counter()
-    src = hf_source(spec, spec, args.batch or 2, args.seq or 16, recipe_of,
-                    repeat=not getattr(args, "whole_capture", False))
+    try:
+        src = hf_source(spec, spec, args.batch or 2, args.seq or 16, recipe_of,
+                        repeat=not getattr(args, "whole_capture", False))
+    except CaptureError as e:
+        if getattr(args, "stream", "auto") != "auto" or _weight_bytes(spec) > _memory_bytes() // 4:
+            raise
+        first = str(e).splitlines()[0]
+        _progress(f"{spec}: its model could not be captured on the meta device ({first}); it "
+                  "fits in memory, so it is loaded and transformed there (--stream never does "
+                  "so from the start)")
+        raise InMemory(spec) from e
     how = next((n for n in level_info(src.level).notes if REPEATED in n), "every block traced")
     took = time.perf_counter() - start
     if src.cached:
