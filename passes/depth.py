@@ -287,8 +287,7 @@ def _check_links(cm: ChainMap, src: list[str], blocks: list[list[Node]]) -> None
         except IndexError:
             raise PlanError(f"chain {cm.container}: the mapping's link {tuple(link)} points past "
                             f"block {src[0]}'s {len(template)} nodes; the mapping was made for "
-                            "another graph of this model (a loaded level directory of a "
-                            "mixture-of-experts model: README, Limits)") from None
+                            "another graph of this model") from None
         vx, vo = x.meta.get("val"), out.meta.get("val")
         if x in mine or (isinstance(vx, torch.Tensor) != isinstance(vo, torch.Tensor)) or (
                 isinstance(vx, torch.Tensor) and vx.dim() != vo.dim()):

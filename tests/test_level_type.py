@@ -391,3 +391,40 @@ def test_quick_save_writes_the_program_torch_export_save_writes_without_its_disc
     quick = program_json(small, save_program)
     assert len(checked) == 1  # not called again
     assert quick == plain
+
+
+def test_a_loaded_moe_level_directory_decoalesces_with_its_mapping(tmp_path):
+    """Loading a level's program shares the symbolic-size arithmetic that the capture gives
+    each user its own copy of (a mixture-of-experts block's `2 * batch * seq`, one node for
+    every block); the loaded level is normalised as a capture is, so its blocks have the
+    capture's node lists and the mapping's links fit: the level directory of a coalesced
+    Mixtral decoalesces with its mapping.json as the level in memory does."""
+    import transformers
+
+    from vcyclefx.export.leveldir import load_level, save_level
+
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128, vocab_size=256, max_position_embeddings=64, num_local_experts=4,
+        num_experts_per_tok=2, use_cache=False)).eval()
+    x = (torch.randint(0, 256, (2, 16)),)
+    small, mapping = vf.coalesce(model, x, width=0.5, depth=0.5)
+    save_level(small, tmp_path / "small", mapping)
+    loaded, loaded_mapping = load_level(tmp_path / "small")
+    from collections import Counter
+
+    from vcyclefx.analysis.ownership import ownership
+
+    ops = [Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+           for gm in (loaded, small)]
+    assert ops[0] == ops[1]  # the same ops, each size computation once per user
+    blocks = [ownership(gm)[0] for gm in (loaded, small)]
+    assert [len(blocks[0][f"model.layers.{i}"]) for i in range(2)] == \
+        [len(blocks[1][f"model.layers.{i}"]) for i in range(2)]
+    want, _ = vf.decoalesce(small, mapping=mapping)
+    got, _ = vf.decoalesce(loaded, mapping=loaded_mapping)
+    assert got.state_dict().keys() == want.state_dict().keys()
+    for k, v in want.state_dict().items():
+        assert torch.equal(got.state_dict()[k], v), k
+    assert torch.equal(_out(got, x), _out(want, x))

@@ -392,7 +392,7 @@ def test_streamed_coalesce_equals_the_in_memory_one_across_families(tmp_path, cl
     for mode in ("always", "never"):
         assert main(["coalesce", str(ckpt), "-o", str(tmp_path / mode), "--stream", mode]) == 0
     _same(_weights(tmp_path / "always"), _weights(tmp_path / "never"))
-    if "moe" in cls.lower():  # a MoE level directory does not decoalesce yet (README, Limits)
+    if "moe" in cls.lower():  # a streamed MoE level does not stream back up (README, Limits)
         return
     for mode in ("always", "never"):
         assert main(["decoalesce", str(tmp_path / "always"), "-o", str(tmp_path / f"big-{mode}"),

@@ -156,14 +156,14 @@ def discard(key: str, why: str) -> None:
 
 def _read(d: Path) -> Entry:
     from vcyclefx.capture.repeat import Growth
-    from vcyclefx.export.leveldir import info_of, load_pt2, tie
+    from vcyclefx.export.leveldir import info_of, load_pt2, module_of, tie
     from vcyclefx.level import make_level
     from vcyclefx.store import load_tensors
 
     meta = json.loads((d / _ENTRY).read_text())
     if meta.get("entry_format") != FORMAT:
         raise ValueError(f"entry format {meta.get('entry_format')!r}, expected {FORMAT}")
-    gm = load_pt2(d / _LEVEL, source_class=meta["source_class"]).module()
+    gm = module_of(load_pt2(d / _LEVEL, source_class=meta["source_class"]))
     level = make_level(gm, info_of(load_tensors(d / _INPUTS), meta), training=meta["training"])
     for alias, name in meta["aliases"].items():
         tie(level, alias, name)

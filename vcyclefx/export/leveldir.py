@@ -335,10 +335,22 @@ def _import_source(source_class: str | None) -> bool:
     return True
 
 
+def module_of(ep):
+    """``ep.module()`` normalised as a capture is (``unshare_size_arithmetic``): loading a
+    program shares the symbolic-size arithmetic that the capture gave each user its own copy of
+    (a mixture-of-experts block's ``2 * batch * seq``, one node for every block), which would
+    make the blocks' node lists, and so a mapping's links into them, differ from the capture's."""
+    from vcyclefx.fx.normalize import unshare_size_arithmetic
+
+    gm = ep.module()
+    unshare_size_arithmetic(gm)
+    return gm
+
+
 def _assemble(ep, weights: dict, inputs: dict, meta: dict, where: str):
     """The Level of a loaded ExportedProgram with its weights (``load_tensors``: every name,
     tied ones sharing one tensor; the ties restored in the module) and info."""
-    gm = ep.module()
+    gm = module_of(ep)
     ties = aliases_of(weights)
     for alias, canon in ties.items():
         tie(gm, alias, canon)  # one tensor under several names, as when it was saved
@@ -431,7 +443,7 @@ def graph_of_level(directory) -> tuple[torch.fx.GraphModule, Mapping | None]:
     ``vcyclefx.export.stream`` to bind to the weights' shards."""
     d = Path(directory)
     meta = _summary_of(d)
-    gm = load_pt2(d / "level.pt2", source_class=meta.get("source_class")).module()
+    gm = module_of(load_pt2(d / "level.pt2", source_class=meta.get("source_class")))
     level = _level_of(gm, load_tensors(d / "inputs.safetensors"), meta)
     mapping = Mapping.load(d / "mapping.json") if (d / "mapping.json").is_file() else None
     return level, mapping
