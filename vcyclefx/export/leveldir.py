@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 
 from vcyclefx.errors import LevelError, brief
-from vcyclefx.fx.device import module_device, move_device_literals_
+from vcyclefx.fx.device import (literals_on, meta_as_fake_cpu, module_device,
+                                 move_device_literals_)
 from vcyclefx.level import Level, LevelInfo, level_info, make_level, owner_of
 from vcyclefx.plan.mapping import Mapping
 from vcyclefx.capture.recipe import Recipe
@@ -131,10 +132,17 @@ def _graph_program(level):
     export) whose parameters and persistent buffers are meta tensors: the weights are written
     once, to the safetensors beside it, and loading takes them from there. Non-persistent
     buffers and constants (small, and in no weights file) stay real."""
-    ep = program_of(level)
+    if any(t.is_meta for t in level.state_dict(keep_vars=True).values()):
+        # weights on the meta device (the streaming command line's), real rotary tables and
+        # constants: traced as a CPU program (fake CPU weights), its device literals the CPU's,
+        # as a level written in memory has them
+        with meta_as_fake_cpu(level), literals_on(level, torch.device("cpu")):
+            ep = program_of(level)
+    else:
+        ep = program_of(level)
     state = ep.state_dict
     for name, t in list(state.items()):
-        meta = t.detach().to("meta")
+        meta = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
         state[name] = torch.nn.Parameter(meta, t.requires_grad) \
             if isinstance(t, torch.nn.Parameter) else meta
     return ep

@@ -33,7 +33,8 @@ from tqdm import tqdm
 from vcyclefx.errors import CheckpointError
 from vcyclefx.export.record import Recorder
 from vcyclefx.export.shards import ShardReader, ShardWriter, nbytes, parse_size
-from vcyclefx.fx.device import move_device_literals_
+from vcyclefx.fx.device import (literals_for_meta_weights, meta_as_fake_cpu,
+                                 move_device_literals_)
 from vcyclefx.level import put_state
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -192,6 +193,8 @@ def _cached_level(entry, d: Path):
     from vcyclefx.capture.repeat import grow, in_model_order
     from vcyclefx.level import KEY, level_info
 
+    # the entry holds a CPU program (leveldir._graph_program) whose weights are meta tensors
+    literals_for_meta_weights(entry.level)
     info = level_info(entry.level)
     if info.recipe is not None and "_name_or_path" in info.recipe.args:
         recipe = dataclasses.replace(info.recipe, args={**info.recipe.args, "_name_or_path": str(d)})
@@ -242,7 +245,12 @@ def _captured(d: Path, spec: str, reader: ShardReader, batch: int, seq: int, rec
     kept: list = []
 
     def capture_one(m):
-        level = capture(m, hf_example(m, spec, batch, seq), copy_weights=False, recipe=recipe)
+        # traced with fake CPU weights: the branches and strides of a CPU trace (fx.device);
+        # then transformed on the meta weights, its device literals follow them
+        with meta_as_fake_cpu(m) as restore:
+            level = capture(m, hf_example(m, spec, batch, seq), copy_weights=False, recipe=recipe)
+            restore(level)
+        literals_for_meta_weights(level)
         if keep:  # serialised before the growth and the binding change anything
             kept[:] = [cache.Pending(level, dtype)]
         return level
