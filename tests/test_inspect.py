@@ -70,8 +70,8 @@ def test_inspect_program_prints_the_whole_report_and_exits_zero():
 def test_inspect_of_a_checkpoint_without_its_weights_reports_what_a_loaded_one_does(tmp_path, capsys, monkeypatch):
     """`inspect --stream always` (the default for a checkpoint larger than a quarter of memory)
     captures on the meta device as the streamed coalesce does, reading no weight: the same
-    spaces, chains, ties, parameter count and notes as inspecting the loaded model (the node
-    count may differ by the meta kernels' strides: a `contiguous` per attention); a second run
+    spaces, chains, ties, parameter count, notes and node count as inspecting the loaded model
+    (the meta-device model is traced with fake CPU weights); a second run
     reads the capture cache; a level directory gives the same report either way."""
     import transformers
 
@@ -99,7 +99,7 @@ def test_inspect_of_a_checkpoint_without_its_weights_reports_what_a_loaded_one_d
     monkeypatch.setattr(ShardReader, "get", lambda self, names: reads.append(names) or real_get(self, names))
     streamed, err = report(str(tmp_path / "llama"), "--stream", "always")
     assert reads == [] and "on the meta device" in err
-    assert loaded.pop("nodes") - streamed.pop("nodes") in range(-8, 9)
+    assert loaded.pop("nodes") == streamed.pop("nodes")  # traced as on a CPU: the same graph
     assert streamed == loaded and streamed["chains"][0]["blocks"] == 4
     again, err = report(str(tmp_path / "llama"), "--stream", "always")
     again.pop("nodes")
