@@ -3,7 +3,7 @@
 transformers (5.x) loads many checkpoints through a conversion mapping
 (``transformers.conversion_mapping``): keys are renamed (GPT-NeoX's ``embed_out`` is the model's
 ``lm_head``) and tensors converted (Mixtral's per-expert ``w1``/``w3`` are stacked and
-concatenated into one ``experts.gate_up_proj``; Qwen-MoE's, DeepSeek's and OLMoE's experts the
+concatenated into one ``experts.gate_up_proj``; Qwen3-MoE's and OLMoE's experts the
 same way). A model built on the meta device has the converted names, which no shard holds.
 
 :func:`plan` works out, from the shards' headers alone and with transformers' own rules (the
