@@ -166,26 +166,39 @@ def test_a_write_error_names_the_shard_and_tensor_and_leaves_no_output(tmp_path,
 
 def test_large_outputs_replayed_a_block_of_rows_at_a_time_equal_the_in_memory_path(tmp_path,
                                                                                     monkeypatch):
-    from vcyclefx.export import stream
-    from vcyclefx.export.record import Recorder
+    """An output whose rows come from the same rows of its inputs (the embedding's and the LM
+    head's width maps) is read, replayed and written a block of rows at a time: the writer gets
+    its blocks one by one (never the whole tensor), and the level equals the in-memory one."""
+    from vcyclefx.export import shards, stream
 
     model, _ = zoo.llama()
     ckpt = _checkpoint(tmp_path, model, "llama")
-    blocks = []
-    by_rows = Recorder.value_by_rows
+    whole, blocks = [], {}
+    write, write_rows = shards.ShardWriter.write, shards.ShardWriter.write_rows
 
-    def counted(self, t, read_rows, step):
-        blocks.append((tuple(t.shape), step))
-        return by_rows(self, t, read_rows, step)
+    def one(self, name, t):
+        whole.append(name)
+        return write(self, name, t)
 
-    monkeypatch.setattr(Recorder, "value_by_rows", counted)
+    def by_rows(self, name, parts):
+        def counted():
+            for part in parts:
+                blocks.setdefault(name, []).append(tuple(part.shape))
+                yield part
+        return write_rows(self, name, counted())
+
+    monkeypatch.setattr(shards.ShardWriter, "write", one)
+    monkeypatch.setattr(shards.ShardWriter, "write_rows", by_rows)
     monkeypatch.setattr(stream, "ROW_BLOCK_BYTES", 1000)  # a few rows of each input at a time
     out = tmp_path / "small"
     assert main(["coalesce", "--stream", "always", str(ckpt), "--width", "0.5", "--depth", "0.5",
                  "-o", str(out)]) == 0
-    # the embedding and the LM head (a width map of their columns: row i from row i); the
-    # blocks' matrices pair rows or reshape heads, so they are replayed whole
-    assert blocks == [((128, 32), 3), ((128, 32), 3)]
+    # the embedding and the LM head (a width map of their columns: row i from row i), 3 rows
+    # of 64 float32 columns a block; the blocks' matrices pair rows or reshape heads, so they
+    # are replayed whole
+    assert sorted(blocks) == ["lm_head.weight", "model.embed_tokens.weight"]
+    for name, shapes in blocks.items():
+        assert shapes == [(3, 32)] * 42 + [(2, 32)] and name not in whole
     found = model_from_spec(str(ckpt))
     want, _ = vf.coalesce(found.model, found.example, width=0.5, depth=0.5)
     _same(_weights(out), want.state_dict())

@@ -8,6 +8,8 @@ measured step minus the resident set just before it (Linux ``/proc/self/clear_re
     python tools/bench_transform.py --repeats 3          # the width pass against dense matrices
     python tools/bench_transform.py --whole --repeats 3  # `vcyclefx coalesce` against the reference
     python tools/bench_transform.py --big --repeats 3    # streaming a 2.4 GB sharded bf16 Llama
+    python tools/bench_transform.py --big --vocab 256000 --layers 4 --baseline TREE
+                                            # the same size, most of it embedding and LM head
     python tools/bench_transform.py --level-io --baseline TREE   # level directories in memory
 
 ``--big`` also runs a compute floor (``add-floor``): every tensor of the checkpoint memory-mapped
@@ -161,12 +163,17 @@ def main() -> None:
                          "the reference procedure, process against process, and its steps")
     ap.add_argument("--checkpoint", help="with --whole: a GPT-2 base Hugging Face directory "
                     "(default: one with random weights, made in a temporary directory)")
-    ap.add_argument("--baseline", metavar="TREE", help="with --whole: also run `vcyclefx "
-                    "coalesce` from this checkout (an earlier commit) in the same alternation")
+    ap.add_argument("--baseline", metavar="TREE", help="with --whole (--big): also run `vcyclefx "
+                    "coalesce` (with the capture cached) from this checkout (an earlier commit) "
+                    "in the same alternation")
     ap.add_argument("--big", action="store_true",
                     help="coalesce and decoalesce a synthetic sharded bf16 Llama (2.4 GB, made "
                          "and deleted by the benchmark) against from_pretrained and cat")
     ap.add_argument("--shard", default="300MB", help="with --big: shard size of the checkpoint")
+    ap.add_argument("--vocab", type=int, default=BIG["vocab_size"],
+                    help="with --big / --make-big: vocabulary of the synthetic Llama (256000 and "
+                         "--layers 4: a checkpoint of the same size whose embedding and LM head "
+                         "are most of it)")
     ap.add_argument("--layers", type=int, default=24, help="with --big: decoder layers of the "
                     "checkpoint (24: 2.43 GB, 40: 3.87 GB)")
     ap.add_argument("--where", default=None, help="with --big: folder for the checkpoint")
@@ -204,10 +211,11 @@ def main() -> None:
         return
     modes = [  # (given, what it runs): the first one given runs
         (args.floor, lambda: floor_process(args.floor, args.imports)),
-        (args.make_big, lambda: make_big(args.make_big, args.shard, args.layers)),
+        (args.make_big, lambda: make_big(args.make_big, args.shard, args.layers, args.vocab)),
         (args.load_only, lambda: load_only(args.load_only)),
         (args.add_floor, lambda: add_floor(args.add_floor)),
-        (args.big, lambda: big_checkpoint(args.repeats, args.shard, args.where, args.layers, args.cold)),
+        (args.big, lambda: big_checkpoint(args.repeats, args.shard, args.where, args.layers,
+                                          args.cold, args.vocab, args.baseline)),
         (args.make_checkpoint, lambda: make_checkpoint(args.make_checkpoint)),
         (args.whole, lambda: whole_process(args.checkpoint, args.repeats, args.baseline)),
         (args.load_level, lambda: load_level_child(args.load_level)),
@@ -368,7 +376,7 @@ BIG = dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=16, num_k
            intermediate_size=5632, vocab_size=32000, max_position_embeddings=2048)
 
 
-def make_big(directory: str, shard: str, layers: int = 24) -> None:
+def make_big(directory: str, shard: str, layers: int = 24, vocab: int = BIG["vocab_size"]) -> None:
     """A random bf16 Llama (BIG with ``layers`` decoder layers: 1.2B parameters and 2.4 GB at
     24, 1.9B and 3.9 GB at 40) saved in shards of ``shard``."""
     import torch
@@ -378,7 +386,8 @@ def make_big(directory: str, shard: str, layers: int = 24) -> None:
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
-        model = T.LlamaForCausalLM(T.LlamaConfig(**{**BIG, "num_hidden_layers": layers},
+        model = T.LlamaForCausalLM(T.LlamaConfig(**{**BIG, "num_hidden_layers": layers,
+                                                    "vocab_size": vocab},
                                                  use_cache=False, dtype="bfloat16"))
     finally:
         torch.set_default_dtype(old)
@@ -429,12 +438,15 @@ def evict(folder: str) -> None:
 
 
 def big_checkpoint(repeats: int, shard: str, where: str, layers: int = 24,
-                   cold: bool = False) -> None:
+                   cold: bool = False, vocab: int = BIG["vocab_size"],
+                   baseline: str | None = None) -> None:
     """coalesce 0.5/0.5 and decoalesce (back) of the synthetic checkpoint, ``from_pretrained``
     alone, ``cat`` of its files (reading it once) and ``cp`` of them to a new folder (reading and
     writing it once: the floor of decoalesce, which writes a checkpoint of that size),
     alternating; peak RSS of each child. ``cold``: every command's input is dropped from the
-    page cache before it runs (read from the disk, as a checkpoint larger than memory is)."""
+    page cache before it runs (read from the disk, as a checkpoint larger than memory is).
+    ``baseline``: another checkout of vcyclefx, whose capture-cached coalesce runs in the same
+    alternation (row ``baseline-cached``)."""
     import shutil
     import tempfile
 
@@ -442,7 +454,7 @@ def big_checkpoint(repeats: int, shard: str, where: str, layers: int = 24,
     try:
         ckpt = os.path.join(work, "llama")
         subprocess.run([sys.executable, __file__, "--make-big", ckpt, "--shard", shard,
-                        "--layers", str(layers)], check=True)
+                        "--layers", str(layers), "--vocab", str(vocab)], check=True)
         files = sorted(os.path.join(ckpt, f) for f in os.listdir(ckpt) if f.endswith(".safetensors"))
         size = sum(os.path.getsize(f) for f in files)
         vcyclefx = [sys.executable, "-c", "from vcyclefx.cli import entry; entry()"]
@@ -473,18 +485,25 @@ def big_checkpoint(repeats: int, shard: str, where: str, layers: int = 24,
                 "decoalesce": [*vcyclefx, "decoalesce", small, "-o", os.path.join(work, "big"),
                                "--max-shard-size", shard, "--force", "--stream", "always"]}
         warm = _cached(os.path.join(work, "warm-cache"))
-        subprocess.run(cmds["coalesce-cached"], check=True, env=warm, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL)
+        envs = {"coalesce-cached": warm}
+        if baseline:
+            cached = cmds["coalesce-cached"]
+            at = cached.index("-o") + 1
+            cmds["baseline-cached"] = [*cached[:at], small + "-base", *cached[at + 1:]]
+            envs["baseline-cached"] = {**_cached(os.path.join(work, "warm-base")),
+                                       "PYTHONPATH": os.path.abspath(baseline)}
+        for what, env in envs.items():
+            subprocess.run(cmds[what], check=True, env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
         runs: dict[str, list[tuple[float, int]]] = {w: [] for w in cmds}
         streaming: dict[str, list[tuple[float, float]]] = {
             "add-floor": [], "coalesce": [], "coalesce-whole": [], "coalesce-cached": [],
-            "decoalesce": []}
+            "decoalesce": [], **({"baseline-cached": []} if baseline else {})}
         for r in range(repeats):
             for what, cmd in cmds.items():
                 if cold:
                     evict(small if what == "decoalesce" else ckpt)
-                _measure(runs, what, cmd, work, r, repeats,
-                         warm if what == "coalesce-cached" else None)
+                _measure(runs, what, cmd, work, r, repeats, envs.get(what))
                 if what in streaming:
                     streaming[what].append(_streamed_seconds())
             shutil.rmtree(os.path.join(work, "big"), ignore_errors=True)

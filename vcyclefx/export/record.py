@@ -193,7 +193,7 @@ class Recorder(TorchDispatchMode):
         """Whether row ``i`` of output ``t`` is computed from row ``i`` of each checkpoint tensor
         it reads and nothing else: every op of its DAG is elementwise or slices / concatenates
         along a dimension other than the first (a width map of an embedding, a depth mean). Such
-        an output can be replayed a block of rows at a time (:meth:`value_by_rows`), with the
+        an output can be replayed a block of rows at a time (:meth:`rows_of`), with the
         same values: an elementwise op computes each element alone."""
         for i in self._closure(t):
             func, flat, spec, _, refs = self.ops[i]
@@ -207,21 +207,18 @@ class Recorder(TorchDispatchMode):
                 return False
         return True
 
-    def value_by_rows(self, t: torch.Tensor, read_rows, step: int) -> torch.Tensor:
-        """:meth:`value` of a :meth:`rowwise` output, ``step`` rows at a time:
-        ``read_rows(names, begin, end)`` gives those rows of the checkpoint tensors. Holds the
-        output and one block of its inputs, not the whole inputs."""
+    def rows_of(self, t: torch.Tensor, read_rows, step: int):
+        """:meth:`value` of a :meth:`rowwise` output, ``step`` rows at a time, each block yielded
+        as it is made: ``read_rows(names, begin, end)`` gives those rows of the checkpoint
+        tensors. Holds one block of the inputs and of the output, never the whole of either."""
         n = t.shape[0]
-        out = torch.empty(t.shape, dtype=t.dtype)
         for begin in range(0, n, step):
             end = min(n, begin + step)
             part = self.value(t, lambda names, b=begin, e=end: read_rows(names, b, e))
             if tuple(part.shape) != (end - begin, *t.shape[1:]):
                 raise CheckpointError(f"rows {begin}:{end} of a {list(t.shape)} tensor replayed "
                                       f"as {list(part.shape)} (a bug in vcyclefx)")
-            out[begin:end].copy_(part)
-            del part
-        return out
+            yield part
 
     @staticmethod
     def _dies_here(x: _Ref, i: int, last: dict) -> bool:

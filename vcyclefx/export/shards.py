@@ -432,13 +432,47 @@ class ShardWriter:
         self._wait()
         self._pending = self._pool.submit(self._put, i, name, data)
 
-    def _put(self, i: int, name: str, data: torch.Tensor) -> None:
+    def write_rows(self, name: str, blocks) -> None:
+        """Append tensor ``name`` (the next one in the layout) from ``blocks``, consecutive
+        blocks of its rows (along the first dimension), each written as it comes: the tensor is
+        never held whole (with ``background=True``, one block is written while the next is
+        made)."""
+        i, j = self.where[name]
+        _, dtype, shape, n = self.shards[i][j]
+        path = self.directory / self.files[i]
+        expected = sum(len(s) for s in self.shards[:i]) + j
+        if expected != self._written:
+            raise CheckpointError(f"{path}: tensor {name} written out of order (a bug in vcyclefx)")
+        self._written += 1
+        rows = 0
+        for block in blocks:
+            if block.dtype != dtype or tuple(block.shape[1:]) != shape[1:] or \
+                    rows + block.shape[0] > shape[0]:
+                raise CheckpointError(f"{path}: rows {rows}: of tensor {name} ({dtype} "
+                                      f"{list(shape)}) came as {block.dtype} "
+                                      f"{list(block.shape)} (a bug in vcyclefx)")
+            rows += block.shape[0]
+            data = block.detach().contiguous().cpu()
+            if self._pool is None:
+                self._put(i, name, data, last=rows == shape[0])
+                continue
+            self._wait()
+            self._pending = self._pool.submit(self._put, i, name, data, rows == shape[0])
+        if rows != shape[0]:
+            raise CheckpointError(f"{path}: tensor {name} ended after {rows} of its {shape[0]} "
+                                  "rows (a bug in vcyclefx)")
+
+    def _put(self, i: int, name: str, data: torch.Tensor, last: bool = True) -> None:
+        """Write ``data``, tensor ``name`` or (``last`` False) a block of its rows that more
+        follow."""
         path = self.directory / self.files[i]
         try:
             if self._shard != i:
                 self._open(i)
             if data.numel():
                 self._f.write(data.view(torch.uint8).reshape(-1).numpy().data)
+            if not last:
+                return
             self._pos += 1
             if self._pos == len(self.shards[i]):
                 self._close()

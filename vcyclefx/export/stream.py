@@ -14,8 +14,9 @@ For a Hugging Face directory of safetensors (one file or shards with
    (:class:`~vcyclefx.export.shards.ShardWriter`), each output tensor replayed from the few
    input tensors it needs, read memory-mapped (:class:`~vcyclefx.export.shards.ShardReader`);
    an output whose rows come from the same rows of its inputs (the width map of an embedding or
-   LM head, the largest tensors) is replayed a block of rows at a time, so no input is held
-   whole; a worker thread writes each tensor while the next one is made.
+   LM head, the largest tensors) is replayed and written a block of rows at a time, so neither
+   its inputs nor itself is held whole; a worker thread writes each tensor (or block) while the
+   next one is made.
 
 Nothing holds the whole input or the whole output. Results are bit-identical to the in-memory
 path (the same ops run on the same values). The output directory is written atomically.
@@ -325,7 +326,10 @@ def stream_weights(level, recorder, reader: ShardReader, max_shard_size, produce
                     value = _replay(recorder, t, reader, load)
                 else:
                     value = t
-                writer.write(name, value.detach())
+                if isinstance(value, torch.Tensor):
+                    writer.write(name, value.detach())
+                else:  # blocks of rows, each written as it is made
+                    writer.write_rows(name, value)
                 del value  # the writer's thread holds it until written, no longer
             writer.finish(aliases)
         finally:
@@ -350,10 +354,11 @@ CACHED = 0.9  # ... unless this much of the checkpoint is in the page cache alre
 ROW_BLOCK_BYTES = 16 << 20  # a large row-wise output reads this much of its inputs at a time
 
 
-def _replay(recorder, t: torch.Tensor, reader: ShardReader, load) -> torch.Tensor:
-    """Output ``t`` replayed; one whose inputs exceed :data:`ROW_BLOCK_BYTES` and whose rows are
-    made from the same rows of its inputs (an embedding's width map) a block of rows at a time,
-    so that its inputs (the largest tensors of a language model) are never held whole."""
+def _replay(recorder, t: torch.Tensor, reader: ShardReader, load):
+    """Output ``t`` replayed: a tensor, or, for one whose inputs exceed :data:`ROW_BLOCK_BYTES`
+    and whose rows are made from the same rows of its inputs (an embedding's width map), an
+    iterator of blocks of its rows, made as they are written, so that neither its inputs nor
+    itself (the largest tensors of a language model) are ever held whole."""
     names = recorder.leaves_of(t)
     entries = [reader.entries.get(n) for n in names]
     if t.dim() == 0 or not names or any(e is None or len(e.shape) != t.dim() or
@@ -368,7 +373,7 @@ def _replay(recorder, t: torch.Tensor, reader: ShardReader, load) -> torch.Tenso
         load.bytes += sum(_bytes(x) for x in got.values())
         return got
 
-    return recorder.value_by_rows(t, rows, max(1, ROW_BLOCK_BYTES // max(per_row, 1)))
+    return recorder.rows_of(t, rows, max(1, ROW_BLOCK_BYTES // max(per_row, 1)))
 
 
 def interpolated(a: Source, b: Source, alpha: float):
