@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 
 from vcyclefx.errors import VCycleError
 from vcyclefx.plan.choices import DEPTH_INITS, DEPTH_PAIRINGS, WIDTH_PAIRINGS
-from vcyclefx.train.vcycle import recommended_fractions
 
 SCHEDULES = ("vcycle", "baseline", "compare")
 LR_SCHEDULES = ("global", "stage", "wsd")
@@ -249,6 +248,10 @@ class TrainConfig:
     def vcycle_fractions(self, params: int | None = None) -> list[float]:
         """``--fractions``, else the recommended shape for the regime: level 0's ``params`` and
         ``--steps`` give the tokens per parameter (``vcyclefx.train.vcycle.recommended_fractions``)."""
+        # imported here: every `vcyclefx` command builds the train parser from this module,
+        # and the V-cycle's module imports the passes and torch's FLOP counter (0.1-0.2 s)
+        from vcyclefx.train.vcycle import recommended_fractions
+
         return list(self.fractions) or recommended_fractions(self.levels,
                                                              self.tokens_per_param(params))
 
