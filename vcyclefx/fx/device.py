@@ -127,8 +127,6 @@ def meta_as_fake_cpu(module: torch.nn.Module):
     ``module`` gets them back on exit."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from vcyclefx.level import put_state
-
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fakes: dict[int, torch.Tensor] = {}  # id(original) -> its fake
     originals: dict[int, torch.Tensor] = {}  # id(fake data) -> original
@@ -150,10 +148,15 @@ def meta_as_fake_cpu(module: torch.nn.Module):
                 table[leaf] = fakes[id(t)]
 
     def restore(gm: torch.nn.Module) -> None:
-        for name, t in gm.state_dict(keep_vars=True).items():
-            original = originals.get(_storage(t))
-            if original is not None:
-                put_state(gm, name, original)
+        for mod in gm.modules():
+            for table, param in ((mod._parameters, True), (mod._buffers, False)):
+                for leaf, t in table.items():
+                    original = originals.get(_storage(t)) if t is not None else None
+                    if original is None:
+                        continue
+                    if param and not isinstance(original, torch.nn.Parameter):
+                        original = torch.nn.Parameter(original, requires_grad=False)
+                    table[leaf] = original
 
     try:
         yield restore
