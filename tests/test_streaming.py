@@ -350,7 +350,7 @@ def test_a_checkpoint_transformers_converts_as_it_loads_streams_what_from_pretra
 def test_auto_transforms_in_memory_a_checkpoint_whose_model_cannot_be_captured_on_meta(
         tmp_path, capsys, monkeypatch):
     """`--stream auto` on a sharded checkpoint that fits in memory, whose model fails to capture
-    on the meta device (a class that moves a real buffer in its forward): the command says so
+    on the meta device (injected here: GPT-J, which failed so once, now streams): the command says so
     and transforms it in memory, writing what `--stream never` writes; `--stream always` stops
     with the capture error and writes nothing."""
     from vcyclefx.errors import CaptureError
