@@ -30,12 +30,15 @@ def wanted(args, *dirs) -> bool:
     if mode == "auto" and not any(sharded(d) for d in dirs) and \
             sum(_weight_bytes(d) for d in dirs) <= _memory_bytes() // 4:
         return False
+    return True
+
+
+def _say_check_skipped(args, dirs) -> None:
+    """Say that streaming skips the self-check, where the in-memory path would have run it: it
+    runs on float32 levels only (a bf16 checkpoint is not checked in memory either)."""
     if getattr(args, "check", False) and any(_holds_float32(d) for d in dirs):
-        # the self-check runs on float32 levels only: a bf16 checkpoint is not checked in
-        # memory either, so nothing is skipped there
         _progress("streaming: the self-check is skipped (it needs the weights in memory; "
                   "--stream never transforms in memory and checks)")
-    return True
 
 
 def sharded(directory) -> bool:
@@ -166,6 +169,7 @@ def _save(level, mapping, src_dirs, args, recorder, reader, extra, produce=None)
     from vcyclefx.export.stream import materialize_extras
 
     _check_hf(level, args)
+    _say_check_skipped(args, src_dirs)
     _reuse_freed_memory()
     materialize_extras(level, recorder, reader.get)
     card = {"source_dir": src_dirs[0], **extra}
