@@ -415,35 +415,18 @@ class ShardWriter:
     def write(self, name: str, t: torch.Tensor) -> None:
         """Append tensor ``name`` (the next one in the layout) to its shard; a shard is closed
         and flushed to disk when its last tensor is written."""
-        i, j = self.where[name]
-        _, dtype, shape, n = self.shards[i][j]
-        path = self.directory / self.files[i]
+        i, dtype, shape, path = self._next(name)
         if t.dtype != dtype or tuple(t.shape) != shape:
             raise CheckpointError(f"{path}: tensor {name} was laid out as {dtype} {list(shape)} "
                                   f"but is {t.dtype} {list(t.shape)} (a bug in vcyclefx)")
-        expected = sum(len(s) for s in self.shards[:i]) + j
-        if expected != self._written:
-            raise CheckpointError(f"{path}: tensor {name} written out of order (a bug in vcyclefx)")
-        self._written += 1
-        data = t.detach().contiguous().cpu()
-        if self._pool is None:
-            self._put(i, name, data)
-            return
-        self._wait()
-        self._pending = self._pool.submit(self._put, i, name, data)
+        self._send(i, name, t, last=True)
 
     def write_rows(self, name: str, blocks) -> None:
         """Append tensor ``name`` (the next one in the layout) from ``blocks``, consecutive
         blocks of its rows (along the first dimension), each written as it comes: the tensor is
         never held whole (with ``background=True``, one block is written while the next is
         made)."""
-        i, j = self.where[name]
-        _, dtype, shape, n = self.shards[i][j]
-        path = self.directory / self.files[i]
-        expected = sum(len(s) for s in self.shards[:i]) + j
-        if expected != self._written:
-            raise CheckpointError(f"{path}: tensor {name} written out of order (a bug in vcyclefx)")
-        self._written += 1
+        i, dtype, shape, path = self._next(name)
         rows = 0
         for block in blocks:
             if block.dtype != dtype or tuple(block.shape[1:]) != shape[1:] or \
@@ -452,15 +435,31 @@ class ShardWriter:
                                       f"{list(shape)}) came as {block.dtype} "
                                       f"{list(block.shape)} (a bug in vcyclefx)")
             rows += block.shape[0]
-            data = block.detach().contiguous().cpu()
-            if self._pool is None:
-                self._put(i, name, data, last=rows == shape[0])
-                continue
-            self._wait()
-            self._pending = self._pool.submit(self._put, i, name, data, rows == shape[0])
+            self._send(i, name, block, last=rows == shape[0])
         if rows != shape[0]:
             raise CheckpointError(f"{path}: tensor {name} ended after {rows} of its {shape[0]} "
                                   "rows (a bug in vcyclefx)")
+
+    def _next(self, name: str) -> tuple:
+        """(shard, dtype, shape, shard path) of tensor ``name``, checked to be the next one in
+        the layout, and counted as written."""
+        i, j = self.where[name]
+        _, dtype, shape, _ = self.shards[i][j]
+        path = self.directory / self.files[i]
+        if sum(len(s) for s in self.shards[:i]) + j != self._written:
+            raise CheckpointError(f"{path}: tensor {name} written out of order (a bug in vcyclefx)")
+        self._written += 1
+        return i, dtype, shape, path
+
+    def _send(self, i: int, name: str, t: torch.Tensor, last: bool) -> None:
+        """Write ``t`` (tensor ``name``, or a block of its rows), by the worker thread where
+        there is one (after the write before it, whose error it raises)."""
+        data = t.detach().contiguous().cpu()
+        if self._pool is None:
+            self._put(i, name, data, last)
+            return
+        self._wait()
+        self._pending = self._pool.submit(self._put, i, name, data, last)
 
     def _put(self, i: int, name: str, data: torch.Tensor, last: bool = True) -> None:
         """Write ``data``, tensor ``name`` or (``last`` False) a block of its rows that more

@@ -33,10 +33,14 @@ def wanted(args, *dirs) -> bool:
     return True
 
 
-def _say_check_skipped(args, dirs) -> None:
-    """Say that streaming skips the self-check, where the in-memory path would have run it: it
-    runs on float32 levels only (a bf16 checkpoint is not checked in memory either)."""
-    if getattr(args, "check", False) and any(_holds_float32(d) for d in dirs):
+def _say_check_skipped(args, reader) -> None:
+    """Say that streaming skips the self-check, where the in-memory path would have run it: on
+    float32 levels only (from the source's headers; a bf16 checkpoint is not checked in memory
+    either)."""
+    import torch
+
+    floats = [e.dtype for e in reader.entries.values() if e.dtype.is_floating_point]
+    if getattr(args, "check", False) and floats and all(d == torch.float32 for d in floats):
         _progress("streaming: the self-check is skipped (it needs the weights in memory; "
                   "--stream never transforms in memory and checks)")
 
@@ -45,24 +49,6 @@ def sharded(directory) -> bool:
     """A Hugging Face directory or a level directory whose weights are sharded (an index)."""
     d = Path(directory)
     return any((d / f"{stem}.safetensors.index.json").is_file() for stem in ("model", "weights"))
-
-
-def _holds_float32(directory) -> bool:
-    """The checkpoint's floating-point tensors are float32, the levels the self-check runs on
-    (from the shards' headers; True where they cannot be read: the command's own read then names
-    the file)."""
-    import torch
-
-    from vcyclefx.errors import CheckpointError
-    from vcyclefx.export.shards import ShardReader
-
-    d = Path(directory)
-    try:
-        reader = ShardReader(d, "weights" if (d / "level.json").is_file() else "model")
-    except CheckpointError:
-        return True
-    floats = [e.dtype for e in reader.entries.values() if e.dtype.is_floating_point]
-    return bool(floats) and all(dtype == torch.float32 for dtype in floats)
 
 
 def _weight_bytes(directory) -> int:
@@ -169,7 +155,7 @@ def _save(level, mapping, src_dirs, args, recorder, reader, extra, produce=None)
     from vcyclefx.export.stream import materialize_extras
 
     _check_hf(level, args)
-    _say_check_skipped(args, src_dirs)
+    _say_check_skipped(args, reader)
     _reuse_freed_memory()
     materialize_extras(level, recorder, reader.get)
     card = {"source_dir": src_dirs[0], **extra}

@@ -24,26 +24,38 @@ def _device_args(target) -> list[str]:
     return [a.name for a in schema.arguments if "Device" in str(a.type)]
 
 
+def _literals(gm: GraphModule):
+    """(graph module, node, argument name, device) of every device literal of ``gm`` and of its
+    higher-order-op bodies."""
+    for g in gm.modules():
+        if not isinstance(g, GraphModule):
+            continue
+        for node in g.graph.nodes:
+            if node.op != "call_function":
+                continue
+            for name in _device_args(node.target):
+                value = get_arg(node, name, None)
+                if value is not None:
+                    yield g, node, name, value
+
+
+def _set_literals(changes) -> None:
+    """Set each ``(graph module, node, argument name, device)``, then recompile what changed."""
+    touched = {}
+    for g, node, name, value in changes:
+        set_arg(node, name, value)
+        touched[id(g)] = g
+    for g in touched.values():
+        g.recompile()
+
+
 def move_device_literals_(gm: GraphModule, device: torch.device) -> bool:
     """Rewrite every device literal of ``gm`` (and its higher-order-op bodies) to ``device``;
     returns whether anything changed. In place: it is what ``level.to(...)`` calls."""
-    changed = False
-    for node in gm.graph.nodes:
-        if node.op != "call_function":
-            continue
-        for name in _device_args(node.target):
-            value = get_arg(node, name, None)
-            if value is None:
-                continue
-            if torch.device(value) != device:
-                set_arg(node, name, device)
-                changed = True
-    for sub in gm.children():
-        if isinstance(sub, GraphModule) and move_device_literals_(sub, device):
-            sub.recompile()
-    if changed:
-        gm.recompile()
-    return changed
+    moves = [(g, node, name, device) for g, node, name, value in _literals(gm)
+             if torch.device(value) != device]
+    _set_literals(moves)
+    return bool(moves)
 
 
 def literals_for_meta_weights(gm: GraphModule) -> None:
@@ -87,26 +99,12 @@ def literals_for_meta_weights(gm: GraphModule) -> None:
 def literals_on(gm: GraphModule, device: torch.device):
     """``gm``'s device literals (and its higher-order-op bodies') on ``device`` inside the
     block, each put back as it was on exit."""
-    changed = []
-    for g in [gm, *(m for m in gm.modules() if m is not gm and isinstance(m, GraphModule))]:
-        for node in g.graph.nodes:
-            if node.op != "call_function":
-                continue
-            for name in _device_args(node.target):
-                value = get_arg(node, name, None)
-                if value is not None and torch.device(value) != device:
-                    changed.append((g, node, name, value))
-                    set_arg(node, name, device)
-    touched = {id(g): g for g, *_ in changed}
-    for g in touched.values():
-        g.recompile()
+    before = [x for x in _literals(gm) if torch.device(x[3]) != device]
+    _set_literals((g, node, name, device) for g, node, name, _ in before)
     try:
         yield
     finally:
-        for g, node, name, value in changed:
-            set_arg(node, name, value)
-        for g in touched.values():
-            g.recompile()
+        _set_literals(before)
 
 
 def module_device(gm: torch.nn.Module) -> torch.device | None:
