@@ -298,6 +298,51 @@ def test_auto_streams_a_sharded_checkpoint_and_transforms_a_small_single_file_in
     _same(_weights(tmp_path / "level"), _weights(out))
 
 
+def test_auto_counts_what_a_command_writes_so_growing_a_small_level_streams(tmp_path, capsys,
+                                                                           monkeypatch):
+    """Under `--stream auto` a decoalesce of a small single-file level whose full-size result
+    would not fit in a quarter of memory streams (it used to be judged by its input alone and
+    made the whole full-size model in memory); a coalesce of the same level, which writes less
+    than it reads, is still transformed in memory. The estimate of what a decoalesce writes is
+    the mapping's large shapes: the written weights' size, but for the files' headers."""
+    from vcyclefx.cli import build_parser
+    from vcyclefx.export import stream_cmd
+
+    model, _ = zoo.llama()
+    ckpt = _checkpoint(tmp_path, model, "one", shard="1GB")
+    level = tmp_path / "level"
+    assert main(["coalesce", str(ckpt), "-o", str(level), "--stream", "never"]) == 0
+    size = stream_cmd._weight_bytes(level)
+    assert not stream_cmd.sharded(level)
+    monkeypatch.setattr(stream_cmd, "_memory_bytes", lambda: 4 * 2 * size)  # a quarter: 2x it
+
+    def run(*argv) -> str:
+        capsys.readouterr()
+        assert main([*argv]) == 0
+        return capsys.readouterr().err
+
+    assert "streaming its weights" in run("decoalesce", str(level), "-o", str(tmp_path / "back"))
+    assert "streaming its weights" not in run("coalesce", str(level), "-o", str(tmp_path / "less"),
+                                             "--depth", "1")
+    # the streamed result is the in-memory one
+    assert "streaming its weights" not in run("decoalesce", str(level), "-o",
+                                             str(tmp_path / "back-mem"), "--stream", "never")
+    _same(_weights(tmp_path / "back"), _weights(tmp_path / "back-mem"))
+    # the estimate: exact for a decoalesce with the mapping, an upper bound for a growth
+    args = build_parser().parse_args(["decoalesce", str(level), "-o", "x"])
+    written = stream_cmd._weight_bytes(tmp_path / "back")
+    assert written > 4 * size
+    # (file sizes, so the safetensors headers, 1.4% of this tiny model's files, make the error)
+    assert abs(stream_cmd._written_bytes(args, level) - written) < 0.03 * written
+    grow = build_parser().parse_args(["decoalesce", str(ckpt), "-o", "x", "--width", "2",
+                                      "--depth", "2"])
+    assert main(["decoalesce", str(ckpt), "-o", str(tmp_path / "grown"), "--width", "2",
+                 "--depth", "2"]) == 0
+    grown = stream_cmd._weight_bytes(tmp_path / "grown")
+    assert grown > 3 * stream_cmd._weight_bytes(ckpt)
+    assert stream_cmd._written_bytes(grow, ckpt) >= grown
+
+
 _CONVERTED = {  # checkpoints that transformers renames or converts as it loads them
     "gpt_neox": ("GPTNeoXForCausalLM", "GPTNeoXConfig", dict(
         hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,

@@ -254,7 +254,8 @@ def _out_args(p) -> None:
     p.add_argument("--stream", choices=["auto", "always", "never"], default="auto",
                    help="stream a Hugging Face safetensors directory or a level directory tensor "
                         "by tensor instead of loading it (auto, the default: when it is sharded "
-                        "or its weights exceed a quarter of this machine's memory). Streaming "
+                        "or the weights read and written exceed a quarter of this machine's "
+                        "memory). Streaming "
                         "skips the self-check, which needs the weights in memory")
     p.add_argument("--whole-capture", action="store_true",
                    help="for a Hugging Face directory, trace every block (by default, where "

@@ -20,17 +20,57 @@ def _progress(msg: str) -> None:
 def wanted(args, *dirs) -> bool:
     """Whether the command streams: every input is a streamable directory, the plan does not
     read weight values, and ``--stream`` says so (``auto``: an input is sharded, as released
-    checkpoints of several GB are, or the weights exceed a quarter of the machine's memory, where
-    loading them whole is what streaming avoids; a smaller single-file checkpoint is transformed
-    in memory, with the self-check)."""
+    checkpoints of several GB are, or the weights it reads and writes exceed a quarter of the
+    machine's memory, where holding them whole is what streaming avoids; a smaller single-file
+    checkpoint is transformed in memory, with the self-check). What a command writes counts: a
+    ``decoalesce`` of a small level writes the full-size model."""
     mode = getattr(args, "stream", "auto")
     if mode == "never" or not all(streamable(d) for d in dirs) or \
             getattr(args, "pairing", None) == "similarity":
         return False
-    if mode == "auto" and not any(sharded(d) for d in dirs) and \
-            sum(_weight_bytes(d) for d in dirs) <= _memory_bytes() // 4:
+    if mode == "auto" and not any(sharded(d) for d in dirs) and _fits(args, *dirs):
         return False
     return True
+
+
+def _fits(args, *dirs) -> bool:
+    """The weights the command reads (``dirs``) and those it writes fit in a quarter of the
+    machine's memory."""
+    read = sum(_weight_bytes(d) for d in dirs)
+    return read + _written_bytes(args, dirs[0]) <= _memory_bytes() // 4
+
+
+def _written_bytes(args, directory) -> int:
+    """An upper bound on the bytes of weights the command writes, from the input's size: a
+    coalesce shrinks every tensor by at most its width factor (a matrix by its square, a chain by
+    its depth factor), a growth grows them by at most width² × depth; a decoalesce with the
+    level's ``mapping.json`` writes the mapping's large shapes (in the input's dtype)."""
+    command = getattr(args, "command", None)
+    size = _weight_bytes(directory)
+    if command in ("coalesce", "interpolate"):
+        return int(size * min(1.0, getattr(args, "width", None) or 1.0))
+    if command != "decoalesce":
+        return 0  # inspect writes no weights
+    width, depth = getattr(args, "width", None), getattr(args, "depth", None)
+    if width is not None or depth is not None:
+        return int(size * max(1.0, width or 1.0) ** 2 * max(1.0, depth or 1.0))
+    ratio = _mapping_growth(Path(directory) / "mapping.json")
+    return int(size * ratio)
+
+
+def _mapping_growth(path: Path) -> float:
+    """The elements of a mapping's large shapes over those of its small ones (1 where the file is
+    missing or unreadable: the command reports that itself)."""
+    import json
+    import math
+
+    try:
+        spec = json.loads(path.read_text())
+        large = sum(math.prod(s) for s in spec["large_shapes"].values())
+        small = sum(math.prod(s) for s in spec["small_shapes"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return 1.0
+    return max(1.0, large / small) if small else 1.0
 
 
 def _say_check_skipped(args, reader) -> None:
@@ -83,7 +123,7 @@ def source_of(spec: str, args) -> Source:
         src = hf_source(spec, spec, args.batch or 2, args.seq or 16, recipe_of,
                         repeat=not getattr(args, "whole_capture", False))
     except CaptureError as e:
-        if getattr(args, "stream", "auto") != "auto" or _weight_bytes(spec) > _memory_bytes() // 4:
+        if getattr(args, "stream", "auto") != "auto" or not _fits(args, spec):
             raise
         first = str(e).splitlines()[0]
         _progress(f"{spec}: its model could not be captured on the meta device ({first}); it "
