@@ -17,7 +17,7 @@ from pathlib import Path
 
 from vcyclefx.capture.recipe import HF, Recipe
 from vcyclefx.errors import LevelError
-from vcyclefx.export.module import solve
+from vcyclefx.export.module import hold_state, solve
 from vcyclefx.store import load_tensors, save_tensors
 
 FORMAT = "vcyclefx.module"
@@ -29,7 +29,7 @@ def module_writer(level, fmt: str, *, source=None, card: dict | None = None,
     that writes the files of ``fmt`` into a directory. For ``hf``: the weights in the level's
     dtype, sharded at ``max_shard_size``; the tokenizer and generation files of the Hugging Face
     directory ``source`` where it has them; a README model card from ``card`` (what made it)."""
-    recipe, overrides, module, err = solve(level)
+    recipe, overrides, module, err = solve(level, own=False)
     module.train(level.training)
     if fmt == "hf":
         if recipe.kind != HF:
@@ -38,8 +38,9 @@ def module_writer(level, fmt: str, *, source=None, card: dict | None = None,
         dtype = _dtype_of(level)
 
         def write_hf(tmp: Path) -> None:
-            out = module.to(dtype) if dtype is not None else module
-            out.save_pretrained(str(tmp), safe_serialization=True, max_shard_size=max_shard_size)
+            if dtype is not None:  # the level's own tensors, in its dtype (not a cast copy)
+                hold_state(module, level.state_dict())
+            module.save_pretrained(str(tmp), safe_serialization=True, max_shard_size=max_shard_size)
             _copy_hf_files(source, tmp)
             (tmp / "README.md").write_text(model_card(recipe, overrides, card or {}))
 

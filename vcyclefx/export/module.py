@@ -220,13 +220,50 @@ def _why(e: Exception) -> str:
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
-def _verify(recipe: Recipe, overrides: dict, level, state, info, reference=None):
-    """(the module built with ``overrides`` and the level's weights, its relative error on the
-    level's example inputs, why it does not fit: None when it ran). ``reference``: the level's
-    own output on them, where the caller has it."""
+def _built_with(recipe: Recipe, overrides: dict, state: dict) -> nn.Module:
+    """The class built with ``overrides`` holding the tensors of ``state`` (not copies): built
+    with its parameters on the meta device (no memory, no random initialisation; its
+    non-persistent buffers, such as rotary frequencies, are computed as usual), then given
+    ``state``'s tensors (:func:`hold_state`). A class that cannot be built so is built whole and
+    ``state`` copied into it."""
+    from vcyclefx.capture.repeat import params_on_meta
+
     try:
+        with params_on_meta(torch.get_default_dtype()):
+            module = recipe.build(overrides)
+    except Exception:  # noqa: BLE001 - a class whose __init__ needs real parameters
         module = recipe.build(overrides)
         module.load_state_dict(state, strict=True)
+        return module
+    hold_state(module, state)
+    return module
+
+
+def hold_state(module: nn.Module, state: dict, copy: bool = False) -> None:
+    """Make ``state``'s tensors ``module``'s parameters and buffers (``load_state_dict`` with
+    ``strict=True, assign=True``), or copies of them (``copy``); names the class ties (a language
+    model's head and its embedding) stay one parameter."""
+    from vcyclefx.level import put_state
+
+    groups: dict[int, list[str]] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    tied = [names for names in groups.values() if len(names) > 1]
+    if copy:
+        later = {n for names in tied for n in names[1:]}  # made the first of their group below
+        state = {n: t if n in later else t.detach().clone() for n, t in state.items()}
+    module.load_state_dict(state, strict=True, assign=True)
+    for first, *rest in tied:
+        for name in rest:
+            put_state(module, name, module.get_parameter(first))
+
+
+def _verify(recipe: Recipe, overrides: dict, level, state, info, reference=None):
+    """(the module built with ``overrides`` holding ``state``'s tensors, its relative error on
+    the level's example inputs, why it does not fit: None when it ran). ``reference``: the
+    level's own output on them, where the caller has it."""
+    try:
+        module = _built_with(recipe, overrides, state)
     except Exception as e:  # noqa: BLE001 - a configuration the weights do not fit
         return None, float("inf"), f"building or loading it fails ({_why(e)})"
     module.eval()
@@ -278,8 +315,12 @@ def _float32_literals(gm) -> None:
     gm.recompile()
 
 
-def solve(level) -> tuple[Recipe, dict, nn.Module, float]:
-    """(recipe, field overrides, a verified module with the level's weights, its error)."""
+def solve(level, own: bool = True) -> tuple[Recipe, dict, nn.Module, float]:
+    """(recipe, field overrides, a verified module with the level's weights, its error). The
+    module computes in float32: it holds the level's float32 weights, or float32 copies of
+    low-precision ones; ``own``: never the level's own tensors (copies where the level is float32
+    already). Verifying costs one float32 copy of a bf16/float16 level, and nothing for a float32
+    one: the candidates are built with meta parameters and given the weights, not copies."""
     info = level_info(level)
     recipe = info.recipe if info is not None else None
     if recipe is None:
@@ -303,10 +344,10 @@ def solve(level) -> tuple[Recipe, dict, nn.Module, float]:
     if not exact:
         raise LevelError(_no_config_message(level, recipe, builder.shapes(closest), target,
                                             closest))
-    state = level.state_dict()
     was_training = level.training
     level.eval()
     checked = float32_level(level)  # the level itself, or its float32 copy (in eval mode too)
+    state = checked.state_dict()
     module, err, overrides, tried = None, float("inf"), exact[0], []
     try:
         with torch.no_grad():
@@ -333,6 +374,8 @@ def solve(level) -> tuple[Recipe, dict, nn.Module, float]:
             f"{_fmt(best[0])} every tensor has the level's shape but {differ}; a size the level "
             "changed (e.g. uneven groups, a head count with a different head size, or a size "
             "written as a constant in the class's forward) is not a field of the recipe")
+    if own and checked is level and module is not None:
+        hold_state(module, level.state_dict(), copy=True)
     return recipe, overrides, module, err
 
 
@@ -401,7 +444,7 @@ def to_module(level, *, share: bool = False) -> nn.Module:
     to compute the level's function (float32 relative error <= 1e-6 on the level's example
     inputs). With ``share=True`` the module holds the level's own tensors (training one trains
     the other); by default it holds copies."""
-    _, _, module, _ = solve(level)
+    _, _, module, _ = solve(level, own=not share)
     if share:
         module.load_state_dict(level.state_dict(keep_vars=True), strict=True, assign=True)
     module.train(level.training)
@@ -419,7 +462,7 @@ def nearest_expressible(transform, model, example_inputs, width: float, depth: f
             continue
         try:
             level, _ = transform(model, example_inputs, width=w, depth=d, check=False, **kwargs)
-            solve(level)
+            solve(level, own=False)
         except LevelError:
             continue
         except Exception as e:  # noqa: BLE001 - a candidate the transform refuses is no answer
@@ -432,6 +475,6 @@ def nearest_expressible(transform, model, example_inputs, width: float, depth: f
 
 def module_call(level) -> dict:
     """``{"class": ..., "kwargs": ...}``: the call that builds the level's class at its sizes."""
-    recipe, overrides, _, _ = solve(level)
+    recipe, overrides, _, _ = solve(level, own=False)
     return {"class": recipe.target, "kind": recipe.kind, "kwargs": recipe.config(overrides),
             "factory": recipe.factory}
