@@ -264,6 +264,47 @@ def test_the_candidates_hold_the_level_weights_and_to_module_still_owns_copies_w
     assert all(torch.equal(low.state_dict()[n], t.float()) for n, t in level.state_dict().items())
 
 
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_a_bf16_level_is_verified_in_float32_through_views_of_its_own_weights(name, monkeypatch):
+    """A bf16 level is compared in float32 without a float32 copy: its weights are lent as
+    Float32Views (each upcast for the op that reads it), which compute exactly what the float32
+    copy computes, and give the same configuration; where the level's graph cannot run on the
+    views, the float32 copy is used. `solve(own=False)` returns the level's own bf16 tensors."""
+    from vcyclefx.export import module as M
+
+    build = {"llama": zoo.llama, "gpt2": zoo.gpt2}[name]
+    model, example = build()
+    level, _ = vf.coalesce(model.to(torch.bfloat16), example, width=0.5, depth=0.5, check=False)
+    level.eval()
+    state = level.state_dict()
+    view = M.float32_view(level)
+    lent = view.state_dict()
+    assert all(isinstance(lent[n], M.Float32View) and
+               lent[n].inner.data_ptr() == t.data_ptr() for n, t in state.items()
+               if t.dtype == torch.bfloat16)
+    with torch.no_grad():
+        a = M._leaves(view(*level.info.example_inputs))
+        b = M._leaves(M.float32_level(level)(*level.info.example_inputs))
+    assert [x.dtype for x in a] == [torch.float32] * len(b)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    _, overrides, module, err = M.solve(level, own=False)
+    assert err <= M.TOLERANCE
+    assert all(t.dtype == torch.bfloat16 and t.data_ptr() == state[n].data_ptr()
+               for n, t in module.state_dict().items())
+    # the same answer with the float32 copy, and when the views cannot run the level's graph
+    with monkeypatch.context() as m:
+        m.setattr(M, "float32_view", M.float32_level)
+        assert M.solve(level)[1] == overrides
+
+    def refuse(cls, func, types, args=(), kwargs=None):
+        raise RuntimeError("no views here")
+
+    monkeypatch.setattr(M.Float32View, "__torch_dispatch__", classmethod(refuse))
+    _, again, module, err = M.solve(level)
+    assert again == overrides and err <= M.TOLERANCE
+    assert {p.dtype for p in module.parameters()} == {torch.float32}
+
+
 def test_cli_format_module_writes_the_call_that_builds_the_class_at_the_new_sizes(tmp_path):
     from vcyclefx.cli import main
     from vcyclefx.export.formats import load_module

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from vcyclefx.capture.recipe import HF, Recipe
 from vcyclefx.errors import LevelError
-from vcyclefx.export.module import hold_state, solve
+from vcyclefx.export.module import solve
 from vcyclefx.store import load_tensors, save_tensors
 
 FORMAT = "vcyclefx.module"
@@ -35,11 +35,8 @@ def module_writer(level, fmt: str, *, source=None, card: dict | None = None,
         if recipe.kind != HF:
             raise LevelError(f"--format hf needs a Hugging Face model; {recipe.target} is not one "
                              "(use --format module)")
-        dtype = _dtype_of(level)
 
-        def write_hf(tmp: Path) -> None:
-            if dtype is not None:  # the level's own tensors, in its dtype (not a cast copy)
-                hold_state(module, level.state_dict())
+        def write_hf(tmp: Path) -> None:  # the module holds the level's own tensors
             module.save_pretrained(str(tmp), safe_serialization=True, max_shard_size=max_shard_size)
             _copy_hf_files(source, tmp)
             (tmp / "README.md").write_text(model_card(recipe, overrides, card or {}))
@@ -58,12 +55,6 @@ def module_writer(level, fmt: str, *, source=None, card: dict | None = None,
         (tmp / "module.json").write_text(json.dumps(spec, indent=1))
 
     return write_module
-
-
-def _dtype_of(level):
-    """The one floating dtype of the level's weights (None if they mix dtypes)."""
-    dtypes = {t.dtype for t in level.state_dict().values() if t.dtype.is_floating_point}
-    return dtypes.pop() if len(dtypes) == 1 else None
 
 
 def _copy_hf_files(source, tmp: Path) -> None:

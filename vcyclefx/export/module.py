@@ -12,9 +12,10 @@ families:
    tensors whose name or shape differs from the level is applied, until none differ;
 3. *function*: fields that no shape shows (GPT-2's ``n_head``: the head count only appears in
    reshapes; a grouped-query model's query and key/value head counts, which change together)
-   are settled by building real modules, loading the level's weights with ``strict=True`` and
-   comparing outputs on the level's example inputs, one such field at a time, then two; the
-   first candidate whose float32 relative error is <= 1e-6 is the answer.
+   are settled by building modules (parameters on the meta device), giving them the level's
+   weights with ``strict=True`` (assigned, not copied; a bf16/float16 level's as float32 views,
+   :class:`Float32View`) and comparing outputs on the level's example inputs, one such field at
+   a time, then two; the first candidate whose float32 relative error is <= 1e-6 is the answer.
 
 Hugging Face modeling code reads some fields the config dict may lack (``getattr(config,
 "head_dim", hidden_size // num_attention_heads)``): such a field is a candidate too, with the
@@ -241,8 +242,9 @@ def _built_with(recipe: Recipe, overrides: dict, state: dict) -> nn.Module:
 
 def hold_state(module: nn.Module, state: dict, copy: bool = False) -> None:
     """Make ``state``'s tensors ``module``'s parameters and buffers (``load_state_dict`` with
-    ``strict=True, assign=True``), or copies of them (``copy``); names the class ties (a language
-    model's head and its embedding) stay one parameter."""
+    ``strict=True, assign=True``), or copies of them (``copy``; float32 ones of bfloat16/float16
+    tensors); names the class ties (a language model's head and its embedding) stay one
+    parameter."""
     from vcyclefx.level import put_state
 
     groups: dict[int, list[str]] = {}
@@ -251,7 +253,8 @@ def hold_state(module: nn.Module, state: dict, copy: bool = False) -> None:
     tied = [names for names in groups.values() if len(names) > 1]
     if copy:
         later = {n for names in tied for n in names[1:]}  # made the first of their group below
-        state = {n: t if n in later else t.detach().clone() for n, t in state.items()}
+        state = {n: t if n in later else t.detach().to(
+            torch.float32 if t.dtype in _LOW else t.dtype, copy=True) for n, t in state.items()}
     module.load_state_dict(state, strict=True, assign=True)
     for first, *rest in tied:
         for name in rest:
@@ -280,6 +283,54 @@ def _verify(recipe: Recipe, overrides: dict, level, state, info, reference=None)
 
 
 _LOW = (torch.bfloat16, torch.float16)
+
+
+class Float32View(torch.Tensor):
+    """A bfloat16/float16 tensor that every op sees as its float32 upcast, made for that op and
+    dropped after it: it reports dtype float32 and holds no float32 memory, so a model verified
+    through such weights holds one weight's float32 copy at a time, not a float32 model."""
+
+    @staticmethod
+    def __new__(cls, inner: torch.Tensor):
+        return torch.Tensor._make_wrapper_subclass(
+            cls, inner.shape, dtype=torch.float32, device=inner.device, strides=inner.stride(),
+            storage_offset=inner.storage_offset(), requires_grad=False)
+
+    def __init__(self, inner: torch.Tensor):
+        self.inner = inner
+
+    def __repr__(self):
+        return f"Float32View({self.inner.dtype}, {list(self.shape)})"
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.detach.default:  # nn.Parameter(view), state_dict(): a view
+            return Float32View(args[0].inner.detach())
+
+        def up(x):
+            return x.inner.float() if isinstance(x, Float32View) else x
+
+        return func(*pytree.tree_map(up, args), **pytree.tree_map(up, kwargs or {}))
+
+
+def float32_view(level):
+    """:func:`float32_level` without the float32 copy: a copy of the module (its graph's dtype
+    literals made float32) whose bfloat16/float16 parameters and buffers are
+    :class:`Float32View`s of the level's own tensors; ``level`` itself where it is float32."""
+    if not any(t.dtype in _LOW for t in level.state_dict().values()):
+        return level
+    import copy
+
+    memo: dict = {}
+    for _, t in [*level.named_parameters(remove_duplicate=False),
+                 *level.named_buffers(remove_duplicate=False)]:
+        if t.dtype in _LOW and id(t) not in memo:
+            view = Float32View(t.detach())
+            memo[id(t)] = nn.Parameter(view, requires_grad=False) \
+                if isinstance(t, nn.Parameter) else view
+    out = copy.deepcopy(level, memo)
+    _float32_literals(out)
+    return out
 
 
 def float32_level(level):
@@ -317,10 +368,11 @@ def _float32_literals(gm) -> None:
 
 def solve(level, own: bool = True) -> tuple[Recipe, dict, nn.Module, float]:
     """(recipe, field overrides, a verified module with the level's weights, its error). The
-    module computes in float32: it holds the level's float32 weights, or float32 copies of
-    low-precision ones; ``own``: never the level's own tensors (copies where the level is float32
-    already). Verifying costs one float32 copy of a bf16/float16 level, and nothing for a float32
-    one: the candidates are built with meta parameters and given the weights, not copies."""
+    module holds copies of the level's tensors (``own``; float32 copies of bfloat16/float16
+    ones), or the level's own tensors in their dtype. Verifying holds no second model: the
+    candidates are built with meta parameters and given the level's tensors, which a bf16 or
+    float16 level lends through float32 views (:class:`Float32View`: each weight upcast for the
+    op that reads it), so the comparison is in float32 without a float32 copy of the level."""
     info = level_info(level)
     recipe = info.recipe if info is not None else None
     if recipe is None:
@@ -346,22 +398,22 @@ def solve(level, own: bool = True) -> tuple[Recipe, dict, nn.Module, float]:
                                             closest))
     was_training = level.training
     level.eval()
-    checked = float32_level(level)  # the level itself, or its float32 copy (in eval mode too)
-    state = checked.state_dict()
+    state = level.state_dict()
     module, err, overrides, tried = None, float("inf"), exact[0], []
     try:
-        with torch.no_grad():
-            reference = checked(*info.example_inputs)
-        for shaped in exact:
-            # each shape solution, then with one field that no tensor shape shows changed too
-            # (head counts that only appear in reshapes), then two (query and key/value heads)
-            for trial in _function_trials(builder, shaped, fields, ratios, target):
-                m, e, why = _verify(recipe, trial, checked, state, info, reference)
-                tried.append((trial, e, why))
-                if e <= TOLERANCE:
-                    module, err, overrides = m, e, trial
-                    break
-            if module is not None:
+        # the level seen in float32 through views of its own weights (no float32 copy); where
+        # no candidate runs so, once more with a float32 copy (a graph the views cannot run)
+        for make in (float32_view, float32_level):
+            last = make is float32_level or not any(t.dtype in _LOW for t in state.values())
+            try:
+                checked = make(level)  # the level itself where it is float32 (in eval mode too)
+                module, err, overrides, tried = _search(recipe, builder, exact, fields, ratios,
+                                                        target, checked, info)
+            except Exception:  # noqa: BLE001 - the level's graph does not run on the views
+                if last:
+                    raise
+                continue
+            if module is not None or last or any(t[2] is None for t in tried):
                 break
     finally:
         level.train(was_training)
@@ -374,9 +426,28 @@ def solve(level, own: bool = True) -> tuple[Recipe, dict, nn.Module, float]:
             f"{_fmt(best[0])} every tensor has the level's shape but {differ}; a size the level "
             "changed (e.g. uneven groups, a head count with a different head size, or a size "
             "written as a constant in the class's forward) is not a field of the recipe")
-    if own and checked is level and module is not None:
-        hold_state(module, level.state_dict(), copy=True)
+    # the module holds real tensors: copies (float32 ones of bf16/float16 weights), or the
+    # level's own
+    hold_state(module, state, copy=own)
     return recipe, overrides, module, err
+
+
+def _search(recipe, builder, exact, fields, ratios, target, checked, info):
+    """(the first module whose function is ``checked``'s, its error, its overrides, every trial
+    as (overrides, error, why it failed))."""
+    state = checked.state_dict()
+    tried: list = []
+    with torch.no_grad():
+        reference = checked(*info.example_inputs)
+    for shaped in exact:
+        # each shape solution, then with one field that no tensor shape shows changed too
+        # (head counts that only appear in reshapes), then two (query and key/value heads)
+        for trial in _function_trials(builder, shaped, fields, ratios, target):
+            m, e, why = _verify(recipe, trial, checked, state, info, reference)
+            tried.append((trial, e, why))
+            if e <= TOLERANCE:
+                return m, e, trial, tried
+    return None, float("inf"), exact[0], tried
 
 
 PAIRED = 6  # single changes (fewest tensors off) combined in pairs by the function search
