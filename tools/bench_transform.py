@@ -188,6 +188,11 @@ def main() -> None:
                          "coalesce` of a GPT-2 base checkpoint (--checkpoint), `decoalesce` of "
                          "its level and `load_level` of it, each a whole process, against "
                          "--baseline TREE in the same alternation; and the level directories' sizes")
+    ap.add_argument("--grow-hf", action="store_true",
+                    help="`vcyclefx decoalesce LEVEL --format hf --stream always` of the streamed "
+                         "width 0.5 / depth 0.5 level of the synthetic Llama (--checkpoint, or one "
+                         "made in --where) back to its Hugging Face class, against --baseline TREE "
+                         "in the same alternation")
     ap.add_argument("--load-level", metavar="DIR", help=argparse.SUPPRESS)
     ap.add_argument("--make-big", metavar="DIR", help=argparse.SUPPRESS)
     ap.add_argument("--load-only", metavar="DIR", help=argparse.SUPPRESS)
@@ -220,6 +225,8 @@ def main() -> None:
         (args.whole, lambda: whole_process(args.checkpoint, args.repeats, args.baseline)),
         (args.load_level, lambda: load_level_child(args.load_level)),
         (args.level_io, lambda: level_io(args.checkpoint, args.repeats, args.baseline)),
+        (args.grow_hf, lambda: grow_hf(args.checkpoint, args.repeats, args.baseline, args.shard,
+                                       args.where, args.layers, args.vocab)),
         (args.streaming_ab, lambda: streaming_ab(args.checkpoint, args.streaming_ab, args.repeats,
                                                  args.shard, args.where)),
     ]
@@ -793,6 +800,55 @@ def level_io(checkpoint: str | None, repeats: int, baseline: str | None) -> None
             w = f"{size['weights.safetensors'] / 1e6:9.1f} MB" if size else ""
             print(f"{step + ' (' + tree + ')':<36} {med((step, tree), 0):>6.2f} s "
                   f"{med((step, tree), 1) / 2**30:>6.2f} GiB {pt2:>11} {w:>11}")
+
+
+def grow_hf(checkpoint: str | None, repeats: int, baseline: str | None, shard: str,
+            where: str | None, layers: int, vocab: int) -> None:
+    """`decoalesce --format hf` of a small bf16 level back to the full-size Hugging Face model:
+    the level is the streamed coalesce (width 0.5, depth 0.5) of the synthetic Llama, written
+    once by this checkout; then this checkout and ``baseline`` alternate, each a whole process
+    writing the full-size level and its Hugging Face files."""
+    import shutil
+    import tempfile
+
+    work = tempfile.mkdtemp(prefix="bench_grow_hf_", dir=where)
+    try:
+        if checkpoint is None:
+            checkpoint = os.path.join(work, "llama")
+            subprocess.run([sys.executable, __file__, "--make-big", checkpoint, "--shard", shard,
+                            "--layers", str(layers), "--vocab", str(vocab)], check=True)
+        vcyclefx = [sys.executable, "-c", "from vcyclefx.cli import entry; entry()"]
+        small = os.path.join(work, "small")
+        subprocess.run([*vcyclefx, "coalesce", checkpoint, "--width", "0.5", "--depth", "0.5",
+                        "-o", small, "--stream", "always"], check=True, cwd=work,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        trees = {"this checkout": None, **({f"at {baseline}": baseline} if baseline else {})}
+        runs: dict = {t: [] for t in trees}
+        sizes: dict = {}
+        for r in range(repeats):
+            for tree, path in trees.items():
+                env = {**os.environ, "PYTHONPATH": os.path.abspath(path)} if path else None
+                out = os.path.join(work, "big")
+                _measure(runs, tree, [*vcyclefx, "decoalesce", small, "-o", out, "--format", "hf",
+                                      "--stream", "always"], work, r, repeats, env)
+                sizes["hf"] = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out)
+                                  if f.startswith("model") and f.endswith(".safetensors"))
+                shutil.rmtree(out)
+        small_size = sum(os.path.getsize(os.path.join(small, f)) for f in os.listdir(small)
+                         if f.startswith("weights"))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    med = functools.partial(_median, runs)
+    print(f"\n`vcyclefx decoalesce --format hf --stream always` of a {small_size / 1e9:.2f} GB bf16 "
+          f"level into the {sizes['hf'] / 1e9:.2f} GB Llama it came from, whole processes, "
+          f"medians of {repeats} alternating runs [range]")
+    print(f"{'':<28} {'time':>22} {'peak RSS':>24} {'peak / output':>14}")
+    for tree in trees:
+        t = [x[0] for x in runs[tree]]
+        m = [x[1] / 2**30 for x in runs[tree]]
+        print(f"{tree:<28} {med(tree, 0):>6.1f} s [{min(t):.1f}-{max(t):.1f}] "
+              f"{med(tree, 1) / 2**30:>7.2f} GiB [{min(m):.2f}-{max(m):.2f}] "
+              f"{med(tree, 1) / sizes['hf']:>13.2f}x")
 
 
 if __name__ == "__main__":
