@@ -807,7 +807,8 @@ def grow_hf(checkpoint: str | None, repeats: int, baseline: str | None, shard: s
     """`decoalesce --format hf` of a small bf16 level back to the full-size Hugging Face model:
     the level is the streamed coalesce (width 0.5, depth 0.5) of the synthetic Llama, written
     once by this checkout; then this checkout and ``baseline`` alternate, each a whole process
-    writing the full-size level and its Hugging Face files."""
+    writing the full-size level and its Hugging Face files; and this checkout's decoalesce to
+    the level alone, streamed and in memory."""
     import shutil
     import tempfile
 
@@ -823,16 +824,23 @@ def grow_hf(checkpoint: str | None, repeats: int, baseline: str | None, shard: s
                         "-o", small, "--stream", "always"], check=True, cwd=work,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         trees = {"this checkout": None, **({f"at {baseline}": baseline} if baseline else {})}
-        runs: dict = {t: [] for t in trees}
+        # and the level alone (no --format hf), streamed and in memory: what --stream auto
+        # chooses between by the size of the output
+        levels = {"level only, streamed": "always", "level only, in memory": "never"}
+        runs: dict = {t: [] for t in [*trees, *levels]}
         sizes: dict = {}
+        out = os.path.join(work, "big")
         for r in range(repeats):
             for tree, path in trees.items():
                 env = {**os.environ, "PYTHONPATH": os.path.abspath(path)} if path else None
-                out = os.path.join(work, "big")
                 _measure(runs, tree, [*vcyclefx, "decoalesce", small, "-o", out, "--format", "hf",
                                       "--stream", "always"], work, r, repeats, env)
                 sizes["hf"] = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out)
                                   if f.startswith("model") and f.endswith(".safetensors"))
+                shutil.rmtree(out)
+            for what, mode in levels.items():
+                _measure(runs, what, [*vcyclefx, "decoalesce", small, "-o", out, "--stream", mode],
+                         work, r, repeats)
                 shutil.rmtree(out)
         small_size = sum(os.path.getsize(os.path.join(small, f)) for f in os.listdir(small)
                          if f.startswith("weights"))
@@ -843,7 +851,7 @@ def grow_hf(checkpoint: str | None, repeats: int, baseline: str | None, shard: s
           f"level into the {sizes['hf'] / 1e9:.2f} GB Llama it came from, whole processes, "
           f"medians of {repeats} alternating runs [range]")
     print(f"{'':<28} {'time':>22} {'peak RSS':>24} {'peak / output':>14}")
-    for tree in trees:
+    for tree in [*trees, *levels]:
         t = [x[0] for x in runs[tree]]
         m = [x[1] / 2**30 for x in runs[tree]]
         print(f"{tree:<28} {med(tree, 0):>6.1f} s [{min(t):.1f}-{max(t):.1f}] "
