@@ -255,8 +255,8 @@ def _out_args(p) -> None:
                    help="stream a Hugging Face safetensors directory or a level directory tensor "
                         "by tensor instead of loading it (auto, the default: when it is sharded "
                         "or the weights read and written exceed a quarter of this machine's "
-                        "memory). Streaming "
-                        "skips the self-check, which needs the weights in memory")
+                        "memory). Streaming skips the self-check, which needs the weights in "
+                        "memory")
     p.add_argument("--whole-capture", action="store_true",
                    help="for a Hugging Face directory, trace every block (by default, where "
                         "the blocks are identical, two periods of them are traced and repeated: "
