@@ -229,6 +229,36 @@ def test_a_level_directory_holds_its_weights_once_and_loads_them_from_the_safete
     assert _weight_bytes(io.BytesIO(level_to_bytes(small)["pt2"])) == 0  # pickled: once too
 
 
+def test_a_level_loaded_while_it_is_written_is_assembled_from_the_program_just_written(
+        tmp_path, monkeypatch):
+    """Inside save_level's `also` (the --format hf/module step), load_level of the directory
+    being written takes the ExportedProgram just written instead of deserialising level.pt2;
+    the level is the one the file gives."""
+    from vcyclefx.export import leveldir
+
+    example, small, mapping = _levels()
+    seen = {}
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("level.pt2 read back while it is being written")
+
+    def also(tmp):
+        with monkeypatch.context() as m:
+            m.setattr(leveldir, "load_pt2", refuse)
+            seen["level"], _ = leveldir.load_level(tmp)
+
+    leveldir.save_level(small, tmp_path / "s", mapping, also=also)
+    assert leveldir._WRITTEN == {}
+    back, _ = leveldir.load_level(tmp_path / "s")  # from the file
+    during = seen["level"]
+    assert during.state_dict().keys() == back.state_dict().keys()
+    assert all(torch.equal(t, back.state_dict()[n]) for n, t in during.state_dict().items())
+    assert during.lm_head.weight is during.transformer.wte.weight
+    x = other_inputs(example)
+    assert torch.equal(_out(during.eval(), x), _out(back.eval(), x))
+    assert torch.equal(_out(during, x), _out(small, x))
+
+
 def _weight_bytes(archive) -> int:
     with zipfile.ZipFile(archive) as z:
         return sum(i.file_size for i in z.infolist() if "/data/weights/weight_" in i.filename)
