@@ -516,8 +516,7 @@ def big_checkpoint(repeats: int, shard: str, where: str, layers: int = 24,
             shutil.rmtree(os.path.join(work, "big"), ignore_errors=True)
             shutil.rmtree(os.path.join(work, "copy"), ignore_errors=True)
             shutil.rmtree(os.path.join(work, "copy2"), ignore_errors=True)
-        out_size = sum(os.path.getsize(os.path.join(small, f)) for f in os.listdir(small)
-                       if f.startswith("weights"))
+        out_size = _bytes_of(small, "weights")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -669,6 +668,12 @@ def _run_measured(cmd: list[str], cwd: str, env: dict | None = None) -> tuple[fl
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{err}")
     return seconds, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime
+
+
+def _bytes_of(folder: str, prefix: str, suffix: str = "") -> int:
+    """The bytes of the files of ``folder`` named ``prefix...suffix``."""
+    return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)
+               if f.startswith(prefix) and f.endswith(suffix))
 
 
 def _gpt2_checkpoint(checkpoint: str | None, work: str) -> str:
@@ -835,15 +840,13 @@ def grow_hf(checkpoint: str | None, repeats: int, baseline: str | None, shard: s
                 env = {**os.environ, "PYTHONPATH": os.path.abspath(path)} if path else None
                 _measure(runs, tree, [*vcyclefx, "decoalesce", small, "-o", out, "--format", "hf",
                                       "--stream", "always"], work, r, repeats, env)
-                sizes["hf"] = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out)
-                                  if f.startswith("model") and f.endswith(".safetensors"))
+                sizes["hf"] = _bytes_of(out, "model", ".safetensors")
                 shutil.rmtree(out)
             for what, mode in levels.items():
                 _measure(runs, what, [*vcyclefx, "decoalesce", small, "-o", out, "--stream", mode],
                          work, r, repeats)
                 shutil.rmtree(out)
-        small_size = sum(os.path.getsize(os.path.join(small, f)) for f in os.listdir(small)
-                         if f.startswith("weights"))
+        small_size = _bytes_of(small, "weights")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     med = functools.partial(_median, runs)
