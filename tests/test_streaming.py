@@ -308,7 +308,7 @@ def test_auto_counts_what_a_command_writes_so_growing_a_small_level_streams(tmp_
     from vcyclefx.cli import build_parser
     from vcyclefx.export import stream_cmd
 
-    model, _ = zoo.llama()
+    model, example = zoo.llama()
     ckpt = _checkpoint(tmp_path, model, "one", shard="1GB")
     level = tmp_path / "level"
     assert main(["coalesce", str(ckpt), "-o", str(level), "--stream", "never"]) == 0
@@ -324,10 +324,7 @@ def test_auto_counts_what_a_command_writes_so_growing_a_small_level_streams(tmp_
     assert "streaming its weights" in run("decoalesce", str(level), "-o", str(tmp_path / "back"))
     assert "streaming its weights" not in run("coalesce", str(level), "-o", str(tmp_path / "less"),
                                              "--depth", "1")
-    # the streamed result is the in-memory one
-    assert "streaming its weights" not in run("decoalesce", str(level), "-o",
-                                             str(tmp_path / "back-mem"), "--stream", "never")
-    _same(_weights(tmp_path / "back"), _weights(tmp_path / "back-mem"))
+    # (that a streamed decoalesce equals the in-memory one is the first test's)
     # the estimate: exact for a decoalesce with the mapping, an upper bound for a growth
     args = build_parser().parse_args(["decoalesce", str(level), "-o", "x"])
     written = stream_cmd._weight_bytes(tmp_path / "back")
@@ -336,9 +333,8 @@ def test_auto_counts_what_a_command_writes_so_growing_a_small_level_streams(tmp_
     assert abs(stream_cmd._written_bytes(args, level) - written) < 0.03 * written
     grow = build_parser().parse_args(["decoalesce", str(ckpt), "-o", "x", "--width", "2",
                                       "--depth", "2"])
-    assert main(["decoalesce", str(ckpt), "-o", str(tmp_path / "grown"), "--width", "2",
-                 "--depth", "2"]) == 0
-    grown = stream_cmd._weight_bytes(tmp_path / "grown")
+    big, _ = vf.decoalesce(model, example, width=2.0, depth=2.0, check=False)
+    grown = sum(t.numel() * t.element_size() for t in big.state_dict().values())  # ties twice
     assert grown > 3 * stream_cmd._weight_bytes(ckpt)
     assert stream_cmd._written_bytes(grow, ckpt) >= grown
 
