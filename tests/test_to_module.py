@@ -305,6 +305,22 @@ def test_a_bf16_level_is_verified_in_float32_through_views_of_its_own_weights(na
     assert {p.dtype for p in module.parameters()} == {torch.float32}
 
 
+def test_a_bf16_vision_level_with_bf16_inputs_comes_back_as_its_class():
+    """A bf16 image model's example input is bf16 too: the float32 comparison upcasts it with
+    the weights (it used to fail inside the solve, "Input type (BFloat16) and bias type (float)
+    should be the same", whichever way the weights were upcast)."""
+    found = model_from_spec("timm:convnext_atto")
+    image = torch.randn(1, 3, 64, 64, dtype=torch.bfloat16)
+    level, _ = vf.coalesce(found.model.to(torch.bfloat16), (image,), width=0.5, check=False,
+                           recipe=found.recipe)
+    mine = vf.to_module(level)
+    assert (mine.stem[0].out_channels, mine.head.fc.in_features) == (20, 160)  # dims halved
+    x = torch.randn_like(image, dtype=torch.float32)
+    mine.eval(), level.eval()
+    with torch.no_grad():
+        assert rel_error(output_tensor(mine(x)), output_tensor(level(x.to(torch.bfloat16)))) < 0.05
+
+
 def test_cli_format_module_writes_the_call_that_builds_the_class_at_the_new_sizes(tmp_path):
     from vcyclefx.cli import main
     from vcyclefx.export.formats import load_module

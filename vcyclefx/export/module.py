@@ -261,16 +261,16 @@ def hold_state(module: nn.Module, state: dict, copy: bool = False) -> None:
             put_state(module, name, module.get_parameter(first))
 
 
-def _verify(recipe: Recipe, overrides: dict, level, state, info, reference=None):
+def _verify(recipe: Recipe, overrides: dict, level, state, info, inputs, reference=None):
     """(the module built with ``overrides`` holding ``state``'s tensors, its relative error on
-    the level's example inputs, why it does not fit: None when it ran). ``reference``: the
-    level's own output on them, where the caller has it."""
+    ``inputs`` (the level's example inputs), why it does not fit: None when it ran).
+    ``reference``: the level's own output on them, where the caller has it."""
     try:
         module = _built_with(recipe, overrides, state)
     except Exception as e:  # noqa: BLE001 - a configuration the weights do not fit
         return None, float("inf"), f"building or loading it fails ({_why(e)})"
     module.eval()
-    args, kwargs = info.as_call()
+    args, kwargs = info.as_call(inputs)
     try:
         with torch.no_grad():
             out = module(*args, **kwargs)
@@ -278,7 +278,7 @@ def _verify(recipe: Recipe, overrides: dict, level, state, info, reference=None)
         return None, float("inf"), f"its forward fails on the level's example inputs ({_why(e)})"
     if reference is None:
         with torch.no_grad():
-            reference = level(*info.example_inputs)
+            reference = level(*inputs)
     return module, _rel_error(out, reference), None
 
 
@@ -437,13 +437,16 @@ def _search(recipe, builder, exact, fields, ratios, target, checked, info):
     as (overrides, error, why it failed))."""
     state = checked.state_dict()
     tried: list = []
+    # compared in float32: bf16/float16 example inputs (an image) too
+    inputs = tuple(x.float() if isinstance(x, torch.Tensor) and x.dtype in _LOW else x
+                   for x in info.example_inputs)
     with torch.no_grad():
-        reference = checked(*info.example_inputs)
+        reference = checked(*inputs)
     for shaped in exact:
         # each shape solution, then with one field that no tensor shape shows changed too
         # (head counts that only appear in reshapes), then two (query and key/value heads)
         for trial in _function_trials(builder, shaped, fields, ratios, target):
-            m, e, why = _verify(recipe, trial, checked, state, info, reference)
+            m, e, why = _verify(recipe, trial, checked, state, info, inputs, reference)
             tried.append((trial, e, why))
             if e <= TOLERANCE:
                 return m, e, trial, tried
