@@ -116,6 +116,18 @@ def test_bad_checkpoints_are_named_by_file_and_tensor_and_leave_no_output(tmp_pa
     (ckpt / shards[-1]).write_bytes(data[:-100])
     err = _run_bad(tmp_path, capsys, ckpt)
     assert "truncated" in err and shards[-1] in err
+    (ckpt / shards[-1]).write_bytes(data)
+    # a header whose byte range disagrees with its tensor's dtype and shape (a damaged shard)
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    name = next(k for k, h in header.items() if k != "__metadata__" and
+                len(str(h["data_offsets"][1])) == len(str(h["data_offsets"][1] - 4)))
+    header[name]["data_offsets"][1] -= 4  # one float32 short
+    raw = json.dumps(header, separators=(",", ":")).encode().ljust(n)
+    assert len(raw) == n
+    (ckpt / shards[-1]).write_bytes(data[:8] + raw + data[8 + n:])
+    err = _run_bad(tmp_path, capsys, ckpt)
+    assert "damaged" in err and name in err and shards[-1] in err
     # a missing shard
     (ckpt / shards[-1]).unlink()
     err = _run_bad(tmp_path, capsys, ckpt)
@@ -156,8 +168,8 @@ def test_a_write_error_names_the_shard_and_tensor_and_leaves_no_output(tmp_path,
         def __getattr__(self, name):
             return getattr(self.f, name)
 
-    def open_(path, mode="r"):  # the writer's files fill the disk, reads are as they are
-        return FullDisk(path, mode) if "w" in mode else builtins.open(path, mode)
+    def open_(path, mode="r", **kw):  # the writer's files fill the disk, reads are as they are
+        return FullDisk(path, mode) if "w" in mode else builtins.open(path, mode, **kw)
 
     monkeypatch.setattr(shards, "open", open_, raising=False)
     err = _run_bad(tmp_path, capsys, ckpt)
@@ -202,6 +214,90 @@ def test_large_outputs_replayed_a_block_of_rows_at_a_time_equal_the_in_memory_pa
     found = model_from_spec(str(ckpt))
     want, _ = vf.coalesce(found.model, found.example, width=0.5, depth=0.5)
     _same(_weights(out), want.state_dict())
+
+
+def test_a_depth_group_reads_each_block_when_its_first_op_runs_and_drops_it_after_its_last(
+        tmp_path):
+    """A depth group's output averages the width-mapped tensors of the blocks it groups: the
+    replay reads each block's checkpoint tensor when the first op that uses it runs, and drops
+    it after its last, so one checkpoint tensor is alive at a time (not the whole group), and
+    the values are those of the in-memory path."""
+    import weakref
+
+    from vcyclefx.capture.recipe import recipe_of
+    from vcyclefx.export.record import Recorder
+    from vcyclefx.export.stream import hf_source
+
+    model, _ = zoo.llama()
+    ckpt = _checkpoint(tmp_path, model, "llama")
+    src = hf_source(ckpt, str(ckpt), 2, 16, recipe_of)
+    with Recorder(src.leaves) as rec:
+        small, _ = vf.coalesce(src.level, width=0.5, depth=0.5, check=False)
+    state = small.state_dict(keep_vars=True)
+    found = model_from_spec(str(ckpt))
+    want = vf.coalesce(found.model, found.example, width=0.5, depth=0.5)[0].state_dict()
+    live, most, reads = [0], [0], []
+
+    def load(names):
+        got = src.reader.get(names)
+        for n, t in got.items():
+            reads.append(n)
+            live[0] += 1
+            weakref.finalize(t, lambda: live.__setitem__(0, live[0] - 1))
+        most[0] = max(most[0], live[0])
+        return got
+
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert rec.leaves_of(state[name]) == [name, name.replace("layers.0", "layers.1")]
+    value = rec.value(state[name], load)
+    assert torch.equal(value, want[name])
+    assert reads == rec.leaves_of(state[name]) and most[0] == 1
+
+
+def test_the_reader_reads_what_safetensors_reads_however_short_each_read_is(tmp_path,
+                                                                          monkeypatch):
+    """The reader gives each tensor (memory-mapped) and a block of its rows (read into new
+    memory with as many reads as it takes: Linux returns at most 2 GiB a read, here at most 1000
+    bytes) as safetensors' own loader reads them."""
+    import builtins
+
+    from vcyclefx.export import shards
+
+    model, _ = zoo.llama()
+    ckpt = _checkpoint(tmp_path, model, "llama", shard="200KB")
+    want = {}
+    for f in sorted(ckpt.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as g:
+            want.update({k: g.get_tensor(k) for k in g.keys()})
+
+    class Short:  # a file whose reads return at most 1000 bytes
+        def __init__(self, *a, **kw):
+            self.f, self.reads = builtins.open(*a, **kw), 0
+
+        def readinto(self, buf):
+            self.reads += 1
+            return self.f.readinto(memoryview(buf)[:1000])
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+            counts.append(self.reads)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    counts: list[int] = []
+    monkeypatch.setattr(shards, "open", Short, raising=False)
+    reader = shards.ShardReader(ckpt)
+    got = reader.get(list(want))
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+    name = "model.embed_tokens.weight"
+    assert torch.equal(reader.rows([name], 5, 70)[name], want[name][5:70])
+    assert counts[-1] == 17  # 65 rows of 64 float32 in reads of at most 1000 bytes
 
 
 def test_reading_ahead_from_the_disk_writes_the_same_level(tmp_path, monkeypatch):

@@ -176,13 +176,19 @@ def main() -> None:
                          "are most of it)")
     ap.add_argument("--layers", type=int, default=24, help="with --big: decoder layers of the "
                     "checkpoint (24: 2.43 GB, 40: 3.87 GB)")
+    ap.add_argument("--widths", choices=sorted(WIDTHS), default="1b",
+                    help="with --big / --make-big: the synthetic Llama's widths: 1b (hidden 2048, "
+                         "FFN 5632, TinyLlama's), 7b (hidden 4096, FFN 14336, 32 heads, 8 "
+                         "key/value heads: Mistral-7B's, a checkpoint's largest tensors at a 7B "
+                         "model's size; --layers 4: 2.27 GB)")
     ap.add_argument("--where", default=None, help="with --big: folder for the checkpoint")
     ap.add_argument("--cold", action="store_true", help="with --big: drop each command's input "
                     "from the page cache before it runs (a checkpoint larger than memory is "
                     "always read from the disk)")
     ap.add_argument("--streaming-ab", metavar="TREE", help="time the streaming phase of "
-                    "coalesce on the synthetic Llama (--checkpoint, or one made here), this "
-                    "checkout against TREE (another checkout), cold and warm")
+                    "coalesce on the synthetic Llama (--checkpoint, or one made here) and measure "
+                    "the process's peak RSS, this checkout against TREE (another checkout), "
+                    "cold and warm, the capture cached")
     ap.add_argument("--level-io", action="store_true",
                     help="in memory (the default for a checkpoint this small): `vcyclefx "
                          "coalesce` of a GPT-2 base checkpoint (--checkpoint), `decoalesce` of "
@@ -216,11 +222,12 @@ def main() -> None:
         return
     modes = [  # (given, what it runs): the first one given runs
         (args.floor, lambda: floor_process(args.floor, args.imports)),
-        (args.make_big, lambda: make_big(args.make_big, args.shard, args.layers, args.vocab)),
+        (args.make_big, lambda: make_big(args.make_big, args.shard, args.layers, args.vocab,
+                                         args.widths)),
         (args.load_only, lambda: load_only(args.load_only)),
         (args.add_floor, lambda: add_floor(args.add_floor)),
         (args.big, lambda: big_checkpoint(args.repeats, args.shard, args.where, args.layers,
-                                          args.cold, args.vocab, args.baseline)),
+                                          args.cold, args.vocab, args.baseline, args.widths)),
         (args.make_checkpoint, lambda: make_checkpoint(args.make_checkpoint)),
         (args.whole, lambda: whole_process(args.checkpoint, args.repeats, args.baseline)),
         (args.load_level, lambda: load_level_child(args.load_level)),
@@ -381,11 +388,15 @@ def make_checkpoint(directory: str) -> None:
 # --- a synthetic sharded bf16 Llama larger than the rest: streaming against loading -----------
 BIG = dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=4,
            intermediate_size=5632, vocab_size=32000, max_position_embeddings=2048)
+WIDTHS = {"1b": {}, "7b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                               num_key_value_heads=8)}
 
 
-def make_big(directory: str, shard: str, layers: int = 24, vocab: int = BIG["vocab_size"]) -> None:
+def make_big(directory: str, shard: str, layers: int = 24, vocab: int = BIG["vocab_size"],
+             widths: str = "1b") -> None:
     """A random bf16 Llama (BIG with ``layers`` decoder layers: 1.2B parameters and 2.4 GB at
-    24, 1.9B and 3.9 GB at 40) saved in shards of ``shard``."""
+    24, 1.9B and 3.9 GB at 40; ``widths`` "7b": Mistral-7B's widths) saved in shards of
+    ``shard``."""
     import torch
     import transformers as T
 
@@ -393,7 +404,8 @@ def make_big(directory: str, shard: str, layers: int = 24, vocab: int = BIG["voc
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
-        model = T.LlamaForCausalLM(T.LlamaConfig(**{**BIG, "num_hidden_layers": layers,
+        model = T.LlamaForCausalLM(T.LlamaConfig(**{**BIG, **WIDTHS[widths],
+                                                    "num_hidden_layers": layers,
                                                     "vocab_size": vocab},
                                                  use_cache=False, dtype="bfloat16"))
     finally:
@@ -446,7 +458,7 @@ def evict(folder: str) -> None:
 
 def big_checkpoint(repeats: int, shard: str, where: str, layers: int = 24,
                    cold: bool = False, vocab: int = BIG["vocab_size"],
-                   baseline: str | None = None) -> None:
+                   baseline: str | None = None, widths: str = "1b") -> None:
     """coalesce 0.5/0.5 and decoalesce (back) of the synthetic checkpoint, ``from_pretrained``
     alone, ``cat`` of its files (reading it once) and ``cp`` of them to a new folder (reading and
     writing it once: the floor of decoalesce, which writes a checkpoint of that size),
@@ -461,7 +473,8 @@ def big_checkpoint(repeats: int, shard: str, where: str, layers: int = 24,
     try:
         ckpt = os.path.join(work, "llama")
         subprocess.run([sys.executable, __file__, "--make-big", ckpt, "--shard", shard,
-                        "--layers", str(layers), "--vocab", str(vocab)], check=True)
+                        "--layers", str(layers), "--vocab", str(vocab), "--widths", widths],
+                       check=True)
         files = sorted(os.path.join(ckpt, f) for f in os.listdir(ckpt) if f.endswith(".safetensors"))
         size = sum(os.path.getsize(f) for f in files)
         vcyclefx = [sys.executable, "-c", "from vcyclefx.cli import entry; entry()"]
@@ -546,9 +559,10 @@ def big_checkpoint(repeats: int, shard: str, where: str, layers: int = 24,
 def streaming_ab(checkpoint: str | None, baseline: str, repeats: int, shard: str,
                  where: str | None) -> None:
     """The streaming phase of ``coalesce --width 0.5 --depth 0.5 --stream always`` of the
-    synthetic Llama (``checkpoint``, or one made and deleted here), this checkout against
-    ``baseline`` (another checkout), alternating, each with its input cold (dropped from the page
-    cache) and warm (``cat`` first)."""
+    synthetic Llama (``checkpoint``, or one made and deleted here), and the whole process's peak
+    RSS, this checkout against ``baseline`` (another checkout), alternating, each with its input
+    cold (dropped from the page cache) and warm (``cat`` first), the capture cached (one run of
+    each checkout first, not counted)."""
     import shutil
     import tempfile
 
@@ -563,33 +577,46 @@ def streaming_ab(checkpoint: str | None, baseline: str, repeats: int, shard: str
         trees = {"this": os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                  "baseline": os.path.abspath(baseline)}
         got = {(m, t): [] for m in ("cold", "warm") for t in trees}
+        out = os.path.join(work, "out")
+
+        def run(path):
+            shutil.rmtree(out, ignore_errors=True)
+            return _run_measured([sys.executable, "-c", "from vcyclefx.cli import entry; entry()",
+                                  "coalesce", checkpoint, "--width", "0.5", "--depth", "0.5",
+                                  "-o", out, "--max-shard-size", shard, "--stream", "always"],
+                                 work, {**os.environ, "PYTHONPATH": path})
+
+        for path in trees.values():  # the capture cached for both
+            run(path)
         for r in range(repeats):
             for mode in ("cold", "warm"):
                 for tree, path in trees.items():
-                    out = os.path.join(work, "out")
-                    shutil.rmtree(out, ignore_errors=True)
                     if mode == "cold":
                         evict(checkpoint)
                     else:
                         subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)
-                    _run_measured([sys.executable, "-c", "from vcyclefx.cli import entry; entry()",
-                                   "coalesce", checkpoint, "--width", "0.5", "--depth", "0.5",
-                                   "-o", out, "--max-shard-size", shard, "--stream", "always"],
-                                  work, {**os.environ, "PYTHONPATH": path})
-                    got[mode, tree].append(_streamed_seconds())
-                    print(f"run {r + 1}/{repeats} {mode} {tree}: {got[mode, tree][-1][0]:.2f} s",
-                          file=sys.stderr)
+                    peak = run(path)[1]
+                    got[mode, tree].append((_streamed_seconds()[0], peak))
+                    print(f"run {r + 1}/{repeats} {mode} {tree}: {got[mode, tree][-1][0]:.2f} s, "
+                          f"peak {peak / 2**30:.3f} GiB", file=sys.stderr)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"\nstreaming phase of coalesce 0.5/0.5 of the synthetic Llama, medians of {repeats} "
-          f"alternating runs (baseline: {baseline})")
-    print(f"{'':<10} {'this':>18} {'baseline':>18} {'this / baseline':>16}")
+    size = sum(os.path.getsize(f) for f in files) if os.path.isdir(checkpoint) else None
+    print(f"\ncoalesce 0.5/0.5 of the synthetic Llama, capture cached, medians of {repeats} "
+          f"alternating runs [range] (baseline: {baseline})")
+    print(f"{'':<6} {'':<9} {'this':>22} {'baseline':>22} {'this / baseline':>16}")
     for mode in ("cold", "warm"):
-        a = [x[0] for x in got[mode, "this"]]
-        b = [x[0] for x in got[mode, "baseline"]]
-        print(f"{mode:<10} {statistics.median(a):>6.2f} s [{min(a):.2f}-{max(a):.2f}] "
-              f"{statistics.median(b):>6.2f} s [{min(b):.2f}-{max(b):.2f}] "
-              f"{statistics.median(a) / statistics.median(b):>15.2f}x")
+        for what, k, unit, scale in (("stream", 0, "s", 1), ("peak", 1, "GiB", 2**30)):
+            a = [x[k] / scale for x in got[mode, "this"]]
+            b = [x[k] / scale for x in got[mode, "baseline"]]
+            print(f"{mode:<6} {what:<9} {statistics.median(a):>6.3f} {unit:<3} "
+                  f"[{min(a):.3f}-{max(a):.3f}] {statistics.median(b):>6.3f} {unit:<3} "
+                  f"[{min(b):.3f}-{max(b):.3f}] {statistics.median(a) / statistics.median(b):>15.3f}x")
+    if size:
+        for tree in trees:
+            peaks = [x[1] for m in ("cold", "warm") for x in got[m, tree]]
+            print(f"peak / checkpoint ({tree}): {statistics.median(peaks) / size:.3f}x "
+                  f"(checkpoint {size / 1e9:.2f} GB)")
 
 
 def split_child(src: str, out: str) -> dict:

@@ -148,12 +148,13 @@ class Recorder(TorchDispatchMode):
 
     def value(self, t: torch.Tensor, load) -> torch.Tensor:
         """The real value of output ``t``: its ops replayed on the checkpoint tensors
-        ``load(names) -> {name: tensor}`` gives. Each intermediate (and each checkpoint tensor)
-        is dropped after its last read, so a group holds only what its remaining ops read; a
-        final ``clone`` of an intermediate that owns its memory is skipped (the same values,
-        one copy less of the largest tensors, the embeddings)."""
+        ``load(names) -> {name: tensor}`` gives. Each checkpoint tensor is read when the first op
+        that uses it runs, and each intermediate (and each checkpoint tensor) is dropped after
+        its last read, so a group holds only what its running ops read: a depth group of two
+        blocks holds one block's tensor at a time, not both. A final ``clone`` of an
+        intermediate that owns its memory is skipped (the same values, one copy less of the
+        largest tensors, the embeddings)."""
         ref = self.source(t)
-        leaves = load(self.leaves_of(t))
         order = self._closure(t)
         last: dict = {}  # ("leaf", name) or (op, position) -> the last op that reads it
         for i in order:
@@ -163,14 +164,18 @@ class Recorder(TorchDispatchMode):
                 last[("leaf", x.a) if x.kind == "leaf" else (x.a, x.b)] = i
         result = ("leaf", ref.a) if ref.kind == "leaf" else (ref.a, ref.b)
         last.pop(result, None)  # the result is kept
-        env: dict = {("leaf", n): v for n, v in leaves.items()}
-        del leaves
+        env: dict = {}
+        if ref.kind == "leaf":
+            env[result] = load([ref.a])[ref.a]
         for i in order:
             func, flat, spec, _, refs = self.ops[i]
             flat = list(flat)
             for j in refs:
                 x = flat[j]
-                flat[j] = env[("leaf", x.a) if x.kind == "leaf" else (x.a, x.b)]
+                key = ("leaf", x.a) if x.kind == "leaf" else (x.a, x.b)
+                if x.kind == "leaf" and key not in env:  # a checkpoint tensor's first read
+                    env[key] = load([x.a])[x.a]
+                flat[j] = env[key]
             if func is _CLONE and (i, 0) == result and refs == (0,) and len(flat) == 1 and \
                     self._dies_here(self.ops[i][1][0], i, last) and _owns_memory(flat[0]):
                 out = flat[0]

@@ -5,18 +5,20 @@ memory:
 
 - :class:`ShardReader` maps each tensor name of a checkpoint (one ``*.safetensors`` file, or the
   shards an ``*.safetensors.index.json`` lists) to its shard, from the shards' headers alone, and
-  reads a tensor on demand through safetensors' memory-mapped ``safe_open`` (the shard is opened
-  for the read and closed after it, so no mapping outlives it). Every shard is checked when the
-  reader is made: it exists, it holds what the index says, its data is as long as its header
-  says; each failure is a :class:`~vcyclefx.errors.CheckpointError` naming the file and tensor.
+  reads a tensor on demand through safetensors' memory-mapped ``safe_open`` (a view of the
+  mapping, which lives as long as the tensor), or a block of its rows into new memory with
+  ``readinto`` (no mapping kept). Every shard is checked when the reader is made: it exists, it
+  holds what the index says, each tensor's byte range matches its dtype and shape and lies
+  within the file; each failure is a :class:`~vcyclefx.errors.CheckpointError` naming the file
+  and tensor.
 - :class:`ShardWriter` lays out the output shards before any value exists (every name, dtype and
   shape is known from the level captured on the meta device), writes each shard's header first
   and then each tensor's bytes as the tensor is made, so a shard is complete as soon as its last
   tensor is written and nothing holds more than one tensor (two with ``background=True``: one
   being written by the worker thread, one being made). The index is written at the end.
 
-The byte format is safetensors' own (8-byte little-endian header length, JSON header, data);
-files are read back with ``safetensors.safe_open``.
+The byte format is safetensors' own (8-byte little-endian header length, JSON header, data):
+what the writer writes, safetensors' own loaders read.
 """
 
 from __future__ import annotations
@@ -91,6 +93,10 @@ def read_header(path: Path) -> tuple[dict, dict, int]:
             raise CheckpointError(f"{path}: tensor {name} has dtype {h.get('dtype')!r}, which "
                                   "vcyclefx does not read")
         b, e = h["data_offsets"]
+        if e - b != nbytes(dtype, h["shape"]) or b < 0:
+            raise CheckpointError(f"{path}: tensor {name} is {h.get('dtype')} {h['shape']} but "
+                                  f"its header gives it bytes {b}:{e}; the shard is damaged, "
+                                  "copy it again")
         if start + e > size:
             raise CheckpointError(f"{path}: truncated: tensor {name} needs bytes up to "
                                   f"{start + e} but the file has {size}; copy the shard again")
@@ -203,7 +209,9 @@ class ShardReader:
         return self.entries[name]
 
     def get(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """The tensors ``names``, each shard opened (memory-mapped) once for the call."""
+        """The tensors ``names``, each shard opened (memory-mapped) once for the call: a tensor
+        is a view of the mapping (no copy; its pages are read as its ops touch them) and keeps
+        the mapping alive until it is dropped."""
         from safetensors import safe_open
 
         out = {n: self.held[n] for n in names if n in self.held}
@@ -241,24 +249,35 @@ class ShardReader:
 
     def rows(self, names: list[str], begin: int, end: int) -> dict[str, torch.Tensor]:
         """Rows ``begin:end`` (along the first dimension) of each tensor ``names``, read into new
-        memory (one ``readinto`` of their contiguous bytes, no mapping kept): a large tensor is
-        then read a block of rows at a time."""
+        memory: a large tensor is then read a block of rows at a time."""
         out = {}
         for n in names:
             e = self.entries[n]
             row = nbytes(e.dtype, e.shape[1:])
-            data = torch.empty((end - begin) * row, dtype=torch.uint8)
-            try:
-                with open(e.file, "rb", buffering=0) as f:
-                    f.seek(self._starts[e.file] + e.begin + begin * row)
-                    got = f.readinto(data.numpy()) if data.numel() else 0
-            except OSError as err:
-                raise CheckpointError(f"{e.file}: cannot read tensor {n} ({err})") from err
-            if got != data.numel():
-                raise CheckpointError(f"{e.file}: truncated: tensor {n} ends before its header "
-                                      "says; copy the shard again")
-            out[n] = data.view(e.dtype).view(end - begin, *e.shape[1:])
+            out[n] = self._read(n, begin * row, (end - begin) * row).view(end - begin, *e.shape[1:])
         return out
+
+    def _read(self, name: str, offset: int, length: int) -> torch.Tensor:
+        """``length`` bytes of tensor ``name`` from ``offset`` within it, as a flat tensor of its
+        dtype, read with ``readinto`` into new memory (a read returns at most 2 GiB on Linux:
+        as many reads as it takes)."""
+        e = self.entries[name]
+        data = torch.empty(length, dtype=torch.uint8)
+        try:
+            with open(e.file, "rb", buffering=0) as f:
+                f.seek(self._starts[e.file] + e.begin + offset)
+                view, got = memoryview(data.numpy()), 0
+                while got < length:
+                    n = f.readinto(view[got:])
+                    if not n:
+                        break
+                    got += n
+        except OSError as err:
+            raise CheckpointError(f"{e.file}: cannot read tensor {name} ({err})") from err
+        if got != length:
+            raise CheckpointError(f"{e.file}: truncated: tensor {name} ends before its header "
+                                  "says; copy the shard again")
+        return data.view(e.dtype)
 
 
 class ReadAhead:

@@ -12,7 +12,8 @@ For a Hugging Face directory of safetensors (one file or shards with
    only two periods of them are traced and repeated (:mod:`vcyclefx.capture.repeat`);
 3. writes the level directory with the weights as sharded safetensors
    (:class:`~vcyclefx.export.shards.ShardWriter`), each output tensor replayed from the few
-   input tensors it needs, read memory-mapped (:class:`~vcyclefx.export.shards.ShardReader`);
+   input tensors it needs, each read memory-mapped when the first op that uses it runs
+   (:class:`~vcyclefx.export.shards.ShardReader`);
    an output whose rows come from the same rows of its inputs (the width map of an embedding or
    LM head, the largest tensors) is replayed and written a block of rows at a time, so neither
    its inputs nor itself is held whole; a worker thread writes each tensor (or block) while the
