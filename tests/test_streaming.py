@@ -220,8 +220,9 @@ def test_a_depth_group_reads_each_block_when_its_first_op_runs_and_drops_it_afte
         tmp_path):
     """A depth group's output averages the width-mapped tensors of the blocks it groups: the
     replay reads each block's checkpoint tensor when the first op that uses it runs, and drops
-    it after its last, so one checkpoint tensor is alive at a time (not the whole group), and
-    the values are those of the in-memory path."""
+    it after its last, so one checkpoint tensor is alive at a time, not the whole group's (what
+    bounds the memory where an input is made rather than mapped: a converted checkpoint's fused
+    experts), and the values are those of the in-memory path."""
     import weakref
 
     from vcyclefx.capture.recipe import recipe_of
