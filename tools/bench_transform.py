@@ -574,6 +574,7 @@ def streaming_ab(checkpoint: str | None, baseline: str, repeats: int, shard: str
                            check=True)
         files = sorted(os.path.join(checkpoint, f) for f in os.listdir(checkpoint)
                        if f.endswith(".safetensors"))
+        size = sum(os.path.getsize(f) for f in files)
         trees = {"this": os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                  "baseline": os.path.abspath(baseline)}
         got = {(m, t): [] for m in ("cold", "warm") for t in trees}
@@ -601,7 +602,6 @@ def streaming_ab(checkpoint: str | None, baseline: str, repeats: int, shard: str
                           f"peak {peak / 2**30:.3f} GiB", file=sys.stderr)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    size = sum(os.path.getsize(f) for f in files) if os.path.isdir(checkpoint) else None
     print(f"\ncoalesce 0.5/0.5 of the synthetic Llama, capture cached, medians of {repeats} "
           f"alternating runs [range] (baseline: {baseline})")
     print(f"{'':<6} {'':<9} {'this':>22} {'baseline':>22} {'this / baseline':>16}")
@@ -609,14 +609,13 @@ def streaming_ab(checkpoint: str | None, baseline: str, repeats: int, shard: str
         for what, k, unit, scale in (("stream", 0, "s", 1), ("peak", 1, "GiB", 2**30)):
             a = [x[k] / scale for x in got[mode, "this"]]
             b = [x[k] / scale for x in got[mode, "baseline"]]
-            print(f"{mode:<6} {what:<9} {statistics.median(a):>6.3f} {unit:<3} "
-                  f"[{min(a):.3f}-{max(a):.3f}] {statistics.median(b):>6.3f} {unit:<3} "
-                  f"[{min(b):.3f}-{max(b):.3f}] {statistics.median(a) / statistics.median(b):>15.3f}x")
-    if size:
-        for tree in trees:
-            peaks = [x[1] for m in ("cold", "warm") for x in got[m, tree]]
-            print(f"peak / checkpoint ({tree}): {statistics.median(peaks) / size:.3f}x "
-                  f"(checkpoint {size / 1e9:.2f} GB)")
+            ma, mb = statistics.median(a), statistics.median(b)
+            print(f"{mode:<6} {what:<9} {ma:>6.3f} {unit:<3} [{min(a):.3f}-{max(a):.3f}] "
+                  f"{mb:>6.3f} {unit:<3} [{min(b):.3f}-{max(b):.3f}] {ma / mb:>15.3f}x")
+    for tree in trees:
+        peaks = [x[1] for m in ("cold", "warm") for x in got[m, tree]]
+        print(f"peak / checkpoint ({tree}): {statistics.median(peaks) / size:.3f}x "
+              f"(checkpoint {size / 1e9:.2f} GB)")
 
 
 def split_child(src: str, out: str) -> dict:
