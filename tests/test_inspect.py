@@ -3,6 +3,7 @@ rewrites; the FX settings that make every capture faster do not change the graph
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import subprocess
@@ -57,11 +58,27 @@ def test_the_quick_fx_settings_do_not_change_the_graph_and_are_restored():
     assert torch.fx.config.do_not_emit_stack_traces == before
 
 
+def _imported(stderr: str) -> set[str]:
+    """The modules a ``python -X importtime`` process imported, from its stderr."""
+    return {line.rsplit("|", 1)[1].strip() for line in stderr.splitlines()
+            if line.startswith("import time:") and line.count("|") == 2}
+
+
 def test_inspect_program_prints_the_whole_report_and_exits_zero():
-    """`vcyclefx inspect` leaves without interpreter teardown; its output must be complete."""
-    out = subprocess.run([sys.executable, "-m", "vcyclefx.cli", "inspect", "vcyclefx.zoo:bert", "--json"],
+    """`vcyclefx inspect` leaves without interpreter teardown; its output must be complete. It
+    captures (torch.export, which imports torch._dynamo) without importing triton, which
+    torch._dynamo imports in any other process where triton is installed."""
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "vcyclefx.cli", "inspect",
+                          "vcyclefx.zoo:bert", "--json"],
                          capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
+    assert out.returncode == 0, out.stderr[-2000:]
+    imported = _imported(out.stderr)
+    # (a refused `import triton` is listed too: its compiled library tells whether it loaded)
+    assert "torch._dynamo" in imported and "triton._C.libtriton" not in imported
+    if importlib.util.find_spec("triton") is not None:  # the CUDA builds of torch install it
+        plain = subprocess.run([sys.executable, "-X", "importtime", "-c", "import torch._dynamo"],
+                               capture_output=True, text=True, timeout=300)
+        assert "triton._C.libtriton" in _imported(plain.stderr)
     model, x = zoo.bert()
     shown = re.sub(r'"analysis_seconds": [0-9.e-]+', "", out.stdout)
     assert _comparable(json.loads(out.stdout)) == _comparable(vf.inspect(model, x)), shown[:200]

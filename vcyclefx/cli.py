@@ -51,6 +51,8 @@ _QUICK_EXIT = {"inspect", "coalesce", "decoalesce", "interpolate", "export-onnx"
 # not export-onnx: the ONNX exporter's cycles hold more (+0.14 GiB of peak on a GPT-2 level, for
 # 11% of its time)
 _NO_CYCLE_COLLECTOR = {"inspect", "coalesce", "decoalesce", "interpolate"}
+# ... and the ones that never compile: they run without triton (_without_triton)
+_NO_TRITON = {"inspect", "coalesce", "decoalesce", "interpolate"}
 
 
 def _progress(msg: str) -> None:
@@ -377,12 +379,24 @@ def _without_cycle_collector() -> None:
     gc.disable()
 
 
+def _without_triton() -> None:
+    """The transforms trace, plan and map on the CPU and never compile, but importing
+    ``torch.export``'s serialiser imports ``torch._dynamo``, which imports triton where it is
+    installed (every CUDA build of torch): its library alone keeps 78 MB resident and its import
+    takes 0.2 s (BENCHMARKS.md). Marked as absent (``sys.modules[name] = None``, which makes
+    ``import triton`` raise ImportError, as where it is not installed) before anything imports
+    it; a process that has imported it already keeps it."""
+    sys.modules.setdefault("triton", None)
+
+
 def entry() -> None:
     """The ``vcyclefx`` program: ``main()``, then exit (without interpreter teardown after the
     single-process commands)."""
     quick = sys.argv[1:2] and sys.argv[1] in _QUICK_EXIT
     if sys.argv[1:2] and sys.argv[1] in _NO_CYCLE_COLLECTOR:
         _without_cycle_collector()
+    if sys.argv[1:2] and sys.argv[1] in _NO_TRITON:
+        _without_triton()
     code = main()
     if quick:
         import logging
