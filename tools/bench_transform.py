@@ -580,23 +580,29 @@ def streaming_ab(checkpoint: str | None, baseline: str, repeats: int, shard: str
         got = {(m, t): [] for m in ("cold", "warm") for t in trees}
         out = os.path.join(work, "out")
 
-        def run(path):
+        def run(tree):
             shutil.rmtree(out, ignore_errors=True)
+            # each tree its own capture cache (main() turns it off for every other child)
+            env = {**_cached(os.path.join(work, f"cache-{tree}")), "PYTHONPATH": trees[tree]}
             return _run_measured([sys.executable, "-c", "from vcyclefx.cli import entry; entry()",
                                   "coalesce", checkpoint, "--width", "0.5", "--depth", "0.5",
                                   "-o", out, "--max-shard-size", shard, "--stream", "always"],
-                                 work, {**os.environ, "PYTHONPATH": path})
+                                 work, env)
 
-        for path in trees.values():  # the capture cached for both
-            run(path)
+        for tree in trees:  # the capture cached for both
+            run(tree)
+            if "from the capture cache" in _LAST_ERR[0]:
+                raise SystemExit(f"{tree}: the first run found a capture cached in a new folder")
         for r in range(repeats):
             for mode in ("cold", "warm"):
-                for tree, path in trees.items():
+                for tree in trees:
                     if mode == "cold":
                         evict(checkpoint)
                     else:
                         subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)
-                    peak = run(path)[1]
+                    peak = run(tree)[1]
+                    if "from the capture cache" not in _LAST_ERR[0]:
+                        raise SystemExit(f"{tree}: the capture was not read from the cache")
                     got[mode, tree].append((_streamed_seconds()[0], peak))
                     print(f"run {r + 1}/{repeats} {mode} {tree}: {got[mode, tree][-1][0]:.2f} s, "
                           f"peak {peak / 2**30:.3f} GiB", file=sys.stderr)
