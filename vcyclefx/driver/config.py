@@ -257,7 +257,7 @@ class TrainConfig:
 
     def alone_size_list(self) -> list[tuple[str, tuple[int, int, int]]]:
         """``--alone-sizes`` as ``[("1x32x2", (n_layer, n_head, n_embd))]`` (checked)."""
-        return [parse_size(x) for x in self.alone_sizes.split(",") if x.strip()]
+        return [parse_alone_size(x) for x in self.alone_sizes.split(",") if x.strip()]
 
     def alone_lr_scale(self, key: int | str) -> float:
         """The lr scale of an architecture trained alone: level k's (``alone-L<k>``), or the
@@ -272,7 +272,7 @@ class TrainConfig:
         return list(self.lr_scales) or [1.0] + [COARSE_LR_SCALE] * (self.levels - 1)
 
 
-def parse_size(text: str) -> tuple[str, tuple[int, int, int]]:
+def parse_alone_size(text: str) -> tuple[str, tuple[int, int, int]]:
     """An ``--alone-sizes`` entry ``LAYERSxWIDTHxHEADS`` -> (its key, (n_layer, n_head,
     n_embd)); a ``ConfigError`` that shows the form otherwise."""
     try:

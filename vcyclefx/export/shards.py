@@ -45,7 +45,7 @@ DEFAULT_MAX_SHARD = "50GB"  # save_pretrained's default
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
 
 
-def parse_size(text) -> int:
+def parse_bytes(text) -> int:
     """``"5GB"`` / ``"300MB"`` / ``"2GiB"`` / an int -> bytes (decimal units as in
     ``save_pretrained``, binary ones with ``i``)."""
     if isinstance(text, int):

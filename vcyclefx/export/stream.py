@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from vcyclefx.errors import CheckpointError
 from vcyclefx.export.record import Recorder
-from vcyclefx.export.shards import ShardReader, ShardWriter, nbytes, parse_size
+from vcyclefx.export.shards import ShardReader, ShardWriter, nbytes, parse_bytes
 from vcyclefx.fx.device import (literals_for_meta_weights, meta_as_fake_cpu,
                                  move_device_literals_)
 from vcyclefx.level import put_state
@@ -306,7 +306,7 @@ def stream_weights(level, recorder, reader: ShardReader, max_shard_size, produce
         import time
 
         start, cpu = time.perf_counter(), time.process_time()
-        writer = ShardWriter(tmp, "weights", layout, parse_size(max_shard_size),
+        writer = ShardWriter(tmp, "weights", layout, parse_bytes(max_shard_size),
                              {ALIASES_KEY: json.dumps(aliases)}, background=True)
         ahead = None
         try:
