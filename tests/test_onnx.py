@@ -8,6 +8,9 @@ sizes different from the capture's (batch and sequence changed, static dimension
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -198,17 +201,25 @@ def test_check_failure_names_output_error_and_sizes_and_leaves_no_onnx(tmp_path)
 # command line
 
 
-def test_cli_exports_a_level_directory_that_runs_in_onnxruntime(tmp_path, capsys):
+def test_cli_exports_a_level_directory_that_runs_in_onnxruntime(tmp_path):
+    """`vcyclefx export-onnx` run as a program (it leaves without interpreter teardown, and
+    without loading triton, which the exporter's torch._dynamo would load: tests/test_inspect.py
+    has the control)."""
     model, example = zoo.nanogpt()
     level = vf.capture(model, example, frontend=zoo.FRONTEND["nanogpt"])
     level_dir = save_level(level, tmp_path / "level")
     out = tmp_path / "level.onnx"
 
-    rc = cli.main(["export-onnx", str(level_dir), "-o", str(out)])
+    res = subprocess.run([sys.executable, "-X", "importtime", "-m", "vcyclefx.cli", "export-onnx",
+                          str(level_dir), "-o", str(out)], capture_output=True, text=True,
+                         timeout=600)
 
-    assert rc == 0 and out.is_file()
-    err = capsys.readouterr().err
+    assert res.returncode == 0 and out.is_file(), res.stderr[-2000:]
+    err = res.stderr
     assert "export-onnx: export:" in err and err.count("export-onnx: check:") == 2
+    imported = {line.rsplit("|", 1)[1].strip() for line in err.splitlines()
+                if line.startswith("import time:") and line.count("|") == 2}
+    assert "torch._dynamo" in imported and "triton._C.libtriton" not in imported
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["idx"]
     ids = torch.randint(0, 128, (3, 40), generator=torch.Generator().manual_seed(3))

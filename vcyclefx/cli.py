@@ -52,7 +52,7 @@ _QUICK_EXIT = {"inspect", "coalesce", "decoalesce", "interpolate", "export-onnx"
 # 11% of its time)
 _NO_CYCLE_COLLECTOR = {"inspect", "coalesce", "decoalesce", "interpolate"}
 # ... and the ones that never compile: they run without triton (_without_triton)
-_NO_TRITON = {"inspect", "coalesce", "decoalesce", "interpolate"}
+_NO_TRITON = {"inspect", "coalesce", "decoalesce", "interpolate", "export-onnx"}
 
 
 def _progress(msg: str) -> None:
@@ -380,12 +380,13 @@ def _without_cycle_collector() -> None:
 
 
 def _without_triton() -> None:
-    """The transforms trace, plan and map on the CPU and never compile, but importing
-    ``torch.export``'s serialiser imports ``torch._dynamo``, which imports triton where it is
-    installed (every CUDA build of torch): its library alone keeps 78 MB resident and its import
-    takes 0.2 s (BENCHMARKS.md). Marked as absent (``sys.modules[name] = None``, which makes
-    ``import triton`` raise ImportError, as where it is not installed) before anything imports
-    it; a process that has imported it already keeps it."""
+    """The transforms and the ONNX export trace, plan, map and export on the CPU and never
+    compile, but a capture and ``torch.export``'s serialiser import ``torch._dynamo``, which
+    imports triton where it is installed (every CUDA build of torch): its library alone keeps
+    78 MB resident and its import takes 0.2 s (BENCHMARKS.md). Marked as absent
+    (``sys.modules[name] = None``, which makes ``import triton`` raise ImportError, as where it
+    is not installed) before anything imports it; a process that has imported it already keeps
+    it."""
     sys.modules.setdefault("triton", None)
 
 
