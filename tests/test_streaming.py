@@ -178,9 +178,11 @@ def test_a_write_error_names_the_shard_and_tensor_and_leaves_no_output(tmp_path,
 
 def test_large_outputs_replayed_a_block_of_rows_at_a_time_equal_the_in_memory_path(tmp_path,
                                                                                     monkeypatch):
-    """An output whose rows come from the same rows of its inputs (the embedding's and the LM
-    head's width maps) is read, replayed and written a block of rows at a time: the writer gets
-    its blocks one by one (never the whole tensor), and the level equals the in-memory one."""
+    """An output whose rows come from one row of each of its inputs (the embedding's and the LM
+    head's width maps: row i from row i; an MLP matrix's width map and depth mean: row i from
+    rows i and i + half of each block's matrix) is read, replayed and written a block of rows at
+    a time: the writer gets its blocks one by one (never the whole tensor), and the level equals
+    the in-memory one."""
     from vcyclefx.export import shards, stream
 
     model, _ = zoo.llama()
@@ -206,11 +208,19 @@ def test_large_outputs_replayed_a_block_of_rows_at_a_time_equal_the_in_memory_pa
     assert main(["coalesce", "--stream", "always", str(ckpt), "--width", "0.5", "--depth", "0.5",
                  "-o", str(out)]) == 0
     # the embedding and the LM head (a width map of their columns: row i from row i), 3 rows
-    # of 64 float32 columns a block; the blocks' matrices pair rows or reshape heads, so they
-    # are replayed whole
-    assert sorted(blocks) == ["lm_head.weight", "model.embed_tokens.weight"]
-    for name, shapes in blocks.items():
-        assert shapes == [(3, 32)] * 42 + [(2, 32)] and name not in whole
+    # of 64 float32 columns a block; the MLP's matrices (rows i and i + half of the two blocks'
+    # matrices, 4 rows read per row made) a row at a time (1000 bytes are less than the 4 rows
+    # of 64 or 128 float32 each reads); the attention's matrices reshape heads: replayed whole
+    assert sorted(blocks) == ["lm_head.weight", "model.embed_tokens.weight",
+                              "model.layers.0.mlp.down_proj.weight",
+                              "model.layers.0.mlp.gate_proj.weight",
+                              "model.layers.0.mlp.up_proj.weight"]
+    assert "model.layers.0.self_attn.q_proj.weight" in whole
+    for name in ("lm_head.weight", "model.embed_tokens.weight"):
+        assert blocks[name] == [(3, 32)] * 42 + [(2, 32)] and name not in whole
+    assert blocks["model.layers.0.mlp.down_proj.weight"] == [(1, 64)] * 32
+    for name in ("model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"):
+        assert blocks[name] == [(1, 32)] * 64 and name not in whole
     found = model_from_spec(str(ckpt))
     want, _ = vf.coalesce(found.model, found.example, width=0.5, depth=0.5)
     _same(_weights(out), want.state_dict())

@@ -58,6 +58,7 @@ class Recorder(TorchDispatchMode):
     def __init__(self, leaves: dict[torch.Tensor, str]):
         super().__init__()
         self.leaves = {_key(t): name for t, name in leaves.items()}
+        self.shapes: dict = {("leaf", name): tuple(t.shape) for t, name in leaves.items()}
         self.keep = list(leaves)  # a recorded tensor's identity must not be reused
         self.ops: list[tuple] = []  # (func, args, kwargs, deps)
         self.made: dict[int, tuple[int, int]] = {}  # tensor -> (op, position of its output)
@@ -108,6 +109,7 @@ class Recorder(TorchDispatchMode):
             if any(o is x for x in flat_in):
                 continue  # an in-place op returns its argument: recorded as a write above
             self.made[_key(o)] = (index, pos)
+            self.shapes[(index, pos)] = tuple(o.shape)
         return out
 
     # -- replay ---------------------------------------------------------------------------------
@@ -194,32 +196,135 @@ class Recorder(TorchDispatchMode):
             del out
         return env[result]
 
-    def rowwise(self, t: torch.Tensor) -> bool:
-        """Whether row ``i`` of output ``t`` is computed from row ``i`` of each checkpoint tensor
-        it reads and nothing else: every op of its DAG is elementwise or slices / concatenates
-        along a dimension other than the first (a width map of an embedding, a depth mean). Such
-        an output can be replayed a block of rows at a time (:meth:`rows_of`), with the
-        same values: an elementwise op computes each element alone."""
-        for i in self._closure(t):
-            func, flat, spec, _, refs = self.ops[i]
-            rule = _ROWWISE.get(func)
-            if rule is None:
-                return False
-            if any(isinstance(x, torch.Tensor) and x.dim() > 0 for x in flat):
-                return False  # a constant tensor (an index) is not split with the rows
-            args, kwargs = pytree.tree_unflatten(list(flat), spec)
-            if rule is not True and not rule(args, kwargs):
-                return False
-        return True
+    def tiling(self, t: torch.Tensor) -> dict | None:
+        """How output ``t`` is made a block of its rows at a time, or None where it cannot be.
 
-    def rows_of(self, t: torch.Tensor, read_rows, step: int):
-        """:meth:`value` of a :meth:`rowwise` output, ``step`` rows at a time, each block yielded
-        as it is made: ``read_rows(names, begin, end)`` gives those rows of the checkpoint
-        tensors. Holds one block of the inputs and of the output, never the whole of either."""
+        It can where every op of its DAG computes row ``i`` of its output from one row of each
+        tensor it reads: elementwise ops (``_TILE_OPS``) and ``cat`` / ``slice`` along a dimension
+        other than the first read row ``i``; a ``slice`` along the first dimension (step 1) reads
+        row ``start + i``, as the width map that pairs the rows of a matrix (its two halves)
+        does; an in-place op writes the rows it reads (its target made by an op that allocates).
+        Returns {op: the row offsets at which it runs}: for a block of rows ``b:e`` of ``t``, op
+        ``i`` runs once per offset ``o``, on rows ``b + o:e + o`` of its output's rows (of its
+        target's, for an in-place op). Elementwise ops compute each element alone, so a block's
+        values are the whole replay's, bit for bit."""
+        ref = self.source(t)
+        if ref.kind == "leaf" or t.dim() == 0:
+            return None
+        order = self._closure(t)
+        need: dict = {(ref.a, ref.b): {0}}  # value -> the offsets its readers read it at
+        ran: dict = {}
+        for i in reversed(order):
+            func, flat, spec, _, refs = self.ops[i]
+            rule = _TILE_OPS.get(func)
+            if rule is None or any(isinstance(x, torch.Tensor) and x.dim() > 0 for x in flat):
+                return None  # an op that mixes rows, or a constant tensor (an index)
+            args, kwargs = pytree.tree_unflatten(list(flat), spec)
+            inplace = func in _IN_PLACE
+            if inplace:
+                target = flat[0]
+                if not isinstance(target, _Ref) or target.kind != "out" or \
+                        self.ops[target.a][0] not in _ALLOCATES:
+                    return None  # a write through a view, or to a checkpoint tensor
+                offsets = need.get((target.a, target.b), set())
+                rows = self.shapes[(target.a, target.b)]
+            else:
+                offsets = set()
+                for pos in range(_outputs(self, i)):
+                    offsets |= need.get((i, pos), set())
+                rows = self.shapes.get((i, 0))
+            if not offsets:
+                continue  # written only for rows no block reads
+            ran[i] = set(offsets)
+            if rows is None or len(rows) == 0:
+                return None
+            shift = self._shift(i)
+            if shift is None:
+                return None  # a slice of the rows with a step, or from a negative start
+            if not (func is _SLICE and _dim_of(args, kwargs) == 0) and rule is not True and \
+                    not rule(args, kwargs):
+                return None
+            for j in refs:
+                x = flat[j]
+                key = ("leaf", x.a) if x.kind == "leaf" else (x.a, x.b)
+                shape = self._shape_of(x)
+                if func is not _SLICE and (len(shape) != len(rows) or shape[0] != rows[0]):
+                    return None  # broadcast along the rows, or rows of another length
+                need.setdefault(key, set()).update(o + shift for o in offsets)
+        return ran
+
+    def _shape_of(self, x: _Ref) -> tuple:
+        return self.shapes[("leaf", x.a) if x.kind == "leaf" else (x.a, x.b)]
+
+    def _shift(self, i: int) -> int | None:
+        """The rows op ``i`` of a tiled replay reads its input at, relative to its output's:
+        a slice's start along the first dimension, else 0 (None: a slice that cannot)."""
+        func, flat, spec = self.ops[i][:3]
+        if func is not _SLICE:
+            return 0
+        args, kwargs = pytree.tree_unflatten(list(flat), spec)
+        if _dim_of(args, kwargs) != 0:
+            return 0
+        start, step = _slice_start(args, kwargs, self._shape_of(flat[0])[0])
+        return start if step == 1 else None
+
+    def leaf_offsets(self, ran: dict) -> dict[str, set]:
+        """{checkpoint tensor: the row offsets a tiled replay (:meth:`tiling`) reads it at}."""
+        out: dict[str, set] = {}
+        for i, offsets in ran.items():
+            flat, refs = self.ops[i][1], self.ops[i][4]
+            for x in (flat[j] for j in refs):
+                if x.kind == "leaf":
+                    out.setdefault(x.a, set()).update(o + self._shift(i) for o in offsets)
+        return out
+
+    def tiles_of(self, t: torch.Tensor, ran: dict, read_rows, step: int):
+        """Output ``t`` (:meth:`tiling` gave ``ran``) made and yielded ``step`` rows at a time:
+        ``read_rows(name, begin, end)`` gives those rows of checkpoint tensor ``name``. A block
+        holds its own rows of each value its DAG reads (once per offset), never a whole input
+        or the whole output."""
+        ref = self.source(t)
+        result = ((ref.a, ref.b), 0)
+        plan, last = [], {}  # per op: (op, offset, [(flat position, key, offset)]); last reads
+        for i in sorted(ran):
+            func, flat, spec, _, refs = self.ops[i]
+            args, kwargs = pytree.tree_unflatten(list(flat), spec)
+            rows_only = func is _SLICE and _dim_of(args, kwargs) == 0
+            shift = self._shift(i)
+            for o in sorted(ran[i]):
+                reads = []
+                for j in refs:
+                    x = flat[j]
+                    key = ("leaf", x.a) if x.kind == "leaf" else (x.a, x.b)
+                    reads.append((j, key, o + shift))
+                    last[key, o + shift] = len(plan)
+                plan.append((i, o, reads, rows_only))
         n = t.shape[0]
         for begin in range(0, n, step):
             end = min(n, begin + step)
-            part = self.value(t, lambda names, b=begin, e=end: read_rows(names, b, e))
+            env: dict = {}
+            for k, (i, o, reads, rows_only) in enumerate(plan):
+                func, flat, spec, _, _ = self.ops[i]
+                flat = list(flat)
+                for j, key, oo in reads:
+                    if key[0] == "leaf" and (key, oo) not in env:  # read when first used
+                        env[key, oo] = read_rows(key[1], begin + oo, end + oo)
+                    flat[j] = env[key, oo]
+                if rows_only:  # the window read is already these rows
+                    out = flat[0]
+                else:
+                    args, kwargs = pytree.tree_unflatten(flat, spec)
+                    out = func(*args, **kwargs)
+                del flat
+                for _, key, oo in reads:
+                    if last.get((key, oo)) == k and (key, oo) != result:
+                        env.pop((key, oo), None)
+                if func not in _IN_PLACE:
+                    for pos, value in enumerate(pytree.tree_leaves(out)):
+                        if ((i, pos), o) in last or ((i, pos), o) == result:
+                            env[(i, pos), o] = value
+                del out
+            part = env.pop(result)
             if tuple(part.shape) != (end - begin, *t.shape[1:]):
                 raise CheckpointError(f"rows {begin}:{end} of a {list(t.shape)} tensor replayed "
                                       f"as {list(part.shape)} (a bug in vcyclefx)")
@@ -244,19 +349,50 @@ def _dim_not_first(pos: int, default: int = 0):
     return rule
 
 
-def _rowwise_table() -> dict:
+def _tile_table() -> dict:
     aten = torch.ops.aten
     table = {op: True for op in (
-        aten.detach.default, aten.clone.default, aten._to_copy.default, aten.lerp.Scalar,
-        aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.neg.default,
-        aten.add_.Tensor, aten.sub_.Tensor, aten.mul_.Tensor, aten.div_.Tensor,
+        aten.detach.default, aten.alias.default, aten.clone.default, aten._to_copy.default,
+        aten.lerp.Scalar, aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor,
+        aten.neg.default, aten.add_.Tensor, aten.sub_.Tensor, aten.mul_.Tensor, aten.div_.Tensor,
         aten.copy_.default, aten.zeros_like.default)}
-    table[aten.slice.Tensor] = _dim_not_first(1)
+    table[aten.slice.Tensor] = _dim_not_first(1)  # along the first: see Recorder.tiling
     table[aten.cat.default] = _dim_not_first(1)
     return table
 
 
-_ROWWISE = _rowwise_table()
+_TILE_OPS = _tile_table()
+_SLICE = torch.ops.aten.slice.Tensor
+_IN_PLACE = {torch.ops.aten.add_.Tensor, torch.ops.aten.sub_.Tensor, torch.ops.aten.mul_.Tensor,
+             torch.ops.aten.div_.Tensor, torch.ops.aten.copy_.default}
+# ops whose output is new memory (not a view): an in-place op's target in a tiled replay
+_ALLOCATES = {torch.ops.aten.clone.default, torch.ops.aten._to_copy.default,
+              torch.ops.aten.lerp.Scalar, torch.ops.aten.add.Tensor, torch.ops.aten.sub.Tensor,
+              torch.ops.aten.mul.Tensor, torch.ops.aten.div.Tensor, torch.ops.aten.neg.default,
+              torch.ops.aten.cat.default, torch.ops.aten.zeros_like.default}
+
+
+def _dim_of(args, kwargs) -> int | None:
+    return kwargs.get("dim", args[1] if len(args) > 1 else 0)
+
+
+def _slice_start(args, kwargs, size: int) -> tuple[int | None, int]:
+    """(start, step) of an ``aten.slice`` along the first dimension of a tensor of ``size``
+    rows; start None where it is negative or not an int."""
+    start = kwargs.get("start", args[2] if len(args) > 2 else 0)
+    step = kwargs.get("step", args[4] if len(args) > 4 else 1)
+    start = 0 if start is None else start
+    if not isinstance(start, int) or start < 0 or start > size:
+        return None, step
+    return start, step
+
+
+def _outputs(recorder, i: int) -> int:
+    """How many outputs op ``i`` made (recorded positions)."""
+    n = 0
+    while (i, n) in recorder.shapes:
+        n += 1
+    return max(n, 1)
 
 
 def _owns_memory(x) -> bool:

@@ -14,10 +14,11 @@ For a Hugging Face directory of safetensors (one file or shards with
    (:class:`~vcyclefx.export.shards.ShardWriter`), each output tensor replayed from the few
    input tensors it needs, each read memory-mapped when the first op that uses it runs
    (:class:`~vcyclefx.export.shards.ShardReader`);
-   an output whose rows come from the same rows of its inputs (the width map of an embedding or
-   LM head, the largest tensors) is replayed and written a block of rows at a time, so neither
-   its inputs nor itself is held whole; a worker thread writes each tensor (or block) while the
-   next one is made.
+   a large output whose every row comes from one row of each of its inputs (the width map of an
+   embedding or LM head: row i from row i; of an MLP matrix: rows i and i + half; the depth
+   mean of those) is replayed and written a block of rows at a time, so neither its inputs nor
+   itself is held whole; a worker thread writes each tensor (or block) while the next one is
+   made.
 
 Nothing holds the whole input or the whole output. Results are bit-identical to the in-memory
 path (the same ops run on the same values). The output directory is written atomically.
@@ -352,29 +353,34 @@ def _bytes(t: torch.Tensor) -> int:
 
 READ_AHEAD_BYTES = 256 << 20  # how far ahead of the stream the disk reads (ShardReader.read_ahead)
 CACHED = 0.9  # ... unless this much of the checkpoint is in the page cache already
-ROW_BLOCK_BYTES = 16 << 20  # a large row-wise output reads this much of its inputs at a time
+ROW_BLOCK_BYTES = 16 << 20  # a block of a large output's rows reads this much of its inputs
 
 
 def _replay(recorder, t: torch.Tensor, reader: ShardReader, load):
     """Output ``t`` replayed: a tensor, or, for one whose inputs exceed :data:`ROW_BLOCK_BYTES`
-    and whose rows are made from the same rows of its inputs (an embedding's width map), an
-    iterator of blocks of its rows, made as they are written, so that neither its inputs nor
-    itself (the largest tensors of a language model) are ever held whole."""
+    and whose rows can be made a block at a time (:meth:`Recorder.tiling`: an embedding's width
+    map, row i from row i; a matrix's, whose rows pair rows of the two halves of its inputs; a
+    depth group's mean of those), an iterator of blocks of its rows, made as they are written,
+    so that neither its inputs nor itself is ever held whole."""
     names = recorder.leaves_of(t)
-    entries = [reader.entries.get(n) for n in names]
-    if t.dim() == 0 or not names or any(e is None or len(e.shape) != t.dim() or
-                                        e.shape[0] != t.shape[0] for e in entries):
+    if t.dim() == 0 or not names or any(reader.entries.get(n) is None for n in names):
+        return recorder.value(t, load)  # (a tensor a converter makes is made whole)
+    if sum(nbytes(reader.entries[n].dtype, reader.entries[n].shape) for n in names) \
+            <= ROW_BLOCK_BYTES:
         return recorder.value(t, load)
-    per_row = sum(nbytes(e.dtype, e.shape[1:]) for e in entries)
-    if per_row * t.shape[0] <= ROW_BLOCK_BYTES or not recorder.rowwise(t):
+    ran = recorder.tiling(t)
+    if ran is None:
         return recorder.value(t, load)
+    # what one row of the output reads: a row of each checkpoint tensor, once per offset
+    per_row = sum(nbytes(reader.entries[name].dtype, reader.entries[name].shape[1:]) * len(at)
+                  for name, at in recorder.leaf_offsets(ran).items())
 
-    def rows(ns, begin, end):
-        got = reader.rows(ns, begin, end)
-        load.bytes += sum(_bytes(x) for x in got.values())
+    def rows(name, begin, end):
+        got = reader.rows([name], begin, end)[name]
+        load.bytes += _bytes(got)
         return got
 
-    return recorder.rows_of(t, rows, max(1, ROW_BLOCK_BYTES // max(per_row, 1)))
+    return recorder.tiles_of(t, ran, rows, max(1, ROW_BLOCK_BYTES // max(per_row, 1)))
 
 
 def interpolated(a: Source, b: Source, alpha: float):
