@@ -538,11 +538,20 @@ _FAMILIES = {  # causal LMs whose streamed coalesce (and decoalesce) equal the i
 
 @pytest.mark.slow
 @pytest.mark.parametrize("cls", sorted(_FAMILIES))
-def test_streamed_coalesce_equals_the_in_memory_one_across_families(tmp_path, cls):
+def test_streamed_coalesce_equals_the_in_memory_one_across_families(tmp_path, cls, monkeypatch):
     """Sharded bf16 checkpoints of other families (MoE ones through transformers' conversion
     mapping): the streamed coalesce writes what the in-memory one writes, tensor for tensor, and
-    so does the streamed decoalesce of its level."""
+    so does the streamed decoalesce of its level; every output that can be made a block of rows
+    at a time is (1000-byte blocks), and at least one is."""
     import transformers
+
+    from vcyclefx.export import shards, stream
+
+    monkeypatch.setattr(stream, "ROW_BLOCK_BYTES", 1000)
+    by_rows, write_rows = [], shards.ShardWriter.write_rows
+    monkeypatch.setattr(shards.ShardWriter, "write_rows",
+                        lambda self, name, parts: (by_rows.append(name),
+                                                   write_rows(self, name, parts))[1])
 
     model_cls = getattr(transformers, cls)
     config = model_cls.config_class(
@@ -554,6 +563,7 @@ def test_streamed_coalesce_equals_the_in_memory_one_across_families(tmp_path, cl
     for mode in ("always", "never"):
         assert main(["coalesce", str(ckpt), "-o", str(tmp_path / mode), "--stream", mode]) == 0
     _same(_weights(tmp_path / "always"), _weights(tmp_path / "never"))
+    assert by_rows
     for mode in ("always", "never"):
         assert main(["decoalesce", str(tmp_path / "always"), "-o", str(tmp_path / f"big-{mode}"),
                      "--stream", mode]) == 0
