@@ -265,13 +265,9 @@ def test_a_depth_group_reads_each_block_when_its_first_op_runs_and_drops_it_afte
     assert reads == rec.leaves_of(state[name]) and most[0] == 1
 
 
-def test_the_reader_reads_what_safetensors_reads_however_short_each_read_is(tmp_path,
-                                                                          monkeypatch):
-    """The reader gives each tensor (memory-mapped) and a block of its rows (read into new
-    memory with as many reads as it takes: Linux returns at most 2 GiB a read, here at most 1000
-    bytes) as safetensors' own loader reads them."""
-    import builtins
-
+def test_the_reader_reads_what_safetensors_reads(tmp_path):
+    """The reader gives each tensor (a view of the memory-mapped shard, which a block of rows is
+    sliced from) as safetensors' own loader reads it, from shards of several tensors each."""
     from vcyclefx.export import shards
 
     model, _ = zoo.llama()
@@ -280,35 +276,12 @@ def test_the_reader_reads_what_safetensors_reads_however_short_each_read_is(tmp_
     for f in sorted(ckpt.glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as g:
             want.update({k: g.get_tensor(k) for k in g.keys()})
-
-    class Short:  # a file whose reads return at most 1000 bytes
-        def __init__(self, *a, **kw):
-            self.f, self.reads = builtins.open(*a, **kw), 0
-
-        def readinto(self, buf):
-            self.reads += 1
-            return self.f.readinto(memoryview(buf)[:1000])
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-            counts.append(self.reads)
-
-        def __getattr__(self, name):
-            return getattr(self.f, name)
-
-    counts: list[int] = []
-    monkeypatch.setattr(shards, "open", Short, raising=False)
+    assert len(want) > len(list(ckpt.glob("*.safetensors"))) > 1
     reader = shards.ShardReader(ckpt)
     got = reader.get(list(want))
     assert got.keys() == want.keys()
     for k in want:
         assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
-    name = "model.embed_tokens.weight"
-    assert torch.equal(reader.rows([name], 5, 70)[name], want[name][5:70])
-    assert counts[-1] == 17  # 65 rows of 64 float32 in reads of at most 1000 bytes
 
 
 def test_reading_ahead_from_the_disk_writes_the_same_level(tmp_path, monkeypatch):

@@ -6,8 +6,8 @@ memory:
 - :class:`ShardReader` maps each tensor name of a checkpoint (one ``*.safetensors`` file, or the
   shards an ``*.safetensors.index.json`` lists) to its shard, from the shards' headers alone, and
   reads a tensor on demand through safetensors' memory-mapped ``safe_open`` (a view of the
-  mapping, which lives as long as the tensor), or a block of its rows into new memory with
-  ``readinto`` (no mapping kept). Every shard is checked when the reader is made: it exists, it
+  mapping, which lives as long as the tensor, and only the pages its ops touch are read: a block
+  of its rows is a slice of it). Every shard is checked when the reader is made: it exists, it
   holds what the index says, each tensor's byte range matches its dtype and shape and lies
   within the file; each failure is a :class:`~vcyclefx.errors.CheckpointError` naming the file
   and tensor.
@@ -246,38 +246,6 @@ class ShardReader:
         """A :class:`ReadAhead` over this checkpoint: ``steps[k]`` are the tensors the ``k``-th
         output reads."""
         return ReadAhead(self, steps, ahead)
-
-    def rows(self, names: list[str], begin: int, end: int) -> dict[str, torch.Tensor]:
-        """Rows ``begin:end`` (along the first dimension) of each tensor ``names``, read into new
-        memory: a large tensor is then read a block of rows at a time."""
-        out = {}
-        for n in names:
-            e = self.entries[n]
-            row = nbytes(e.dtype, e.shape[1:])
-            out[n] = self._read(n, begin * row, (end - begin) * row).view(end - begin, *e.shape[1:])
-        return out
-
-    def _read(self, name: str, offset: int, length: int) -> torch.Tensor:
-        """``length`` bytes of tensor ``name`` from ``offset`` within it, as a flat tensor of its
-        dtype, read with ``readinto`` into new memory (a read returns at most 2 GiB on Linux:
-        as many reads as it takes)."""
-        e = self.entries[name]
-        data = torch.empty(length, dtype=torch.uint8)
-        try:
-            with open(e.file, "rb", buffering=0) as f:
-                f.seek(self._starts[e.file] + e.begin + offset)
-                view, got = memoryview(data.numpy()), 0
-                while got < length:
-                    n = f.readinto(view[got:])
-                    if not n:
-                        break
-                    got += n
-        except OSError as err:
-            raise CheckpointError(f"{e.file}: cannot read tensor {name} ({err})") from err
-        if got != length:
-            raise CheckpointError(f"{e.file}: truncated: tensor {name} ends before its header "
-                                  "says; copy the shard again")
-        return data.view(e.dtype)
 
 
 class ReadAhead:

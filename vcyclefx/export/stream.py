@@ -376,7 +376,9 @@ def _replay(recorder, t: torch.Tensor, reader: ShardReader, load):
                   for name, at in recorder.leaf_offsets(ran).items())
 
     def rows(name, begin, end):
-        got = reader.rows([name], begin, end)[name]
+        # a view of those rows of the memory-mapped tensor: only their pages are read, and
+        # they stay mapped only while the block uses them
+        got = reader.get([name])[name][begin:end]
         load.bytes += _bytes(got)
         return got
 
