@@ -34,6 +34,10 @@ class _Ref:
     def __init__(self, kind: str, a, b=None):
         self.kind, self.a, self.b = kind, a, b
 
+    def key(self) -> tuple:
+        """The value it names: ``("leaf", name)`` or ``(op, position)``."""
+        return ("leaf", self.a) if self.kind == "leaf" else (self.a, self.b)
+
 
 _CPU = torch.device("cpu")
 
@@ -163,8 +167,8 @@ class Recorder(TorchDispatchMode):
             flat, refs = self.ops[i][1], self.ops[i][4]
             for j in refs:
                 x = flat[j]
-                last[("leaf", x.a) if x.kind == "leaf" else (x.a, x.b)] = i
-        result = ("leaf", ref.a) if ref.kind == "leaf" else (ref.a, ref.b)
+                last[x.key()] = i
+        result = ref.key()
         last.pop(result, None)  # the result is kept
         env: dict = {}
         if ref.kind == "leaf":
@@ -174,7 +178,7 @@ class Recorder(TorchDispatchMode):
             flat = list(flat)
             for j in refs:
                 x = flat[j]
-                key = ("leaf", x.a) if x.kind == "leaf" else (x.a, x.b)
+                key = x.key()
                 if x.kind == "leaf" and key not in env:  # a checkpoint tensor's first read
                     env[key] = load([x.a])[x.a]
                 flat[j] = env[key]
@@ -187,7 +191,7 @@ class Recorder(TorchDispatchMode):
             del flat
             for j in refs:
                 x = self.ops[i][1][j]
-                key = ("leaf", x.a) if x.kind == "leaf" else (x.a, x.b)
+                key = x.key()
                 if last.get(key) == i:
                     env.pop(key, None)
             for pos, o in enumerate(pytree.tree_leaves(out)):
@@ -246,7 +250,7 @@ class Recorder(TorchDispatchMode):
                 return None
             for j in refs:
                 x = flat[j]
-                key = ("leaf", x.a) if x.kind == "leaf" else (x.a, x.b)
+                key = x.key()
                 shape = self._shape_of(x)
                 if func is not _SLICE and (len(shape) != len(rows) or shape[0] != rows[0]):
                     return None  # broadcast along the rows, or rows of another length
@@ -254,7 +258,7 @@ class Recorder(TorchDispatchMode):
         return ran
 
     def _shape_of(self, x: _Ref) -> tuple:
-        return self.shapes[("leaf", x.a) if x.kind == "leaf" else (x.a, x.b)]
+        return self.shapes[x.key()]
 
     def _shift(self, i: int) -> int | None:
         """The rows op ``i`` of a tiled replay reads its input at, relative to its output's:
@@ -295,7 +299,7 @@ class Recorder(TorchDispatchMode):
                 reads = []
                 for j in refs:
                     x = flat[j]
-                    key = ("leaf", x.a) if x.kind == "leaf" else (x.a, x.b)
+                    key = x.key()
                     reads.append((j, key, o + shift))
                     last[key, o + shift] = len(plan)
                 plan.append((i, o, reads, rows_only))
