@@ -224,8 +224,7 @@ class Recorder(TorchDispatchMode):
             if rule is None or any(isinstance(x, torch.Tensor) and x.dim() > 0 for x in flat):
                 return None  # an op that mixes rows, or a constant tensor (an index)
             args, kwargs = pytree.tree_unflatten(list(flat), spec)
-            inplace = func in _IN_PLACE
-            if inplace:
+            if func in _IN_PLACE:
                 target = flat[0]
                 if not isinstance(target, _Ref) or target.kind != "out" or \
                         self.ops[target.a][0] not in _ALLOCATES:
@@ -276,10 +275,10 @@ class Recorder(TorchDispatchMode):
         """{checkpoint tensor: the row offsets a tiled replay (:meth:`tiling`) reads it at}."""
         out: dict[str, set] = {}
         for i, offsets in ran.items():
-            flat, refs = self.ops[i][1], self.ops[i][4]
+            flat, refs, shift = self.ops[i][1], self.ops[i][4], self._shift(i)
             for x in (flat[j] for j in refs):
                 if x.kind == "leaf":
-                    out.setdefault(x.a, set()).update(o + self._shift(i) for o in offsets)
+                    out.setdefault(x.a, set()).update(o + shift for o in offsets)
         return out
 
     def tiles_of(self, t: torch.Tensor, ran: dict, read_rows, step: int):
